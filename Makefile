@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+WORKDIR ?= runs/tiny
+CONFIG ?= configs/tiny.py
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+# Reinstall only when the package metadata changes. torch is installed first on its own,
+# pinned, so that no resolver step can swap in a CUDA build.
+$(STAMP): setup.py
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) launch/pipeline.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+lint: $(STAMP)
+	$(PY) -m ruff check xcoder_jax launch configs bench tests
+	$(PY) -m ruff format --check xcoder_jax launch configs bench tests
+
+test: $(STAMP) lint
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,38 @@
+r"""Extracts block-L activations of the model pair into the workdir's activation store.
+
+    python launch/extract.py --config=configs/tiny.py --workdir=runs/tiny
+
+Split across processes or hosts, then merge:
+
+    python launch/extract.py --config=... --workdir=... --shard_index=0 --num_shards=3  # x3
+    python launch/extract.py --config=... --workdir=... --num_shards=3 --merge
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from xcoder_jax import activations
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This process's share of the documents.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the documents.")
+_MERGE = flags.DEFINE_bool("merge", False, "Join the num_shards extracted parts into one store.")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if _MERGE.value:
+        manifest = activations.merge(config, _WORKDIR.value, _NUM_SHARDS.value)
+    else:
+        manifest = activations.extract(
+            config, _WORKDIR.value, _SHARD_INDEX.value, _NUM_SHARDS.value
+        )
+    m = manifest
+    print(f"store: {m['n_rows']} rows from {m['n_docs']} documents, layer {m['layer']}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,25 @@
+r"""The main job: every stage of the study on one config, resumable.
+
+python launch/pipeline.py --config=configs/tiny.py --workdir=runs/tiny
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from xcoder_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+
+
+def main(argv):
+    del argv
+    summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
+    print("\nSummary of", _WORKDIR.value)
+    for stage, line in summary.items():
+        print(f"  {stage:<10} {line}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

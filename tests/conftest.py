@@ -1,0 +1,95 @@
+"""Shared fixtures: a micro model pair (random Qwen2 weights) and a small corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+CORPUS = [
+    f"Question: Tom has {a} apples and buys {b} more. How many now?\nAnswer: {a} + {b} = {a + b}."
+    f" Wait, let me check. Therefore the answer is {a + b}."
+    for a in range(1, 9)
+    for b in range(1, 5)
+]
+
+
+def make_tokenizer(texts, vocab_size=300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def make_model(path, tokenizer, seed, hidden=16, layers=2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_pair(tmp_path_factory):
+    """Paths of a micro base/distilled pair (different random weights, same tokenizer),
+    a second tokenizer that differs, and a JSONL corpus."""
+    root = tmp_path_factory.mktemp("micro_pair")
+    tok = make_tokenizer(CORPUS)
+    base = make_model(str(root / "base"), tok, seed=0)
+    distilled = make_model(str(root / "distilled"), tok, seed=1)
+    other_tok = make_tokenizer([t.upper() for t in CORPUS])
+    other = make_model(str(root / "other"), other_tok, seed=2)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    return {
+        "base": base,
+        "distilled": distilled,
+        "other": other,
+        "corpus": str(corpus),
+        "root": root,
+    }
+
+
+def micro_config(pair, **extract):
+    """configs/tiny.py pointed at the micro pair and its corpus."""
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.models.base = pair["base"]
+    c.models.distilled = pair["distilled"]
+    c.models.device = "cpu"
+    c.data.sources[0].kind = "jsonl"
+    c.data.sources[0].path = pair["corpus"]
+    c.extract.batch_size = 5
+    c.extract.shard_rows = 64
+    for k, v in extract.items():
+        c.extract[k] = v
+    return c

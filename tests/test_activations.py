@@ -1,0 +1,222 @@
+"""The activation store: round trip against HF, sharded extraction, resume, reader, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import CORPUS, micro_config
+from xcoder_jax import activations as acts
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
+from xcoder_jax.activations import writer as writer_mod
+
+
+def _rows_by_key(store: acts.ActivationStore) -> dict:
+    """{(doc, pos): (row [n_models, d], token)} over the whole store."""
+    out = {}
+    for k, a in store.iter_shards():
+        idx, tok = store.shard_index(k), store.shard_tokens(k)
+        for row, (doc, pos), t in zip(np.asarray(a, np.float32), idx, tok):
+            out[(int(doc), int(pos))] = (row, int(t))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(micro_pair, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("single"))
+    config = micro_config(micro_pair)
+    acts.extract(config, workdir)
+    return config, workdir, acts.ActivationStore(wd.activations_dir(workdir))
+
+
+def test_round_trip_matches_hf_hidden_states(micro_pair, single):
+    config, _, store = single
+    tok = AutoTokenizer.from_pretrained(micro_pair["base"])
+    rows = _rows_by_key(store)
+    n_expected = 0
+    for m, role in enumerate(("base", "distilled")):
+        model = AutoModelForCausalLM.from_pretrained(micro_pair[role]).eval()
+        layer = model.config.num_hidden_layers // 2
+        assert store.layer == layer
+        for doc, text in enumerate(CORPUS[:6]):
+            ids = tok(text)["input_ids"]
+            with torch.no_grad():
+                hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+            got = np.stack([rows[(doc, p)][0][m] for p in range(1, len(ids))])
+            np.testing.assert_allclose(got, hs[1:].numpy(), rtol=1e-2, atol=1e-2)
+            assert [rows[(doc, p)][1] for p in range(1, len(ids))] == ids[1:]
+    n_expected = sum(len(tok(t)["input_ids"]) - 1 for t in CORPUS)
+    assert store.n_rows == n_expected == len(rows)
+    assert store.manifest["n_docs"] == len(CORPUS)
+    assert (0, 0) not in rows  # position 0 dropped
+
+
+def test_statistics_describe_the_rows(single):
+    _, _, store = single
+    every = np.concatenate([np.asarray(a, np.float32) for _, a in store.iter_shards()])
+    np.testing.assert_allclose(store.mean, every.mean(0), rtol=1e-4, atol=1e-5)
+    norms = np.linalg.norm(every, axis=-1).mean(0)
+    np.testing.assert_allclose(store.scales, np.sqrt(store.d_model) / norms, rtol=1e-4)
+    var = np.square(every - every.mean(0)).sum(-1).mean(0)
+    np.testing.assert_allclose(store.total_variance, var, rtol=1e-3)
+
+
+def test_sharded_extraction_merged_equals_single(micro_pair, single, tmp_path):
+    config, _, store = single
+    workdir = str(tmp_path)
+    for k in range(3):
+        acts.extract(config, workdir, shard_index=k, num_shards=3)
+    merged_manifest = acts.merge(config, workdir, 3)
+    merged = acts.ActivationStore(wd.activations_dir(workdir))
+    assert merged.n_rows == store.n_rows
+    a, b = _rows_by_key(store), _rows_by_key(merged)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+        assert a[key][1] == b[key][1]
+    np.testing.assert_allclose(merged.scales, store.scales, rtol=1e-6)
+    np.testing.assert_allclose(merged.mean, store.mean, rtol=1e-5, atol=1e-7)
+    assert merged_manifest["n_docs"] == store.manifest["n_docs"]
+
+
+def test_interrupted_extraction_resumes_without_duplicates(
+    micro_pair, single, tmp_path, monkeypatch
+):
+    config, _, store = single
+    workdir = str(tmp_path)
+    real = writer_mod.StoreWriter._write_shard
+    calls = {"n": 0}
+
+    def crash_on_third(self, n):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, n)
+
+    monkeypatch.setattr(writer_mod.StoreWriter, "_write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        acts.extract(config, workdir)
+    partial = mf.read_manifest(wd.activations_dir(workdir))
+    assert not partial["complete"] and len(partial["shards"]) == 2
+    monkeypatch.setattr(writer_mod.StoreWriter, "_write_shard", real)
+    acts.extract(config, workdir)
+    resumed = acts.ActivationStore(wd.activations_dir(workdir))
+    a, b = _rows_by_key(store), _rows_by_key(resumed)
+    assert resumed.n_rows == store.n_rows and a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+    # A complete store with the same settings is left alone.
+    mtime = os.path.getmtime(os.path.join(wd.activations_dir(workdir), mf.MANIFEST))
+    acts.extract(config, workdir)
+    assert os.path.getmtime(os.path.join(wd.activations_dir(workdir), mf.MANIFEST)) == mtime
+
+
+def test_batch_stream_covers_each_row_once_per_epoch_and_resumes(single):
+    _, _, store = single
+    n, batch = store.n_rows, 32
+    with acts.BatchStream(store, batch, seed=3, group_shards=2) as stream:
+        ids = np.concatenate([next(stream)[1] for _ in range(n // batch)])
+    assert len(np.unique(ids)) == len(ids) == (n // batch) * batch
+    # Rows match their ids; a stream resumed at a position continues identically.
+    with acts.BatchStream(store, batch, seed=3, group_shards=2) as stream:
+        batches = [next(stream) for _ in range(n // batch + 3)]  # crosses an epoch boundary
+    with acts.BatchStream(store, batch, seed=3, group_shards=2, start=5 * batch) as resumed:
+        for x, i in batches[5:]:
+            y, j = next(resumed)
+            np.testing.assert_array_equal(i, j)
+            np.testing.assert_array_equal(x, y)
+    x, i = batches[0]
+    np.testing.assert_array_equal(x, store.rows(i))
+    assert x.shape == (batch, store.n_models, store.d_model) and x.dtype == np.float32
+
+
+def test_batch_stream_normalises_by_store_scale(single):
+    _, _, store = single
+    with acts.BatchStream(store, 16, seed=0, normalise=True) as stream:
+        x, i = next(stream)
+    np.testing.assert_allclose(x, store.rows(i) * store.scales[None, :, None], rtol=1e-6)
+
+
+# --- Bad input: a clear one-line error and nothing half-written --------------------------
+
+
+def _assert_nothing_written(workdir):
+    assert not os.path.exists(wd.activations_dir(workdir))
+
+
+def test_tokenizer_mismatch(micro_pair, tmp_path):
+    config = micro_config(micro_pair)
+    config.models.distilled = micro_pair["other"]
+    with pytest.raises(acts.PairError, match="tokenizers differ"):
+        acts.extract(config, str(tmp_path))
+    _assert_nothing_written(str(tmp_path))
+
+
+def test_layer_out_of_range(micro_pair, tmp_path):
+    config = micro_config(micro_pair, layer=7)
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        acts.extract(config, str(tmp_path))
+    _assert_nothing_written(str(tmp_path))
+
+
+def test_missing_model_path(micro_pair, tmp_path):
+    config = micro_config(micro_pair)
+    config.models.base = str(tmp_path / "nowhere")
+    with pytest.raises(acts.PairError, match="cannot load the tokenizer"):
+        acts.extract(config, str(tmp_path))
+    _assert_nothing_written(str(tmp_path))
+
+
+def test_empty_corpus(micro_pair, tmp_path):
+    config = micro_config(micro_pair)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config.data.sources[0].path = str(empty)
+    with pytest.raises(ValueError, match="no documents"):
+        acts.extract(config, str(tmp_path))
+    _assert_nothing_written(str(tmp_path))
+
+
+@pytest.fixture
+def store_copy(single, tmp_path):
+    import shutil
+
+    _, workdir, _ = single
+    dst = str(tmp_path / "store")
+    shutil.copytree(wd.activations_dir(workdir), dst)
+    return dst
+
+
+def test_corrupted_shard_fails_checksum(store_copy):
+    path = os.path.join(store_copy, mf.acts_name(1, 0))
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    store = acts.ActivationStore(store_copy)
+    with pytest.raises(acts.StoreError, match="checksum mismatch"):
+        store.shard_acts(0)
+
+
+def test_truncated_shard(store_copy):
+    path = os.path.join(store_copy, mf.acts_name(0, 1))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(acts.StoreError, match="checksum mismatch"):
+        acts.ActivationStore(store_copy).shard_acts(1)
+    with pytest.raises(acts.StoreError, match="truncated"):
+        acts.ActivationStore(store_copy, verify=False).shard_acts(1)
+
+
+def test_manifest_of_another_format_version(store_copy):
+    path = os.path.join(store_copy, mf.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["format_version"] = 99
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(acts.StoreError, match="format version 99"):
+        acts.ActivationStore(store_copy)

@@ -1,0 +1,199 @@
+"""Extraction: both models over the same documents in one pass, block-L inputs to a store.
+
+    extract(config, workdir)                            # one process
+    extract(config, workdir, shard_index=k, num_shards=n); merge(config, workdir, n)
+
+Rows are the input of block L (see `xcoder_jax.site`) at every position of every document,
+position 0 dropped by default, in raw model units. An interrupted extraction resumes from
+the last shard on disk; a complete store with the same settings is left as it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from xcoder_jax import site
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
+from xcoder_jax.activations import models as pair
+from xcoder_jax.activations.sources import iter_documents
+from xcoder_jax.activations.writer import StoreWriter, merge_parts
+
+
+def part_dir(workdir: str, shard_index: int, num_shards: int) -> str:
+    """Where process `shard_index` of `num_shards` writes its part of the store."""
+    if num_shards == 1:
+        return wd.activations_dir(workdir)
+    return os.path.join(wd.activations_dir(workdir), f"part-{shard_index:03d}-of-{num_shards:03d}")
+
+
+def _plain(obj):
+    """A ConfigDict (possibly holding lists of ConfigDicts) as plain JSON-able values."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _pair_facts(config, workdir: str) -> dict:
+    """Sources, tokenizers, layer and d_model of the pair, checked, without loading weights."""
+    from transformers import AutoConfig
+
+    sources = {r: pair.model_source(config, workdir, r) for r in pair.ROLES}
+    for role, (path, _) in sources.items():
+        if config.models[role] == "zoo" and not os.path.isdir(path):
+            raise pair.PairError(
+                f"zoo model {path} is missing; build the zoo first (launch/build_zoo.py)"
+            )
+    tokenizers = {r: pair.load_tokenizer(p, rev) for r, (p, rev) in sources.items()}
+    tok_hash = pair.check_same_tokenizer(tokenizers)
+    cfgs = {}
+    for role, (path, rev) in sources.items():
+        try:
+            cfgs[role] = AutoConfig.from_pretrained(path, revision=rev)
+        except (OSError, ValueError) as e:
+            raise pair.PairError(
+                f"cannot load the model config of {path!r}: {str(e).splitlines()[0]}"
+            ) from e
+    n_layers = {r: c.num_hidden_layers for r, c in cfgs.items()}
+    layers = {r: site.resolve_layer(config.extract.layer, n) for r, n in n_layers.items()}
+    d_models = {r: c.hidden_size for r, c in cfgs.items()}
+    if len(set(layers.values())) > 1 or len(set(d_models.values())) > 1:
+        raise pair.PairError(
+            f"the models differ in block L or d_model: layers {layers}, d_model {d_models}"
+        )
+    return {
+        "sources": sources,
+        "tokenizer": tokenizers["base"],
+        "tokenizer_sha256": tok_hash,
+        "layer": layers["base"],
+        "n_layers": n_layers["base"],
+        "d_model": d_models["base"],
+    }
+
+
+def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict:
+    models = [
+        {"role": r, "source": p, "revision": rev, "weights": pair.weights_fingerprint(p, rev)}
+        for r, (p, rev) in facts["sources"].items()
+    ]
+    return {
+        "models": models,
+        "tokenizer_sha256": facts["tokenizer_sha256"],
+        "layer": facts["layer"],
+        "drop_first": bool(config.extract.drop_first),
+        "dtype": config.extract.dtype,
+        "shard_rows": int(config.extract.shard_rows),
+        "torch_dtype": config.models.torch_dtype,
+        "data": _plain(config.data),
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+    }
+
+
+def _batches(docs, size: int):
+    it = iter(docs)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Extracts this process's share of the documents; returns the finished manifest."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    facts = _pair_facts(config, workdir)
+    fingerprint = _fingerprint(config, facts, shard_index, num_shards)
+    directory = part_dir(workdir, shard_index, num_shards)
+    existing = os.path.join(directory, mf.MANIFEST)
+    if os.path.exists(existing):
+        manifest = mf.read_manifest(directory)
+        if manifest.get("complete") and manifest.get("fingerprint") == fingerprint:
+            return manifest
+        if manifest.get("complete"):
+            raise mf.StoreError(
+                f"{directory} holds a complete store made with other settings; remove it or "
+                "use another workdir"
+            )
+    tokenizer = facts["tokenizer"]
+    docs = (
+        d
+        for d in iter_documents(config.data, workdir, tokenizer)
+        if d[0] % num_shards == shard_index
+    )
+    first = next(docs, None)
+    if first is None:
+        raise ValueError("the corpus gave no documents (after the length filter and sharding)")
+    docs = itertools.chain([first], docs)
+
+    device = pair.torch_device(config.models.device)
+    models = [
+        pair.load_model(p, rev, config.models.torch_dtype, device)
+        for p, rev in facts["sources"].values()
+    ]
+    first_position = 1 if config.extract.drop_first else 0
+    writer = StoreWriter(
+        directory,
+        n_models=len(models),
+        d_model=facts["d_model"],
+        dtype=config.extract.dtype,
+        shard_rows=int(config.extract.shard_rows),
+        fingerprint=fingerprint,
+        meta={
+            "layer": facts["layer"],
+            "n_layers": facts["n_layers"],
+            "first_position": first_position,
+            "tokenizer_sha256": facts["tokenizer_sha256"],
+            "models": fingerprint["models"],
+        },
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    resume_doc = writer.resume_point[0] if writer.resume_point else -1
+    bar = tqdm(desc=f"extract {os.path.basename(directory)}", unit="doc")
+    for batch in _batches(docs, int(config.extract.batch_size)):
+        bar.update(len(batch))
+        batch = [(doc, ids) for doc, ids in batch if doc >= resume_doc]
+        if not batch:
+            continue
+        lengths = [len(ids) for _, ids in batch]
+        input_ids = np.full((len(batch), max(lengths)), pad_id, np.int64)
+        mask = np.zeros_like(input_ids)
+        for i, (_, ids) in enumerate(batch):
+            input_ids[i, : len(ids)] = ids
+            mask[i, : len(ids)] = 1
+        input_ids_t = torch.from_numpy(input_ids).to(device)
+        mask_t = torch.from_numpy(mask).to(device)
+        # [n_models, batch, seq, d] raw units
+        hidden = np.stack(
+            [
+                site.forward_to_site(m, facts["layer"], input_ids_t, mask_t).float().cpu().numpy()
+                for m in models
+            ]
+        )
+        for i, (doc, ids) in enumerate(batch):
+            pos = np.arange(first_position, len(ids))
+            writer.add(
+                hidden[:, i, first_position : len(ids)].transpose(1, 0, 2),
+                ids[first_position:],
+                doc,
+                pos,
+            )
+        bar.set_postfix(rows=writer.rows_written)
+    bar.close()
+    return writer.close()
+
+
+def merge(config, workdir: str, num_shards: int) -> dict:
+    """Joins the `num_shards` parts under `activations/` into one store manifest there."""
+    parts = [part_dir(workdir, k, num_shards) for k in range(num_shards)]
+    for p in parts:
+        if not os.path.exists(os.path.join(p, mf.MANIFEST)):
+            raise mf.StoreError(f"cannot merge: part {p} has not been extracted")
+    return merge_parts(parts, wd.activations_dir(workdir))

@@ -1,0 +1,160 @@
+"""The activation store's on-disk format: manifest, shard files, checksums, statistics.
+
+A store is a directory:
+
+    manifest.json            format version, models, layer, d_model, dtype, shard list, norms
+    m{m}_{k:05d}.npy         shard k of model m's activations: [rows, d_model], 2-byte floats
+    tokens_{k:05d}.npy       shard k's token ids: [rows] int32
+    index_{k:05d}.npy        shard k's (document, position) pairs: [rows, 2] int32
+    stats_{k:05d}.npz        shard k's sums for the normalisation and FVE statistics
+
+bfloat16 is written as its uint16 bit pattern (`.npy` has no bfloat16 type) and viewed back
+on read. Files are written under a temporary name and renamed; the manifest is rewritten
+(atomically) after every shard, so it only ever names complete shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# On-disk dtype name -> (numpy dtype of the values, numpy dtype of the stored bits).
+DTYPES = {
+    "bfloat16": (np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16)),
+    "float16": (np.dtype(np.float16), np.dtype(np.float16)),
+    "float32": (np.dtype(np.float32), np.dtype(np.float32)),
+}
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked: missing, corrupted, or of another format."""
+
+
+def acts_name(model: int, shard: int) -> str:
+    return f"m{model}_{shard:05d}.npy"
+
+
+def tokens_name(shard: int) -> str:
+    return f"tokens_{shard:05d}.npy"
+
+
+def index_name(shard: int) -> str:
+    return f"index_{shard:05d}.npy"
+
+
+def stats_name(shard: int) -> str:
+    return f"stats_{shard:05d}.npz"
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Writes a file through `write(fileobj)` under a temporary name, then renames it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def save_array(path: str, array: np.ndarray) -> str:
+    """Saves `array` atomically as `.npy` and returns its sha256."""
+    atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def to_disk(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float activations -> the array stored on disk (bfloat16 as uint16 bits)."""
+    value_dtype, bits_dtype = DTYPES[dtype]
+    return values.astype(value_dtype).view(bits_dtype)
+
+
+def from_disk(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored array -> values (still 2-byte floats for bfloat16/float16)."""
+    value_dtype, _ = DTYPES[dtype]
+    return stored.view(value_dtype)
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise StoreError(f"no activation store at {directory} (missing {MANIFEST})")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"unreadable store manifest {path}: {e}") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"store {directory} has format version {version}; this version of xcoder_jax "
+            f"reads version {FORMAT_VERSION} (re-extract the activations)"
+        )
+    return manifest
+
+
+# --- Statistics ------------------------------------------------------------------------
+# Sums are kept per shard in float64 so that resumed and merged stores combine them
+# exactly; the normalisation scale and the FVE mean/variance come from their totals.
+
+
+def shard_sums(acts: np.ndarray) -> dict[str, np.ndarray]:
+    """Sums over the rows of one shard. `acts`: [rows, n_models, d_model], raw units."""
+    x = acts.astype(np.float64)
+    return {
+        "n": np.array(x.shape[0], np.int64),
+        "sum_norm": np.linalg.norm(x, axis=-1).sum(0),  # [n_models]
+        "sum_x": x.sum(0),  # [n_models, d_model]
+        "sum_sq": np.square(x).sum((0, 2)),  # [n_models]
+    }
+
+
+def add_sums(total: dict | None, sums: dict) -> dict:
+    if total is None:
+        return {k: np.array(v, copy=True) for k, v in sums.items()}
+    return {k: total[k] + sums[k] for k in total}
+
+
+def norm_stats(total: dict, d_model: int) -> tuple[list[dict], np.ndarray]:
+    """Per-model normalisation scale and FVE statistics from summed shard statistics.
+
+    Returns (per-model dicts with `scale` = sqrt(d) / mean ||x||, `mean_norm`, and
+    `total_variance` = E||x - mean||^2 in raw units; the mean vectors [n_models, d_model]).
+    """
+    n = float(total["n"])
+    mean = total["sum_x"] / n
+    mean_norm = total["sum_norm"] / n
+    total_var = total["sum_sq"] / n - np.square(mean).sum(-1)
+    stats = [
+        {
+            "scale": float(np.sqrt(d_model) / mean_norm[m]),
+            "mean_norm": float(mean_norm[m]),
+            "total_variance": float(total_var[m]),
+        }
+        for m in range(mean.shape[0])
+    ]
+    return stats, mean

@@ -1,0 +1,63 @@
+"""The workdir layout: the one place that names every path a stage reads or writes.
+
+A workdir holds the embedded model pair (when the zoo is used), the activation store,
+checkpoints, the portable export and the outputs of every analysis stage. Stages never
+build paths by hand; they ask this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+ROLES = ("base", "distilled")
+
+
+def models_dir(workdir: str) -> str:
+    return os.path.join(workdir, "models")
+
+
+def model_dir(workdir: str, role: str, size: int | None = None) -> str:
+    """Where the zoo saves one model of the pair.
+
+    The main pair (size None) lives in `models/{role}`; other sizes of the zoo, used by the
+    geometry study, live in `models/h{size}/{role}`.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
+    if size is None:
+        return os.path.join(models_dir(workdir), role)
+    return os.path.join(models_dir(workdir), f"h{size}", role)
+
+
+def tokenizer_dir(workdir: str) -> str:
+    return os.path.join(models_dir(workdir), "tokenizer")
+
+
+def zoo_data_dir(workdir: str) -> str:
+    """The zoo's corpus files (JSONL), written next to the models that learned from them."""
+    return os.path.join(models_dir(workdir), "data")
+
+
+def zoo_report_path(workdir: str) -> str:
+    return os.path.join(models_dir(workdir), "zoo.json")
+
+
+def activations_dir(workdir: str) -> str:
+    return os.path.join(workdir, "activations")
+
+
+def checkpoints_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(workdir, "export")
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, "metrics.jsonl")
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    """`analysis/`, `steering/`, `ablation/` or `geometry/`."""
+    return os.path.join(workdir, stage)
