@@ -93,3 +93,64 @@ def micro_config(pair, **extract):
     for k, v in extract.items():
         c.extract[k] = v
     return c
+
+
+def synthetic_store(
+    directory, n_rows=4096, d=32, n_models=2, n_atoms=64, shard_rows=512, seed=0, nan_rows=()
+):
+    """A store of sparse combinations of random atoms (a crosscoder can fit it well).
+
+    `nan_rows` are global row ids whose activations are set to NaN.
+    """
+    import numpy as np
+
+    from xcoder_jax.activations.writer import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_atoms, n_models, d)).astype(np.float32)
+    writer = StoreWriter(
+        directory,
+        n_models=n_models,
+        d_model=d,
+        dtype="bfloat16",
+        shard_rows=shard_rows,
+        fingerprint={"synthetic": seed},
+        meta={
+            "layer": 1,
+            "n_layers": 2,
+            "first_position": 1,
+            "tokenizer_sha256": "synthetic",
+            "models": [{"role": "base"}, {"role": "distilled"}][:n_models],
+        },
+    )
+    doc_rows = 64
+    for doc, start in enumerate(range(0, n_rows, doc_rows)):
+        codes = rng.random((doc_rows, n_atoms)) * (rng.random((doc_rows, n_atoms)) < 0.05)
+        x = np.einsum("ba,amd->bmd", codes, atoms) * 3 + 0.05 * rng.normal(
+            size=(doc_rows, n_models, d)
+        )
+        for r in nan_rows:
+            if start <= r < start + doc_rows:
+                x[r - start] = np.nan
+        writer.add(
+            x.astype(np.float32), np.zeros(doc_rows, np.int32), doc, np.arange(1, doc_rows + 1)
+        )
+    return writer.close()
+
+
+def train_config(**train):
+    """configs/tiny.py shrunk for the synthetic store."""
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.crosscoder.d_model = 32
+    c.crosscoder.n_latents = 128
+    c.train.steps = 40
+    c.train.batch_size = 64
+    c.train.log_every = 10
+    c.train.eval_every = 20
+    c.train.checkpoint_every = 20
+    c.train.lr = 1e-2
+    for k, v in train.items():
+        c.train[k] = v
+    return c

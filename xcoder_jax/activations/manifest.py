@@ -123,10 +123,15 @@ def read_manifest(directory: str) -> dict:
 
 
 def shard_sums(acts: np.ndarray) -> dict[str, np.ndarray]:
-    """Sums over the rows of one shard. `acts`: [rows, n_models, d_model], raw units."""
-    x = acts.astype(np.float64)
+    """Sums over the rows of one shard. `acts`: [rows, n_models, d_model], raw units.
+
+    Rows holding NaN/inf are left out of the sums and counted in `n_nonfinite`.
+    """
+    finite = np.isfinite(acts).all(axis=(1, 2))
+    x = acts[finite].astype(np.float64)
     return {
         "n": np.array(x.shape[0], np.int64),
+        "n_nonfinite": np.array(int((~finite).sum()), np.int64),
         "sum_norm": np.linalg.norm(x, axis=-1).sum(0),  # [n_models]
         "sum_x": x.sum(0),  # [n_models, d_model]
         "sum_sq": np.square(x).sum((0, 2)),  # [n_models]

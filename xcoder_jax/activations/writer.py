@@ -184,6 +184,7 @@ def finalize(directory: str, write_manifest) -> dict:
         True,
         {
             "n_docs": sum(s["docs_started"] for s in manifest["shards"]),
+            "nonfinite_rows": int(total["n_nonfinite"]),
             "norm": norms,
             "mean": "mean.npy",
         },

@@ -1,0 +1,224 @@
+"""Crosscoder training on a synthetic store: fit, resume, sharding, counts, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import synthetic_store, train_config
+from xcoder_jax import train
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore, BatchStream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("store") / "activations")
+    synthetic_store(d)
+    return d
+
+
+def _workdir(tmp_path, store_dir, name="run"):
+    w = str(tmp_path / name)
+    shutil.copytree(store_dir, wd.activations_dir(w))
+    return w
+
+
+def _metrics(workdir):
+    with open(wd.metrics_path(workdir)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _export(workdir):
+    return load_file(os.path.join(wd.export_dir(workdir), "crosscoder.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store_dir, tmp_path_factory):
+    w = _workdir(tmp_path_factory.mktemp("full"), store_dir)
+    final = train.train_and_evaluate(train_config(), w)
+    return w, final
+
+
+def test_training_fits_and_reports_health(uninterrupted):
+    w, final = uninterrupted
+    rows = _metrics(w)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows[-1]["mse"] < rows[0]["mse"]
+    assert min(final["fve"]) > 0.6
+    for key in (
+        "loss",
+        "mse",
+        "sparsity",
+        "fve",
+        "l0",
+        "dead_fraction",
+        "grad_norm",
+        "lr",
+        "lambda",
+        "tokens",
+        "distinct_rows",
+        "eval_fve",
+    ):
+        assert key in rows[-1], key
+    # lambda warms up over the first 5% of 40 steps (2 steps) to 2.0; lr decays to ~0.
+    assert rows[-1]["lambda"] == 2.0 and rows[-1]["lr"] < rows[0]["lr"]
+
+
+def test_distinct_tokens_equal_rows_visited(uninterrupted, store_dir):
+    w, _ = uninterrupted
+    config = json.load(open(os.path.join(wd.export_dir(w), "config.json")))
+    store = ActivationStore(store_dir)
+    train_shards, _ = train.split_shards(store, 1)
+    with BatchStream(store, 64, seed=0, shards=train_shards, group_shards=4) as stream:
+        ids = np.concatenate([next(stream)[1] for _ in range(40)])
+    assert config["tokens_trained"] == 40 * 64
+    assert config["distinct_tokens_trained"] == len(np.unique(ids))
+    # 40 * 64 = 2560 draws from 3584 training rows: no row drawn twice within the epoch.
+    assert config["distinct_tokens_trained"] == 2560
+
+
+def test_resumed_run_equals_uninterrupted(uninterrupted, store_dir, tmp_path, monkeypatch):
+    w_full, _ = uninterrupted
+    w = _workdir(tmp_path, store_dir)
+    real_step = train.Trainer.step
+    calls = {"n": 0}
+
+    def dying_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 27:  # after the checkpoint at step 20
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(train_config(), w)
+    assert not os.path.exists(wd.export_dir(w))
+    monkeypatch.setattr(train.Trainer, "step", real_step)
+    train.train_and_evaluate(train_config(), w)
+    a, b = _export(w_full), _export(w)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in _metrics(w)] == [10, 20, 30, 40]
+    np.testing.assert_allclose(
+        [r["loss"] for r in _metrics(w)], [r["loss"] for r in _metrics(w_full)], rtol=1e-5
+    )
+
+
+_SHARDED = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax
+assert jax.device_count() == 8, jax.devices()
+from tests.conftest import train_config
+from xcoder_jax import train
+c = train_config()
+c.mesh.data, c.mesh.model = 4, 2
+train.train_and_evaluate(c, {workdir!r})
+"""
+
+
+def test_eight_devices_match_one(uninterrupted, store_dir, tmp_path):
+    w_full, _ = uninterrupted
+    w = _workdir(tmp_path, store_dir)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    subprocess.run(
+        [sys.executable, "-c", _SHARDED.format(root=ROOT, workdir=w)], env=env, check=True, cwd=ROOT
+    )
+    one, eight = _metrics(w_full), _metrics(w)
+    for key in ("loss", "mse", "l0"):
+        np.testing.assert_allclose(
+            [r[key] for r in eight], [r[key] for r in one], rtol=1e-4, err_msg=key
+        )
+    a, b = _export(w_full), _export(w)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-5)
+
+
+def test_batchtopk_trains_and_exports_threshold(store_dir, tmp_path):
+    w = _workdir(tmp_path, store_dir)
+    c = train_config()
+    c.crosscoder.loss = "batchtopk"
+    c.crosscoder.k = 8
+    final = train.train_and_evaluate(c, w)
+    rows = _metrics(w)
+    assert all(abs(r["l0"] - 8) < 1e-6 for r in rows)  # exactly k per row on average
+    assert min(final["fve"]) > 0.6
+    assert "threshold" in _export(w) and (_export(w)["threshold"] > 0).all()
+
+
+# --- Bad input ---------------------------------------------------------------------------
+
+
+def test_store_that_does_not_match_the_config(store_dir, tmp_path):
+    w = _workdir(tmp_path, store_dir)
+    c = train_config()
+    c.crosscoder.d_model = 64
+    with pytest.raises(ValueError, match="d_model 32, the config expects 64"):
+        train.train_and_evaluate(c, w)
+    c = train_config()
+    c.crosscoder.n_models = 3
+    with pytest.raises(ValueError, match="holds 2 models, the config expects 3"):
+        train.train_and_evaluate(c, w)
+
+
+def test_nonfinite_rows_are_refused_or_skipped(tmp_path):
+    w = str(tmp_path / "nan")
+    bad = [5, 700, 1500]
+    manifest = synthetic_store(wd.activations_dir(w), nan_rows=bad)
+    assert manifest["nonfinite_rows"] == 3
+    with pytest.raises(train.TrainingError, match="rows of the store hold NaN/inf"):
+        train.train_and_evaluate(train_config(steps=60), w)
+    shutil.rmtree(wd.checkpoints_dir(w), ignore_errors=True)
+    # 60 steps x 64 rows cover every training row once: all three bad rows are skipped.
+    train.train_and_evaluate(train_config(steps=60, nonfinite_rows="skip"), w)
+    config = json.load(open(os.path.join(wd.export_dir(w), "config.json")))
+    assert config["skipped_rows"] == 3
+    assert config["tokens_trained"] == 60 * 64 - 3
+    assert all(np.isfinite(v).all() for v in _export(w).values())
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store_dir, tmp_path, monkeypatch):
+    w = _workdir(tmp_path, store_dir)
+    real = train.Trainer.to_device
+    calls = {"n": 0}
+
+    def overflowing(self, batch, weights):
+        calls["n"] += 1
+        if calls["n"] == 13:  # finite rows whose squares overflow float32
+            batch = batch * np.float32(1e30)
+        return real(self, batch, weights)
+
+    monkeypatch.setattr(train.Trainer, "to_device", overflowing)
+    c = train_config(checkpoint_every=5, log_every=5)
+    with pytest.raises(train.TrainingError, match="non-finite loss at step 13") as err:
+        train.train_and_evaluate(c, w)
+    assert "last good checkpoint (step 10)" in str(err.value)
+    steps = sorted(int(s) for s in os.listdir(wd.checkpoints_dir(w)) if s.isdigit())
+    assert steps[-1] == 10
+    assert not os.path.exists(wd.export_dir(w))
+
+
+def test_resume_with_incompatible_config_names_the_fields(uninterrupted, tmp_path):
+    w_full, _ = uninterrupted
+    w = str(tmp_path / "copy")
+    shutil.copytree(w_full, w)
+    c = train_config()
+    c.crosscoder.n_latents = 256
+    c.train.lr = 1e-3
+    with pytest.raises(train.TrainingError, match="crosscoder.n_latents") as err:
+        train.train_and_evaluate(c, w)
+    assert "train.lr" in str(err.value)

@@ -1,0 +1,154 @@
+"""Checkpoints (Orbax) and the portable export (safetensors + config.json, raw units).
+
+The export is the only thing analysis and steering read. Its weights are in RAW activation
+units: the store's normalisation scales s_m (normalised = raw * s_m) are folded in,
+
+    W_enc_raw[m] = s_m W_enc[m]          b_enc_raw = b_enc
+    W_dec_raw[:, m] = W_dec[:, m] / s_m   b_dec_raw[m] = b_dec[m] / s_m
+
+so that f(x_raw) and x_hat_raw follow the same formulas as in training. The scales are kept
+in config.json: relative decoder norms must be compared in normalised units
+(`normalised_decoder`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file, save_file
+
+from xcoder_jax import workdir as wd
+
+EXPORT_WEIGHTS = "crosscoder.safetensors"
+EXPORT_CONFIG = "config.json"
+REQUIRED_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
+    """Orbax manager over <workdir>/checkpoints: saves every `save_every` steps, keeps `keep`."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(wd.checkpoints_dir(workdir)), options=options, item_names=("state", "extra")
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, extra: dict, force: bool = False) -> bool:
+    """Saves the train state (a pytree) and JSON-able `extra` (reader position, counters)."""
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        force=force,
+    )
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
+    """(state, extra) at `step`; `abstract_state` gives shapes, dtypes and shardings."""
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()
+        ),
+    )
+    return out.state, out.extra
+
+
+def restore_extra(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+
+# --- The portable export ------------------------------------------------------------------
+
+
+def export(
+    directory: str,
+    weights: dict[str, np.ndarray],
+    scales: np.ndarray,
+    meta: dict,
+) -> None:
+    """Writes crosscoder.safetensors (raw units) and config.json.
+
+    weights: normalised-unit W_enc [m, d, h], b_enc [h], W_dec [h, m, d], b_dec [m, d], and
+    for BatchTopK `threshold` [h] (on f, i.e. JumpReLU thresholds). scales: [m].
+    """
+    s = np.asarray(scales, np.float32)
+    raw = {
+        "W_enc": np.asarray(weights["W_enc"], np.float32) * s[:, None, None],
+        "b_enc": np.asarray(weights["b_enc"], np.float32),
+        "W_dec": np.asarray(weights["W_dec"], np.float32) / s[None, :, None],
+        "b_dec": np.asarray(weights["b_dec"], np.float32) / s[:, None],
+    }
+    if "threshold" in weights:
+        raw["threshold"] = np.asarray(weights["threshold"], np.float32)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{EXPORT_WEIGHTS}.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in raw.items()}, tmp)
+    os.replace(tmp, os.path.join(directory, EXPORT_WEIGHTS))
+    config = {**meta, "scales": [float(x) for x in s], "units": "raw"}
+    tmp = os.path.join(directory, f".{EXPORT_CONFIG}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, EXPORT_CONFIG))
+
+
+class ExportError(ValueError):
+    """An export directory that is missing, incomplete or inconsistent."""
+
+
+def load_export(directory: str, backend: str = "numpy"):
+    """(tensors, config) from an export directory.
+
+    backend "numpy": dict of arrays; "torch": dict of float32 tensors; "jax": a
+    `Crosscoder` module in RAW units (its scales are 1).
+    """
+    wpath, cpath = (os.path.join(directory, n) for n in (EXPORT_WEIGHTS, EXPORT_CONFIG))
+    for p in (wpath, cpath):
+        if not os.path.exists(p):
+            raise ExportError(f"export file missing: {p}")
+    with open(cpath) as f:
+        config = json.load(f)
+    tensors = load_file(wpath)
+    missing = [k for k in REQUIRED_TENSORS if k not in tensors]
+    if missing:
+        raise ExportError(f"{wpath} lacks tensors {missing}")
+    m, d, h = tensors["W_enc"].shape
+    if tensors["W_dec"].shape != (h, m, d):
+        raise ExportError(f"W_dec has shape {tensors['W_dec'].shape}, expected {(h, m, d)}")
+    if backend == "numpy":
+        return tensors, config
+    if backend == "torch":
+        import torch
+
+        return {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, config
+    if backend == "jax":
+        return to_module(tensors), config
+    raise ValueError(f"unknown backend {backend!r} (numpy, torch, jax)")
+
+
+def to_module(tensors: dict[str, np.ndarray]):
+    """A `Crosscoder` holding the given (raw-unit) tensors."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from xcoder_jax.crosscoder import Crosscoder
+
+    m, d, h = tensors["W_enc"].shape
+    model = Crosscoder(m, d, h, rngs=nnx.Rngs(0))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        getattr(model, name)[...] = jnp.asarray(tensors[name])
+    if "threshold" in tensors:
+        # Exported thresholds are on f; the module's are on decoder-norm-weighted f.
+        model.threshold[...] = jnp.asarray(tensors["threshold"]) * model.decoder_norms().sum(-1)
+    return model
+
+
+def normalised_decoder(tensors: dict[str, np.ndarray], config: dict) -> np.ndarray:
+    """W_dec [h, m, d] back in normalised units, where relative decoder norms are compared."""
+    return tensors["W_dec"] * np.asarray(config["scales"], np.float32)[None, :, None]

@@ -1,0 +1,206 @@
+"""Crosscoder training: `train_and_evaluate(config, workdir)`, read top to bottom.
+
+Reads the workdir's activation store in normalised units, trains with Optax (Adam, the
+paper's constant-then-linear-decay schedule, global-norm clipping) in one pure jitted step
+with donated state, sharded over a ('data', 'model') mesh, checkpoints with Orbax and resumes
+by default, logs health metrics to metrics.jsonl, and exports the portable raw-unit file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore, BatchStream
+from xcoder_jax.train_state import (
+    Trainer,
+    config_fields,
+    incompatible_fields,
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: a non-finite loss, bad rows, or an incompatible resume."""
+
+
+# --- Data -------------------------------------------------------------------------------
+
+
+def open_store(config, workdir: str) -> ActivationStore:
+    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
+    cc = config.crosscoder
+    if store.n_models != cc.n_models:
+        raise ValueError(
+            f"the store holds {store.n_models} models, the config expects {cc.n_models}"
+        )
+    if cc.d_model > 0 and store.d_model != cc.d_model:
+        raise ValueError(f"the store has d_model {store.d_model}, the config expects {cc.d_model}")
+    return store
+
+
+def split_shards(store: ActivationStore, n_eval: int) -> tuple[list[int], list[int]]:
+    """(train shards, held-out shards): the last `n_eval` shards are held out."""
+    n = len(store.shards)
+    if n_eval >= n:
+        raise ValueError(
+            f"the store has {n} shards; holding out {n_eval} leaves none to train on "
+            "(lower train.eval_shards or extract with smaller shard_rows)"
+        )
+    return list(range(n - n_eval)), list(range(n - n_eval, n))
+
+
+def clean_rows(batch: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows with NaN/inf are refused ("error") or zeroed and masked out ("skip").
+
+    Returns (batch, weights [batch] float32 0/1, number of bad rows).
+    """
+    ok = np.isfinite(batch).all(axis=(1, 2))
+    bad = int((~ok).sum())
+    if bad and policy == "error":
+        raise TrainingError(
+            f"{bad} rows of the store hold NaN/inf; set train.nonfinite_rows='skip' to mask them"
+        )
+    if bad:
+        batch = np.where(ok[:, None, None], batch, 0.0).astype(np.float32)
+    return batch, ok.astype(np.float32), bad
+
+
+# --- Metrics ----------------------------------------------------------------------------
+
+
+def _trim_metrics(path: str, last_step: int) -> None:
+    """Drops metric lines past the checkpoint a run resumes from (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _log(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- The loop ---------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (or resumes) the crosscoder of `workdir`; returns the final eval metrics."""
+    if config.get("distributed", False):
+        jax.distributed.initialize()
+    store = open_store(config, workdir)
+    train_shards, eval_shards = split_shards(store, config.train.eval_shards)
+    # Each host reads its own share of the training shards.
+    host_shards = train_shards[jax.process_index() :: jax.process_count()]
+    trainer = Trainer(config, store)
+    tc = config.train
+
+    mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
+    metrics_file = wd.metrics_path(workdir)
+    latest = mngr.latest_step()
+    seen = np.zeros(store.n_rows, bool)
+    if latest is not None:
+        extra = ckpt.restore_extra(mngr, latest)
+        differing = incompatible_fields(extra["config"], config_fields(config))
+        if differing:
+            raise TrainingError(
+                f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
+                f"fields: {', '.join(differing)} (use another workdir, or the old values)"
+            )
+        state, extra = ckpt.restore(mngr, latest, trainer.abstract_state())
+        position, tokens = extra["position"], extra["tokens"]
+        seen = np.unpackbits(np.asarray(extra["seen"], np.uint8), count=store.n_rows).astype(bool)
+        _trim_metrics(metrics_file, latest)
+        start = latest
+    else:
+        state = trainer.init_state()
+        position, tokens, start = 0, 0, 0
+        if os.path.exists(metrics_file):
+            os.remove(metrics_file)
+
+    def extra_now():
+        return {
+            "position": position,
+            "tokens": tokens,
+            "seen": np.packbits(seen).tolist(),
+            "config": config_fields(config),
+        }
+
+    def check_finite(state, step):
+        bad = int(jax.device_get(state["first_bad_step"]))
+        if bad >= 0:
+            mngr.wait_until_finished()
+            good = mngr.latest_step()
+            raise TrainingError(
+                f"non-finite loss at step {bad}; training stopped. The last good checkpoint "
+                f"(step {good}) is kept in {wd.checkpoints_dir(workdir)}"
+            )
+
+    local_batch = tc.batch_size // jax.process_count()
+    stream = BatchStream(
+        store,
+        local_batch,
+        seed=config.seed,
+        shards=host_shards,
+        group_shards=tc.group_shards,
+        normalise=True,
+        start=position,
+        prefetch=tc.prefetch,
+    )
+    skipped = 0
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step")
+    try:
+        for step in range(start, tc.steps):
+            batch, ids = next(stream)
+            batch, weights, bad = clean_rows(batch, tc.nonfinite_rows)
+            skipped += bad
+            seen[ids[weights > 0]] = True
+            state, metrics = trainer.step(state, *trainer.to_device(batch, weights))
+            position = stream.position
+            tokens += int(weights.sum())
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                check_finite(state, done)
+                record = {
+                    k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                    for k, v in jax.device_get(metrics).items()
+                }
+                record.update(
+                    step=done, tokens=tokens, distinct_rows=int(seen.sum()), skipped_rows=skipped
+                )
+                if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    record.update(
+                        {f"eval_{k}": v for k, v in trainer.evaluate(state, eval_shards).items()}
+                    )
+                _log(metrics_file, record)
+                bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                check_finite(state, done)
+                ckpt.save(mngr, done, state, extra_now(), force=done == tc.steps)
+            bar.update(1)
+    finally:
+        bar.close()
+        stream.close()
+        mngr.wait_until_finished()
+    check_finite(state, tc.steps)
+    final = trainer.evaluate(state, eval_shards)
+    trainer.export(
+        state,
+        wd.export_dir(workdir),
+        {
+            "tokens_trained": tokens,
+            "distinct_tokens_trained": int(seen.sum()),
+            "skipped_rows": skipped,
+            "eval": final,
+        },
+    )
+    mngr.close()
+    return final
