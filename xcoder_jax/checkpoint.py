@@ -36,28 +36,45 @@ def manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
         enable_async_checkpointing=True,
     )
     return ocp.CheckpointManager(
-        os.path.abspath(wd.checkpoints_dir(workdir)), options=options, item_names=("state", "extra")
+        os.path.abspath(wd.checkpoints_dir(workdir)),
+        options=options,
+        item_names=("state", "extra", "seen"),
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, extra: dict, force: bool = False) -> bool:
-    """Saves the train state (a pytree) and JSON-able `extra` (reader position, counters)."""
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state,
+    extra: dict,
+    seen: np.ndarray,
+    force: bool = False,
+) -> bool:
+    """Saves the train state (a pytree), JSON-able `extra` (reader position, counters) and
+    the bitmap of store rows trained on (`seen`: [n_rows] bool, stored packed)."""
     return mngr.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            extra=ocp.args.JsonSave(extra),
+            seen=ocp.args.StandardSave({"bits": np.packbits(seen)}),
+        ),
         force=force,
     )
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-    """(state, extra) at `step`; `abstract_state` gives shapes, dtypes and shardings."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, n_rows: int):
+    """(state, extra, seen) at `step`; `abstract_state` gives shapes, dtypes, shardings."""
     out = mngr.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract_state),
+            extra=ocp.args.JsonRestore(),
+            seen=ocp.args.StandardRestore(),
         ),
     )
-    return out.state, out.extra
+    seen = np.unpackbits(np.asarray(out.seen["bits"]), count=n_rows).astype(bool)
+    return out.state, out.extra, seen
 
 
 def restore_extra(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -89,6 +89,15 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _count_across_hosts(seen: np.ndarray) -> int:
+    """Distinct rows trained on, over all hosts (each host marks the rows it read)."""
+    if jax.process_count() == 1:
+        return int(seen.sum())
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.process_allgather(seen).any(0).sum())
+
+
 # --- The loop ---------------------------------------------------------------------------
 
 
@@ -115,14 +124,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
                 f"fields: {', '.join(differing)} (use another workdir, or the old values)"
             )
-        state, extra = ckpt.restore(mngr, latest, trainer.abstract_state())
-        position, tokens = extra["position"], extra["tokens"]
-        seen = np.unpackbits(np.asarray(extra["seen"], np.uint8), count=store.n_rows).astype(bool)
+        state, extra, seen = ckpt.restore(mngr, latest, trainer.abstract_state(), store.n_rows)
+        position, tokens, skipped = extra["position"], extra["tokens"], extra["skipped"]
         _trim_metrics(metrics_file, latest)
         start = latest
     else:
         state = trainer.init_state()
-        position, tokens, start = 0, 0, 0
+        position, tokens, skipped, start = 0, 0, 0, 0
         if os.path.exists(metrics_file):
             os.remove(metrics_file)
 
@@ -130,7 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {
             "position": position,
             "tokens": tokens,
-            "seen": np.packbits(seen).tolist(),
+            "skipped": skipped,
             "config": config_fields(config),
         }
 
@@ -155,7 +163,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start=position,
         prefetch=tc.prefetch,
     )
-    skipped = 0
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step")
     try:
         for step in range(start, tc.steps):
@@ -184,7 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 check_finite(state, done)
-                ckpt.save(mngr, done, state, extra_now(), force=done == tc.steps)
+                ckpt.save(mngr, done, state, extra_now(), seen, force=done == tc.steps)
             bar.update(1)
     finally:
         bar.close()
@@ -197,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         wd.export_dir(workdir),
         {
             "tokens_trained": tokens,
-            "distinct_tokens_trained": int(seen.sum()),
+            "distinct_tokens_trained": _count_across_hosts(seen),
             "skipped_rows": skipped,
             "eval": final,
         },

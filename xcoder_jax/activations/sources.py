@@ -85,10 +85,21 @@ def _texts(source, workdir: str) -> Iterator[str]:
             return
         if source.format == "reasoning":
             text = format_reasoning(record[source.question_field], record[source.trace_field])
+        elif source.format == "conversations":
+            # Chat records ({"conversations": [{"from"|"role": ..., "value"|"content": ...}]}):
+            # the first user turn is the question, the first assistant turn the trace.
+            turns = record[source.conversations_field]
+            text_of = lambda t: t.get("value", t.get("content", ""))
+            role_of = lambda t: t.get("from", t.get("role", ""))
+            question = next(text_of(t) for t in turns if role_of(t) in ("user", "human"))
+            trace = next(text_of(t) for t in turns if role_of(t) in ("assistant", "gpt"))
+            text = format_reasoning(question, trace)
         elif source.format == "plain":
             text = record[source.text_field]
         else:
-            raise ValueError(f"unknown document format {source.format!r} (plain, reasoning)")
+            raise ValueError(
+                f"unknown document format {source.format!r} (plain, reasoning, conversations)"
+            )
         n += 1
         yield text
 

@@ -1,0 +1,58 @@
+"""The paper's settings (Baek & Tegmark 2025), shared by the three model-pair configs.
+
+Not a launch target itself: use configs/qwen2p5_1p5b.py, qwen2p5_7b.py or qwen2p5_14b.py.
+Every field not set here keeps its configs/tiny.py meaning and default.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import tiny
+
+# size -> (base, distilled, d_model, layer); layer = n_layers // 2 (resid_pre of block L).
+PAIRS = {
+    "1.5b": ("Qwen/Qwen2.5-Math-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1536, 14),
+    "7b": ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 3584, 14),
+    "14b": ("Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 5120, 24),
+}
+
+TOKENS = 400_000_000  # training budget in activation vectors
+BATCH = 1024
+
+
+def get_config(size: str) -> ConfigDict:
+    base, distilled, d_model, layer = PAIRS[size]
+    c = tiny.get_config()
+    c.models.base, c.models.distilled = base, distilled
+    c.models.torch_dtype = "bfloat16"
+
+    # OpenThoughts-114k (question + reasoning trace, thought markers -> <think>) mixed with
+    # 100k RedPajama documents; documents under 2048 tokens dropped, the rest truncated.
+    reasoning = ConfigDict(dict(tiny.SOURCE_DEFAULTS))
+    reasoning.update(kind="hf", name="open-thoughts/OpenThoughts-114k", format="conversations")
+    web = ConfigDict(dict(tiny.SOURCE_DEFAULTS))
+    web.update(kind="hf", name="togethercomputer/RedPajama-Data-1T-Sample", max_docs=100_000)
+    c.data.sources = [reasoning, web]
+    c.data.min_tokens = 2048
+    c.data.max_tokens = 2048
+
+    c.extract.layer = layer
+    c.extract.batch_size = 8  # documents of 2048 tokens per forward pass
+    c.extract.shard_rows = 16384  # ~50 MB per model file at d=1536
+
+    c.crosscoder.d_model = d_model
+    c.crosscoder.n_latents = 32768
+    c.crosscoder.l1_coeff = 2.0
+    c.crosscoder.dtype = "bfloat16"  # bf16 compute; fp32 master weights
+    c.crosscoder.dead_window_tokens = 10_000_000
+
+    c.train.batch_size = BATCH
+    c.train.steps = TOKENS // BATCH
+    c.train.lr = 5e-5
+    c.train.log_every = 500
+    c.train.eval_every = 20_000
+    c.train.eval_shards = 4
+    c.train.checkpoint_every = 10_000
+    c.train.keep_checkpoints = 3
+    c.train.group_shards = 8
+    c.train.prefetch = 8
+    return c

@@ -1,0 +1,13 @@
+"""The paper's 7b pair: Qwen2.5 base vs DeepSeek-R1-Distill-Qwen-7b (see configs/paper.py).
+
+    python launch/pipeline.py --config=configs/qwen2p5_7b.py --workdir=runs/qwen2p5_7b
+
+Needs hub access (or set --config.models.base/distilled to local paths and
+--config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.get_config("7b")
