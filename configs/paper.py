@@ -4,9 +4,14 @@ Not a launch target itself: use configs/qwen2p5_1p5b.py, qwen2p5_7b.py or qwen2p
 Every field not set here keeps its configs/tiny.py meaning and default.
 """
 
+import os
+import sys
+
 from ml_collections import ConfigDict
 
-from configs import tiny
+# Config files are loaded by path; the repo root makes `configs` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import tiny  # noqa: E402
 
 # size -> (base, distilled, d_model, layer); layer = n_layers // 2 (resid_pre of block L).
 PAIRS = {

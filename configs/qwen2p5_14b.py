@@ -6,7 +6,12 @@ Needs hub access (or set --config.models.base/distilled to local paths and
 --config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
 """
 
-from configs import paper
+import os
+import sys
+
+# Config files are loaded by path; the repo root makes `configs` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import paper  # noqa: E402
 
 
 def get_config(arg=None):

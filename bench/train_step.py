@@ -1,0 +1,144 @@
+r"""The jitted JAX train step against a straightforward PyTorch L1 crosscoder step.
+
+Both run the same loss (the paper's L1 crosscoder), Adam and global-norm clipping, at the
+same shapes and dtype on the same device, timed side by side in one run (alternating
+rounds, median). Prints steps/s, tokens/s and the ratio JAX / PyTorch.
+
+    python bench/train_step.py                  # CPU: d=256, 2 models, 4096 latents, batch 1024
+    python bench/train_step.py --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
+                                                # also model-FLOP utilisation
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import torch
+
+from configs import tiny
+from xcoder_jax.train_state import Trainer
+
+# Dense bf16 peak FLOP/s by device name fragment, for model-FLOP utilisation.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def jax_runner(d, h, batch, dtype, steps_per_round):
+    c = tiny.get_config()
+    c.crosscoder.d_model, c.crosscoder.n_latents = d, h
+    c.crosscoder.dtype = dtype
+    c.train.batch_size, c.train.steps = batch, 10**6
+    store = SimpleNamespace(
+        scales=np.ones(2, np.float32),
+        total_variance=np.ones(2, np.float32),
+        d_model=d,
+        n_rows=0,
+        manifest={},
+    )
+    trainer = Trainer(c, store)
+    state = trainer.init_state()
+    x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
+    xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
+
+    def run():
+        nonlocal state
+        for _ in range(steps_per_round):
+            state, metrics = trainer.step(state, xb, wb)
+        jax.block_until_ready(metrics["loss"])
+
+    return run
+
+
+def torch_runner(d, h, batch, dtype, steps_per_round, device):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(h, 2, d, generator=g)
+    w = w * (0.08 / w.norm(dim=-1, keepdim=True))
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    params = {
+        "W_enc": w.permute(1, 2, 0).contiguous(),
+        "W_dec": w.clone(),
+        "b_enc": torch.zeros(h),
+        "b_dec": torch.zeros(2, d),
+    }
+    params = {k: v.to(device).requires_grad_() for k, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=5e-5, betas=(0.9, 0.999))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)).to(
+        device
+    )
+
+    def step():
+        with torch.autocast(device.type, dtype=tdtype, enabled=dtype != "float32"):
+            f = torch.relu(torch.einsum("bmd,mdh->bh", x, params["W_enc"]) + params["b_enc"])
+            x_hat = torch.einsum("bh,hmd->bmd", f, params["W_dec"]) + params["b_dec"]
+        f, x_hat = f.float(), x_hat.float()
+        mse = (x_hat - x).pow(2).sum((1, 2)).mean()
+        sparsity = (f * params["W_dec"].norm(dim=-1).sum(-1)).sum(-1).mean()
+        loss = mse + 2.0 * sparsity
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        return loss
+
+    def run():
+        for _ in range(steps_per_round):
+            loss = step()
+        loss.item()  # waits for the device
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def time_round(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--gpu", action="store_true", help="GPU mode: bf16 at the 1.5B paper shape")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    args = p.parse_args()
+    if args.gpu:
+        d, h, batch, dtype, device = 1536, 32768, 4096, "bfloat16", torch.device("cuda")
+    else:
+        d, h, batch, dtype, device = 256, 4096, 1024, "float32", torch.device("cpu")
+    runners = {
+        "jax": jax_runner(d, h, batch, dtype, args.steps),
+        "torch": torch_runner(d, h, batch, dtype, args.steps, device),
+    }
+    for run in runners.values():  # compile / warm up
+        run()
+    times = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for k, run in runners.items():
+            times[k].append(time_round(run))
+    steps_s = {k: args.steps / statistics.median(v) for k, v in times.items()}
+    print(
+        f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} on {device} "
+        f"| {torch.get_num_threads()} torch threads"
+    )
+    print(f"shape: d={d}, 2 models, {h} latents, batch {batch}, {dtype}")
+    flops = 12 * batch * 2 * d * h  # encoder + decoder matmuls, forward and backward
+    for k, s in steps_s.items():
+        line = f"{k:>6}: {s:8.2f} steps/s  {s * batch:12.0f} tokens/s"
+        if args.gpu:
+            kind = jax.devices()[0].device_kind
+            peak = next((v for n, v in PEAK_BF16.items() if n in kind), None)
+            if peak:
+                line += f"  MFU {s * flops / peak:.1%}"
+        print(line)
+    print(f"ratio jax/torch: {steps_s['jax'] / steps_s['torch']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
