@@ -32,9 +32,19 @@ def _extract(config, workdir: str) -> str:
     return f"{m['n_rows']} rows from {m['n_docs']} documents at block {m['layer']}"
 
 
+def _train(config, workdir: str) -> str:
+    from xcoder_jax.train import train_and_evaluate
+
+    final = train_and_evaluate(config, workdir)
+    fve = " / ".join(f"{v:.3f}" for v in final["fve"])
+    dead = final["dead_fraction"]
+    return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
+
+
 STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
+    ("train", _train),
 ]
 
 

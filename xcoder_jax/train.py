@@ -124,6 +124,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
                 f"fields: {', '.join(differing)} (use another workdir, or the old values)"
             )
+        exported = os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)
+        if latest >= tc.steps and os.path.exists(exported):
+            with open(exported) as f:
+                return json.load(f)["eval"]  # finished and exported: nothing to do
         state, extra, seen = ckpt.restore(mngr, latest, trainer.abstract_state(), store.n_rows)
         position, tokens, skipped = extra["position"], extra["tokens"], extra["skipped"]
         _trim_metrics(metrics_file, latest)

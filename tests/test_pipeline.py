@@ -1,0 +1,62 @@
+"""The main job end to end on a micro zoo: every stage runs, outputs agree, reruns skip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import micro_zoo_config
+from xcoder_jax import pipeline
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore
+
+
+def _end_to_end_config():
+    c = micro_zoo_config()
+    c.extract.shard_rows = 256
+    c.crosscoder.n_latents = 64
+    c.train.steps, c.train.batch_size = 30, 64
+    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 10
+    c.train.lr = 1e-2
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    config = _end_to_end_config()
+    summary = pipeline.run(config, workdir)
+    return config, workdir, summary
+
+
+def test_every_stage_ran_and_outputs_agree(run):
+    config, workdir, summary = run
+    assert list(summary) == [name for name, _ in pipeline.STAGES]
+    store = ActivationStore(wd.activations_dir(workdir))
+    tok = AutoTokenizer.from_pretrained(wd.model_dir(workdir, "base"))
+    with open(os.path.join(wd.zoo_data_dir(workdir), "extract.jsonl")) as f:
+        docs = [json.loads(line)["text"] for line in f]
+    lengths = [min(len(tok(t)["input_ids"]), config.data.max_tokens) for t in docs]
+    assert store.n_rows == sum(n - 1 for n in lengths if n >= 2)
+    assert store.layer == config.zoo.n_layers // 2 and store.d_model == config.zoo.main_size
+    exported = json.load(open(os.path.join(wd.export_dir(workdir), "config.json")))
+    assert exported["tokens_trained"] == 30 * 64
+    train_rows = store.n_rows - store.shards[-1]["rows"]
+    assert 0 < exported["distinct_tokens_trained"] <= min(train_rows, 30 * 64)
+    assert all(np.isfinite(exported["eval"]["fve"]))
+
+
+def test_rerun_skips_complete_stages(run):
+    config, workdir, _ = run
+    watched = [
+        os.path.join(wd.activations_dir(workdir), "manifest.json"),
+        os.path.join(wd.export_dir(workdir), "crosscoder.safetensors"),
+        wd.zoo_report_path(workdir),
+    ]
+    before = [os.path.getmtime(p) for p in watched]
+    pipeline.run(config, workdir)
+    assert [os.path.getmtime(p) for p in watched] == before
