@@ -104,7 +104,8 @@ def _count_across_hosts(seen: np.ndarray) -> int:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (or resumes) the crosscoder of `workdir`; returns the final eval metrics."""
     if config.get("distributed", False):
-        jax.distributed.initialize()
+        given = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id")}
+        jax.distributed.initialize(**{k: v for k, v in given.items() if v not in ("", -1)})
     store = open_store(config, workdir)
     train_shards, eval_shards = split_shards(store, config.train.eval_shards)
     # Each host reads its own share of the training shards.
