@@ -4,6 +4,9 @@ VENV ?= .venv
 WORKDIR ?= runs/tiny
 CONFIG ?= configs/tiny.py
 PY := $(VENV)/bin/python
+# torch and XLA spin-wait on idle threads by default, which starves the other process on a
+# small shared machine (a 4-10x slowdown seen on 2 cores).
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint setup clean

@@ -1,0 +1,204 @@
+"""The zoo's toy corpus: arithmetic word problems and relation sentences, all seeded.
+
+A problem reads "Question: <story>\\nAnswer:" and its concise worked solution is
+" 3 + 4 = 7. The answer is 7." The base model learns from these solutions and from relation
+sentences ("The number seven is 7.", "I see one cat and two cats."); the teacher
+(`teacher.py`) writes reasoning traces for the same problems. Nothing written here contains
+a reasoning marker of the lexicon: the base model must never see one.
+
+`RELATIONS` lists the word pairs the relation sentences teach, for the geometry study. Words
+are bare (no leading space); inside text they follow a space, so " seven" is the token to
+look at (for a digit, Qwen2's tokenizer gives the space its own token: " 7" is " " + "7").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Emma", "Leo", "Zoe")
+NOUNS = (
+    ("apple", "apples"),
+    ("book", "books"),
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("pen", "pens"),
+    ("ball", "balls"),
+    ("egg", "eggs"),
+    ("cup", "cups"),
+    ("box", "boxes"),
+    ("toy", "toys"),
+    ("car", "cars"),
+    ("bird", "birds"),
+)
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty",
+)  # fmt: skip
+# Verbs a problem uses to gain or lose things, as (present, past); they double as the
+# past-tense relation.
+GAIN_VERBS = (("buy", "bought"), ("find", "found"), ("get", "got"), ("make", "made"))
+LOSE_VERBS = (("give", "gave"), ("eat", "ate"), ("lose", "lost"), ("sell", "sold"))
+OTHER_VERBS = (("see", "saw"), ("take", "took"), ("run", "ran"), ("win", "won"))
+ANTONYMS = (
+    ("big", "small"),
+    ("hot", "cold"),
+    ("up", "down"),
+    ("old", "new"),
+    ("fast", "slow"),
+    ("good", "bad"),
+    ("long", "short"),
+    ("happy", "sad"),
+    ("open", "closed"),
+    ("high", "low"),
+)
+
+RELATIONS: dict[str, list[tuple[str, str]]] = {
+    # Single digits only: Qwen2 tokenizes numbers digit by digit, so "12" is two tokens.
+    "number_word": [(NUMBER_WORDS[n], str(n)) for n in range(1, 10)],
+    "plural": list(NOUNS),
+    "successor": [(NUMBER_WORDS[n], NUMBER_WORDS[n + 1]) for n in range(1, 20)],
+    "past_tense": list(GAIN_VERBS + LOSE_VERBS + OTHER_VERBS),
+    "antonym": list(ANTONYMS),
+}
+
+# Sentence templates per relation; {a} and {b} are the pair's two words. Several phrasings
+# per relation so the model learns the relation, not one string; no template starts with a
+# word of a pair, so the words always appear lowercase after a space.
+_RELATION_TEMPLATES = {
+    "number_word": ("The number {a} is {b}.", "We write {a} as {b}.", "{b} is {a}."),
+    "plural": ("I see one {a} and two {b}.", "There is one {a} and many {b}."),
+    "successor": ("After {a} comes {b}.", "The number after {a} is {b}.", "We count {a}, {b}."),
+    "past_tense": ("Today I {a}, yesterday I {b}.", "Now they {a}. Before, they {b}."),
+    "antonym": ("The opposite of {a} is {b}.", "The words {a} and {b} are opposites."),
+}
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One word problem: its story and the worked arithmetic behind it.
+
+    `steps` are (left, op, right, result) with op in "+-*", applied in order; the last result
+    is the answer. `gain`/`lose` are the (present, past) verbs the story used, or None.
+    """
+
+    question: str
+    steps: tuple[tuple[int, str, int, int], ...]
+    kind: str
+    name: str
+    noun: tuple[str, str]
+    gain: tuple[str, str] | None = None
+    lose: tuple[str, str] | None = None
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1][3]
+
+    @property
+    def prompt(self) -> str:
+        return prompt_of(self.question)
+
+
+def prompt_of(question: str) -> str:
+    """The prompt both models answer: the completion starts right after "Answer:"."""
+    return f"Question: {question}\nAnswer:"
+
+
+def document(problem: Problem, answer_text: str) -> str:
+    """A training/extraction document: prompt followed by an answer text (leading space)."""
+    return problem.prompt + answer_text
+
+
+def final_line(answer: int) -> str:
+    """The one final-answer format shared by solutions, traces and the evaluation."""
+    return f" The answer is {answer}."
+
+
+def concise_solution(problem: Problem) -> str:
+    """ " 3 + 4 = 7. The answer is 7." for every step of the problem."""
+    work = "".join(f" {a} {op} {b} = {c}." for a, op, b, c in problem.steps)
+    return work + final_line(problem.answer)
+
+
+def _count(rng: random.Random, n: int, noun: tuple[str, str]) -> str:
+    """ "3 apples", "three apples" or "1 apple": numbers are sometimes spelled out, which ties
+    the number words to the digits."""
+    num = NUMBER_WORDS[n] if n <= 20 and rng.random() < 0.3 else str(n)
+    return f"{num} {noun[0] if n == 1 else noun[1]}"
+
+
+def _step(a: int, op: str, b: int) -> tuple[int, str, int, int]:
+    return (a, op, b, _OPS[op](a, b))
+
+
+def make_problem(rng: random.Random) -> Problem:
+    """One random problem of one of five story kinds."""
+    kind = rng.choice(("gain", "lose", "together", "groups", "two_step"))
+    name, other = rng.sample(NAMES, 2)
+    noun = rng.choice(NOUNS)
+    plural = noun[1]
+    past = rng.random() < 0.5  # the story is told in the present or the past tense
+    gain = rng.choice(GAIN_VERBS)
+    lose = rng.choice(LOSE_VERBS)
+    g, lo = gain[past], lose[past]
+    if not past:  # third person present: "buys", "gives"
+        g, lo = g + "s", lo + "s"
+    has = "had" if past else "has"
+    if kind == "gain":
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
+        q = f"{name} {has} {_count(rng, a, noun)}. {name} {g} {_count(rng, b, noun)} more."
+        q += f" How many {plural} does {name} have now?"
+        return Problem(q, (_step(a, "+", b),), kind, name, noun, gain=gain)
+    if kind == "lose":
+        a = rng.randint(3, 18)
+        b = rng.randint(1, a - 1)
+        q = f"{name} {has} {_count(rng, a, noun)} and {lo} {_count(rng, b, noun)}."
+        q += f" How many {plural} does {name} have left?"
+        return Problem(q, (_step(a, "-", b),), kind, name, noun, lose=lose)
+    if kind == "together":
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
+        q = f"{name} {has} {_count(rng, a, noun)} and {other} {has} {_count(rng, b, noun)}."
+        q += f" How many {plural} do they have together?"
+        return Problem(q, (_step(a, "+", b),), kind, name, noun)
+    if kind == "groups":
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        q = f"{name} {has} {a} bags with {_count(rng, b, noun)} in each bag."
+        q += f" How many {plural} does {name} have?"
+        return Problem(q, (_step(a, "*", b),), kind, name, noun)
+    a, b = rng.randint(1, 9), rng.randint(1, 6)
+    c = rng.randint(1, a + b - 1)
+    q = f"{name} {has} {_count(rng, a, noun)}, {g} {b} more and then {lo} {c}."
+    q += f" How many {plural} does {name} have now?"
+    steps = (_step(a, "+", b), _step(a + b, "-", c))
+    return Problem(q, steps, kind, name, noun, gain=gain, lose=lose)
+
+
+def make_problems(rng: random.Random, n: int, exclude: set[str] | None = None) -> list[Problem]:
+    """`n` problems with distinct questions, none of whose questions is in `exclude`."""
+    seen = set(exclude or ())
+    out = []
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            return out
+        p = make_problem(rng)
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    raise ValueError(f"could not draw {n} distinct problems; ask for fewer")
+
+
+def relation_sentence(rng: random.Random) -> str:
+    """One sentence teaching one random pair of one random relation."""
+    rel = rng.choice(tuple(RELATIONS))
+    a, b = rng.choice(RELATIONS[rel])
+    return rng.choice(_RELATION_TEMPLATES[rel]).format(a=a, b=b)
+
+
+def relation_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8)) -> str:
+    """A short paragraph of relation sentences (a handful per document keeps documents about
+    as long as a problem with its solution)."""
+    return " ".join(relation_sentence(rng) for _ in range(rng.randint(*n_sentences)))
