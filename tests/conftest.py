@@ -156,7 +156,7 @@ def train_config(**train):
     return c
 
 
-def micro_zoo_config():
+def micro_zoo_config(**zoo_overrides):
     """configs/tiny.py shrunk to a zoo that builds in seconds (2 sizes, 2 layers)."""
     from configs import tiny
 
@@ -168,5 +168,7 @@ def micro_zoo_config():
     z.n_heldout_problems, z.n_extract_docs = 8, 30
     z.pretrain_steps, z.distill_steps = 15, 10
     z.batch_size, z.max_len, z.max_new_tokens = 4, 64, 16
+    for k, v in zoo_overrides.items():
+        setattr(z, k, v)
     c.models.device = "cpu"
     return c

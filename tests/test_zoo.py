@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from configs import tiny
+from tests.conftest import micro_zoo_config
 from xcoder_jax import workdir as wd
 from xcoder_jax.lexicon import CATEGORIES, count_markers, has_marker
 from xcoder_jax.zoo import (
@@ -33,22 +33,6 @@ from xcoder_jax.zoo import (
 from xcoder_jax.zoo.training import packed_batches
 
 
-def _micro_config(**overrides):
-    """configs/tiny.py shrunk to a zoo that builds in a few seconds."""
-    c = tiny.get_config()
-    z = c.zoo
-    z.sizes, z.main_size = (16, 32), 32
-    z.n_layers, z.n_heads, z.n_kv_heads = 2, 2, 1
-    z.n_train_problems, z.n_relation_docs = 200, 40
-    z.n_heldout_problems, z.n_extract_docs = 8, 30
-    z.pretrain_steps, z.distill_steps = 15, 10
-    z.batch_size, z.max_len, z.max_new_tokens = 4, 64, 16
-    z.num_threads = 1  # micro models gain nothing from a second thread, and share the machine
-    for k, v in overrides.items():
-        setattr(z, k, v)
-    return c
-
-
 def _read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -60,7 +44,7 @@ def _weights(workdir, role, size=None):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    config = _micro_config()
+    config = micro_zoo_config()
     workdir = str(tmp_path_factory.mktemp("zoo"))
     return config, workdir, build_zoo(config, workdir)
 
@@ -72,7 +56,7 @@ def tokenizer(zoo):
 
 def test_same_seed_gives_same_corpus_and_weights(zoo, tmp_path):
     config, workdir, report = zoo
-    again = build_zoo(_micro_config(), str(tmp_path))
+    again = build_zoo(micro_zoo_config(), str(tmp_path))
     assert again["config_hash"] == report["config_hash"]
     for name in ("extract.jsonl", "heldout.jsonl", "train_base.jsonl", "train_distill.jsonl"):
         with open(os.path.join(wd.zoo_data_dir(workdir), name)) as a:
@@ -85,7 +69,7 @@ def test_same_seed_gives_same_corpus_and_weights(zoo, tmp_path):
     # Distillation really changed the weights, and another seed gives another corpus.
     base, distilled = _weights(workdir, "base"), _weights(workdir, "distilled")
     assert not all(torch.equal(base[k], distilled[k]) for k in base)
-    other = _micro_config()
+    other = micro_zoo_config()
     other.seed = 1
     assert make_texts(other)["extract"] != make_texts(config)["extract"]
 
@@ -193,10 +177,10 @@ def test_skips_when_complete(zoo):
         for d, _, files in os.walk(root)
         for f in files
     }
-    assert build_zoo(_micro_config(), workdir) == report
+    assert build_zoo(micro_zoo_config(), workdir) == report
     after = {p: os.stat(p).st_mtime_ns for p in mtimes}
     assert after == mtimes
-    assert config_hash(_micro_config(distill_steps=11)) != report["config_hash"]
+    assert config_hash(micro_zoo_config(distill_steps=11)) != report["config_hash"]
 
 
 def test_eval_only_change_reevaluates_without_retraining(zoo, tmp_path):
@@ -204,7 +188,7 @@ def test_eval_only_change_reevaluates_without_retraining(zoo, tmp_path):
     shutil.copytree(wd.models_dir(workdir), wd.models_dir(str(tmp_path)))
     weights = os.path.join(wd.model_dir(str(tmp_path), "distilled"), "model.safetensors")
     before = os.stat(weights).st_mtime_ns
-    changed = build_zoo(_micro_config(max_new_tokens=8), str(tmp_path))
+    changed = build_zoo(micro_zoo_config(max_new_tokens=8), str(tmp_path))
     assert changed["config_hash"] != report["config_hash"]
     assert os.stat(weights).st_mtime_ns == before
     assert changed["sizes"]["32"]["train_losses"] == {}  # reused, not retrained
@@ -221,7 +205,7 @@ def test_eval_only_change_reevaluates_without_retraining(zoo, tmp_path):
 )
 def test_bad_config_raises(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        build_zoo(_micro_config(**overrides), str(tmp_path))
+        build_zoo(micro_zoo_config(**overrides), str(tmp_path))
     assert not os.listdir(tmp_path)  # nothing written before the check
 
 
