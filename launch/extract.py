@@ -8,7 +8,7 @@ Split across processes or hosts, then merge:
     python launch/extract.py --config=... --workdir=... --num_shards=3 --merge
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xcoder_jax import activations
@@ -22,6 +22,7 @@ _MERGE = flags.DEFINE_bool("merge", False, "Join the num_shards extracted parts 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = _CONFIG.value
     if _MERGE.value:
         manifest = activations.merge(config, _WORKDIR.value, _NUM_SHARDS.value)

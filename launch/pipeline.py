@@ -3,7 +3,7 @@ r"""The main job: every stage of the study on one config, resumable.
 python launch/pipeline.py --config=configs/tiny.py --workdir=runs/tiny
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xcoder_jax import pipeline
@@ -14,6 +14,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
     print("\nSummary of", _WORKDIR.value)
     for stage, line in summary.items():

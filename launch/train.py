@@ -5,7 +5,7 @@ r"""Trains the crosscoder on the workdir's activation store; resumes from its ch
 Ends with the portable export in <workdir>/export (raw activation units).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xcoder_jax import train
@@ -16,6 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     fve = ", ".join(f"{v:.3f}" for v in final["fve"])
     print(f"held-out FVE per model: {fve}; L0 {final['l0']:.1f}; dead {final['dead_fraction']:.1%}")
