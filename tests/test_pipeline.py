@@ -60,3 +60,29 @@ def test_rerun_skips_complete_stages(run):
     before = [os.path.getmtime(p) for p in watched]
     pipeline.run(config, workdir)
     assert [os.path.getmtime(p) for p in watched] == before
+
+
+def test_a_second_pipeline_on_the_same_workdir_is_refused(run):
+    config, workdir, _ = run
+    with pipeline.workdir_lock(workdir):
+        with pytest.raises(pipeline.PipelineError, match=f"pid {os.getpid()}.*running on"):
+            pipeline.run(config, workdir)
+    pipeline.run(config, workdir)  # released: runs (and skips every complete stage)
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(pipeline.PipelineError, match="cannot write to workdir"):
+        pipeline.run(_end_to_end_config(), str(blocker / "run"))
+
+
+def test_full_disk_names_the_stage(tmp_path, monkeypatch):
+    import errno
+
+    def full(config, workdir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "STAGES", [("extract", full)])
+    with pytest.raises(pipeline.PipelineError, match="stage extract: the disk holding .* is full"):
+        pipeline.run(_end_to_end_config(), str(tmp_path))

@@ -6,8 +6,46 @@ pipeline after an interruption continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+LOCK_FILE = ".pipeline.lock"
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot run here: workdir locked, unwritable, or the disk is full."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds an exclusive lock on `workdir` so two pipelines never interleave in it.
+
+    The lock is an flock on <workdir>/.pipeline.lock: the OS releases it when the process
+    dies, so a killed run never leaves a stale lock behind.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PipelineError(f"cannot write to workdir {workdir}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise PipelineError(
+                f"another pipeline (pid {holder}) is running on {workdir}; wait for it or use "
+                "another workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _zoo(config, workdir: str) -> str:
@@ -49,11 +87,22 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
 
 
 def run(config, workdir: str) -> dict[str, str]:
-    """Runs every stage; returns {stage: one-line summary}."""
+    """Runs every stage under the workdir lock; returns {stage: one-line summary}."""
     summary = {}
-    for name, stage in STAGES:
-        start = time.time()
-        print(f"== {name}", flush=True)
-        summary[name] = stage(config, workdir)
-        print(f"== {name}: {summary[name]} ({time.time() - start:.0f}s)", flush=True)
+    with workdir_lock(workdir):
+        for name, stage in STAGES:
+            start = time.time()
+            print(f"== {name}", flush=True)
+            try:
+                summary[name] = stage(config, workdir)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise PipelineError(
+                        f"stage {name}: the disk holding {workdir} is full ({e}); free space "
+                        "and rerun: complete outputs are kept and the stage resumes"
+                    ) from e
+                if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                    raise PipelineError(f"stage {name}: cannot write in {workdir}: {e}") from e
+                raise
+            print(f"== {name}: {summary[name]} ({time.time() - start:.0f}s)", flush=True)
     return summary
