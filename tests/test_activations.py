@@ -93,11 +93,11 @@ def test_interrupted_extraction_resumes_without_duplicates(
     real = writer_mod.StoreWriter._write_shard
     calls = {"n": 0}
 
-    def crash_on_third(self, n):
+    def crash_on_third(self, *rows):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(self, n)
+        return real(self, *rows)
 
     monkeypatch.setattr(writer_mod.StoreWriter, "_write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

@@ -128,13 +128,15 @@ def shard_sums(acts: np.ndarray) -> dict[str, np.ndarray]:
     Rows holding NaN/inf are left out of the sums and counted in `n_nonfinite`.
     """
     finite = np.isfinite(acts).all(axis=(1, 2))
-    x = acts[finite].astype(np.float64)
+    x = acts if finite.all() else acts[finite]
+    # Products in float32, accumulation in float64: exact enough, and no float64 copy.
+    row_sq = np.square(x).sum(-1)  # [rows, n_models]
     return {
         "n": np.array(x.shape[0], np.int64),
         "n_nonfinite": np.array(int((~finite).sum()), np.int64),
-        "sum_norm": np.linalg.norm(x, axis=-1).sum(0),  # [n_models]
-        "sum_x": x.sum(0),  # [n_models, d_model]
-        "sum_sq": np.square(x).sum((0, 2)),  # [n_models]
+        "sum_norm": np.sqrt(row_sq).sum(0, dtype=np.float64),  # [n_models]
+        "sum_x": x.sum(0, dtype=np.float64),  # [n_models, d_model]
+        "sum_sq": row_sq.sum(0, dtype=np.float64),  # [n_models]
     }
 
 

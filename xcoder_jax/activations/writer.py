@@ -9,6 +9,7 @@ only complete shards, and a restarted extraction resumes right after the last re
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -53,6 +54,10 @@ class StoreWriter:
         self._tokens: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
         self._buffered = 0
+        # One background thread writes shards (conversion, files, fsync, manifest) while the
+        # caller computes the next rows; at most one shard is in flight, so memory is bounded.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._pending: Future | None = None
 
     def _resume(self) -> None:
         manifest = mf.read_manifest(self.directory)
@@ -100,7 +105,15 @@ class StoreWriter:
         self._index.append(index)
         self._buffered += len(positions)
         while self._buffered >= self.shard_rows:
-            self._write_shard(self.shard_rows)
+            self._wait()
+            rows = self._take(self.shard_rows)
+            self._pending = self._pool.submit(self._write_shard, *rows)
+
+    def _wait(self) -> None:
+        """Waits for the shard in flight; re-raises its error, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def _take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         acts, tokens, index = (np.concatenate(b) for b in (self._acts, self._tokens, self._index))
@@ -108,8 +121,8 @@ class StoreWriter:
         self._buffered -= n
         return acts[:n], tokens[:n], index[:n]
 
-    def _write_shard(self, n: int) -> None:
-        acts, tokens, index = self._take(n)
+    def _write_shard(self, acts: np.ndarray, tokens: np.ndarray, index: np.ndarray) -> None:
+        n = len(index)
         k = len(self.shards)
         stored = mf.to_disk(acts, self.dtype)  # [n, n_models, d]
         hashes = {}
@@ -162,8 +175,12 @@ class StoreWriter:
 
     def close(self) -> dict:
         """Writes the last (short) shard and the final manifest with the statistics."""
-        if self._buffered:
-            self._write_shard(self._buffered)
+        try:
+            self._wait()
+            if self._buffered:
+                self._write_shard(*self._take(self._buffered))
+        finally:
+            self._pool.shutdown(wait=True)
         if not self.shards:
             raise mf.StoreError(f"no rows were written to {self.directory}")
         return finalize(self.directory, self._write_manifest)
