@@ -60,4 +60,10 @@ def get_config(size: str) -> ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.group_shards = 8
     c.train.prefetch = 8
+
+    # The paper read the bare word as the whole input; relation pairs come from the Todd et
+    # al. (2023) function-vector files (english-spanish, ..., singular-plural), given as
+    # --config.geometry.relation_files='("a.json", "b.json")'.
+    c.geometry.template = "{word}"
+    c.geometry.zoo_relations = False
     return c

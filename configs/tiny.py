@@ -6,7 +6,7 @@ Every stage reads this one config; override any field on the command line, e.g.
 `--config.zoo.pretrain_steps=100 --config.extract.shard_rows=2048`.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 # Fields of one text source; every source of `data.sources` has all of them.
 SOURCE_DEFAULTS = dict(
@@ -41,32 +41,34 @@ def get_config(arg=None):
 
     # --- The embedded zoo ----------------------------------------------------------------
     c.zoo = ConfigDict()
-    c.zoo.sizes = (64, 96, 128)  # hidden sizes built for the geometry-vs-size study
+    c.zoo.sizes = (32, 64, 128)  # hidden sizes built for the geometry-vs-size study (x2 apart)
     c.zoo.main_size = 128  # the pair the crosscoder is trained on
     c.zoo.n_layers = 4
     c.zoo.n_heads = 4
     c.zoo.n_kv_heads = 2
     c.zoo.mlp_mult = 4  # intermediate size = mlp_mult * hidden
-    # Upper bound for the byte-level BPE; the corpus saturates at ~750, enough for every
-    # marker and relation word to be one token.
+    # Upper bound for the byte-level BPE; the corpus saturates at ~710 entries, enough for
+    # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 768
-    c.zoo.max_len = 128  # tokens per packed training row (documents run to ~110)
+    c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)
     c.zoo.n_train_problems = 6000  # each gets a concise solution (base) and a trace (distill)
     c.zoo.n_relation_docs = 1500  # paragraphs of relation sentences in the base corpus
     c.zoo.distill_relation_frac = 0.1  # relation docs mixed into distillation, per trace
     c.zoo.n_heldout_problems = 100  # held out from training; used to evaluate the pair
     c.zoo.n_extract_docs = 600  # documents written for activation extraction
     c.zoo.extract_mix = (0.4, 0.4, 0.2)  # extraction docs: traces, concise, relation paragraphs
-    c.zoo.pretrain_steps = 300
-    c.zoo.distill_steps = 200
+    c.zoo.pretrain_steps = 200
+    c.zoo.distill_steps = 180  # the style takes ~150 steps to stick at hidden 64
     c.zoo.batch_size = 32
     c.zoo.lr = 3e-3
-    c.zoo.distill_lr = 1e-3
+    c.zoo.distill_lr = 2e-3
     c.zoo.warmup_frac = 0.05  # linear warmup, then cosine decay to 10% of the peak
     c.zoo.weight_decay = 0.01
-    c.zoo.max_new_tokens = 96  # greedy answer length when evaluating the pair
+    c.zoo.max_new_tokens = 128  # greedy answer length when evaluating the pair
     c.zoo.eval_batch_size = 50  # prompts decoded together (left-padded)
-    c.zoo.num_threads = 2  # torch CPU threads while building
+    # torch CPU threads while building; with another busy process on a 2-core machine, run
+    # with OMP_WAIT_POLICY=PASSIVE (launch/build_zoo.py sets it) or steps slow down ~5x.
+    c.zoo.num_threads = 2
 
     # --- Text for extraction -------------------------------------------------------------
     # Each source: kind "zoo" (the zoo's extraction corpus), "jsonl", "text" (one document
@@ -126,4 +128,85 @@ def get_config(arg=None):
     c.mesh.data = -1  # -1: all devices not used by 'model'
     c.mesh.model = 1  # devices sharing the latent axis
     c.distributed = False  # multi-host: call jax.distributed.initialize()
+    # Leave empty/-1 where the cluster tells JAX (Cloud TPU, SLURM, Open MPI).
+    c.coordinator_address = ""  # "host:port" of process 0
+    c.num_processes = -1
+    c.process_id = -1
+
+    # --- Geometry (parallelogram metric on word-pair relations) --------------------------
+    c.geometry = ConfigDict()
+    # Block whose input represents a word; unset: the crosscoder's (extract.layer).
+    c.geometry.layer = config_dict.placeholder(int)
+    # The word is read in this prompt; a space before {word} belongs to the word (" seven").
+    # The paper used the bare word as the whole input ("{word}" for Qwen2.5); the zoo's
+    # tokenizer prepends its EOS, so there the word sits at position 1.
+    c.geometry.template = " {word}"
+    c.geometry.add_special_tokens = True  # the tokenizer's own prefix (BOS/EOS) first
+    c.geometry.zoo_relations = True  # the relations the zoo corpus teaches (zoo.RELATIONS)
+    # Todd et al. (2023) function-vector files: JSON lists of {"input", "output"}.
+    c.geometry.relation_files = ()
+    c.geometry.max_pairs = 1000  # larger sets are subsampled (seeded); -1: all
+    c.geometry.n_components = (2, 5, 10, 20)  # PCA sizes; capped at min(2 * pairs, d_model)
+    c.geometry.plot_n_components = 2  # the one figures and the summary use (the paper's)
+    c.geometry.n_shuffles = 5  # random pairings of the same words averaged in the control
+    c.geometry.batch_size = 64  # words per forward pass
+    # More pairs to study, each ConfigDict(name=..., base=..., distilled=...) (HF ids/paths).
+    c.geometry.pairs = []
+    # --- Analysis ------------------------------------------------------------------------
+    c.analysis = ConfigDict()
+    c.analysis.norm = "l1"  # decoder norm in the relative norm: "l1" (the paper's) or "l2"
+    # NRN bands (NRN = r / (1 + r), r = distilled / base decoder norm, normalised units):
+    c.analysis.base_only_max = 0.1  # NRN below this: base-only latent
+    c.analysis.distilled_only_min = 0.9  # NRN above this: distilled-only latent
+    c.analysis.nrn_bins = 50  # NRN histogram bins over [0, 1]
+    c.analysis.top_k_examples = 10  # max-activating positions kept per latent (the paper: 10)
+    c.analysis.context_before = 24  # tokens shown before the firing token (the paper: 100 in all)
+    c.analysis.context_after = 8  # tokens shown after it
+    # A latent fires on a category when it is active on more of the category's marker
+    # occurrences than this share of the largest such count over latents (the paper: 10%).
+    c.analysis.firing_share = 0.1
+    c.analysis.bare_markers = False  # also count markers without their leading space
+    c.analysis.label_min_share = 0.5  # labels name a category when this share of examples fit
+    c.analysis.top_latents = 20  # rows of the report's tables and of each category's top list
+    c.analysis.batch_rows = 1024  # rows encoded at once (memory: batch_rows * n_latents floats)
+    c.analysis.scaling_max_latents = 4096  # exclusive latents given a latent-scaling fit
+    c.analysis.scaling_min_rows = 5  # held-out firing rows needed for a fit
+    # Latent scaling ratio (other model's beta / owner's) from which an exclusive latent is
+    # flagged as falsely exclusive (complete shrinkage or decoupling, Minder et al. 2025).
+    c.analysis.scaling_false_ratio = 0.5
+    c.analysis.splice_docs = 64  # held-out documents for splice-in CE; 0 skips splice-in
+    c.analysis.splice_batch = 8  # documents per forward pass in splice-in
+
+    # --- Steering (decoder rows added at block L during generation) --------------------
+    c.steering = ConfigDict()
+    # Latent sets, each steered on its own: "<category>:<k>" = the k most marker-specific
+    # latents of the category with NRN > min_nrn (needs the analysis), or ids "17" / "17+230".
+    c.steering.latents = ("self_reflection:1", "deductive:1")
+    c.steering.min_nrn = 0.5  # distilled-leaning; analysis.distilled_only_min: distilled-only
+    c.steering.models = ("distilled",)  # roles steered, each with its own decoder rows
+    # In units of the model's mean activation norm at block L (sqrt(d) / scale) along the
+    # unit decoder direction; 0 is the clean model.
+    c.steering.alphas = (-1.0, 0.0, 0.5, 1.0)
+    c.steering.prompts = ""  # JSONL of {"prompt", optional "answer"}; "": the zoo's held-out set
+    c.steering.n_prompts = 50  # -1: all
+    c.steering.samples = 4  # seeded samples per prompt and condition
+    c.steering.temperature = 0.8  # 0: greedy
+    c.steering.max_new_tokens = 192
+    c.steering.batch_size = 100  # rows decoded together (left-padded)
+    c.steering.stop = "Question:"  # text is cut where this begins ("": keep all)
+    c.steering.seed = 0
+
+    # --- Ablation (marker logits with category latents removed at block L) -------------
+    c.ablation = ConfigDict()
+    c.ablation.categories = ("self_reflection", "deductive", "alternative", "contrastive")
+    c.ablation.fracs = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)  # top share of latents by marker firing
+    c.ablation.min_nrn = 0.5  # of those, the ones with NRN above this are ablated (the paper's)
+    # Where a latent's firing on a marker is read: -1 at the position that predicts the marker
+    # (where its logit is measured), 0 on the marker token itself.
+    c.ablation.fire_offset = -1
+    c.ablation.n_random = 3  # seeded draws of as many random latents, averaged (the control)
+    c.ablation.n_docs = 64  # held-out documents of the store whose marker logits are measured
+    c.ablation.batch_size = 16  # documents per forward pass
+    c.ablation.seed = 0
+
     return c

@@ -79,10 +79,22 @@ def _train(config, workdir: str) -> str:
     return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
 
 
+def _geometry(config, workdir: str) -> str:
+    g = config.geometry
+    if not (g.zoo_relations and "zoo" in (config.models.base, config.models.distilled)) and not (
+        g.relation_files
+    ):
+        return "skipped (no relation sets: set --config.geometry.relation_files)"
+    from xcoder_jax.geometry import run_geometry, summarize
+
+    return summarize(run_geometry(config, workdir))
+
+
 STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
     ("train", _train),
+    ("geometry", _geometry),
 ]
 
 

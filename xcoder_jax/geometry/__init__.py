@@ -1,0 +1,54 @@
+"""Geometry of word-pair relations in a base model and its distilled variant.
+
+A relation (singular -> plural, present -> past, ...) is a set of word pairs (a_i, b_i). Each
+word is represented by the input of block L at its token (raw units, read through
+`site.forward_to_site`), in each model separately. Per model and relation a PCA, fitted
+centred on all 2n word vectors (inputs and outputs together), projects them to k dimensions,
+and for every two pairs i < j the "parallelogram" loss is
+
+    loss_ij = ||a_i - b_i - a_j + b_j|| / sqrt(||a_i||^2 + ||b_i||^2 + ||a_j||^2 + ||b_j||^2)
+
+on the PCA coordinates: 0 when the relation is one shared offset, and unchanged by a global
+rescaling. A lower mean loss is a more structured relation. The control scores the same words
+paired at random (shuffled b's): a relation the model encodes should score below it.
+
+    run_geometry(config, workdir)  # geometry/results.json, cdf.png, loss_vs_size.png
+
+Modules: `relations` (pair sets, single-token filtering, block-L word vectors), `metric`
+(PCA, loss, control), `study` (every model pair, results, skip-when-complete), `plots`.
+"""
+
+from xcoder_jax.geometry.metric import (
+    derangements,
+    parallelogram_losses,
+    pca_coordinates,
+    relation_scores,
+)
+from xcoder_jax.geometry.relations import (
+    Relation,
+    RelationError,
+    filter_relation,
+    load_pair_file,
+    relation_sets,
+    word_prompt,
+    word_vectors,
+)
+from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair, summarize
+
+__all__ = [
+    "Relation",
+    "RelationError",
+    "derangements",
+    "filter_relation",
+    "load_pair_file",
+    "model_pairs",
+    "parallelogram_losses",
+    "pca_coordinates",
+    "relation_scores",
+    "relation_sets",
+    "run_geometry",
+    "study_pair",
+    "summarize",
+    "word_prompt",
+    "word_vectors",
+]

@@ -1,0 +1,92 @@
+"""The parallelogram metric: PCA per model and relation, the pairwise loss, and its control.
+
+Everything is NumPy on small arrays (`[2n, d]` word vectors, n pairs of a relation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QUANTILES = np.linspace(0.0, 1.0, 101)  # the CDF of the losses is stored at these levels
+
+
+def pca_coordinates(x: np.ndarray, n_components: int) -> np.ndarray:
+    """`[m, d] -> [m, k]`: the centred rows on their top k principal axes,
+    k = min(n_components, m, d). Keeping every axis is a rotation of the centred rows."""
+    xc = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    return xc @ vt[:n_components].T
+
+
+def parallelogram_losses(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """The loss of every two pairs i < j of `a, b: [n, k]` (pair i is (a_i, b_i)):
+    `[n (n - 1) / 2]`, in the order of `np.triu_indices(n, 1)`. Dimensionless.
+
+    ||a_i - b_i - a_j + b_j|| / sqrt(||a_i||^2 + ||b_i||^2 + ||a_j||^2 + ||b_j||^2), from
+    explicit differences rather than a Gram matrix, so an exact parallelogram gives exactly 0;
+    `chunk` bounds the `[chunk, k]` block of differences held at once.
+    """
+    offset = a - b  # [n, k]
+    sq = (a * a).sum(1) + (b * b).sum(1)  # [n]
+    i, j = np.triu_indices(len(a), 1)
+    out = np.empty(len(i))
+    for s in range(0, len(i), chunk):
+        ii, jj = i[s : s + chunk], j[s : s + chunk]
+        out[s : s + chunk] = np.linalg.norm(offset[ii] - offset[jj], axis=1) / np.sqrt(
+            sq[ii] + sq[jj]
+        )
+    return out
+
+
+def derangements(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`[count, n]` random permutations without a fixed point (n >= 2): in the control no
+    word keeps its true partner."""
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2, got {n}")
+    out = np.empty((count, n), np.int64)
+    for c in range(count):
+        while True:  # a uniform permutation is a derangement with probability ~1/e
+            p = rng.permutation(n)
+            if (p != np.arange(n)).all():
+                break
+        out[c] = p
+    return out
+
+
+def _cdf(losses: np.ndarray) -> list[float]:
+    return [round(float(q), 6) for q in np.quantile(losses, QUANTILES)]
+
+
+def relation_scores(a: np.ndarray, b: np.ndarray, n_components, shuffles: np.ndarray) -> dict:
+    """Loss statistics of one relation in one model, per requested n_components (str keys).
+
+    `a, b: [n, d]` are the raw vectors of the n pairs; `shuffles: [s, n]` permutations of
+    the b rows for the control. The PCA is fitted once on the 2n vectors, so the control
+    scores the same points, paired differently. Each entry: mean, median and CDF (at
+    `QUANTILES`) of the n(n-1)/2 losses, the same of the control (pooled over shuffles),
+    n_components_used (capped at min(2n, d)) and the fraction of variance it explains;
+    control_std is the spread of the control's mean across shuffles.
+    """
+    n = len(a)
+    z = pca_coordinates(np.concatenate([a, b]), max(n_components))
+    var = z.var(axis=0)  # per component; the centred data's total when all are kept
+    total = np.concatenate([a, b]).var(axis=0).sum()
+    out = {}
+    for k in n_components:
+        za, zb = z[:n, :k], z[n:, :k]
+        losses = parallelogram_losses(za, zb)
+        control = np.stack([parallelogram_losses(za, zb[p]) for p in shuffles])  # [s, P]
+        out[str(k)] = {
+            "mean": float(losses.mean()),
+            "median": float(np.median(losses)),
+            "n_pairs": n,
+            "n_comparisons": len(losses),
+            "n_components_used": int(za.shape[1]),
+            "explained_variance": float(var[:k].sum() / total) if total > 0 else 1.0,
+            "cdf": _cdf(losses),
+            "control_mean": float(control.mean()),
+            "control_std": float(control.mean(axis=1).std()),  # of the mean, across shuffles
+            "control_median": float(np.median(control)),
+            "control_cdf": _cdf(control.ravel()),
+        }
+    return out
