@@ -183,10 +183,13 @@ def get_config(arg=None):
     # latents of the category with NRN > min_nrn (needs the analysis), or ids "17" / "17+230".
     c.steering.latents = ("self_reflection:1", "deductive:1")
     c.steering.min_nrn = 0.5  # distilled-leaning; analysis.distilled_only_min: distilled-only
+    # Category latents are ranked by firing at this offset from the marker: -1 where the marker
+    # is predicted (they steer), 0 on the marker token, as the analysis reads them.
+    c.steering.fire_offset = -1
     c.steering.models = ("distilled",)  # roles steered, each with its own decoder rows
     # In units of the model's mean activation norm at block L (sqrt(d) / scale) along the
     # unit decoder direction; 0 is the clean model.
-    c.steering.alphas = (-1.0, 0.0, 0.5, 1.0)
+    c.steering.alphas = (-0.4, -0.2, 0.0, 0.2, 0.4)
     c.steering.prompts = ""  # JSONL of {"prompt", optional "answer"}; "": the zoo's held-out set
     c.steering.n_prompts = 50  # -1: all
     c.steering.samples = 4  # seeded samples per prompt and condition

@@ -9,7 +9,9 @@ marker at the very start of the text.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 # Category -> marker strings. The first four are the paper's; verification is the paper's
 # "computation verification" ("let me check").
@@ -41,3 +43,54 @@ def count_markers(text: str) -> dict[str, int]:
 def has_marker(text: str) -> bool:
     """Whether `text` contains any reasoning marker of any category."""
     return any(p.search(text) for pats in _PATTERNS.values() for p in pats)
+
+
+# --- Markers as token ids ----------------------------------------------------------------
+# The analysis and steering work on token ids. A marker may be several tokens under some
+# tokenizers (" Alternatively" is rarely one token outside Qwen2.5's vocabulary); an
+# occurrence is then the whole id sequence, inside one document.
+
+
+def marker_token_ids(tokenizer, bare: bool = False) -> dict[str, list[tuple[int, ...]]]:
+    """Token-id sequences of every marker: {category: [ids of each marker form]}.
+
+    Each marker is encoded as it appears inside text, with its leading space and without
+    special tokens (" Wait" -> one id in byte-level BPEs). With `bare=True` a marker also
+    contributes its form without the space, as byte-level BPEs tokenise it at the start of
+    a line ("\\n\\nWait" in R1-style traces), when that form's ids differ. Forms are listed
+    in lexicon order, the spaced form of each marker first.
+    """
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for category, markers in CATEGORIES.items():
+        forms: list[tuple[int, ...]] = []
+        for marker in markers:
+            texts = (marker, marker.lstrip()) if bare else (marker,)
+            for text in texts:
+                ids = tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in forms:
+                    forms.append(ids)
+        out[category] = forms
+    return out
+
+
+def find_marker(
+    tokens: np.ndarray, ids: Sequence[int], docs: np.ndarray | None = None
+) -> np.ndarray:
+    """Start indices where the id sequence `ids` occurs in `tokens` [T] (int array).
+
+    `docs` [T] (optional): the document of each token; an occurrence must lie inside one
+    document. Returns int64 [n_occurrences], ascending. A marker of n ids that starts at s
+    ends (is fully read) at s + n - 1, the position the analysis attributes it to.
+    """
+    tokens = np.asarray(tokens)
+    docs = None if docs is None else np.asarray(docs)
+    n = len(ids)
+    if n == 0 or len(tokens) < n:
+        return np.zeros(0, np.int64)
+    span = len(tokens) - n + 1
+    hit = tokens[:span] == ids[0]
+    for j in range(1, n):
+        hit &= tokens[j : span + j] == ids[j]
+        if docs is not None:
+            hit &= docs[j : span + j] == docs[:span]
+    return np.flatnonzero(hit).astype(np.int64)

@@ -79,6 +79,18 @@ def _train(config, workdir: str) -> str:
     return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
 
 
+def _steer(config, workdir: str) -> str:
+    from xcoder_jax.steering import run_steering, summarize_steering
+
+    return summarize_steering(run_steering(config, workdir))
+
+
+def _ablate(config, workdir: str) -> str:
+    from xcoder_jax.steering import run_ablation, summarize_ablation
+
+    return summarize_ablation(run_ablation(config, workdir))
+
+
 def _geometry(config, workdir: str) -> str:
     g = config.geometry
     if not (g.zoo_relations and "zoo" in (config.models.base, config.models.distilled)) and not (
@@ -94,6 +106,8 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
     ("train", _train),
+    ("steer", _steer),
+    ("ablate", _ablate),
     ("geometry", _geometry),
 ]
 

@@ -1,0 +1,145 @@
+"""What steering and ablation share: loading the pair, latent selection, resumability.
+
+Latent sets are named by specs: "17" or "17+230" (ids), or "<category>:<k>", the k latents
+with NRN above `min_nrn` (distilled-leaning; `analysis.distilled_only_min` allows only
+distilled-only latents) that fire on most of the category's marker occurrences in the
+store, read at `fire_offset` tokens from the marker (`marker_counts`). The analysis reads
+latents on the marker token itself (offset 0); those describe a marker that was just read.
+Steering and ablation act on what comes next, so they default to offset -1: the latents
+active where the model predicts the marker. That per-latent count is not in the analysis'
+outputs, hence computed here from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
+from xcoder_jax.activations import models as pair
+from xcoder_jax.analysis import norms
+from xcoder_jax.analysis.stream import to_float32
+from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker
+
+
+def role_order(export_config: dict) -> list[str]:
+    """The roles of the crosscoder's model slots: index 0 base, 1 distilled unless stated."""
+    roles = [m.get("role") for m in export_config.get("models") or []]
+    return roles if sorted(roles) == ["base", "distilled"] else ["base", "distilled"]
+
+
+def load_pair(config, workdir: str, roles: list[str]):
+    """(models in crosscoder order, tokenizer); the tokenizers must agree."""
+    device = pair.torch_device(config.models.device)
+    models, tokenizers = [], {}
+    for role in roles:
+        path, rev = pair.model_source(config, workdir, role)
+        tokenizers[role] = pair.load_tokenizer(path, rev)
+        models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
+    pair.check_same_tokenizer(tokenizers)
+    return models, tokenizers[roles[0]]
+
+
+def nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
+    """NRN [h] of every latent (0 base-only, 0.5 shared, 1 distilled-only)."""
+    roles = role_order(export_config)
+    w_norm = ckpt.normalised_decoder(tensors, export_config)
+    n = norms.decoder_norms(w_norm, norm)
+    return norms.relative_norms(n, roles.index("base"), roles.index("distilled"))
+
+
+def marker_counts(store, xcoder, forms: dict, categories, offset: int) -> np.ndarray:
+    """[n_categories, h]: marker occurrences in the store on which each latent fires.
+
+    A latent is read at `offset` tokens from the marker's first token (-1: the position
+    whose output predicts the marker, where the logit is measured; 0: the marker itself),
+    inside the same document and shard.
+    """
+    counts = np.zeros((len(categories), xcoder.n_latents), np.int64)
+    all_ids = list(range(xcoder.n_latents))
+    with torch.no_grad():
+        for k in range(len(store.shards)):
+            tokens = np.asarray(store.shard_tokens(k), np.int64)
+            docs = np.asarray(store.shard_index(k)[:, 0], np.int64)
+            acts = None
+            for c, cat in enumerate(categories):
+                starts = np.concatenate(
+                    [find_marker(tokens, form, docs) for form in forms[cat]] + [np.zeros(0, int)]
+                )
+                rows = starts + offset
+                ok = (rows >= 0) & (rows < len(tokens))
+                rows, starts = rows[ok], starts[ok]
+                rows = np.unique(rows[docs[rows] == docs[starts]])
+                if not len(rows):
+                    continue
+                if acts is None:
+                    acts = to_float32(store.shard_acts(k))
+                x = torch.from_numpy(acts[rows]).to(xcoder.W_enc.device)
+                counts[c] += (xcoder.latent_acts(x, all_ids) > 0).sum(0).cpu().numpy()
+    return counts
+
+
+def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: float) -> list[int]:
+    """Latent ids of one spec (see the module docstring).
+
+    nrn: [h]; counts: {category: [h] marker firing counts} (from `marker_counts`), needed by
+    "<category>:<k>" specs only.
+    """
+    spec = str(spec).strip()
+    h = len(nrn)
+    if ":" not in spec:
+        try:
+            ids = [int(s) for s in spec.split("+")]
+        except ValueError as e:
+            raise ValueError(f"bad latent spec {spec!r}: ids '17+230' or '<category>:<k>'") from e
+        bad = [i for i in ids if not 0 <= i < h]
+        if bad:
+            raise ValueError(f"latent ids {bad} out of range: the export has {h} latents")
+        return ids
+    cat, k = spec.split(":", 1)
+    if cat not in CATEGORY_NAMES:
+        raise ValueError(f"unknown category {cat!r} in {spec!r}; one of {CATEGORY_NAMES}")
+    c = np.asarray(counts[cat])
+    order = [int(i) for i in np.argsort(-c, kind="stable") if c[i] > 0 and nrn[i] > min_nrn]
+    if len(order) < int(k):
+        raise ValueError(f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} fire on it")
+    return order[: int(k)]
+
+
+def file_sha(path: str) -> str | None:
+    return mf.sha256_file(path) if os.path.exists(path) else None
+
+
+def export_hash(workdir: str) -> dict:
+    ed = wd.export_dir(workdir)
+    return {n: file_sha(os.path.join(ed, n)) for n in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG)}
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def done(path: str, fingerprint: dict, outputs: list[str]) -> dict | None:
+    """The results at `path` when they and `outputs` exist and match `fingerprint`."""
+    if not all(os.path.exists(p) for p in [path, *outputs]):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if results.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
+
+
+def write_json(path: str, obj) -> None:
+    mf.atomic_write_json(path, obj)
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure atomically (temporary name, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)

@@ -1,0 +1,287 @@
+"""The steering sweep: generate with latents' decoder rows added at block L, measure style.
+
+For every steered model (`steering.models`, its own decoder rows), every latent set
+(`steering.latents`, specs as in `common`) and every alpha (`steering.alphas`, in units of
+the model's mean activation norm at block L, see `ExportedCrosscoder.steering_vector`),
+`samples` continuations of each prompt are drawn (seeded, the same seeds in every condition,
+so conditions differ by the intervention, not by the draws) and scored with `stats`.
+alpha = 0 is the clean model; it is generated once per model and shared by every set.
+
+Writes steering/results.json, steering/samples.jsonl and steering/steering.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore
+from xcoder_jax.activations.manifest import atomic_write_bytes
+from xcoder_jax.activations.models import torch_device
+from xcoder_jax.analysis import check_pair, marker_groups
+from xcoder_jax.steering import common, stats
+from xcoder_jax.steering.hooks import ExportedCrosscoder, steer
+
+STEERING_FORMAT = 2  # bump when results change meaning, to redo old runs
+RESULTS, SAMPLES, FIGURE = "results.json", "samples.jsonl", "steering.png"
+
+
+# --- Prompts and generation ----------------------------------------------------------------
+
+
+def read_prompts(path: str, limit: int = -1) -> list[dict]:
+    """[{"prompt", "answer" (str or None)}] from a JSONL file of {"prompt", optional "answer"}."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
+                raise ValueError(f"{path}:{n}: each line must be an object with a 'prompt'")
+            answer = row.get("answer")
+            rows.append(
+                {"prompt": row["prompt"], "answer": None if answer is None else str(answer)}
+            )
+    if not rows:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return rows[:limit] if limit > 0 else rows
+
+
+def prompt_path(config, workdir: str) -> str:
+    sc = config.steering
+    if sc.prompts:
+        return sc.prompts
+    if "zoo" in (config.models.base, config.models.distilled):
+        return os.path.join(wd.zoo_data_dir(workdir), "heldout.jsonl")
+    raise ValueError("steering.prompts must name a JSONL file of prompts for real models")
+
+
+def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int) -> None:
+    """Raises ValueError when a prompt plus the generation exceeds the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for i, p in enumerate(prompts):
+        n = len(tokenizer(p)["input_ids"])
+        if n + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {n} tokens; with {max_new_tokens} new tokens it exceeds the "
+                f"model's context of {limit} (shorten it or lower steering.max_new_tokens)"
+            )
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str, int]]:
+    """`sc.samples` continuations of every prompt: [(prompt id, sample, text, tokens)].
+
+    Prompts are left-padded and decoded `sc.batch_size` rows at a time; batch b draws with
+    seed `sc.seed + b` whatever the intervention. Text is cut where `sc.stop` begins.
+    """
+    rows = [(i, s) for i in range(len(prompts)) for s in range(sc.samples)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for b, lo in enumerate(range(0, len(rows), sc.batch_size)):
+            chunk = rows[lo : lo + sc.batch_size]
+            enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            greedy = sc.temperature <= 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sc.seed + b)
+                if device.type == "cuda":
+                    torch.cuda.manual_seed_all(sc.seed + b)
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=sc.max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=None if greedy else sc.temperature,
+                    # Plain temperature sampling, whatever the model's generation_config says.
+                    top_p=None if greedy else 1.0,
+                    top_k=None if greedy else 0,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            texts = tokenizer.batch_decode(
+                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            for (i, s), text in zip(chunk, texts, strict=True):
+                if sc.stop:
+                    text = text.split(sc.stop)[0]
+                n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                out.append((i, s, text, n))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+# --- The stage ------------------------------------------------------------------------------
+
+
+def _fingerprint(config, workdir: str, prompts_file: str, store) -> dict:
+    return {
+        "format": STEERING_FORMAT,
+        "export": common.export_hash(workdir),
+        "steering": config.steering.to_dict(),
+        "norm": config.analysis.norm,
+        "bare_markers": config.analysis.bare_markers,
+        "models": common.digest(config.models.to_dict()),
+        "prompts": common.file_sha(prompts_file),
+        "store": None if store is None else store.manifest.get("fingerprint"),
+    }
+
+
+def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store) -> tuple[dict, np.ndarray]:
+    """({spec: latent ids} of `steering.latents` (see `common`), NRN [h])."""
+    sc = config.steering
+    nrn = common.nrn({"W_dec": xcoder.W_dec.cpu().numpy()}, xcoder.config, config.analysis.norm)
+    counts = None
+    if any(":" in str(s) for s in sc.latents):
+        forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
+        cats = sorted({str(s).split(":")[0] for s in sc.latents if ":" in str(s)})
+        unknown = [c for c in cats if c not in forms]
+        if unknown:
+            raise ValueError(f"unknown categories {unknown} in steering.latents")
+        per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset)
+        counts = dict(zip(cats, per_cat, strict=True))
+    return {str(s): common.select_latents(s, nrn, counts, sc.min_nrn) for s in sc.latents}, nrn
+
+
+def run_steering(config, workdir: str) -> dict:
+    """The steering sweep of `workdir`'s export; returns (and writes) steering/results.json."""
+    sc = config.steering
+    out_dir = wd.stage_dir(workdir, "steering")
+    paths = [os.path.join(out_dir, n) for n in (RESULTS, SAMPLES, FIGURE)]
+    prompts_file = prompt_path(config, workdir)
+    needs_store = any(":" in str(s) for s in sc.latents)
+    store = ActivationStore(wd.activations_dir(workdir), verify=False) if needs_store else None
+    fp = _fingerprint(config, workdir, prompts_file, store)
+    old = common.done(paths[0], fp, paths[1:])
+    if old is not None:
+        return old
+    start = time.time()
+    xcoder = ExportedCrosscoder.load(wd.export_dir(workdir), torch_device(config.models.device))
+    if store is not None:
+        check_pair(store, xcoder.config)
+    roles = common.role_order(xcoder.config)
+    models, tokenizer = common.load_pair(config, workdir, roles)
+    sets, nrn = choose_sets(config, xcoder, tokenizer, store)
+    rows = read_prompts(prompts_file, sc.n_prompts)
+    prompts = [r["prompt"] for r in rows]
+    with_accuracy = all(r["answer"] is not None for r in rows)
+    for role in sc.models:
+        xcoder.check_model(models[roles.index(role)])
+        check_lengths(tokenizer, models[roles.index(role)], prompts, sc.max_new_tokens)
+
+    conditions, lines = [], []
+
+    def run(role: str, spec: str, alpha: float) -> dict:
+        m = roles.index(role)
+        with steer(models[m], xcoder, sets.get(spec, []), alpha, m):
+            outs = sample(models[m], tokenizer, prompts, sc)
+        samples = []
+        for i, s, text, n in outs:
+            answer = rows[i]["answer"] if with_accuracy else None
+            metrics = stats.text_metrics(text, n, answer)
+            samples.append({"prompt_id": i, "metrics": metrics})
+            lines.append(
+                {"model": role, "set": spec, "alpha": alpha, "prompt_id": i, "sample": s}
+                | {"text": text, "metrics": metrics}
+            )
+        return stats.aggregate(samples)
+
+    alphas = sorted({float(a) for a in sc.alphas})
+    for role in sc.models:
+        clean = run(role, "clean", 0.0) if 0.0 in alphas else None
+        for spec, ids in sets.items():
+            for alpha in alphas:
+                metrics = clean if alpha == 0 else run(role, spec, alpha)
+                conditions.append(
+                    {"model": role, "set": spec, "latents": ids, "alpha": alpha}
+                    | {"nrn": [round(float(nrn[i]), 4) for i in ids], "metrics": metrics}
+                )
+    results = {
+        "fingerprint": fp,
+        "prompts": prompts_file,
+        "n_prompts": len(prompts),
+        "samples_per_prompt": sc.samples,
+        "temperature": sc.temperature,
+        "alpha_units": "multiples of the model's mean raw activation norm at block L "
+        "(sqrt(d_model) / scale) along the unit-normalised sum of the latents' decoder rows",
+        "mean_norms": dict(zip(roles, xcoder.mean_norms, strict=True)),
+        "ci": stats.CI_METHOD,
+        "metrics": stats.metric_names(with_accuracy),
+        "sets": sets,
+        "conditions": conditions,
+        "seconds": round(time.time() - start, 1),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    blob = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    atomic_write_bytes(paths[1], lambda f: f.write(blob))
+    plot_steering(results, paths[2])
+    common.write_json(paths[0], results)
+    return json.loads(json.dumps(results))
+
+
+def plot_steering(results: dict, path: str) -> None:
+    """One panel per metric against alpha; one line per (model, latent set), 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["metrics"]
+    cols = 3
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    series: dict[tuple[str, str], list[dict]] = {}
+    for c in results["conditions"]:
+        series.setdefault((c["model"], c["set"]), []).append(c)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for (model, spec), conds in series.items():
+            xs = [c["alpha"] for c in conds]
+            mean = [c["metrics"][name]["mean"] for c in conds]
+            err = [
+                [c["metrics"][name]["mean"] - c["metrics"][name]["lo"] for c in conds],
+                [c["metrics"][name]["hi"] - c["metrics"][name]["mean"] for c in conds],
+            ]
+            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=f"{model} {spec}")
+        ax.set_title(name)
+        ax.set_xlabel("alpha (x mean activation norm)")
+        ax.axvline(0, color="grey", lw=0.5)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Steering at block L: mean and 95% CI over prompts")
+    fig.tight_layout()
+    common.save_figure(fig, path)
+    plt.close(fig)
+
+
+def summarize_steering(results: dict) -> str:
+    """One line: per (model, set), the metric at the lowest and highest alpha."""
+    parts = []
+    series: dict[tuple[str, str], list[dict]] = {}
+    for c in results["conditions"]:
+        series.setdefault((c["model"], c["set"]), []).append(c)
+    for (model, spec), conds in series.items():
+        lo, hi = conds[0], conds[-1]
+        cat = spec.split(":")[0] if ":" in spec else "self_reflection"
+        show = [("tokens", "tokens", "{:.0f}"), (f"{cat}_per_100", f"{cat}/100tok", "{:.2f}")]
+        if "accuracy" in lo["metrics"]:
+            show.append(("accuracy", "acc", "{:.0%}"))
+        mean = lambda c, k, fmt: fmt.format(c["metrics"][k]["mean"])
+        vals = ", ".join(
+            f"{label} {mean(lo, k, fmt)}->{mean(hi, k, fmt)}" for k, label, fmt in show
+        )
+        parts.append(f"{model} {spec} alpha {lo['alpha']:g}->{hi['alpha']:g}: {vals}")
+    return "; ".join(parts) if parts else "no steering conditions"
