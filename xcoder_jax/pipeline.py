@@ -79,6 +79,12 @@ def _train(config, workdir: str) -> str:
     return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
 
 
+def _analyze(config, workdir: str) -> str:
+    from xcoder_jax.analysis import run_analysis, summarize
+
+    return summarize(run_analysis(config, workdir))
+
+
 def _steer(config, workdir: str) -> str:
     from xcoder_jax.steering import run_steering, summarize_steering
 
@@ -106,6 +112,7 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
     ("train", _train),
+    ("analyze", _analyze),
     ("steer", _steer),
     ("ablate", _ablate),
     ("geometry", _geometry),

@@ -1,0 +1,150 @@
+"""Reasoning categories: marker positions in the store, the latents that fire on them, their NRN.
+
+Markers come from `xcoder_jax.lexicon` as token-id sequences. A marker occurrence is
+attributed to its LAST token, where the whole marker has been read (for single-token markers,
+the marker token itself). Following the paper, a latent "fires on" a category when the number
+of the category's occurrences on which it is active exceeds `firing_share` (10%) of the
+largest such count over all latents. The category's NRN distribution is then compared with
+that of all latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from xcoder_jax.analysis.norms import CLASSES, histogram
+from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker, marker_token_ids
+
+
+def marker_rows(
+    tokens: np.ndarray, docs: np.ndarray, seqs: Sequence[tuple[int, ...]], carry: int
+) -> np.ndarray:
+    """Rows where one of `seqs` ends, among the last `len(tokens) - carry` entries.
+
+    tokens, docs: [carry + rows] a shard's tokens and documents preceded by the last `carry`
+    rows of the previous shard, so that a marker split across two shards is still found.
+    Returns indices into the shard (carry excluded), ascending and unique.
+    """
+    hits = [find_marker(tokens, ids, docs) + len(ids) - 1 - carry for ids in seqs]
+    hits = [h[h >= 0] for h in hits]
+    return np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+
+
+@dataclass
+class MarkerGroups:
+    """The groups counted while streaming: one per category, then one per marker form.
+
+    forms: {category: [token-id sequence of each marker form]}; texts: {category: [text of
+    each form]}; groups: the id sequences of every group, categories first.
+    """
+
+    forms: dict[str, list[tuple[int, ...]]]
+    texts: dict[str, list[str]]
+
+    @property
+    def groups(self) -> list[list[tuple[int, ...]]]:
+        cats = [list(self.forms[c]) for c in CATEGORY_NAMES]
+        per_form = [[ids] for c in CATEGORY_NAMES for ids in self.forms[c]]
+        return cats + per_form
+
+    def form_group(self, category: str, j: int) -> int:
+        """Group index of form j of `category`."""
+        before = sum(len(self.forms[c]) for c in CATEGORY_NAMES[: CATEGORY_NAMES.index(category)])
+        return len(CATEGORY_NAMES) + before + j
+
+
+def marker_groups(tokenizer, bare: bool = False) -> MarkerGroups:
+    forms = marker_token_ids(tokenizer, bare=bare)
+    texts = {c: [tokenizer.decode(list(ids)) for ids in seqs] for c, seqs in forms.items()}
+    return MarkerGroups(forms=forms, texts=texts)
+
+
+def firing_latents(counts: np.ndarray, share: float) -> np.ndarray:
+    """Latents whose count exceeds `share` of the largest count [n_latents] -> ids ascending.
+
+    No latent fires on a category whose markers never occur (all counts zero).
+    """
+    top = counts.max(initial=0)
+    if top <= 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(counts > share * top)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def category_stats(
+    groups: MarkerGroups,
+    group_rows: np.ndarray,
+    group_fire: np.ndarray,
+    group_act: np.ndarray,
+    fire_count: np.ndarray,
+    nrn: np.ndarray,
+    classes: np.ndarray,
+    firing_share: float,
+    top_n: int,
+    nrn_bins: int,
+) -> tuple[dict, dict[int, list[str]]]:
+    """Per-category summary and each latent's category tags.
+
+    group_rows [G], group_fire [G, h], group_act [G, h]: from `stream.scan_store` with
+    `groups.groups`; fire_count [h]: firing rows over the whole store; nrn, classes [h].
+    Top latents are the firing latents ranked by the share of their firings that land on
+    the category's markers (how specific they are), then by activation on the markers.
+    """
+    all_mean = float(nrn.mean())
+    tags: dict[int, list[str]] = {}
+    out = {}
+    for c, cat in enumerate(CATEGORY_NAMES):
+        occ = int(group_rows[c])
+        fire = group_fire[c]
+        ids = firing_latents(fire, firing_share)
+        for i in ids:
+            tags.setdefault(int(i), []).append(cat)
+        markers = {}
+        for j, (ids_j, text) in enumerate(zip(groups.forms[cat], groups.texts[cat])):
+            g = groups.form_group(cat, j)
+            f_ids = firing_latents(group_fire[g], firing_share)
+            markers[text] = {
+                "token_ids": list(ids_j),
+                "occurrences": int(group_rows[g]),
+                "n_firing_latents": len(f_ids),
+                "mean_nrn": _mean(nrn[f_ids]),
+            }
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share_on = np.where(fire_count > 0, fire / np.maximum(fire_count, 1), 0.0)
+        order = sorted(ids.tolist(), key=lambda i: (-share_on[i], -group_act[c, i]))
+        top = [
+            {
+                "id": int(i),
+                "nrn": round(float(nrn[i]), 4),
+                "class": CLASSES[classes[i]],
+                "fire_rate": round(float(fire[i] / max(occ, 1)), 4),
+                "marker_share": round(float(share_on[i]), 4),
+                "mean_act": round(float(group_act[c, i] / max(occ, 1)), 4),
+            }
+            for i in order[:top_n]
+        ]
+        mean_f = _mean(nrn[ids])
+        out[cat] = {
+            "markers": markers,
+            "occurrences": occ,
+            "max_count": int(fire.max(initial=0)),
+            "threshold_count": float(firing_share * fire.max(initial=0)),
+            "n_firing_latents": len(ids),
+            "firing_latents": ids.tolist(),
+            "firing_nrn": [round(float(v), 4) for v in nrn[ids]],
+            "mean_nrn": mean_f,
+            "mean_nrn_all": all_mean,
+            "nrn_gap": None if mean_f is None else mean_f - all_mean,
+            "class_counts": {
+                name: int((classes[ids] == k).sum()) for k, name in enumerate(CLASSES)
+            },
+            "nrn_hist": histogram(nrn[ids], nrn_bins),
+            "top_latents": top,
+        }
+    return out, tags

@@ -1,0 +1,74 @@
+"""Relative decoder norms: which latents belong to the base model, the distilled one, or both.
+
+For latent i with decoder rows W_dec[i, base] and W_dec[i, distilled] (NORMALISED units, as
+the crosscoder was trained; see `checkpoint.normalised_decoder`),
+
+    r_i   = ||W_dec[i, distilled]||_p / ||W_dec[i, base]||_p      (p = 1 by default, the paper's)
+    NRN_i = r_i / (1 + r_i) = n_dist / (n_base + n_dist)
+
+so NRN 0 is base-only, 0.5 shared, 1 distilled-only. The second form needs no division by a
+zero base norm; a latent with both rows zero gets NRN 0.5 (it says nothing either way).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASSES = ("base_only", "shared", "distilled_only")
+
+
+def decoder_norms(w_dec: np.ndarray, kind: str = "l1") -> np.ndarray:
+    """Per-latent, per-model norm of the decoder rows.
+
+    w_dec: [n_latents, n_models, d_model] (normalised units). Returns [n_latents, n_models].
+    """
+    if kind == "l1":
+        return np.abs(w_dec).sum(-1, dtype=np.float64)
+    if kind == "l2":
+        return np.sqrt(np.square(w_dec, dtype=np.float64).sum(-1))
+    raise ValueError(f"unknown decoder norm {kind!r} (l1, l2)")
+
+
+def relative_norms(norms: np.ndarray, base: int = 0, distilled: int = 1) -> np.ndarray:
+    """NRN [n_latents] from decoder norms [n_latents, n_models]."""
+    nb, nd = norms[:, base], norms[:, distilled]
+    total = nb + nd
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nrn = np.where(total > 0, nd / total, 0.5)
+    return nrn.astype(np.float64)
+
+
+def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -> np.ndarray:
+    """Class index per latent [n_latents] int8: 0 base-only, 1 shared, 2 distilled-only.
+
+    Base-only: NRN < `base_only_max`; distilled-only: NRN > `distilled_only_min`; the rest
+    is shared. Names are `CLASSES[index]`.
+    """
+    if not 0.0 <= base_only_max < distilled_only_min <= 1.0:
+        raise ValueError(
+            f"NRN bands must satisfy 0 <= base_only_max < distilled_only_min <= 1, got "
+            f"{base_only_max} and {distilled_only_min}"
+        )
+    out = np.ones(len(nrn), np.int8)
+    out[nrn < base_only_max] = 0
+    out[nrn > distilled_only_min] = 2
+    return out
+
+
+def decoder_cosine(w_dec: np.ndarray, base: int = 0, distilled: int = 1) -> np.ndarray:
+    """Cosine similarity of each latent's two decoder rows [n_latents] (0 where one is zero).
+
+    Invariant to the per-model normalisation scales, so raw or normalised W_dec give the same.
+    """
+    a = w_dec[:, base].astype(np.float64)
+    b = w_dec[:, distilled].astype(np.float64)
+    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    dot = (a * b).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, dot / denom, 0.0)
+
+
+def histogram(values: np.ndarray, bins: int, lo: float = 0.0, hi: float = 1.0) -> dict:
+    """{"edges": [bins + 1], "counts": [bins]} of `values` over [lo, hi] (JSON-ready)."""
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}

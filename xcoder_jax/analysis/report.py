@@ -1,0 +1,329 @@
+"""analysis/report.html: one self-contained page (figures inline as base64 PNG, no scripts).
+
+Figures come from matplotlib's Agg backend: the NRN histogram, NRN of each reasoning
+category's latents beside all latents, the decoder cosine of shared latents, and the
+training curves of metrics.jsonl. Tables list the headline numbers, the categories, splice-in
+CE, latent scaling, and the top distilled-only and base-only latents with their
+max-activating contexts (firing token highlighted). Every piece of text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+from xcoder_jax.activations.manifest import atomic_write_bytes  # noqa: E402
+
+COLORS = {"base_only": "#1f77b4", "shared": "#7f7f7f", "distilled_only": "#d62728"}
+E = html.escape
+
+
+# --- Figures -----------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bars(ax, hist: dict, **kw) -> None:
+    edges = np.asarray(hist["edges"])
+    ax.stairs(hist["counts"], edges, fill=True, **kw)
+
+
+def fig_nrn(summary: dict) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    _bars(ax, summary["nrn_hist"], color="#4c72b0", alpha=0.85, label="all latents")
+    b = summary["bands"]
+    for x in (b["base_only_max"], b["distilled_only_min"]):
+        ax.axvline(x, color="k", ls=":", lw=1)
+    ax.axvline(summary["mean_nrn"], color="#d62728", lw=1.5, label="mean")
+    # Exclusive latents are a small minority: a log count axis keeps them visible.
+    ax.set_yscale("symlog", linthresh=1)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("NRN  (0 base-only · 0.5 shared · 1 distilled-only)")
+    ax.set_ylabel("latents")
+    norm, n = summary["norm"].upper(), summary["n_latents"]
+    ax.set_title(f"Relative decoder norms ({norm}), {n} latents")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
+def fig_categories(summary: dict) -> str:
+    """Per category: share of latents per NRN bin, firing latents (red, one tick each)
+    against all latents (grey); the last panel compares the means."""
+    names = list(summary["categories"])
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6))
+    edges = np.linspace(0.0, 1.0, 11)  # coarse bins: a category has few firing latents
+    all_counts = _rebin(summary["nrn_hist"], edges)
+    for ax, name in zip(axes.flat, names):
+        c = summary["categories"][name]
+        ax.stairs(all_counts / max(all_counts.sum(), 1), edges, fill=True, color="#cccccc",
+                  label=f"all latents ({summary['n_latents']})")  # fmt: skip
+        firing = np.asarray(c.get("firing_nrn", []), float)
+        if len(firing):
+            counts, _ = np.histogram(np.clip(firing, 0, 1), bins=edges)
+            ax.stairs(counts / len(firing), edges, color="#d62728", lw=1.5,
+                      label=f"firing ({len(firing)})")  # fmt: skip
+            ax.plot(firing, np.full(len(firing), -0.03), "|", color="#d62728", ms=8)
+            ax.axvline(c["mean_nrn"], color="#d62728", ls="--", lw=1)
+        ax.axvline(summary["mean_nrn"], color="k", ls=":", lw=1)
+        ax.set_title(f"{name} ({c['occurrences']} occurrences)", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.06, 1.0)
+        ax.set_ylabel("share of latents", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(frameon=False, fontsize=7, loc="upper left")
+    ax = axes.flat[len(names)] if len(names) < axes.size else None
+    if ax is not None:
+        means = [summary["categories"][n]["mean_nrn"] for n in names]
+        y = np.arange(len(names))
+        ax.barh(y, [m if m is not None else 0 for m in means], color="#d62728", alpha=0.8)
+        for yi, m in zip(y, means):
+            ax.text(0.02, yi, "none fire" if m is None else f"{m:.3f}", va="center", fontsize=7)
+        ax.axvline(summary["mean_nrn"], color="k", ls=":", lw=1, label="all latents")
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_title("mean NRN of firing latents", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+    for extra in list(axes.flat)[len(names) + 1 :]:
+        extra.set_visible(False)
+    fig.supxlabel("NRN", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _rebin(hist: dict, edges: np.ndarray) -> np.ndarray:
+    """Counts of a fine histogram summed into coarser `edges` (by bin centre)."""
+    fine = np.asarray(hist["edges"])
+    centres = (fine[:-1] + fine[1:]) / 2
+    idx = np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(idx, weights=np.asarray(hist["counts"], float), minlength=len(edges) - 1)
+
+
+def fig_cosine(summary: dict) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    _bars(ax, summary["cosine_shared"]["hist"], color="#7f7f7f")
+    ax.set_xlabel("cosine(W_dec[i, base], W_dec[i, distilled])")
+    ax.set_ylabel("shared latents")
+    ax.set_title("Decoder directions of shared latents")
+    return _png(fig)
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fig_training(records: list[dict]) -> str | None:
+    if not records:
+        return None
+    step = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.8))
+    axes[0].plot(step, [r["loss"] for r in records], label="loss")
+    axes[0].plot(step, [r.get("mse", np.nan) for r in records], label="mse")
+    axes[0].set_yscale("log")
+    fve = np.asarray([r.get("fve", [np.nan, np.nan]) for r in records], float)
+    for m, name in enumerate(("base", "distilled")[: fve.shape[1]]):
+        axes[1].plot(step, fve[:, m], label=name)
+    ev = [(r["step"], r["eval_fve"]) for r in records if "eval_fve" in r]
+    if ev:
+        es, evf = zip(*ev)
+        evf = np.asarray(evf, float)
+        for m in range(evf.shape[1]):
+            axes[1].plot(es, evf[:, m], "o", ms=4, color=f"C{m}")
+    axes[1].set_ylim(max(0.0, np.nanmin(fve) - 0.05) if np.isfinite(fve).any() else 0, 1)
+    axes[2].plot(step, [r.get("l0", np.nan) for r in records])
+    axes[3].plot(step, [r.get("dead_fraction", np.nan) for r in records])
+    titles = ("loss (train)", "FVE (train; dots held-out)", "L0", "dead fraction")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(frameon=False, fontsize=7)
+    axes[1].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --- HTML --------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;font-size:14px}
+h1{font-size:22px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 7px;
+vertical-align:top;text-align:left} th{background:#f4f4f4} td.n{text-align:right}
+.ctx{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;display:block;
+margin:2px 0;color:#444} mark{background:#ffd54f;color:#000;padding:0 1px}
+.muted{color:#888;font-size:12px} img{max-width:100%} .doc0{color:#999}
+"""
+
+
+def _fmt(v, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return E(str(v))
+
+
+def _table(header: list[str] | None, rows: list[list[str]]) -> str:
+    """Cells are HTML already (escaped by the caller); header names are escaped here."""
+    head = "<tr>" + "".join(f"<th>{E(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _context(e: dict, first_position: int = 1) -> str:
+    show = lambda s: E(s.replace("\n", "\u21b5 "))
+    note = "[doc start; position 0 not stored] " if first_position > 0 else "[doc start] "
+    start = f'<span class="doc0">{note}</span>' if e["doc_start"] else ""
+    return (
+        f'<span class="ctx">{start}{show(e["left"])}<mark>{show(e["token"])}</mark>'
+        f'{show(e["right"])} <span class="muted">({e["activation"]:.3g}, doc {e["doc"]} '
+        f"pos {e['position']})</span></span>"
+    )
+
+
+def _latent_table(ids: list[int], kept: dict[int, dict], n_examples: int, first: int) -> str:
+    rows = _latent_rows(ids, kept, n_examples, first)
+    if not rows:
+        return "<p class='muted'>none (no latent of this class fires on held-out rows)</p>"
+    head = ["id", "NRN", "freq", "cos", "scaling ratio", "label / categories", "top examples"]
+    return _table(head, rows)
+
+
+def _latent_rows(
+    ids: list[int], kept: dict[int, dict], n_examples: int, first: int
+) -> list[list[str]]:
+    rows = []
+    for i in ids:
+        line = kept.get(i)
+        if line is None:
+            continue
+        sc = line.get("scaling") or {}
+        rows.append(
+            [
+                str(i),
+                _fmt(line["nrn"]),
+                _fmt(line["firing_freq"], 4),
+                _fmt(line["cosine"]),
+                _fmt(sc.get("ratio_error")),
+                E(line["label"]) + "<br><span class='muted'>" + E(", ".join(line["categories"]))
+                + "</span>",
+                "".join(_context(e, first) for e in line["top_examples"][:n_examples]),
+            ]
+        )  # fmt: skip
+    return rows
+
+
+def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | None]) -> str:
+    s = summary
+    img = lambda k, alt: (
+        f'<img alt="{E(alt)}" src="data:image/png;base64,{figures[k]}">' if figures.get(k) else ""
+    )
+    models = ", ".join(f"{m.get('role')}: {m.get('source')}" for m in s.get("models") or [])
+    head = [
+        ["models", E(models)],
+        ["layer / d_model / latents", f"{s['layer']} / {s['d_model']} / {s['n_latents']}"],
+        ["loss", E(str(s.get("loss")))],
+        ["FVE (held-out, base / distilled)", " / ".join(_fmt(v) for v in s["fve"])],
+        ["L0 (held-out)", _fmt(s["l0"], 1)],
+        ["dead fraction (held-out)", _fmt(s["dead_fraction"])],
+        ["tokens trained / distinct",
+         f"{s.get('tokens_trained')} / {s.get('distinct_tokens_trained')}"],
+        ["base-only / shared / distilled-only",
+         f"{s['n_base_only']} / {s['n_shared']} / {s['n_distilled_only']}"],
+        ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
+    ]  # fmt: skip
+    cat_rows = []
+    for name, c in s["categories"].items():
+        markers = "<br>".join(
+            f"{E(repr(t))} {E(str(m['token_ids']))}: {m['occurrences']}"
+            for t, m in c["markers"].items()
+        )
+        top = "<br>".join(
+            f"#{t['id']} NRN {t['nrn']:.2f} {E(t.get('label', ''))}" for t in c["top_latents"][:5]
+        )
+        gap = c.get("nrn_gap")
+        cat_rows.append([E(name), markers, str(c["occurrences"]), str(c["n_firing_latents"]),
+                         _fmt(c["mean_nrn"]), _fmt(gap), top])  # fmt: skip
+    sp = s.get("splice", {})
+    if "skipped" in sp:
+        splice_html = f"<p class='muted'>skipped: {E(sp['skipped'])}</p>"
+    else:
+        splice_html = _table(
+            ["model", "clean CE", "spliced CE", "zero-ablation CE", "fraction recovered", "tokens"],
+            [[E(r), _fmt(v["clean_ce"]), _fmt(v["spliced_ce"]), _fmt(v["zero_ce"]),
+              _fmt(v["fraction_recovered"]), str(v["tokens"])] for r, v in sp.items()],
+        )  # fmt: skip
+    sc_rows = []
+    for cls in ("distilled_only", "base_only"):
+        for target in ("error", "activation"):
+            q = s["scaling"][cls][target]
+            sc_rows.append([E(cls), E(target), str(q.get("n_fitted", 0)), _fmt(q.get("median")),
+                            _fmt(q.get("p10")), _fmt(q.get("p90")),
+                            str(q.get("n_false_exclusive", "–"))])  # fmt: skip
+    cat_head = ["category", "markers (ids): occurrences", "occurrences", "firing latents",
+                "mean NRN", "vs all", "top latents"]  # fmt: skip
+    n_ex = 3
+    first = int(s.get("first_position", 1))
+    training = img("training", "training curves") or "<p class='muted'>no metrics.jsonl</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Crosscoder analysis</title>
+<style>{CSS}</style></head><body>
+<h1>Crosscoder analysis: base vs distilled</h1>
+<p class="muted">{E(s.get("workdir", ""))}</p>
+{_table(None, [[E(k), v] for k, v in head])}
+<h2>Shared vs exclusive latents</h2>
+{img("nrn", "NRN histogram")}
+{img("cosine", "cosine histogram")}
+<h2>Reasoning categories</h2>
+<p>Latents active on more than {s.get("firing_share", 0.1):.0%} of the largest number of a
+category's marker occurrences any latent is active on (a marker counts at its last token);
+their NRN against all latents (mean {_fmt(s["mean_nrn"])}).</p>
+{_table(cat_head, cat_rows)}
+{img("categories", "NRN per category")}
+<h2>Splice-in (held-out documents)</h2>
+{splice_html}
+<h2>Latent scaling of exclusive latents</h2>
+<p>Ratio of the other model's beta to the owning model's (near 0: truly exclusive; at or
+above {_fmt(s["scaling"]["false_ratio"], 2)}: flagged as falsely exclusive).</p>
+{_table(["class", "target", "fitted", "median ratio", "p10", "p90", "flagged"], sc_rows)}
+<h2>Top distilled-only latents</h2>
+{_latent_table(s["top_distilled_only"], kept, n_ex, first)}
+<h2>Top base-only latents</h2>
+{_latent_table(s["top_base_only"], kept, n_ex, first)}
+<h2>Training</h2>
+{training}
+</body></html>
+"""
+
+
+def write_report(
+    path: str, summary: dict, kept: dict[int, dict], metrics: str, workdir: str = ""
+) -> None:
+    """Renders the figures and writes the page atomically."""
+    figures = {
+        "nrn": fig_nrn(summary),
+        "categories": fig_categories(summary),
+        "cosine": fig_cosine(summary),
+        "training": fig_training(read_metrics(metrics)),
+    }
+    page = render_html({**summary, "workdir": workdir}, kept, figures)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write_bytes(path, lambda f: f.write(page.encode("utf-8")))

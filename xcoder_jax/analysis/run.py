@@ -1,0 +1,331 @@
+"""The analysis stage: `run_analysis(config, workdir)` reads the export and the store, writes
+analysis/summary.json, analysis/latents.jsonl and analysis/report.html.
+
+Order: check that export and store belong together; relative decoder norms (from the
+decoder alone); one streaming pass over the store (`stream.scan_store`); reasoning
+categories; latent scaling; per-latent lines with examples; splice-in CE in the HF models;
+the report; summary.json last. A workdir whose summary.json records the same export, store
+and analysis settings is left as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore
+from xcoder_jax.activations import manifest as mf
+from xcoder_jax.activations import models as pair
+from xcoder_jax.analysis import categories as cats
+from xcoder_jax.analysis import norms, report, scaling, splice
+from xcoder_jax.analysis.latents import LatentTable, write_latents
+from xcoder_jax.analysis.stream import Encoder, scan_store
+from xcoder_jax.train import split_shards
+
+ANALYSIS_FORMAT = 1  # bump when the outputs change meaning, to redo old analyses
+SUMMARY, LATENTS, REPORT = "summary.json", "latents.jsonl", "report.html"
+
+
+# --- Inputs ------------------------------------------------------------------------------
+
+
+def _role_index(models: list[dict]) -> tuple[int, int]:
+    roles = [m.get("role") for m in models]
+    if "base" in roles and "distilled" in roles:
+        return roles.index("base"), roles.index("distilled")
+    return 0, 1
+
+
+def check_pair(store: ActivationStore, export_config: dict) -> None:
+    """Raises ExportError unless the export was trained on a store like this one."""
+    man = store.manifest
+    problems = []
+    for key, have in (("layer", store.layer), ("d_model", store.d_model)):
+        if export_config.get(key) != have:
+            problems.append(f"{key}: export {export_config.get(key)}, store {have}")
+    if export_config.get("n_models", store.n_models) != store.n_models:
+        problems.append(f"n_models: export {export_config['n_models']}, store {store.n_models}")
+    if export_config.get("tokenizer_sha256") != man.get("tokenizer_sha256"):
+        problems.append("tokenizer: export and store were made with different tokenizers")
+    ident = lambda ms: [(m.get("role"), m.get("source"), m.get("weights")) for m in ms or []]
+    if ident(export_config.get("models")) != ident(man.get("models")):
+        problems.append(
+            f"models: export {ident(export_config.get('models'))}, store {ident(man.get('models'))}"
+        )
+    if problems:
+        raise ckpt.ExportError(
+            "the export and the activation store come from different models or sites: "
+            + "; ".join(problems)
+        )
+
+
+def _sha256(path: str) -> str:
+    return mf.sha256_file(path)
+
+
+def fingerprint(config, workdir: str, store: ActivationStore) -> dict:
+    """What the analysis depends on: the export files, the store, the analysis settings."""
+    ed = wd.export_dir(workdir)
+    data = json.dumps(config.data.to_dict(), sort_keys=True, default=str)
+    return {
+        "format": ANALYSIS_FORMAT,
+        "export_sha256": _sha256(os.path.join(ed, ckpt.EXPORT_WEIGHTS)),
+        "export_config_sha256": _sha256(os.path.join(ed, ckpt.EXPORT_CONFIG)),
+        "store": {"n_rows": store.n_rows, "fingerprint": store.manifest.get("fingerprint")},
+        "analysis": config.analysis.to_dict(),
+        "eval_shards": int(config.train.eval_shards),
+        "data_sha256": hashlib.sha256(data.encode()).hexdigest(),
+    }
+
+
+def _done(directory: str, fp: dict) -> dict | None:
+    path = os.path.join(directory, SUMMARY)
+    if not all(os.path.exists(os.path.join(directory, n)) for n in (SUMMARY, LATENTS, REPORT)):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("fingerprint") == json.loads(json.dumps(fp)) else None
+
+
+# --- The stage ---------------------------------------------------------------------------
+
+
+def run_analysis(config, workdir: str, progress: bool = True) -> dict:
+    """Analyses `workdir`'s export over its store; returns the summary (see DESIGN.md)."""
+    ac = config.analysis
+    out_dir = wd.stage_dir(workdir, "analysis")
+    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
+    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
+    check_pair(store, export_config)
+    fp = fingerprint(config, workdir, store)
+    done = _done(out_dir, fp)
+    if done is not None:
+        return done
+    start = time.time()
+    path, rev = pair.model_source(config, workdir, "base")
+    tokenizer = pair.load_tokenizer(path, rev)
+    if pair.tokenizer_fingerprint(tokenizer) != store.manifest.get("tokenizer_sha256"):
+        raise pair.PairError(f"the tokenizer of {path} is not the one the store was made with")
+    _, heldout = split_shards(store, config.train.eval_shards)
+    summary, kept = analyze(
+        store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress
+    )
+
+    if ac.splice_docs > 0:
+        summary["splice"] = _splice(config, workdir, store, tensors, heldout, tokenizer)
+    else:
+        summary["splice"] = {"skipped": "analysis.splice_docs is 0"}
+    summary["fingerprint"] = fp
+    summary["seconds"] = round(time.time() - start, 1)
+    report.write_report(
+        os.path.join(out_dir, REPORT), summary, kept, wd.metrics_path(workdir), workdir
+    )
+    mf.atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
+    return json.loads(json.dumps(summary))
+
+
+def analyze(
+    store, tensors, export_config, ac, heldout, tokenizer, out_dir: str, progress: bool = True
+) -> tuple[dict, dict[int, dict]]:
+    """Everything but splice-in and the report: returns (summary, kept latent lines) and
+    writes latents.jsonl. Usable on any store/export pair (the benchmark calls it)."""
+    base, dist = _role_index(export_config.get("models") or store.manifest.get("models"))
+    w_norm = ckpt.normalised_decoder(tensors, export_config)  # [h, m, d] normalised
+    n_l1 = norms.decoder_norms(w_norm, "l1")
+    n_l2 = norms.decoder_norms(w_norm, "l2")
+    nrn = norms.relative_norms(norms.decoder_norms(w_norm, ac.norm), base, dist)
+    classes = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min)
+    cosine = norms.decoder_cosine(w_norm, base, dist)
+    h = len(nrn)
+
+    groups = cats.marker_groups(tokenizer, bare=ac.bare_markers)
+    encoder = Encoder(tensors)
+    exclusive = np.flatnonzero(classes != 1)
+    # The most extreme exclusive latents get a latent-scaling fit (bounded work per row).
+    exclusive = exclusive[np.argsort(-np.abs(nrn[exclusive] - 0.5), kind="stable")]
+    exclusive = np.sort(exclusive[: ac.scaling_max_latents])
+    owner = np.where(classes[exclusive] == 2, dist, base)
+    scales = np.asarray(export_config["scales"], np.float32)
+    fitter = scaling.LatentScaling(
+        exclusive, owner, w_norm, tensors["b_dec"] * scales[:, None], scales
+    )
+    # Without a held-out slice (train.eval_shards = 0) frequencies come from the whole store.
+    heldout = list(heldout) or list(range(len(store.shards)))
+    scan = scan_store(
+        store,
+        encoder,
+        groups.groups,
+        set(heldout),
+        ac.top_k_examples,
+        ac.batch_rows,
+        scaling=fitter,
+        progress=progress,
+    )
+    freq_held = scan.fire_heldout / max(scan.heldout_rows, 1)
+    freq_store = scan.fire_count / max(store.n_rows, 1)
+    alive = scan.fire_heldout > 0
+
+    categories, tags = cats.category_stats(
+        groups,
+        scan.group_rows,
+        scan.group_fire,
+        scan.group_act,
+        scan.fire_count,
+        nrn,
+        classes,
+        ac.firing_share,
+        ac.top_latents,
+        ac.nrn_bins,
+    )
+    fits = fitter.result(ac.scaling_min_rows)
+    scaling_lines, scaling_summary = _scaling(exclusive, owner, classes, fits, dist, ac)
+
+    # Report tables: the most exclusive latents that fire on held-out rows.
+    live = lambda ids: ids[alive[ids]]
+    order_d = np.lexsort((-scan.fire_count, -nrn))
+    order_b = np.lexsort((-scan.fire_count, nrn))
+    top_d = live(order_d[classes[order_d] == 2])[: ac.top_latents]
+    top_b = live(order_b[classes[order_b] == 0])[: ac.top_latents]
+    keep = set(top_d.tolist()) | set(top_b.tolist())
+    for c in categories.values():
+        keep |= {t["id"] for t in c["top_latents"]}
+
+    table = LatentTable(
+        nrn, classes, n_l1, n_l2, cosine, freq_held, freq_store, tags, scaling_lines
+    )
+    labels, kept = write_latents(
+        os.path.join(out_dir, LATENTS),
+        store,
+        table,
+        scan.top_values,
+        scan.top_rows,
+        groups.forms,
+        tokenizer,
+        ac.context_before,
+        ac.context_after,
+        keep,
+        ac.label_min_share,
+    )
+    for c in categories.values():
+        for t in c["top_latents"]:
+            t["label"] = labels[t["id"]]
+            # The firing token in [[...]], for reading the summary without the report.
+            t["examples"] = [
+                f"{e['left'][-60:]}[[{e['token']}]]{e['right']}"
+                for e in kept[t["id"]]["top_examples"][:3]
+            ]
+
+    shared = classes == 1
+    total_var = store.total_variance
+    fve = 1.0 - scan.sq_err / (max(scan.heldout_rows, 1) * total_var)
+    n_class = lambda mask: {n: int((classes[mask] == k).sum()) for k, n in enumerate(CLASS_KEYS)}
+    summary = {
+        "models": export_config.get("models"),
+        "roles": {"base": base, "distilled": dist},
+        "layer": store.layer,
+        "d_model": store.d_model,
+        "n_latents": h,
+        "loss": export_config.get("loss"),
+        "store_rows": store.n_rows,
+        "first_position": int(store.manifest.get("first_position", 1)),
+        "heldout_shards": heldout,
+        "heldout_rows": scan.heldout_rows,
+        "skipped_rows": scan.skipped_rows,
+        "fve": [float(v) for v in fve],
+        "l0": scan.l0_sum / max(scan.heldout_rows, 1),
+        "dead_fraction": float(1.0 - alive.mean()),
+        "export_eval": export_config.get("eval"),
+        "tokens_trained": export_config.get("tokens_trained"),
+        "distinct_tokens_trained": export_config.get("distinct_tokens_trained"),
+        "norm": ac.norm,
+        "bands": {"base_only_max": ac.base_only_max, "distilled_only_min": ac.distilled_only_min},
+        "nrn_hist": norms.histogram(nrn, ac.nrn_bins),
+        **{f"n_{k}": v for k, v in n_class(np.ones(h, bool)).items()},
+        "alive": {"n": int(alive.sum()), **n_class(alive)},
+        "mean_nrn": float(nrn.mean()),
+        "mean_nrn_alive": float(nrn[alive].mean()) if alive.any() else None,
+        "cosine_shared": {
+            "mean": float(cosine[shared].mean()) if shared.any() else None,
+            "median": float(np.median(cosine[shared])) if shared.any() else None,
+            "hist": norms.histogram(cosine[shared], 40, -1.0, 1.0),
+        },
+        "firing_share": ac.firing_share,
+        "categories": categories,
+        "scaling": scaling_summary,
+        "top_distilled_only": top_d.tolist(),
+        "top_base_only": top_b.tolist(),
+    }
+    return summary, kept
+
+
+CLASS_KEYS = norms.CLASSES
+
+
+def _scaling(exclusive, owner, classes, fits, dist, ac) -> tuple[dict[int, dict], dict]:
+    """Per-latent scaling lines and the summary per exclusive class and target."""
+    lines = {}
+    ratio = {t: scaling.ratios(fits[f"beta_{t}"], owner) for t in ("activation", "error")}
+    for j, i in enumerate(exclusive):
+        clean = lambda v: None if not np.isfinite(v) else round(float(v), 5)
+        lines[int(i)] = {
+            "owner": "distilled" if owner[j] == dist else "base",
+            "beta_activation": [clean(v) for v in fits["beta_activation"][j]],
+            "beta_error": [clean(v) for v in fits["beta_error"][j]],
+            "ratio_activation": clean(ratio["activation"][j]),
+            "ratio_error": clean(ratio["error"][j]),
+            "rows": int(fits["rows"][j]),
+        }
+    summary = {
+        "false_ratio": ac.scaling_false_ratio,
+        "ratio": "beta of the other model / beta of the owning model",
+    }
+    for k, name in ((2, "distilled_only"), (0, "base_only")):
+        sel = classes[exclusive] == k
+        summary[name] = {t: scaling.summarise(ratio[t][sel], ac.scaling_false_ratio) for t in ratio}
+        summary[name]["n_latents"] = int(sel.sum())
+    return lines, summary
+
+
+def _splice(config, workdir, store, tensors, heldout, tokenizer) -> dict:
+    ac = config.analysis
+    stored, n_cut = splice.heldout_documents(store, heldout, ac.splice_docs)
+    if not stored:
+        return {"skipped": "the held-out shards hold no document"}
+    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
+    device = pair.torch_device(config.models.device)
+    base, dist = _role_index(store.manifest.get("models"))
+    roles = ["base", "distilled"] if base == 0 else ["distilled", "base"]
+    models = []
+    for role in roles:  # in the crosscoder's model order
+        path, rev = pair.model_source(config, workdir, role)
+        models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
+    encoder = Encoder(tensors).to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = splice.splice_ce(
+        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles
+    )
+    for role in out.values():
+        role["docs_partly_trained"] = n_cut
+    return out
+
+
+def summarize(summary: dict) -> str:
+    """One line for the pipeline's final screen."""
+    parts = [
+        f"NRN mean {summary['mean_nrn']:.3f}: {summary['n_base_only']} base-only / "
+        f"{summary['n_shared']} shared / {summary['n_distilled_only']} distilled-only"
+    ]
+    sr = summary.get("categories", {}).get("self_reflection", {})
+    if sr.get("mean_nrn") is not None:
+        parts.append(f"self-reflection latents NRN {sr['mean_nrn']:.3f}")
+    sp = summary.get("splice", {})
+    rec = [sp[r]["fraction_recovered"] for r in ("base", "distilled") if r in sp]
+    if rec and all(r is not None for r in rec):
+        parts.append("splice-in CE recovered " + " / ".join(f"{r:.0%}" for r in rec))
+    return "; ".join(parts)
