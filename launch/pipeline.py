@@ -3,10 +3,13 @@ r"""The main job: every stage of the study on one config, resumable.
 python launch/pipeline.py --config=configs/tiny.py --workdir=runs/tiny
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xcoder_jax import pipeline
+from xcoder_jax import workdir as wd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -19,6 +22,9 @@ def main(argv):
     print("\nSummary of", _WORKDIR.value)
     for stage, line in summary.items():
         print(f"  {stage:<10} {line}")
+    report = os.path.join(wd.stage_dir(_WORKDIR.value, "analysis"), "report.html")
+    if os.path.exists(report):
+        print(f"\nReport: {report}")
 
 
 if __name__ == "__main__":
