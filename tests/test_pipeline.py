@@ -86,3 +86,21 @@ def test_full_disk_names_the_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "STAGES", [("extract", full)])
     with pytest.raises(pipeline.PipelineError, match="stage extract: the disk holding .* is full"):
         pipeline.run(_end_to_end_config(), str(tmp_path))
+
+
+def test_readme_python_example_runs(run, capsys):
+    """The README's "Use it from Python" block, run as written on this workdir."""
+    import re
+
+    _, workdir, _ = run
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    section = readme.split("## Use it from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'workdir = "runs/tiny"' in code
+    namespace = {}
+    exec(code.replace('workdir = "runs/tiny"', f"workdir = {workdir!r}"), namespace)
+    assert namespace["tensors"]["W_dec"].shape == (64, 2, 32)
+    assert namespace["out"].shape[1] > namespace["ids"].shape[1]
+    layer = namespace["config"]["layer"]
+    assert not namespace["model"].model.layers[layer]._forward_pre_hooks  # hook removed
+    assert "block 1 trained on" in capsys.readouterr().out

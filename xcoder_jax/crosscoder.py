@@ -62,7 +62,10 @@ class Crosscoder(nnx.Module):
     def pre_acts(self, x: jax.Array) -> jax.Array:
         """x: [batch, n_models, d_model] (normalised) -> [batch, n_latents], float32."""
         x, w = self._cast(x, self.W_enc[...])
-        pre = jnp.einsum("bmd,mdh->bh", x, w, preferred_element_type=jnp.float32)
+        # One [batch, m*d] x [m*d, h] GEMM: XLA lowers the equivalent einsum to a batched
+        # dot plus a sum over models, measured ~15% slower on CPU.
+        m, d, h = w.shape
+        pre = jnp.dot(x.reshape(-1, m * d), w.reshape(m * d, h), preferred_element_type=jnp.float32)
         return pre + self.b_enc[...].astype(jnp.float32)
 
     def decoder_norms(self) -> jax.Array:
@@ -84,8 +87,9 @@ class Crosscoder(nnx.Module):
     def decode(self, f: jax.Array) -> jax.Array:
         """f: [batch, n_latents] -> x_hat [batch, n_models, d_model] (normalised)."""
         f, w = self._cast(f, self.W_dec[...])
-        out = jnp.einsum("bh,hmd->bmd", f, w, preferred_element_type=jnp.float32)
-        return out + self.b_dec[...].astype(jnp.float32)
+        h, m, d = w.shape
+        out = jnp.dot(f, w.reshape(h, m * d), preferred_element_type=jnp.float32)
+        return out.reshape(-1, m, d) + self.b_dec[...].astype(jnp.float32)
 
     def __call__(self, x: jax.Array, kind: str = "l1") -> jax.Array:
         return self.decode(self.encode(x, kind))
