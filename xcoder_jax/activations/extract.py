@@ -99,6 +99,15 @@ def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict
     }
 
 
+def _to_store_dtype(hidden: torch.Tensor, dtype: str) -> np.ndarray:
+    """Rounds to the store's dtype on the model's device (half the bytes to move and buffer;
+    torch and ml_dtypes both round to nearest even, so the values are those np would give)."""
+    if dtype == "bfloat16":
+        bits = hidden.to(torch.bfloat16).cpu().view(torch.int16).numpy()
+        return bits.view(mf.DTYPES["bfloat16"][0])
+    return hidden.to(getattr(torch, dtype)).cpu().numpy()
+
+
 def _batches(docs, size: int):
     it = iter(docs)
     while batch := list(itertools.islice(it, size)):
@@ -154,6 +163,7 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
             "models": fingerprint["models"],
         },
     )
+    dtype = config.extract.dtype
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     resume_doc = writer.resume_point[0] if writer.resume_point else -1
     bar = tqdm(desc=f"extract {os.path.basename(directory)}", unit="doc")
@@ -170,10 +180,10 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
             mask[i, : len(ids)] = 1
         input_ids_t = torch.from_numpy(input_ids).to(device)
         mask_t = torch.from_numpy(mask).to(device)
-        # [n_models, batch, seq, d] raw units
+        # [n_models, batch, seq, d] raw units, already rounded to the store's dtype
         hidden = np.stack(
             [
-                site.forward_to_site(m, facts["layer"], input_ids_t, mask_t).float().cpu().numpy()
+                _to_store_dtype(site.forward_to_site(m, facts["layer"], input_ids_t, mask_t), dtype)
                 for m in models
             ]
         )

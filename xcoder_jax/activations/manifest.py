@@ -90,7 +90,7 @@ def save_array(path: str, array: np.ndarray) -> str:
 def to_disk(values: np.ndarray, dtype: str) -> np.ndarray:
     """Float activations -> the array stored on disk (bfloat16 as uint16 bits)."""
     value_dtype, bits_dtype = DTYPES[dtype]
-    return values.astype(value_dtype).view(bits_dtype)
+    return values.astype(value_dtype, copy=False).view(bits_dtype)
 
 
 def from_disk(stored: np.ndarray, dtype: str) -> np.ndarray:
