@@ -172,3 +172,15 @@ def micro_zoo_config(**zoo_overrides):
         setattr(z, k, v)
     c.models.device = "cpu"
     return c
+
+
+def micro_pipeline_config():
+    """The micro zoo with a store of small shards and a short crosscoder run: every stage
+    of the pipeline in well under a minute."""
+    c = micro_zoo_config()
+    c.extract.shard_rows = 256
+    c.crosscoder.n_latents = 64
+    c.train.steps, c.train.batch_size = 30, 64
+    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 10
+    c.train.lr = 1e-2
+    return c

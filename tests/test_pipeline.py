@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import micro_zoo_config
+from tests.conftest import micro_pipeline_config
 from xcoder_jax import pipeline
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 
 
 def _end_to_end_config():
-    c = micro_zoo_config()
-    c.extract.shard_rows = 256
-    c.crosscoder.n_latents = 64
-    c.train.steps, c.train.batch_size = 30, 64
-    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 10
-    c.train.lr = 1e-2
-    return c
+    return micro_pipeline_config()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import micro_zoo_config
+from tests.conftest import micro_pipeline_config
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import pipeline, site, steering
 from xcoder_jax import workdir as wd
@@ -194,12 +194,7 @@ def test_metrics_and_intervals():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("steer_run"))
-    c = micro_zoo_config()
-    c.extract.shard_rows = 256
-    c.crosscoder.n_latents = 64
-    c.train.steps, c.train.batch_size = 30, 64
-    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 10
-    c.train.lr = 1e-2
+    c = micro_pipeline_config()
     c.train.eval_shards = 3  # enough held-out documents to hold markers
     pipeline.run(c, workdir)
     s = c.steering

@@ -86,14 +86,17 @@ def rebuild_documents(
     return [out[d] for d in sorted(out)]
 
 
-def _pad(docs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_documents(
+    docs: list[np.ndarray], pad_id: int, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask, both [n_docs, longest] on `device`."""
     length = max(len(d) for d in docs)
     ids = torch.full((len(docs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(docs), length), dtype=torch.long)
     for i, d in enumerate(docs):
         ids[i, : len(d)] = torch.from_numpy(d)
         mask[i, : len(d)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _ce_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -125,7 +128,7 @@ def splice_ce(
     sums = {r: {"clean": 0.0, "spliced": 0.0, "zero": 0.0} for r in roles}
     count = 0
     for lo in range(0, len(docs), batch_size):
-        ids, mask = (t.to(device) for t in _pad(docs[lo : lo + batch_size], pad_id))
+        ids, mask = pad_documents(docs[lo : lo + batch_size], pad_id, device)
         x = torch.stack([site.forward_to_site(m, layer, ids, mask) for m in models], dim=2)
         x_hat = reconstruct(x.float())
         for j, (role, model) in enumerate(zip(roles, models)):

@@ -55,16 +55,6 @@ def marker_positions(docs: list[np.ndarray], forms, first_position: int):
     return out
 
 
-def _pad(docs: list[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(d) for d in docs)
-    ids = torch.full((len(docs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), length), dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, : len(d)] = torch.from_numpy(d)
-        mask[i, : len(d)] = 1
-    return ids.to(device), mask.to(device)
-
-
 class LogitProbe:
     """Marker logits of both models on fixed documents, clean and under ablation.
 
@@ -76,7 +66,7 @@ class LogitProbe:
         device = next(models[0].parameters()).device
         self.batches = []
         for lo in range(0, len(docs), batch_size):
-            ids, mask = _pad(docs[lo : lo + batch_size], pad_id, device)
+            ids, mask = splice.pad_documents(docs[lo : lo + batch_size], pad_id, device)
             x = site_inputs(models, xcoder.layer, ids, mask)
             self.batches.append((lo, ids, mask, x))
 
