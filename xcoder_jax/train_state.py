@@ -108,17 +108,16 @@ class Trainer:
         # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
         self.total_var = jnp.asarray(store.total_variance * store.scales**2)
         dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cc.dtype]
-        self.graphdef = nnx.graphdef(self._model(0, dtype))
+        # The module's structure only: built abstractly, no weights are allocated.
+        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: self._model(0, dtype)))
+        self.schedule = make_schedule(tc.lr, tc.steps, tc.decay_start_frac)
         self.tx = optax.chain(
             optax.clip_by_global_norm(tc.clip_norm),
-            optax.adam(
-                make_schedule(tc.lr, tc.steps, tc.decay_start_frac), b1=tc.beta1, b2=tc.beta2
-            ),
+            optax.adam(self.schedule, b1=tc.beta1, b2=tc.beta2),
         )
-        self.schedule = make_schedule(tc.lr, tc.steps, tc.decay_start_frac)
-        abstract = jax.eval_shape(self._init)
+        self._abstract = jax.eval_shape(self._init)
         self.state_sharding = jax.tree_util.tree_map_with_path(
-            lambda p, x: NamedSharding(self.mesh, _spec(p, x)), abstract
+            lambda p, x: NamedSharding(self.mesh, _spec(p, x)), self._abstract
         )
         self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
         self._step_jit = jax.jit(
@@ -156,10 +155,10 @@ class Trainer:
         return self._init_jit()
 
     def abstract_state(self) -> dict:
-        abstract = jax.eval_shape(self._init)
+        """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
         return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
+            self._abstract,
             self.state_sharding,
         )
 

@@ -81,10 +81,32 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
+class _HashingWriter:
+    """A file object that hashes every byte on its way to disk (no second read)."""
+
+    def __init__(self, f):
+        self._f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self._f.write(data)
+
+
 def save_array(path: str, array: np.ndarray) -> str:
-    """Saves `array` atomically as `.npy` and returns its sha256."""
-    atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
-    return sha256_file(path)
+    """Saves `array` atomically as `.npy` and returns the file's sha256."""
+    hashed: list[_HashingWriter] = []
+
+    def write(f):
+        hashed.append(_HashingWriter(f))
+        np.save(hashed[0], array, allow_pickle=False)
+
+    atomic_write_bytes(path, write)
+    return hashed[0].sha.hexdigest()
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ between two fingerprints (missing counts as None)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def to_disk(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -36,7 +36,9 @@ class ActivationStore:
         self.shards: list[dict] = self.manifest["shards"]
         self.shard_offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._verified: set[str] = set()
-        self.mean = self._load(self.manifest["mean"], check=False).astype(np.float32)
+        # Every shard file's checksum by its path relative to the store.
+        self._sha256 = {k: v for s in self.shards for k, v in s["sha256"].items()}
+        self.mean = self._load(self.manifest["mean"]).astype(np.float32)
 
     # --- Facts ---------------------------------------------------------------------------
     @property
@@ -66,12 +68,13 @@ class ActivationStore:
         return np.array([n["total_variance"] for n in self.manifest["norm"]], np.float32)
 
     # --- Files ---------------------------------------------------------------------------
-    def _load(self, name: str, check: bool = True) -> np.ndarray:
+    def _load(self, name: str) -> np.ndarray:
+        """A store file, memory-mapped; shard files are checksummed on first read."""
         path = os.path.join(self.directory, name)
         if not os.path.exists(path):
             raise mf.StoreError(f"store file missing: {path}")
-        if check and self.verify and name not in self._verified:
-            expected = self.shards_sha256().get(name)
+        if self.verify and name not in self._verified:
+            expected = self._sha256.get(name)
             if expected is not None and mf.sha256_file(path) != expected:
                 raise mf.StoreError(
                     f"checksum mismatch in {path}: the shard is corrupted or truncated"
@@ -81,11 +84,6 @@ class ActivationStore:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise mf.StoreError(f"cannot read {path} (truncated or corrupted): {e}") from e
-
-    def shards_sha256(self) -> dict[str, str]:
-        if not hasattr(self, "_sha"):
-            self._sha = {k: v for s in self.shards for k, v in s["sha256"].items()}
-        return self._sha
 
     def shard_acts(self, k: int) -> np.ndarray:
         """Shard k's activations `[rows, n_models, d_model]`, raw units, 2-byte floats."""
@@ -171,7 +169,10 @@ class BatchStream:
         g = self.group_shards
         return [list(order[i : i + g]) for i in range(0, len(order), g)]
 
-    def _load_group(self, epoch: int, g: int, shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _load_group(
+        self, epoch: int, g: int, shards: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(acts in store order, their global ids shuffled, the shuffling permutation)."""
         acts = np.concatenate([self.store.shard_acts(int(k)) for k in shards])
         ids = np.concatenate(
             [
@@ -182,8 +183,9 @@ class BatchStream:
         perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(ids))
         return acts, ids[perm], perm
 
-    def _rows_from(self, position: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (acts, ids) chunks of the endless row sequence starting at `position`."""
+    def _rows_from(self, position: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """Yields (group acts, shuffled ids, permutation, first index to use) per shard group
+        of the endless row sequence starting at `position`."""
         epoch, offset = divmod(position, self.epoch_rows)
         while True:
             seen = 0

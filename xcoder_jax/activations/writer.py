@@ -64,9 +64,7 @@ class StoreWriter:
         if manifest.get("complete"):
             raise mf.StoreError(f"store {self.directory} is already complete")
         old = manifest.get("fingerprint", {})
-        differing = sorted(
-            k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k)
-        )
+        differing = mf.differing_keys(old, self.fingerprint)
         if differing:
             raise mf.StoreError(
                 f"{self.directory} holds an unfinished store made with other settings "
@@ -222,7 +220,7 @@ def merge_parts(part_dirs: list[str], directory: str) -> dict:
     first = parts[0]
     for p, m in zip(part_dirs[1:], parts[1:]):
         a, b = strip(first["fingerprint"]), strip(m["fingerprint"])
-        differing = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        differing = mf.differing_keys(a, b)
         if differing:
             raise mf.StoreError(f"cannot merge {part_dirs[0]} and {p}: they differ in {differing}")
     indices = sorted(m["fingerprint"].get("shard_index", 0) for m in parts)
