@@ -8,8 +8,8 @@ prints its peak RSS and wall time, side by side. Bounded memory shows as a peak 
 not grow with the number of rows; for scale, the dense latent activations of the largest
 store are printed too.
 
-    python bench/analysis_memory.py                          # 250k and 1M rows, d=64, 32768 latents
-    python bench/analysis_memory.py --rows=100000 --latents=4096   # a quick look
+    python -m bench.analysis_memory                          # 250k and 1M rows, d=64, 32768 latents
+    python -m bench.analysis_memory --rows=100000 --latents=4096   # a quick look
 """
 
 from __future__ import annotations
@@ -31,31 +31,22 @@ MARKER_TEXT = (
 
 
 def build_tokenizer(directory: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import make_tokenizer
 
     path = os.path.join(directory, "tokenizer")
     if os.path.exists(path):
         return PreTrainedTokenizerFast.from_pretrained(path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([MARKER_TEXT] * 200, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast = make_tokenizer([MARKER_TEXT] * 200, vocab_size=400)
     fast.save_pretrained(path)
     return fast
 
 
 def build_store(directory: str, n_rows: int, d: int, tokenizer, doc_rows: int = 256) -> str:
     """Random activations with planted marker texts; returns the store directory."""
+    from tests.conftest import store_writer
     from xcoder_jax.activations import ActivationStore
-    from xcoder_jax.activations.writer import StoreWriter
 
     path = os.path.join(directory, f"store_{n_rows}_{d}")
     if os.path.exists(os.path.join(path, "manifest.json")):
@@ -63,21 +54,7 @@ def build_store(directory: str, n_rows: int, d: int, tokenizer, doc_rows: int = 
         return path
     rng = np.random.default_rng(0)
     text_ids = np.asarray(tokenizer(MARKER_TEXT)["input_ids"], np.int32)
-    writer = StoreWriter(
-        path,
-        n_models=2,
-        d_model=d,
-        dtype="bfloat16",
-        shard_rows=65536,
-        fingerprint={"bench": n_rows},
-        meta={
-            "layer": 1,
-            "n_layers": 2,
-            "first_position": 1,
-            "tokenizer_sha256": "bench",
-            "models": [{"role": "base"}, {"role": "distilled"}],
-        },
-    )
+    writer = store_writer(path, {"bench": n_rows}, d=d, shard_rows=65536)
     for doc, start in enumerate(range(0, n_rows, doc_rows)):
         n = min(doc_rows, n_rows - start)
         x = rng.normal(size=(n, 2, d)).astype(np.float32)

@@ -30,6 +30,7 @@ def make_tokenizer(texts, vocab_size=300):
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
@@ -95,6 +96,36 @@ def micro_config(pair, **extract):
     return c
 
 
+def store_writer(
+    directory,
+    fingerprint,
+    *,
+    n_models=2,
+    d=32,
+    shard_rows=512,
+    dtype="bfloat16",
+    tokenizer_sha256="synthetic",
+):
+    """A StoreWriter for rows made up by a test or benchmark (no models behind them)."""
+    from xcoder_jax.activations.writer import StoreWriter
+
+    return StoreWriter(
+        directory,
+        n_models=n_models,
+        d_model=d,
+        dtype=dtype,
+        shard_rows=shard_rows,
+        fingerprint=fingerprint,
+        meta={
+            "layer": 1,
+            "n_layers": 2,
+            "first_position": 1,
+            "tokenizer_sha256": tokenizer_sha256,
+            "models": [{"role": "base"}, {"role": "distilled"}][:n_models],
+        },
+    )
+
+
 def synthetic_store(
     directory, n_rows=4096, d=32, n_models=2, n_atoms=64, shard_rows=512, seed=0, nan_rows=()
 ):
@@ -104,24 +135,10 @@ def synthetic_store(
     """
     import numpy as np
 
-    from xcoder_jax.activations.writer import StoreWriter
-
     rng = np.random.default_rng(seed)
     atoms = rng.normal(size=(n_atoms, n_models, d)).astype(np.float32)
-    writer = StoreWriter(
-        directory,
-        n_models=n_models,
-        d_model=d,
-        dtype="bfloat16",
-        shard_rows=shard_rows,
-        fingerprint={"synthetic": seed},
-        meta={
-            "layer": 1,
-            "n_layers": 2,
-            "first_position": 1,
-            "tokenizer_sha256": "synthetic",
-            "models": [{"role": "base"}, {"role": "distilled"}][:n_models],
-        },
+    writer = store_writer(
+        directory, {"synthetic": seed}, n_models=n_models, d=d, shard_rows=shard_rows
     )
     doc_rows = 64
     for doc, start in enumerate(range(0, n_rows, doc_rows)):

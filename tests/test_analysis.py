@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from tests.conftest import CORPUS, make_tokenizer, micro_config
+from tests.conftest import CORPUS, make_tokenizer, micro_config, store_writer
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
-from xcoder_jax.activations.writer import StoreWriter
 from xcoder_jax.analysis import (
     Encoder,
     LatentScaling,
@@ -47,20 +46,14 @@ CHROMIUM = "/usr/bin/chromium"
 def _write_store(directory, x, tokens, docs, shard_rows, dtype="bfloat16"):
     """A store from rows x [N, m, d] (raw), tokens [N] and doc ids [N] (contiguous docs)."""
     m, d = x.shape[1:]
-    writer = StoreWriter(
+    writer = store_writer(
         directory,
+        {"test": 1},
         n_models=m,
-        d_model=d,
-        dtype=dtype,
+        d=d,
         shard_rows=shard_rows,
-        fingerprint={"test": 1},
-        meta={
-            "layer": 1,
-            "n_layers": 2,
-            "first_position": 1,
-            "tokenizer_sha256": "test",
-            "models": [{"role": "base"}, {"role": "distilled"}],
-        },
+        dtype=dtype,
+        tokenizer_sha256="test",
     )
     for doc in np.unique(docs):
         sel = docs == doc
