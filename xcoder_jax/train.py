@@ -168,11 +168,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start=position,
         prefetch=tc.prefetch,
     )
+    # The store counted its NaN/inf rows when it was written; without any, the per-batch
+    # scan is skipped (a store from before that count is scanned).
+    scan_rows = store.manifest.get("nonfinite_rows", 1) > 0
+    all_valid = np.ones(local_batch, np.float32)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step")
     try:
         for step in range(start, tc.steps):
             batch, ids = next(stream)
-            batch, weights, bad = clean_rows(batch, tc.nonfinite_rows)
+            if scan_rows:
+                batch, weights, bad = clean_rows(batch, tc.nonfinite_rows)
+            else:
+                weights, bad = all_valid, 0
             skipped += bad
             seen[ids[weights > 0]] = True
             state, metrics = trainer.step(state, *trainer.to_device(batch, weights))
