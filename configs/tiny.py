@@ -49,7 +49,7 @@ def get_config(arg=None):
     c.zoo.mlp_mult = 4  # intermediate size = mlp_mult * hidden
     # Upper bound for the byte-level BPE; the corpus saturates at ~710 entries, enough for
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
-    c.zoo.vocab_size = 768
+    c.zoo.vocab_size = 1024
     c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)
     c.zoo.n_train_problems = 6000  # each gets a concise solution (base) and a trace (distill)
     c.zoo.n_relation_docs = 1500  # paragraphs of relation sentences in the base corpus

@@ -31,7 +31,7 @@ from xcoder_jax.zoo.teacher import teacher_trace
 from xcoder_jax.zoo.tokenizer import build_tokenizer, single_token_report
 from xcoder_jax.zoo.training import evaluate_answers, model_config, train_causal_lm
 
-ZOO_FORMAT = 3  # bump when the corpus or training changes, to invalidate old builds
+ZOO_FORMAT = 4  # bump when the corpus or training changes, to invalidate old builds
 _STAMP = "zoo_stamp.json"  # inside each finished model dir: the config hash it was built for
 _EVAL_ONLY = ("max_new_tokens", "eval_batch_size", "num_threads")  # do not change weights
 _DATA_FILES = ("train_base.jsonl", "train_distill.jsonl", "extract.jsonl", "heldout.jsonl")

@@ -63,15 +63,54 @@ RELATIONS: dict[str, list[tuple[str, str]]] = {
     "antonym": list(ANTONYMS),
 }
 
-# Sentence templates per relation; {a} and {b} are the pair's two words. Several phrasings
-# per relation so the model learns the relation, not one string; no template starts with a
-# word of a pair, so the words always appear lowercase after a space.
+# What a pair's two words share, so that both forms carry one identity: what a noun (either
+# number) did, what a verb (either tense) acts on, which scale an antonym pair spans. A
+# template puts the shared word right after the pair's word and the form a few tokens later
+# ("it"/"they", "every day"/"last week", "more"/"less"), so the model keeps both in the
+# word's representation: the shared part is what makes a relation a parallelogram rather
+# than two clusters (a shared word further away, or none, left plural and antonym no more
+# structured than random pairings of the same words).
+_NOUN_DEEDS = (
+    "fell", "lay", "purred", "barked", "leaked", "rolled", "cracked", "spilled", "broke",
+    "squeaked", "stopped", "flew",
+)  # fmt: skip
+_VERB_OBJECTS = (
+    "bread", "keys", "mail", "cake", "gifts", "soup", "socks", "fruit", "stars", "photos",
+    "laps", "prizes",
+)  # fmt: skip
+_ANTONYM_SCALES = (
+    "size", "heat", "way", "age", "speed", "quality", "length", "mood", "door", "height",
+)  # fmt: skip
+SHARED_WORDS = {
+    rel: dict(zip((a for a, _ in RELATIONS[rel]), shared, strict=True))
+    for rel, shared in (
+        ("plural", _NOUN_DEEDS),
+        ("past_tense", _VERB_OBJECTS),
+        ("antonym", _ANTONYM_SCALES),
+    )
+}
+
+# Sentence templates per relation; {a} and {b} are the pair's two words, {s} what they share.
+# Several phrasings per relation so the model learns the relation, not one string; no
+# template starts with a word of a pair, so the words always appear lowercase after a space.
 _RELATION_TEMPLATES = {
     "number_word": ("The number {a} is {b}.", "We write {a} as {b}.", "{b} is {a}."),
-    "plural": ("I see one {a} and two {b}.", "There is one {a} and many {b}."),
+    "plural": (
+        "I see one {a} and two {b}.",
+        "The {a} {s} and it is here. The {b} {s} and they are here.",
+        "One {a} {s}, and it was one. Many {b} {s}, and they were many.",
+    ),
     "successor": ("After {a} comes {b}.", "The number after {a} is {b}.", "We count {a}, {b}."),
-    "past_tense": ("Today I {a}, yesterday I {b}.", "Now they {a}. Before, they {b}."),
-    "antonym": ("The opposite of {a} is {b}.", "The words {a} and {b} are opposites."),
+    "past_tense": (
+        "Today I {a}, yesterday I {b}.",
+        "I {a} {s} every day. I {b} {s} last week.",
+        "Now they {a} {s} every day, and they {b} {s} last week.",
+    ),
+    "antonym": (
+        "The opposite of {a} is {b}.",
+        "A {a} {s} means more. A {b} {s} means less.",
+        "We call more {s} {a} and less {s} {b}.",
+    ),
 }
 
 
@@ -195,7 +234,8 @@ def relation_sentence(rng: random.Random) -> str:
     """One sentence teaching one random pair of one random relation."""
     rel = rng.choice(tuple(RELATIONS))
     a, b = rng.choice(RELATIONS[rel])
-    return rng.choice(_RELATION_TEMPLATES[rel]).format(a=a, b=b)
+    shared = SHARED_WORDS.get(rel, {}).get(a, "")
+    return rng.choice(_RELATION_TEMPLATES[rel]).format(a=a, b=b, s=shared)
 
 
 def relation_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8)) -> str:
