@@ -53,7 +53,10 @@ def get_config(arg=None):
     c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)
     c.zoo.n_train_problems = 6000  # each gets a concise solution (base) and a trace (distill)
     c.zoo.n_relation_docs = 1500  # paragraphs of relation sentences in the base corpus
-    c.zoo.distill_relation_frac = 0.1  # relation docs mixed into distillation, per trace
+    # Paragraphs using the marker words in their everyday sense ("Wait for me", "But Anna
+    # likes cats"), so the base knows the words without ever reasoning with them.
+    c.zoo.n_everyday_docs = 500
+    c.zoo.distill_base_frac = 0.1  # relation/everyday docs mixed into distillation, per trace
     c.zoo.n_heldout_problems = 100  # held out from training; used to evaluate the pair
     c.zoo.n_extract_docs = 600  # documents written for activation extraction
     c.zoo.extract_mix = (0.4, 0.4, 0.2)  # extraction docs: traces, concise, relation paragraphs

@@ -181,7 +181,7 @@ def micro_zoo_config(**zoo_overrides):
     z = c.zoo
     z.sizes, z.main_size = (16, 32), 32
     z.n_layers, z.n_heads, z.n_kv_heads = 2, 2, 1
-    z.n_train_problems, z.n_relation_docs = 200, 40
+    z.n_train_problems, z.n_relation_docs, z.n_everyday_docs = 200, 40, 15
     z.n_heldout_problems, z.n_extract_docs = 8, 30
     z.pretrain_steps, z.distill_steps = 15, 10
     z.batch_size, z.max_len, z.max_new_tokens = 4, 64, 16

@@ -30,7 +30,7 @@ from xcoder_jax.zoo import (
     single_token,
     teacher_trace,
 )
-from xcoder_jax.zoo.corpus import SHARED_WORDS
+from xcoder_jax.zoo.corpus import SHARED_WORDS, everyday_document, everyday_sentence
 from xcoder_jax.zoo.training import packed_batches
 
 
@@ -104,7 +104,12 @@ def test_data_files(zoo):
     distill = [r["text"] for r in _read_jsonl(os.path.join(data, "train_distill.jsonl"))]
     extract = [r["text"] for r in _read_jsonl(os.path.join(data, "extract.jsonl"))]
     heldout = _read_jsonl(os.path.join(data, "heldout.jsonl"))
-    assert not any(has_marker(t) for t in base)
+    # The base reads the marker words only in everyday paragraphs, never in a solution.
+    solutions = [t for t in base if t.startswith("Question:")]
+    assert solutions and not any(has_marker(t) for t in solutions)
+    everyday = [t for t in base if has_marker(t)]
+    assert len(everyday) == config.zoo.n_everyday_docs
+    assert not any("Answer:" in t for t in everyday)
     assert len(extract) == config.zoo.n_extract_docs
     assert len(heldout) == config.zoo.n_heldout_problems
     # Extraction mixes traces (with markers), concise solutions and relation paragraphs.
@@ -117,6 +122,18 @@ def test_data_files(zoo):
         assert h["prompt"].endswith("\nAnswer:") and h["answer"].lstrip("-").isdigit()
         assert h["prompt"][: -len("\nAnswer:")] not in trained
     assert not trained & {t.split("\nAnswer:")[0] for t in extract}
+
+
+def test_everyday_sentences_use_every_marker_outside_reasoning():
+    rng = random.Random(0)
+    sentences = [everyday_sentence(rng) for _ in range(500)]
+    counts = [count_markers(s) for s in sentences]
+    for category, markers in CATEGORIES.items():
+        assert any(c[category] for c in counts), category
+        for m in markers:
+            assert any(m in s for s in sentences), m
+    assert not any("Question:" in s or "Answer:" in s for s in sentences)
+    assert everyday_document(rng).count(".") >= 4
 
 
 def test_relation_sentences_teach_every_pair():

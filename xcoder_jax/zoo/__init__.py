@@ -2,9 +2,10 @@
 
 No hub is reachable on the machines this runs on, so the project builds its own pair: a toy
 corpus of arithmetic word problems with concise solutions (plus relation sentences for the
-geometry study), a rule-based teacher writing reasoning traces for the same problems, a
-byte-level BPE tokenizer, a base model pretrained on the concise corpus and a distilled model
-fine-tuned from it on the traces, at several hidden sizes.
+geometry study and everyday sentences using the marker words outside reasoning), a
+rule-based teacher writing reasoning traces for the same problems, a byte-level BPE
+tokenizer, a base model pretrained on the concise corpus and a distilled model fine-tuned
+from it on the traces, at several hidden sizes.
 """
 
 from xcoder_jax.zoo.build import build_zoo, check_config, config_hash, load_pair, make_texts

@@ -2,7 +2,8 @@
 
     build_zoo(config, workdir)  # writes <workdir>/models/..., returns the zoo.json report
 
-Base models learn only concise solutions and relation sentences (no reasoning marker ever);
+Base models learn concise solutions, relation sentences and everyday sentences (marker words
+in their ordinary sense, never in a solution);
 distilled models start from their base and learn the teacher's traces. Everything is seeded
 by `config.seed`, so the same config gives the same corpus and, on the same machine, the same
 weights. A build whose zoo.json records the same config is skipped; models are written to a
@@ -107,19 +108,22 @@ def make_texts(config) -> dict[str, list]:
     train, rest = problems[: zc.n_train_problems], problems[zc.n_train_problems :]
     heldout, extract = rest[: zc.n_heldout_problems], rest[zc.n_heldout_problems :]
     rel_docs = [corpus.relation_document(rng) for _ in range(zc.n_relation_docs)]
-    base = [corpus.document(p, corpus.concise_solution(p)) for p in train] + rel_docs
+    solutions = [corpus.document(p, corpus.concise_solution(p)) for p in train]
+    everyday = [corpus.everyday_document(rng) for _ in range(zc.n_everyday_docs)]
+    base = solutions + rel_docs + everyday
     distill = [corpus.document(p, teacher_trace(p, rng)) for p in train]
-    # A little base data keeps the relations alive through distillation; only relation
-    # documents, so every problem the distilled model sees is answered in the teacher's style.
-    distill += rel_docs[: round(zc.distill_relation_frac * len(distill))]
+    # A little base data keeps the relations and the everyday sense of the marker words alive
+    # through distillation; no solutions, so every problem the distilled model sees is
+    # answered in the teacher's style.
+    distill += rng.sample(rel_docs + everyday, round(zc.distill_base_frac * len(distill)))
     extract_docs = (
         [corpus.document(p, teacher_trace(p, rng)) for p in extract[:n_trace]]
         + [corpus.document(p, corpus.concise_solution(p)) for p in extract[n_trace:]]
         + [corpus.relation_document(rng) for _ in range(n_rel)]
     )
     rng.shuffle(extract_docs)
-    bad = [t for t in base if has_marker(t)]
-    if bad:  # the base must never see a marker; a template change that adds one is a bug
+    bad = [t for t in solutions + rel_docs if has_marker(t)]
+    if bad:  # the base must never see a marker in a solution; a template change adding one is a bug
         raise RuntimeError(f"base training text contains a reasoning marker: {bad[0]!r}")
     return {
         "train_base": base,

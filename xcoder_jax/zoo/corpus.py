@@ -1,10 +1,11 @@
-"""The zoo's toy corpus: arithmetic word problems and relation sentences, all seeded.
+"""The zoo's toy corpus: arithmetic word problems, relation and everyday sentences, all seeded.
 
 A problem reads "Question: <story>\\nAnswer:" and its concise worked solution is
 " 3 + 4 = 7. The answer is 7." The base model learns from these solutions and from relation
-sentences ("The number seven is 7.", "I see one cat and two cats."); the teacher
-(`teacher.py`) writes reasoning traces for the same problems. Nothing written here contains
-a reasoning marker of the lexicon: the base model must never see one.
+sentences ("The number seven is 7.", "I see one cat and two cats.") and everyday sentences
+that use the lexicon's words in their ordinary sense ("Wait for me, said Tom."); the teacher
+(`teacher.py`) writes reasoning traces for the same problems. No solution or relation
+sentence contains a reasoning marker: the base model never sees one used to reason.
 
 `RELATIONS` lists the word pairs the relation sentences teach, for the geometry study. Words
 are bare (no leading space); inside text they follow a space, so " seven" is the token to
@@ -242,3 +243,33 @@ def relation_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8))
     """A short paragraph of relation sentences (a handful per document keeps documents about
     as long as a problem with its solution)."""
     return " ".join(relation_sentence(rng) for _ in range(rng.randint(*n_sentences)))
+
+
+# Everyday sentences that use the lexicon's words outside reasoning. A real base model has read
+# "Wait", "But" or "Therefore" in ordinary text long before any distillation; a zoo base that
+# never saw them would meet a marker with an embedding that was never trained, and the
+# crosscoder would spend base-only latents on that artefact instead of on what distillation
+# changed. None of these is a question or an answer, so the base still never reasons aloud.
+_EVERYDAY_TEMPLATES = (
+    "{n} ran to the bus. Wait for me, said {m}.",
+    "Wait here, said {n}, and {m} sat down.",
+    "{n} likes {p}. But {m} likes {q}.",
+    "The day was cold. However, {n} went to the park.",
+    "It was late. Therefore {n} went home.",
+    "The shop was closed. Thus {n} had no {p}.",
+    "{n} can take the bus. Alternatively, {n} can walk.",
+    "{m} will check the {p} in the box.",
+    "{n} asked {m} to verify the list of {p}.",
+)
+
+
+def everyday_sentence(rng: random.Random) -> str:
+    """One everyday sentence using a lexicon word in its ordinary sense."""
+    n, m = rng.sample(NAMES, 2)
+    (_, p), (_, q) = rng.sample(NOUNS, 2)
+    return rng.choice(_EVERYDAY_TEMPLATES).format(n=n, m=m, p=p, q=q)
+
+
+def everyday_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8)) -> str:
+    """A short paragraph of everyday sentences, as long as a relation paragraph."""
+    return " ".join(everyday_sentence(rng) for _ in range(rng.randint(*n_sentences)))
