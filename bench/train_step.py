@@ -2,7 +2,9 @@ r"""The jitted JAX train step against a straightforward PyTorch L1 crosscoder st
 
 Both run the same loss (the paper's L1 crosscoder), Adam and global-norm clipping, at the
 same shapes and dtype on the same device, timed side by side in one run (alternating
-rounds, median). Prints steps/s, tokens/s and the ratio JAX / PyTorch.
+rounds, median). Prints steps/s, tokens/s and the ratio JAX / PyTorch, and, as a ceiling,
+the step's five GEMMs alone timed the same way in each framework: the ratio a dense step
+could reach at best on this device.
 
     python bench/train_step.py                  # CPU: d=256, 2 models, 4096 latents, batch 1024
     python bench/train_step.py --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
@@ -94,6 +96,37 @@ def torch_runner(d, h, batch, dtype, steps_per_round, device):
     return run
 
 
+def gemm_runners(d, h, batch, dtype, steps_per_round, device):
+    """The step's five GEMMs alone, in JAX and in torch: encoder and decoder forward, the
+    decoder's two gradients and the encoder's weight gradient (the data needs none). A dense
+    implementation of the step cannot beat the faster of the two."""
+    rng = np.random.default_rng(1)
+    x, f = rng.normal(size=(batch, 2 * d)), rng.normal(size=(batch, h))
+    w_enc, w_dec = rng.normal(size=(2 * d, h)), rng.normal(size=(h, 2 * d))
+    arrays = [a.astype(np.float32) for a in (x, f, w_enc, w_dec)]
+
+    def five(x, f, w_enc, w_dec, t):
+        return (x @ w_enc, f @ w_dec, t(f) @ x, x @ t(w_dec), t(x) @ f)
+
+    jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
+    jarrays = [jax.numpy.asarray(a, jdtype) for a in arrays]
+    jfive = jax.jit(lambda *a: five(*a, t=lambda m: m.T))
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tarrays = [torch.from_numpy(a).to(device, tdtype) for a in arrays]
+
+    def jax_run():
+        for _ in range(steps_per_round):
+            out = jfive(*jarrays)
+        jax.block_until_ready(out)
+
+    def torch_run():
+        for _ in range(steps_per_round):
+            out = five(*tarrays, t=lambda m: m.t())
+        out[-1].sum().item()
+
+    return {"gemm_jax": jax_run, "gemm_torch": torch_run}
+
+
 def time_round(run) -> float:
     start = time.perf_counter()
     run()
@@ -115,6 +148,7 @@ def main():
     runners = {
         "jax": jax_runner(d, h, batch, dtype, args.steps),
         "torch": torch_runner(d, h, batch, dtype, args.steps, device),
+        **gemm_runners(d, h, batch, dtype, args.steps, device),
     }
     for run in runners.values():  # compile / warm up
         run()
@@ -128,9 +162,11 @@ def main():
         f"| {torch.get_num_threads()} torch threads"
     )
     print(f"shape: d={d}, 2 models, {h} latents, batch {batch}, {dtype}")
-    flops = 12 * batch * 2 * d * h  # encoder + decoder matmuls, forward and backward
+    flops = 10 * batch * 2 * d * h  # the five GEMMs of a step (see gemm_runners)
     for k, s in steps_s.items():
-        line = f"{k:>6}: {s:8.2f} steps/s  {s * batch:12.0f} tokens/s"
+        line = (
+            f"{k:>10}: {s:8.2f} steps/s  {s * batch:12.0f} tokens/s  {s * flops / 1e9:8.1f} GFLOP/s"
+        )
         if args.gpu:
             kind = jax.devices()[0].device_kind
             peak = next((v for n, v in PEAK_BF16.items() if n in kind), None)
@@ -138,6 +174,14 @@ def main():
                 line += f"  MFU {s * flops / peak:.1%}"
         print(line)
     print(f"ratio jax/torch: {steps_s['jax'] / steps_s['torch']:.2f}x")
+    # The gemm_* rows time the step's five GEMMs alone as one "step": no dense step can beat
+    # the faster of them, so this bounds what any dense implementation could reach here.
+    ceiling = max(steps_s["gemm_jax"], steps_s["gemm_torch"])
+    print(
+        f"dense ceiling / torch step: {ceiling / steps_s['torch']:.2f}x "
+        f"(jax step at {steps_s['jax'] / ceiling:.0%} of it, torch step at "
+        f"{steps_s['torch'] / ceiling:.0%})"
+    )
 
 
 if __name__ == "__main__":
