@@ -102,10 +102,20 @@ def test_interrupted_extraction_resumes_without_duplicates(
     monkeypatch.setattr(writer_mod.StoreWriter, "_write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         acts.extract(config, workdir)
-    partial = mf.read_manifest(wd.activations_dir(workdir))
+    directory = wd.activations_dir(workdir)
+    partial = mf.read_manifest(directory)
     assert not partial["complete"] and len(partial["shards"]) == 2
+    assert partial["n_rows"] == sum(s["rows"] for s in partial["shards"])
+    # Shards are recorded by appending to the log; the manifest itself is not rewritten.
+    with open(os.path.join(directory, mf.MANIFEST)) as f:
+        assert json.load(f)["shards"] == []
+    # A crash in the middle of an append leaves a torn last line: it is not a shard.
+    with open(os.path.join(directory, mf.SHARD_LOG), "a") as f:
+        f.write('{"id": 2, "rows"')
+    assert len(mf.read_manifest(directory)["shards"]) == 2
     monkeypatch.setattr(writer_mod.StoreWriter, "_write_shard", real)
     acts.extract(config, workdir)
+    assert not os.path.exists(os.path.join(directory, mf.SHARD_LOG))
     resumed = acts.ActivationStore(wd.activations_dir(workdir))
     a, b = _rows_by_key(store), _rows_by_key(resumed)
     assert resumed.n_rows == store.n_rows and a.keys() == b.keys()

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
+from xcoder_jax.activations import manifest as mf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +52,8 @@ def _start(workdir: str) -> subprocess.Popen:
 
 def _shards_written(workdir: str) -> int:
     try:
-        with open(os.path.join(wd.activations_dir(workdir), "manifest.json")) as f:
-            return len(json.load(f)["shards"])
-    except (OSError, ValueError):
+        return len(mf.read_manifest(wd.activations_dir(workdir))["shards"])
+    except (mf.StoreError, OSError, ValueError):
         return 0
 
 

@@ -8,9 +8,13 @@ A store is a directory:
     index_{k:05d}.npy        shard k's (document, position) pairs: [rows, 2] int32
     stats_{k:05d}.npz        shard k's sums for the normalisation and FVE statistics
 
+    shards.jsonl             while extracting: one line per complete shard, appended
+
 bfloat16 is written as its uint16 bit pattern (`.npy` has no bfloat16 type) and viewed back
-on read. Files are written under a temporary name and renamed; the manifest is rewritten
-(atomically) after every shard, so it only ever names complete shards.
+on read. Files are written under a temporary name and renamed. While a store is being
+written, each finished shard is appended as one line to `shards.jsonl` (so recording a shard
+costs the same at the first shard and the 20,000th); a complete store's manifest lists every
+shard and the log is gone. Either way the store only ever names complete shards.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SHARD_LOG = "shards.jsonl"
 
 # On-disk dtype name -> (numpy dtype of the values, numpy dtype of the stored bits).
 DTYPES = {
@@ -136,7 +141,40 @@ def read_manifest(directory: str) -> dict:
             f"store {directory} has format version {version}; this version of xcoder_jax "
             f"reads version {FORMAT_VERSION} (re-extract the activations)"
         )
+    if not manifest.get("complete"):  # shards recorded so far live in the append-only log
+        manifest["shards"] = manifest.get("shards", []) + read_shard_log(directory)
+        manifest["n_rows"] = sum(s["rows"] for s in manifest["shards"])
     return manifest
+
+
+def append_shard_record(directory: str, record: dict) -> None:
+    """Appends one finished shard's record to the store's log, durably."""
+    with open(os.path.join(directory, SHARD_LOG), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_shard_log(directory: str) -> list[dict]:
+    """The shard records of the log; a last line cut short by a crash is left out."""
+    records = []
+    try:
+        with open(os.path.join(directory, SHARD_LOG)) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                records.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    except json.JSONDecodeError as e:
+        raise StoreError(f"corrupt shard log in {directory}: {e}") from e
+    return records
+
+
+def write_shard_log(directory: str, records: list[dict]) -> None:
+    """Replaces the log with exactly `records` (a resume drops a torn last line this way)."""
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    atomic_write_bytes(os.path.join(directory, SHARD_LOG), lambda f: f.write(data))
 
 
 # --- Statistics ------------------------------------------------------------------------

@@ -49,7 +49,11 @@ class StoreWriter:
         self.resume_point: tuple[int, int] | None = None
         if os.path.exists(os.path.join(directory, mf.MANIFEST)):
             self._resume()
-        os.makedirs(directory, exist_ok=True)
+        else:
+            os.makedirs(directory, exist_ok=True)
+            if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
+                os.remove(os.path.join(directory, mf.SHARD_LOG))  # a log without its store
+            self._write_manifest(complete=False)
         self._acts: list[np.ndarray] = []
         self._tokens: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
@@ -73,6 +77,9 @@ class StoreWriter:
         self.shards = manifest["shards"]
         if self.shards:
             self.resume_point = tuple(self.shards[-1]["last"])
+        # The header first, then the log: a crash in between leaves the old log, still valid.
+        self._write_manifest(complete=False)
+        mf.write_shard_log(self.directory, self.shards)
 
     @property
     def rows_written(self) -> int:
@@ -137,22 +144,21 @@ class StoreWriter:
         sums = mf.shard_sums(mf.from_disk(stored, self.dtype).astype(np.float32))
         stats = mf.stats_name(k)
         mf.atomic_write_bytes(os.path.join(self.directory, stats), lambda f: np.savez(f, **sums))
-        self.shards.append(
-            {
-                "id": k,
-                "rows": int(n),
-                "acts": acts_files,
-                "tokens": mf.tokens_name(k),
-                "index": mf.index_name(k),
-                "stats": stats,
-                "sha256": hashes,
-                "first": [int(index[0, 0]), int(index[0, 1])],
-                "last": [int(index[-1, 0]), int(index[-1, 1])],
-                # A document's first kept row starts it; summed, these count documents.
-                "docs_started": int(np.sum(index[:, 1] == self.meta["first_position"])),
-            }
-        )
-        self._write_manifest(complete=False)
+        record = {
+            "id": k,
+            "rows": int(n),
+            "acts": acts_files,
+            "tokens": mf.tokens_name(k),
+            "index": mf.index_name(k),
+            "stats": stats,
+            "sha256": hashes,
+            "first": [int(index[0, 0]), int(index[0, 1])],
+            "last": [int(index[-1, 0]), int(index[-1, 1])],
+            # A document's first kept row starts it; summed, these count documents.
+            "docs_started": int(np.sum(index[:, 1] == self.meta["first_position"])),
+        }
+        mf.append_shard_record(self.directory, record)
+        self.shards.append(record)
 
     def _write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
         manifest = {
@@ -163,8 +169,9 @@ class StoreWriter:
             "dtype": self.dtype,
             "shard_rows": self.shard_rows,
             "fingerprint": self.fingerprint,
-            "shards": self.shards,
-            "n_rows": self.rows_written,
+            # An unfinished store's shards are in the log (mf.read_manifest joins them).
+            "shards": self.shards if complete else [],
+            "n_rows": self.rows_written if complete else 0,
             **self.meta,
             **(extra or {}),
         }
@@ -195,7 +202,7 @@ def finalize(directory: str, write_manifest) -> dict:
     mf.atomic_write_bytes(
         os.path.join(directory, "mean.npy"), lambda f: np.save(f, mean.astype(np.float32))
     )
-    return write_manifest(
+    complete = write_manifest(
         True,
         {
             "n_docs": sum(s["docs_started"] for s in manifest["shards"]),
@@ -204,6 +211,10 @@ def finalize(directory: str, write_manifest) -> dict:
             "mean": "mean.npy",
         },
     )
+    # The complete manifest lists every shard; the log it was built from is no longer needed.
+    if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
+        os.remove(os.path.join(directory, mf.SHARD_LOG))
+    return complete
 
 
 def merge_parts(part_dirs: list[str], directory: str) -> dict:
