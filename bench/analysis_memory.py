@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -47,11 +48,14 @@ def build_store(directory: str, n_rows: int, d: int, tokenizer, doc_rows: int = 
     """Random activations with planted marker texts; returns the store directory."""
     from tests.conftest import store_writer
     from xcoder_jax.activations import ActivationStore
+    from xcoder_jax.activations import manifest as mf
 
     path = os.path.join(directory, f"store_{n_rows}_{d}")
     if os.path.exists(os.path.join(path, "manifest.json")):
-        ActivationStore(path, verify=False)
-        return path
+        if mf.read_manifest(path).get("complete"):
+            ActivationStore(path, verify=False)
+            return path
+        shutil.rmtree(path)  # an interrupted build: start it again
     rng = np.random.default_rng(0)
     text_ids = np.asarray(tokenizer(MARKER_TEXT)["input_ids"], np.int32)
     writer = store_writer(path, {"bench": n_rows}, d=d, shard_rows=65536)

@@ -101,27 +101,39 @@ def gemm_runners(d, h, batch, dtype, steps_per_round, device):
     decoder's two gradients and the encoder's weight gradient (the data needs none). A dense
     implementation of the step cannot beat the faster of the two."""
     rng = np.random.default_rng(1)
-    x, f = rng.normal(size=(batch, 2 * d)), rng.normal(size=(batch, h))
-    w_enc, w_dec = rng.normal(size=(2 * d, h)), rng.normal(size=(h, 2 * d))
-    arrays = [a.astype(np.float32) for a in (x, f, w_enc, w_dec)]
+    shapes = {
+        "x": (batch, 2 * d),  # the batch
+        "f": (batch, h),  # latent activations
+        "w_enc": (2 * d, h),
+        "w_dec": (h, 2 * d),
+        "g_xhat": (batch, 2 * d),  # gradient of the loss at the reconstruction
+        "g_pre": (batch, h),  # gradient of the loss at the encoder's pre-activations
+    }
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
 
-    def five(x, f, w_enc, w_dec, t):
-        return (x @ w_enc, f @ w_dec, t(f) @ x, x @ t(w_dec), t(x) @ f)
+    def five(a, t):
+        return (
+            a["x"] @ a["w_enc"],
+            a["f"] @ a["w_dec"],
+            t(a["f"]) @ a["g_xhat"],  # d loss / d W_dec
+            a["g_xhat"] @ t(a["w_dec"]),  # d loss / d f
+            t(a["x"]) @ a["g_pre"],  # d loss / d W_enc
+        )
 
     jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
-    jarrays = [jax.numpy.asarray(a, jdtype) for a in arrays]
-    jfive = jax.jit(lambda *a: five(*a, t=lambda m: m.T))
+    jarrays = {k: jax.numpy.asarray(v, jdtype) for k, v in arrays.items()}
+    jfive = jax.jit(lambda a: five(a, t=lambda m: m.T))
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tarrays = [torch.from_numpy(a).to(device, tdtype) for a in arrays]
+    tarrays = {k: torch.from_numpy(v).to(device, tdtype) for k, v in arrays.items()}
 
     def jax_run():
         for _ in range(steps_per_round):
-            out = jfive(*jarrays)
+            out = jfive(jarrays)
         jax.block_until_ready(out)
 
     def torch_run():
         for _ in range(steps_per_round):
-            out = five(*tarrays, t=lambda m: m.t())
+            out = five(tarrays, t=lambda m: m.t())
         out[-1].sum().item()
 
     return {"gemm_jax": jax_run, "gemm_torch": torch_run}

@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.zoo.n_heads = 4
     c.zoo.n_kv_heads = 2
     c.zoo.mlp_mult = 4  # intermediate size = mlp_mult * hidden
-    # Upper bound for the byte-level BPE; the corpus saturates at ~710 entries, enough for
+    # Upper bound for the byte-level BPE; the corpus saturates at ~830 entries, enough for
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 1024
     c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)

@@ -85,6 +85,26 @@ def test_sharded_extraction_merged_equals_single(micro_pair, single, tmp_path):
     assert merged_manifest["n_docs"] == store.manifest["n_docs"]
 
 
+def test_manifest_reads_shards_from_the_log_once(tmp_path):
+    d = str(tmp_path)
+    shard = lambda k: {"id": k, "rows": 10 + k}
+    header = {"format_version": mf.FORMAT_VERSION, "complete": False}
+    # An unfinished store written before the log existed: its header lists the shards.
+    mf.atomic_write_json(os.path.join(d, mf.MANIFEST), {**header, "shards": [shard(0)]})
+    assert mf.read_manifest(d)["shards"] == [shard(0)]
+    # Once a log exists it holds every shard (a resume copies the header's into it first),
+    # so a header that still lists some is not counted twice.
+    mf.write_shard_log(d, [shard(0)])
+    mf.append_shard_record(d, shard(1))
+    m = mf.read_manifest(d)
+    assert m["shards"] == [shard(0), shard(1)] and m["n_rows"] == 21
+    # A complete manifest is the whole truth; a log left behind by a crash is ignored.
+    mf.atomic_write_json(
+        os.path.join(d, mf.MANIFEST), {**header, "complete": True, "shards": [shard(0)]}
+    )
+    assert mf.read_manifest(d)["shards"] == [shard(0)]
+
+
 def test_interrupted_extraction_resumes_without_duplicates(
     micro_pair, single, tmp_path, monkeypatch
 ):

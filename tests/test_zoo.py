@@ -147,9 +147,7 @@ def test_relation_sentences_teach_every_pair():
             assert any(a in w and b in w for w in words), (a, b)
     # Both words of a pair also appear with what they share (a noun's deed, a verb's object,
     # an antonym pair's scale), which ties the two forms to one identity.
-    assert set(SHARED_WORDS) <= set(RELATIONS)
     for rel, shared in SHARED_WORDS.items():
-        assert set(shared) == {a for a, _ in RELATIONS[rel]}, rel
         for a, b in RELATIONS[rel]:
             assert any({a, b, shared[a]} <= w for w in words), (rel, a, b)
     doc = relation_document(rng)

@@ -141,18 +141,33 @@ def read_manifest(directory: str) -> dict:
             f"store {directory} has format version {version}; this version of xcoder_jax "
             f"reads version {FORMAT_VERSION} (re-extract the activations)"
         )
-    if not manifest.get("complete"):  # shards recorded so far live in the append-only log
-        manifest["shards"] = manifest.get("shards", []) + read_shard_log(directory)
+    if not manifest.get("complete") and os.path.exists(os.path.join(directory, SHARD_LOG)):
+        # An unfinished store's shards live in its append-only log; the log, once it
+        # exists, holds every shard recorded so far (a resume copies older ones into it).
+        manifest["shards"] = read_shard_log(directory)
         manifest["n_rows"] = sum(s["rows"] for s in manifest["shards"])
     return manifest
 
 
+def fsync_dir(directory: str) -> None:
+    """Makes the renames and file creations in `directory` durable (POSIX: a file's data
+    can reach the disk before the directory entry that names it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def append_shard_record(directory: str, record: dict) -> None:
-    """Appends one finished shard's record to the store's log, durably."""
+    """Appends one finished shard's record to the store's log, durably: the shard's files
+    are made durable first, so a recorded shard never names a file a power loss took."""
+    fsync_dir(directory)
     with open(os.path.join(directory, SHARD_LOG), "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(directory)  # the log's own entry, when this append created it
 
 
 def read_shard_log(directory: str) -> list[dict]:

@@ -1,9 +1,10 @@
 """Writes an activation store shard by shard, resumably.
 
 Rows arrive document by document in a fixed order. Every full shard is written under
-temporary names, renamed, and then recorded in the manifest; the manifest therefore names
-only complete shards, and a restarted extraction resumes right after the last recorded row
-(document, position) without duplicates or gaps.
+temporary names, renamed, and then recorded by appending a line to the store's shard log
+(`shards.jsonl`); the store therefore names only complete shards, and a restarted extraction
+resumes right after the last recorded row (document, position) without duplicates or gaps.
+The complete manifest, written at the end, lists every shard and replaces the log.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class StoreWriter:
         self._tokens: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
         self._buffered = 0
-        # One background thread writes shards (conversion, files, fsync, manifest) while the
+        # One background thread writes shards (conversion, files, fsync, log line) while the
         # caller computes the next rows; at most one shard is in flight, so memory is bounded.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._pending: Future | None = None
@@ -77,9 +78,10 @@ class StoreWriter:
         self.shards = manifest["shards"]
         if self.shards:
             self.resume_point = tuple(self.shards[-1]["last"])
-        # The header first, then the log: a crash in between leaves the old log, still valid.
-        self._write_manifest(complete=False)
+        # The log first (every shard so far, a torn last line dropped), then the header
+        # without shards: whichever a crash leaves, mf.read_manifest finds each shard once.
         mf.write_shard_log(self.directory, self.shards)
+        self._write_manifest(complete=False)
 
     @property
     def rows_written(self) -> int:
@@ -224,6 +226,9 @@ def merge_parts(part_dirs: list[str], directory: str) -> dict:
     (`part-000-of-003/m0_00000.npy`), so merging copies no activations.
     """
     parts = [mf.read_manifest(p) for p in part_dirs]
+    # A log left in the merged directory by an abandoned extraction there is not part of it.
+    if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
+        os.remove(os.path.join(directory, mf.SHARD_LOG))
     for p, m in zip(part_dirs, parts):
         if not m.get("complete"):
             raise mf.StoreError(f"cannot merge: {p} is not a complete store")

@@ -115,7 +115,8 @@ def make_texts(config) -> dict[str, list]:
     # A little base data keeps the relations and the everyday sense of the marker words alive
     # through distillation; no solutions, so every problem the distilled model sees is
     # answered in the teacher's style.
-    distill += rng.sample(rel_docs + everyday, round(zc.distill_base_frac * len(distill)))
+    pool = rel_docs + everyday
+    distill += rng.sample(pool, min(len(pool), round(zc.distill_base_frac * len(distill))))
     extract_docs = (
         [corpus.document(p, teacher_trace(p, rng)) for p in extract[:n_trace]]
         + [corpus.document(p, corpus.concise_solution(p)) for p in extract[n_trace:]]
