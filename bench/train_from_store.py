@@ -43,7 +43,9 @@ def run_steps(trainer, state, store, steps, batch, position):
     with BatchStream(store, batch, seed=0, normalise=True, start=position, prefetch=4) as stream:
         for _ in range(steps):
             x, _ = next(stream)
-            state, metrics = trainer.step(state, *trainer.to_device(x, np.ones(batch, np.float32)))
+            state, metrics = trainer.step(
+                state, *trainer.to_device(x, np.ones(batch, np.float32)), with_metrics=False
+            )
         jax.block_until_ready(metrics["loss"])
         return state, stream.position
 

@@ -49,7 +49,9 @@ def jax_runner(d, h, batch, dtype, steps_per_round):
     def run():
         nonlocal state
         for _ in range(steps_per_round):
-            state, metrics = trainer.step(state, xb, wb)
+            # The step as training runs it between logged steps: no metrics beyond the loss,
+            # like the PyTorch step.
+            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
         jax.block_until_ready(metrics["loss"])
 
     return run

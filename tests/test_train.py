@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -158,6 +159,26 @@ def test_batchtopk_trains_and_exports_threshold(store_dir, tmp_path):
     assert all(abs(r["l0"] - 8) < 1e-6 for r in rows)  # exactly k per row on average
     assert min(final["fve"]) > 0.6
     assert "threshold" in _export(w) and (_export(w)["threshold"] > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["l1", "batchtopk"])
+def test_step_without_metrics_updates_the_state_alike(store_dir, loss):
+    c = train_config()
+    c.crosscoder.loss, c.crosscoder.k = loss, 8
+    store = ActivationStore(store_dir)
+    trainer = train.Trainer(c, store)
+    stream = BatchStream(store, c.train.batch_size, seed=0, normalise=True)
+    batches = [next(stream)[0] for _ in range(3)]
+    stream.close()
+    full, lean = trainer.init_state(), trainer.init_state()
+    for x in batches:
+        w = np.ones(len(x), np.float32)
+        full, m_full = trainer.step(full, *trainer.to_device(x, w), with_metrics=True)
+        lean, m_lean = trainer.step(lean, *trainer.to_device(x, w), with_metrics=False)
+        assert set(m_lean) == {"loss"} and {"fve", "l0", "dead_fraction"} <= set(m_full)
+        np.testing.assert_allclose(float(m_lean["loss"]), float(m_full["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(lean), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 # --- Bad input ---------------------------------------------------------------------------

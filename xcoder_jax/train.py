@@ -182,11 +182,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 weights, bad = all_valid, 0
             skipped += bad
             seen[ids[weights > 0]] = True
-            state, metrics = trainer.step(state, *trainer.to_device(batch, weights))
+            done = step + 1
+            log_now = done % tc.log_every == 0 or done == tc.steps
+            state, metrics = trainer.step(state, *trainer.to_device(batch, weights), log_now)
             position = stream.position
             tokens += int(weights.sum())
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
+            if log_now:
                 check_finite(state, done)
                 record = {
                     k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()

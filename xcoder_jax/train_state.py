@@ -11,6 +11,8 @@ State is a plain dict pytree (Orbax saves it as is):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,12 +122,17 @@ class Trainer:
             lambda p, x: NamedSharding(self.mesh, _spec(p, x)), self._abstract
         )
         self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
-        self._step_jit = jax.jit(
-            self._step,
-            in_shardings=(self.state_sharding, self.batch_sharding, self.weight_sharding),
-            out_shardings=(self.state_sharding, None),
-            donate_argnums=0,
-        )
+        # Two compilations of one step: with every metric (for the steps that log) and with
+        # the loss alone (the rest, about 10% faster on a CPU; the state is updated the same).
+        self._step_jit = {
+            with_metrics: jax.jit(
+                functools.partial(self._step, with_metrics=with_metrics),
+                in_shardings=(self.state_sharding, self.batch_sharding, self.weight_sharding),
+                out_shardings=(self.state_sharding, None),
+                donate_argnums=0,
+            )
+            for with_metrics in (True, False)
+        }
         self._eval_jit = jax.jit(self._eval_batch)
 
     def _model(self, seed: int, dtype=None) -> Crosscoder:
@@ -169,8 +176,10 @@ class Trainer:
             jax.make_array_from_process_local_data(self.weight_sharding, weights),
         )
 
-    def step(self, state, batch, weights):
-        return self._step_jit(state, batch, weights)
+    def step(self, state, batch, weights, with_metrics: bool = True):
+        """One training step: (new state, metrics). The input state is donated (consumed).
+        Without `with_metrics` the metrics hold only the loss."""
+        return self._step_jit[with_metrics](state, batch, weights)
 
     # --- The pure step -------------------------------------------------------------------
     def _loss(self, params, rest, x, weights, step, since_fired):
@@ -186,7 +195,7 @@ class Trainer:
             loss, aux = batchtopk_loss(model, x, weights, cc.k, dead, cc.aux_k, cc.aux_coeff)
         return loss, {**aux, "lam": lam}
 
-    def _step(self, state, x, weights):
+    def _step(self, state, x, weights, with_metrics: bool):
         step = state["step"]
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         (loss, aux), grads = grad_fn(
@@ -217,6 +226,8 @@ class Trainer:
             "since_fired": since,
             "first_bad_step": bad,
         }
+        if not with_metrics:
+            return new_state, {"loss": loss}
         metrics = {
             "loss": loss,
             "mse": aux["mse"],
