@@ -88,6 +88,19 @@ def test_distinct_tokens_equal_rows_visited(uninterrupted, store_dir):
     assert config["distinct_tokens_trained"] == 2560
 
 
+def test_row_bitmap_is_packbits_of_the_rows_marked():
+    rng = np.random.default_rng(0)
+    n = 1003  # not a multiple of 8
+    rows = rng.integers(0, n, 700)
+    bits = train._new_bitmap(n)
+    train._mark(bits, rows[:350])
+    train._mark(bits, rows[350:])
+    dense = np.zeros(n, bool)
+    dense[rows] = True
+    np.testing.assert_array_equal(bits, np.packbits(dense))
+    assert train._count(bits) == train._count_across_hosts(bits) == len(set(rows.tolist()))
+
+
 def test_resumed_run_equals_uninterrupted(uninterrupted, store_dir, tmp_path, monkeypatch):
     w_full, _ = uninterrupted
     w = _workdir(tmp_path, store_dir)

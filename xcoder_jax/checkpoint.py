@@ -51,13 +51,13 @@ def save(
     force: bool = False,
 ) -> bool:
     """Saves the train state (a pytree), JSON-able `extra` (reader position, counters) and
-    the bitmap of store rows trained on (`seen`: [n_rows] bool, stored packed)."""
+    the bitmap of store rows trained on (`seen`: packed bits, uint8 [ceil(n_rows / 8)])."""
     return mngr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             extra=ocp.args.JsonSave(extra),
-            seen=ocp.args.StandardSave({"bits": np.packbits(seen)}),
+            seen=ocp.args.StandardSave({"bits": seen.copy()}),  # saved while training goes on
         ),
         force=force,
     )
@@ -73,7 +73,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, n_rows: int)
             seen=ocp.args.StandardRestore(),
         ),
     )
-    seen = np.unpackbits(np.asarray(out.seen["bits"]), count=n_rows).astype(bool)
+    seen = np.array(out.seen["bits"], np.uint8)  # writable: training keeps marking rows
+    if seen.shape != ((n_rows + 7) // 8,):
+        raise ValueError(f"checkpoint {step} has a row bitmap for another store size")
     return out.state, out.extra, seen
 
 

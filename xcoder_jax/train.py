@@ -89,13 +89,27 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _count_across_hosts(seen: np.ndarray) -> int:
+# The rows trained on, as a packed bitmap (np.packbits order: row i is bit 7 - i % 8 of byte
+# i // 8), an eighth of a bool array: 50 MB for the paper's 400M rows.
+def _new_bitmap(n_rows: int) -> np.ndarray:
+    return np.zeros((n_rows + 7) // 8, np.uint8)
+
+
+def _mark(bits: np.ndarray, rows: np.ndarray) -> None:
+    np.bitwise_or.at(bits, rows >> 3, np.right_shift(128, rows & 7).astype(np.uint8))
+
+
+def _count(bits: np.ndarray) -> int:
+    return int(np.bitwise_count(bits).sum(dtype=np.int64))
+
+
+def _count_across_hosts(bits: np.ndarray) -> int:
     """Distinct rows trained on, over all hosts (each host marks the rows it read)."""
     if jax.process_count() == 1:
-        return int(seen.sum())
+        return _count(bits)
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.process_allgather(seen).any(0).sum())
+    return _count(np.bitwise_or.reduce(multihost_utils.process_allgather(bits), axis=0))
 
 
 # --- The loop ---------------------------------------------------------------------------
@@ -116,7 +130,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
     metrics_file = wd.metrics_path(workdir)
     latest = mngr.latest_step()
-    seen = np.zeros(store.n_rows, bool)
+    seen = _new_bitmap(store.n_rows)
     if latest is not None:
         extra = ckpt.restore_extra(mngr, latest)
         differing = incompatible_fields(extra["config"], config_fields(config))
@@ -181,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             else:
                 weights, bad = all_valid, 0
             skipped += bad
-            seen[ids[weights > 0]] = True
+            _mark(seen, ids[weights > 0])
             done = step + 1
             log_now = done % tc.log_every == 0 or done == tc.steps
             state, metrics = trainer.step(state, *trainer.to_device(batch, weights), log_now)
@@ -194,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     for k, v in jax.device_get(metrics).items()
                 }
                 record.update(
-                    step=done, tokens=tokens, distinct_rows=int(seen.sum()), skipped_rows=skipped
+                    step=done, tokens=tokens, distinct_rows=_count(seen), skipped_rows=skipped
                 )
                 if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
                     record.update(
