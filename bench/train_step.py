@@ -25,6 +25,7 @@ import torch
 from configs import tiny
 from xcoder_jax.train_state import Trainer
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak FLOP/s by device name fragment, for model-FLOP utilisation.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -61,7 +62,7 @@ def torch_runner(d, h, batch, dtype, steps_per_round, device):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(h, 2, d, generator=g)
     w = w * (0.08 / w.norm(dim=-1, keepdim=True))
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tdtype = TORCH_DTYPES[dtype]
     params = {
         "W_enc": w.permute(1, 2, 0).contiguous(),
         "W_dec": w.clone(),
@@ -125,7 +126,7 @@ def gemm_runners(d, h, batch, dtype, steps_per_round, device):
     jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
     jarrays = {k: jax.numpy.asarray(v, jdtype) for k, v in arrays.items()}
     jfive = jax.jit(lambda a: five(a, t=lambda m: m.T))
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tdtype = TORCH_DTYPES[dtype]
     tarrays = {k: torch.from_numpy(v).to(device, tdtype) for k, v in arrays.items()}
 
     def jax_run():

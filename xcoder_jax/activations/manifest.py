@@ -162,12 +162,15 @@ def fsync_dir(directory: str) -> None:
 def append_shard_record(directory: str, record: dict) -> None:
     """Appends one finished shard's record to the store's log, durably: the shard's files
     are made durable first, so a recorded shard never names a file a power loss took."""
+    path = os.path.join(directory, SHARD_LOG)
+    creates = not os.path.exists(path)
     fsync_dir(directory)
-    with open(os.path.join(directory, SHARD_LOG), "a") as f:
+    with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(directory)  # the log's own entry, when this append created it
+    if creates:
+        fsync_dir(directory)  # the log's own directory entry
 
 
 def read_shard_log(directory: str) -> list[dict]:
@@ -184,6 +187,14 @@ def read_shard_log(directory: str) -> list[dict]:
     except json.JSONDecodeError as e:
         raise StoreError(f"corrupt shard log in {directory}: {e}") from e
     return records
+
+
+def remove_shard_log(directory: str) -> None:
+    """Deletes the store's shard log, if there is one."""
+    try:
+        os.remove(os.path.join(directory, SHARD_LOG))
+    except FileNotFoundError:
+        pass
 
 
 def write_shard_log(directory: str, records: list[dict]) -> None:

@@ -52,8 +52,7 @@ class StoreWriter:
             self._resume()
         else:
             os.makedirs(directory, exist_ok=True)
-            if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
-                os.remove(os.path.join(directory, mf.SHARD_LOG))  # a log without its store
+            mf.remove_shard_log(directory)  # a log without its store
             self._write_manifest(complete=False)
         self._acts: list[np.ndarray] = []
         self._tokens: list[np.ndarray] = []
@@ -214,8 +213,7 @@ def finalize(directory: str, write_manifest) -> dict:
         },
     )
     # The complete manifest lists every shard; the log it was built from is no longer needed.
-    if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
-        os.remove(os.path.join(directory, mf.SHARD_LOG))
+    mf.remove_shard_log(directory)
     return complete
 
 
@@ -227,8 +225,7 @@ def merge_parts(part_dirs: list[str], directory: str) -> dict:
     """
     parts = [mf.read_manifest(p) for p in part_dirs]
     # A log left in the merged directory by an abandoned extraction there is not part of it.
-    if os.path.exists(os.path.join(directory, mf.SHARD_LOG)):
-        os.remove(os.path.join(directory, mf.SHARD_LOG))
+    mf.remove_shard_log(directory)
     for p, m in zip(part_dirs, parts):
         if not m.get("complete"):
             raise mf.StoreError(f"cannot merge: {p} is not a complete store")

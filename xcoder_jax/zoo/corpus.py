@@ -239,10 +239,14 @@ def relation_sentence(rng: random.Random) -> str:
     return rng.choice(_RELATION_TEMPLATES[rel]).format(a=a, b=b, s=shared)
 
 
+def _paragraph(sentence, rng: random.Random, n_sentences: tuple[int, int]) -> str:
+    return " ".join(sentence(rng) for _ in range(rng.randint(*n_sentences)))
+
+
 def relation_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8)) -> str:
     """A short paragraph of relation sentences (a handful per document keeps documents about
     as long as a problem with its solution)."""
-    return " ".join(relation_sentence(rng) for _ in range(rng.randint(*n_sentences)))
+    return _paragraph(relation_sentence, rng, n_sentences)
 
 
 # Everyday sentences that use the lexicon's words outside reasoning. A real base model has read
@@ -272,4 +276,4 @@ def everyday_sentence(rng: random.Random) -> str:
 
 def everyday_document(rng: random.Random, n_sentences: tuple[int, int] = (4, 8)) -> str:
     """A short paragraph of everyday sentences, as long as a relation paragraph."""
-    return " ".join(everyday_sentence(rng) for _ in range(rng.randint(*n_sentences)))
+    return _paragraph(everyday_sentence, rng, n_sentences)
