@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+SEEDS ?= 0,1,2,3,4
+
+.PHONY: demo replicate test lint setup clean
 
 setup: $(STAMP)
 
@@ -25,6 +27,11 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(PY) launch/pipeline.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# The whole study once per seed, into $(WORKDIR)/seed<s>; the table in $(WORKDIR)/replication.md.
+replicate: WORKDIR = runs/replicate
+replicate: $(STAMP)
+	$(PY) launch/replicate.py --config=$(CONFIG) --workdir=$(WORKDIR) --seeds=$(SEEDS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check xcoder_jax launch configs bench tests

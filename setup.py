@@ -16,7 +16,8 @@ setup(
         "chex>=0.1.89",
         "ml_collections>=1.0",
         "absl-py>=2.1",
-        "numpy>=1.26",
+        "numpy>=2",  # np.bitwise_count
+        "scipy>=1.11",  # t quantiles for confidence intervals
         "ml_dtypes>=0.5",
         "transformers>=4.46",
         "tokenizers>=0.20",

@@ -152,6 +152,8 @@ def get_config(arg=None):
     c.geometry.n_components = (2, 5, 10, 20)  # PCA sizes; capped at min(2 * pairs, d_model)
     c.geometry.plot_n_components = 2  # the one figures and the summary use (the paper's)
     c.geometry.n_shuffles = 5  # random pairings of the same words averaged in the control
+    # Bootstrap resamples of word pairs behind every 95% interval (seeded by `seed`).
+    c.geometry.n_boot = 1000
     c.geometry.batch_size = 64  # words per forward pass
     # More pairs to study, each ConfigDict(name=..., base=..., distilled=...) (HF ids/paths).
     c.geometry.pairs = []
@@ -172,10 +174,13 @@ def get_config(arg=None):
     c.analysis.label_min_share = 0.5  # labels name a category when this share of examples fit
     c.analysis.top_latents = 20  # rows of the report's tables and of each category's top list
     c.analysis.batch_rows = 1024  # rows encoded at once (memory: batch_rows * n_latents floats)
-    c.analysis.scaling_max_latents = 4096  # exclusive latents given a latent-scaling fit
+    # Base-only and distilled-only latents given a latent-scaling fit, the most extreme first;
+    # half the budget per side, what one side leaves unused goes to the other.
+    c.analysis.scaling_max_latents = 4096
     c.analysis.scaling_min_rows = 5  # held-out firing rows needed for a fit
-    # Latent scaling ratio (other model's beta / owner's) from which an exclusive latent is
-    # flagged as falsely exclusive (complete shrinkage or decoupling, Minder et al. 2025).
+    # Error ratio of latent scaling (other model's beta / owner's on the error target) above
+    # which an exclusive latent is flagged as falsely exclusive (complete shrinkage, Minder et
+    # al. 2025). The reconstruction ratio (latent decoupling) is reported, not thresholded.
     c.analysis.scaling_false_ratio = 0.5
     c.analysis.splice_docs = 64  # held-out documents for splice-in CE; 0 skips splice-in
     c.analysis.splice_batch = 8  # documents per forward pass in splice-in
@@ -190,8 +195,11 @@ def get_config(arg=None):
     # is predicted (they steer), 0 on the marker token, as the analysis reads them.
     c.steering.fire_offset = -1
     c.steering.models = ("distilled",)  # roles steered, each with its own decoder rows
-    # In units of the model's mean activation norm at block L (sqrt(d) / scale) along the
-    # unit decoder direction; 0 is the clean model.
+    # What alpha multiplies (steering.hooks.CONVENTIONS): "norm", the model's mean activation
+    # norm at block L (sqrt(d) / scale) times each latent's unit decoder row, summed over the
+    # set; "raw" (the paper's), the latents' exported decoder rows in raw units, summed.
+    c.steering.convention = "norm"
+    # 0 is the clean model, always run: each steered alpha is paired with it.
     c.steering.alphas = (-0.4, -0.2, 0.0, 0.2, 0.4)
     c.steering.prompts = ""  # JSONL of {"prompt", optional "answer"}; "": the zoo's held-out set
     c.steering.n_prompts = 50  # -1: all
@@ -200,7 +208,7 @@ def get_config(arg=None):
     c.steering.max_new_tokens = 192
     c.steering.batch_size = 100  # rows decoded together (left-padded)
     c.steering.stop = "Question:"  # text is cut where this begins ("": keep all)
-    c.steering.seed = 0
+    c.steering.seed = c.get_ref("seed")  # sampling seeds follow the run's seed
 
     # --- Ablation (marker logits with category latents removed at block L) -------------
     c.ablation = ConfigDict()
@@ -210,9 +218,10 @@ def get_config(arg=None):
     # Where a latent's firing on a marker is read: -1 at the position that predicts the marker
     # (where its logit is measured), 0 on the marker token itself.
     c.ablation.fire_offset = -1
-    c.ablation.n_random = 3  # seeded draws of as many random latents, averaged (the control)
+    # Seeded draws of each random control (activity-matched and uniform), resampled in the CIs.
+    c.ablation.n_random = 20
     c.ablation.n_docs = 64  # held-out documents of the store whose marker logits are measured
     c.ablation.batch_size = 16  # documents per forward pass
-    c.ablation.seed = 0
+    c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 
     return c

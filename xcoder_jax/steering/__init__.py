@@ -14,7 +14,7 @@ from xcoder_jax.steering.hooks import (
     steer,
     subtract_at_site,
 )
-from xcoder_jax.steering.stats import aggregate, mean_ci, text_metrics
+from xcoder_jax.steering.stats import aggregate, text_metrics
 from xcoder_jax.steering.sweep import read_prompts, run_steering, summarize_steering
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "ablate",
     "add_at_site",
     "aggregate",
-    "mean_ci",
     "read_prompts",
     "run_ablation",
     "run_steering",

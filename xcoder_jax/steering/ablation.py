@@ -1,15 +1,24 @@
 """The ablation experiment: do a category's distilled-leaning latents predict its markers?
 
-Per reasoning category C and frac: rank all latents by how many of C's marker occurrences in
-the store they fire on (read at `fire_offset` from the marker: by default at the position
-that predicts it, where the logit is measured), keep the top `frac` share of latents (with
-at least one firing) and, of those, the ones with NRN > `ablation.min_nrn` (0.5): the
-targeted set S. On held-out
-documents of the extraction corpus (the store's held-out shards, re-tokenised), S is ablated
-at block L in each model at every position >= 1 (`hooks.ablate`, reconstruction error kept),
-and the logit of the marker's first token at the position before each occurrence of one of
-C's markers (the logit that predicts the marker) is compared with the clean model's. The
-control ablates |S| latents drawn uniformly from all latents, `n_random` seeded draws.
+Selection and measurement use disjoint documents of the store:
+
+- selection, on the TRAINING shards: per reasoning category C, every latent's count of C's
+  marker occurrences it fires on (read at `fire_offset` from the marker: by default at the
+  position that predicts it, where the logit is measured); the top `frac` share of latents
+  (with at least one firing) whose NRN > `ablation.min_nrn` is the targeted set S;
+- measurement, on HELD-OUT documents wholly inside the held-out shards (re-tokenised from
+  the sources): S is ablated at block L in each model at every position >= 1
+  (`hooks.ablate`, reconstruction error kept), and the logit of the marker's first token at
+  the position before each occurrence of one of C's markers is compared with the clean
+  model's (ablated - clean).
+
+Controls (`controls`): `n_random` activity-matched random sets (same NRN pool, comparable
+summed activity at the measured positions) and `n_random` uniform random sets of |S|
+latents. Every effect is a mean over marker occurrences with a 95% bootstrap CI that
+resamples documents (occurrences in one document are not independent) and, for the
+controls, the random draws; the targeted - matched difference gets its own CI, and so does
+the distilled - base difference of (targeted - matched). An empty targeted set is `null`
+with its reason.
 
 Writes ablation/results.json and ablation/ablation.png.
 """
@@ -25,15 +34,16 @@ import numpy as np
 import torch
 
 from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.analysis import check_pair, marker_groups, splice
 from xcoder_jax.lexicon import find_marker
-from xcoder_jax.steering import common
+from xcoder_jax.steering import common, controls
 from xcoder_jax.steering.hooks import ExportedCrosscoder, ablate, site_inputs
 from xcoder_jax.train import split_shards
 
-ABLATION_FORMAT = 1  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 2  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
 
 
@@ -89,13 +99,27 @@ class LogitProbe:
             out[sel] = logits[d, p, t].float().cpu().numpy()
         return out
 
+    @torch.no_grad()
+    def latent_acts(self, where) -> np.ndarray:
+        """f [n, h] of every latent at `where` [(doc, position, token)] (clean inputs)."""
+        out = np.zeros((len(where), self.xcoder.n_latents), np.float32)
+        all_ids = list(range(self.xcoder.n_latents))
+        for lo, ids, _, x in self.batches:
+            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + len(ids)]
+            if sel:
+                d = torch.tensor([where[k][0] - lo for k in sel])
+                p = torch.tensor([where[k][1] for k in sel])
+                out[sel] = self.xcoder.latent_acts(x[d, p], all_ids).cpu().numpy()
+        return out
 
-def _change(probe: LogitProbe, target: int, latents, where, clean: np.ndarray, memo) -> float:
-    """Mean logit change at `where` when `latents` are ablated in model `target`."""
-    key = (target, tuple(np.asarray(latents).tolist()))
-    if key not in memo:  # fracs often select the same set
-        memo[key] = float((probe.logits(target, list(key[1]), where) - clean).mean())
-    return memo[key]
+
+def _id_ranges(ids) -> list[list[int]]:
+    """Sorted ids as inclusive [first, last] runs (compact for 100k documents)."""
+    ids = np.unique(np.asarray(ids, np.int64))
+    if not len(ids):
+        return []
+    cut = np.flatnonzero(np.diff(ids) != 1) + 1
+    return [[int(r[0]), int(r[-1])] for r in np.split(ids, cut)]
 
 
 def _fingerprint(config, workdir: str, store) -> dict:
@@ -112,6 +136,58 @@ def _fingerprint(config, workdir: str, store) -> dict:
     }
 
 
+def measurement_documents(store, config, heldout: list[int]):
+    """{doc id: (first stored position, tokens)} of held-out documents never trained on.
+
+    Raises AblationError when the store holds none (no held-out shards, or held-out shards
+    shorter than one document).
+    """
+    if not heldout:
+        raise AblationError(
+            "the store has no held-out shards (train.eval_shards = 0): the ablation measures on "
+            "documents its latents were not selected on; set train.eval_shards >= 1"
+        )
+    stored, n_cut = splice.heldout_documents(store, heldout, config.ablation.n_docs)
+    if n_cut:
+        raise AblationError(
+            f"the held-out shards {heldout} hold no whole document (each begins in a training "
+            "shard); hold out more shards (train.eval_shards) or extract with larger shards"
+        )
+    return stored
+
+
+class AblationError(ValueError):
+    """The ablation cannot be measured on held-out documents of this store."""
+
+
+def _effects(probe, m: int, ids, act, pool, where, clean, clusters, ac, rng) -> dict:
+    """Ablating `ids` in model m against its controls, each effect with its 95% CI.
+
+    act: [h] activity of every latent in model m at `where` (`controls.activity`); pool: ids
+    the matched control draws from. The per-occurrence arrays (keys ending in "_values")
+    feed the distilled - base comparison and are not written out.
+    """
+    draws = {
+        "matched": [controls.matched_draw(rng, act, ids, pool) for _ in range(ac.n_random)],
+        "uniform": [controls.uniform_draw(rng, len(act), ids) for _ in range(ac.n_random)],
+    }
+    t = probe.logits(m, ids, where) - clean
+    out = {"targeted": stats.cluster_bootstrap_ci(t, clusters, seed=ac.seed)}
+    out["targeted_values"] = t
+    for name, sets in draws.items():
+        r = np.stack([probe.logits(m, s, where) - clean for s in sets])  # [n_random, n]
+        out[f"{name}_random"] = stats.cluster_bootstrap_ci(r, clusters, seed=ac.seed)
+        diff = t[None] - r
+        out[f"targeted_minus_{name}"] = stats.cluster_bootstrap_ci(diff, clusters, seed=ac.seed)
+        out[f"{name}_sizes"] = [len(s) for s in sets]
+        out[f"{name}_values"] = r.mean(0)
+    goal = float(act[ids].sum())
+    ratios = [float(act[s].sum()) / goal for s in draws["matched"]] if goal > 0 else []
+    # How well the matched sets reach the targeted set's activity (1 = exactly).
+    out["matched_activity_ratio"] = stats.t_ci(ratios)
+    return out
+
+
 def run_ablation(config, workdir: str) -> dict:
     """The ablation experiment on `workdir`'s export; returns (and writes) ablation/results.json."""
     ac = config.ablation
@@ -124,62 +200,87 @@ def run_ablation(config, workdir: str) -> dict:
     old = common.done(paths[0], fp, paths[1:])
     if old is not None:
         return old
+    if ac.n_random < 2:
+        raise ValueError(
+            f"ablation.n_random must be >= 2 for a confidence interval, got {ac.n_random}"
+        )
     start = time.time()
     roles = common.role_order(export_config)
+    train, heldout = split_shards(store, config.train.eval_shards)
+    stored = measurement_documents(store, config, heldout)
     models, tokenizer = common.load_pair(config, workdir, roles)
     device = next(models[0].parameters()).device
     xcoder = ExportedCrosscoder(tensors, export_config, device)
     nrn = common.nrn(tensors, export_config, config.analysis.norm)
-    h = len(nrn)
+    dec_norms = np.linalg.norm(np.asarray(tensors["W_dec"], np.float64), axis=-1)  # [h, m] raw
     cats = list(ac.categories)
+    pool = np.flatnonzero(nrn > ac.min_nrn)  # the matched control draws like the targeted set
 
-    _, heldout = split_shards(store, config.train.eval_shards)
-    stored, n_cut = splice.heldout_documents(store, heldout or [len(store.shards) - 1], ac.n_docs)
+    doc_ids = sorted(stored)
     docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
     docs = [d[: config.data.max_tokens] for d in docs]
     first = int(store.manifest.get("first_position", 1))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = LogitProbe(models, xcoder, docs, ac.batch_size, pad_id, first)
     forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
-    counts = common.marker_counts(store, xcoder, forms, cats, ac.fire_offset)
+    counts = common.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
+    selection_docs = np.unique(np.concatenate([store.shard_index(k)[:, 0] for k in train]))
+    overlap = np.intersect1d(selection_docs, doc_ids)
+    if len(overlap):  # a document cut by the train/held-out border; never measured on
+        raise AblationError(f"documents {overlap[:5].tolist()} are both selected and measured on")
 
     results = {
         "fingerprint": fp,
         "roles": roles,
         "fracs": [float(f) for f in ac.fracs],
         "n_random": ac.n_random,
-        "n_docs": len(docs),
-        "docs_partly_trained": n_cut,
+        "selection": {"shards": train, "documents": _id_ranges(selection_docs)},
+        "measurement": {"shards": heldout, "documents": doc_ids},
         "measure": "mean change of the marker's first-token logit at the position before "
-        "each marker occurrence (ablated - clean)",
-        "random": "latents drawn uniformly without replacement from all latents",
+        "each marker occurrence (ablated - clean), over held-out occurrences",
+        "controls": {"matched": controls.MATCHED, "uniform": controls.UNIFORM},
+        "ci": "95% bootstrap percentile CI resampling documents (and random draws)",
         "categories": {},
     }
-    rng = np.random.default_rng(ac.seed)
     for c, cat in enumerate(cats):
         where = marker_positions(docs, forms[cat], first)
-        entry = {"occurrences": len(where), "by_frac": []}
+        entry = {"occurrences": len(where), "documents": len({w[0] for w in where}), "by_frac": []}
         results["categories"][cat] = entry
         if not where:
+            entry["reason"] = "no marker occurrence in the held-out documents"
             continue
+        clusters = np.array([doc_ids[d] for d, _, _ in where])
         clean = [probe.logits(m, [], where) for m in range(len(models))]
-        memo: dict = {}
+        f = probe.latent_acts(where)  # [n, h]
         entry["clean_logit"] = {r: float(clean[m].mean()) for m, r in enumerate(roles)}
+        memo: dict = {}
         for frac in results["fracs"]:
             ids = targeted_latents(counts[c], nrn, frac, ac.min_nrn)
             row = {"frac": frac, "n_latents": len(ids), "latents": ids.tolist()}
-            draws = [rng.choice(h, len(ids), replace=False) for _ in range(ac.n_random)]
-            for m, role in enumerate(roles):
-                if len(ids) == 0:
-                    row[role] = {"targeted": 0.0, "random": 0.0, "random_draws": []}
-                    continue
-                rand = [_change(probe, m, s, where, clean[m], memo) for s in draws]
-                row[role] = {
-                    "targeted": _change(probe, m, ids, where, clean[m], memo),
-                    "random": float(np.mean(rand)),
-                    "random_draws": rand,
-                }
             entry["by_frac"].append(row)
+            if not len(ids):
+                row["reason"] = (
+                    f"no latent in the top {frac:g} by marker firing has NRN > {ac.min_nrn}"
+                )
+                continue
+            per_model = []
+            for m, role in enumerate(roles):
+                key = (m, tuple(ids.tolist()))
+                if key not in memo:  # fracs often select the same set
+                    rng = np.random.default_rng([ac.seed, c, m, len(ids)])
+                    act = controls.activity(f, dec_norms[:, m])
+                    memo[key] = _effects(
+                        probe, m, ids, act, pool, where, clean[m], clusters, ac, rng
+                    )
+                eff = memo[key]
+                per_model.append(eff["targeted_values"] - eff["matched_values"])
+                row[role] = {k: v for k, v in eff.items() if not k.endswith("_values")}
+            if "base" in roles and "distilled" in roles:
+                # Does the distilled model lose more of the marker than the base does?
+                diff = per_model[roles.index("distilled")] - per_model[roles.index("base")]
+                row["distilled_minus_base"] = stats.cluster_bootstrap_ci(
+                    diff, clusters, seed=ac.seed
+                )
     results["seconds"] = round(time.time() - start, 1)
     os.makedirs(out_dir, exist_ok=True)
     plot_ablation(results, paths[1])
@@ -187,8 +288,18 @@ def run_ablation(config, workdir: str) -> dict:
     return json.loads(json.dumps(results))
 
 
+def _series(rows, role: str, key: str):
+    """(fracs, means, [lower errors, upper errors]) of the computed CIs `key` in `rows`."""
+    got = [(r["frac"], r[role][key]) for r in rows if role in r and r[role][key]["lo"] is not None]
+    fr = [g[0] for g in got]
+    mean = [g[1]["mean"] for g in got]
+    err = [[g[1]["mean"] - g[1]["lo"] for g in got], [g[1]["hi"] - g[1]["mean"] for g in got]]
+    return fr, mean, err
+
+
 def plot_ablation(results: dict, path: str) -> None:
-    """Targeted vs random logit change against frac, one panel per category and model."""
+    """Targeted, matched and uniform random logit change (95% CI) against frac, one panel per
+    category and model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,17 +311,16 @@ def plot_ablation(results: dict, path: str) -> None:
         len(roles), max(len(cats), 1), figsize=(3.2 * max(len(cats), 1), 2.8 * len(roles)),
         squeeze=False,
     )  # fmt: skip
+    styles = [("targeted", "o-"), ("matched_random", "s--"), ("uniform_random", "^:")]
     for j, cat in enumerate(cats):
         rows = results["categories"][cat]["by_frac"]
         for i, role in enumerate(roles):
             ax = axes[i, j]
-            if rows:
-                fr = [r["frac"] for r in rows]
-                ax.plot(fr, [r[role]["targeted"] for r in rows], "o-", label="targeted")
-                rand = [r[role]["random"] for r in rows]
-                spread = [np.ptp(r[role]["random_draws"] or [0.0]) / 2 for r in rows]
-                ax.errorbar(fr, rand, yerr=spread, fmt="s--", capsize=3, label="random")
-                ax.set_xscale("log")
+            for key, fmt in styles:
+                fr, mean, err = _series(rows, role, key)
+                if fr:
+                    ax.errorbar(fr, mean, yerr=err, fmt=fmt, capsize=3, label=key.replace("_", " "))
+                    ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_title(f"{cat} ({role})", fontsize=9)
             ax.set_xlabel("frac")
@@ -218,26 +328,36 @@ def plot_ablation(results: dict, path: str) -> None:
                 ax.set_ylabel("marker logit change")
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Ablation on held-out documents: mean and 95% CI", fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
     plt.close(fig)
 
 
+def _fmt(ci: dict) -> str:
+    if ci["lo"] is None:
+        return f"{ci['mean']:+.2f} (no CI: {ci.get('reason')})" if ci["mean"] is not None else "n/a"
+    return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}]"
+
+
 def summarize_ablation(results: dict, frac: float = 0.1) -> str:
-    """One line: targeted vs random logit change per category at `frac` (distilled model)."""
+    """One line: per category at `frac` (distilled model), targeted vs matched random logit
+    change and how many categories have targeted - matched below 0 with its CI excluding 0."""
     role = "distilled" if "distilled" in results["roles"] else results["roles"][-1]
     parts, wins, n = [], 0, 0
     for cat, entry in results["categories"].items():
         row = next((r for r in entry["by_frac"] if abs(r["frac"] - frac) < 1e-9), None)
-        if row is None or not row["n_latents"]:
+        if row is None or role not in row:
             continue
-        t, r = row[role]["targeted"], row[role]["random"]
-        wins, n = wins + (t < r), n + 1
-        parts.append(f"{cat} {t:+.2f} vs {r:+.2f}")
+        e = row[role]
+        diff = e["targeted_minus_matched"]
+        wins, n = wins + (stats.sign(diff) < 0), n + 1
+        parts.append(f"{cat} {_fmt(e['targeted'])} vs matched {_fmt(e['matched_random'])}")
     if not parts:
         return f"ablation: no category had targeted latents at frac {frac}"
     return (
-        f"ablation at frac {frac} ({role}, targeted vs random logit change): "
-        + ", ".join(parts)
-        + f"; targeted lower in {wins}/{n}"
+        f"ablation at frac {frac} ({role}, held-out marker logit change, targeted vs "
+        "activity-matched random): "
+        + "; ".join(parts)
+        + f"; targeted below matched (95% CI) in {wins}/{n}"
     )

@@ -54,8 +54,11 @@ def nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
     return norms.relative_norms(n, roles.index("base"), roles.index("distilled"))
 
 
-def marker_counts(store, xcoder, forms: dict, categories, offset: int) -> np.ndarray:
-    """[n_categories, h]: marker occurrences in the store on which each latent fires.
+def marker_counts(store, xcoder, forms: dict, categories, offset: int, shards) -> np.ndarray:
+    """[n_categories, h]: marker occurrences in the store's `shards` on which each latent fires.
+
+    Latents are selected with these counts, so `shards` are the training shards: the
+    documents an effect is then measured on must not be among them.
 
     A latent is read at `offset` tokens from the marker's first token (-1: the position
     whose output predicts the marker, where the logit is measured; 0: the marker itself),
@@ -64,7 +67,7 @@ def marker_counts(store, xcoder, forms: dict, categories, offset: int) -> np.nda
     counts = np.zeros((len(categories), xcoder.n_latents), np.int64)
     all_ids = list(range(xcoder.n_latents))
     with torch.no_grad():
-        for k in range(len(store.shards)):
+        for k in shards:
             tokens = np.asarray(store.shard_tokens(k), np.int64)
             docs = np.asarray(store.shard_index(k)[:, 0], np.int64)
             acts = None

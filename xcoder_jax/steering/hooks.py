@@ -3,7 +3,8 @@
 Two interventions on the input of block L (through `site.block_input_hook`, so they act on
 exactly the residual stream the crosscoder was trained on):
 
-- steering adds a vector built from decoder rows, `x <- x + v`, at every position;
+- steering adds a vector built from the steered model's own decoder rows, `x <- x + v`, at
+  every position (`CONVENTIONS`: how alpha scales it);
 - ablation removes chosen latents' contribution and keeps everything else, including the
   crosscoder's reconstruction error: `x_m <- x_m - sum_{i in S} f_i(x) W_dec[i, m]`.
 
@@ -25,6 +26,23 @@ import torch
 
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import site
+
+# How alpha scales the steering vector of model m for latent set S, in raw activation units
+# at block L: {name: (alpha's units in words, the vector as computed)}. "raw" is the
+# paper's; "norm" makes one alpha mean the same push in models of different scale.
+CONVENTIONS = {
+    "norm": (
+        "multiples of the model's mean raw activation norm at block L (sqrt(d_model) / scale) "
+        "per latent: each latent adds its unit-normalised decoder row for the model; the sum "
+        "over a multi-latent set is not renormalised",
+        "alpha * mean_norm_m * sum_{i in S} W_dec[i, m] / ||W_dec[i, m]||",
+    ),
+    "raw": (
+        "multiples of the latents' exported decoder rows for the model, in raw activation "
+        "units (the rows as the crosscoder decodes them, unscaled)",
+        "alpha * sum_{i in S} W_dec[i, m]",
+    ),
+}
 
 
 class ExportedCrosscoder:
@@ -86,15 +104,26 @@ class ExportedCrosscoder:
 
     # --- Directions and activations -------------------------------------------------------
 
-    def steering_vector(self, latents: Sequence[int], model_index: int, alpha: float):
-        """alpha * mean_norm_m * sum_i W_dec[i, m] / ||W_dec[i, m]||: [d], raw units.
+    def steering_vector(
+        self, latents: Sequence[int], model_index: int, alpha: float, convention: str = "norm"
+    ) -> torch.Tensor:
+        """The vector steering model `model_index` along its own decoder rows: [d], raw units.
 
-        alpha is in units of the model's mean activation norm at block L, so alpha = 1 adds
-        a vector as long as a typical residual, whatever the model's scale. A latent whose
-        row for model m is zero contributes nothing.
+        "norm": alpha * mean_norm_m * sum_i W_dec[i, m] / ||W_dec[i, m]|| -- alpha is in units
+        of the model's mean activation norm at block L, so alpha = 1 adds, per latent, a
+        vector as long as a typical residual whatever the model's scale. Rows are
+        normalised one by one and their sum is not, so k latents with aligned rows add up
+        to k times that length. A latent whose row for model m is zero contributes nothing.
+        "raw" (the paper's): alpha * sum_i W_dec[i, m], the exported raw-unit rows unscaled.
         """
+        if convention not in CONVENTIONS:
+            raise ValueError(
+                f"unknown steering convention {convention!r}; one of {sorted(CONVENTIONS)}"
+            )
         ids = self.check_latents(latents)
-        rows = self.W_dec[ids, model_index]  # [k, d]
+        rows = self.W_dec[ids, model_index]  # [k, d] raw
+        if convention == "raw":
+            return float(alpha) * rows.sum(0)
         unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return float(alpha) * self.mean_norms[model_index] * unit.sum(0)
 
@@ -148,13 +177,15 @@ def steer(
     latents: Sequence[int],
     alpha: float,
     model_index: int,
+    convention: str = "norm",
 ) -> Iterator[torch.Tensor]:
     """Steers `model` (crosscoder slot `model_index`) along its own decoder rows of `latents`.
 
-    Yields the added vector [d] (raw); see `ExportedCrosscoder.steering_vector` for alpha.
+    Yields the added vector [d] (raw); see `ExportedCrosscoder.steering_vector` for alpha
+    and `convention` ("norm" or "raw").
     """
     xcoder.check_model(model)
-    vector = xcoder.steering_vector(latents, model_index, alpha)
+    vector = xcoder.steering_vector(latents, model_index, alpha, convention)
     with add_at_site(model, xcoder.layer, vector):
         yield vector
 

@@ -1,11 +1,16 @@
 """The steering sweep: generate with latents' decoder rows added at block L, measure style.
 
 For every steered model (`steering.models`, its own decoder rows), every latent set
-(`steering.latents`, specs as in `common`) and every alpha (`steering.alphas`, in units of
-the model's mean activation norm at block L, see `ExportedCrosscoder.steering_vector`),
-`samples` continuations of each prompt are drawn (seeded, the same seeds in every condition,
-so conditions differ by the intervention, not by the draws) and scored with `stats`.
-alpha = 0 is the clean model; it is generated once per model and shared by every set.
+(`steering.latents`, specs as in `common`) and every alpha (`steering.alphas`; its units are
+set by `steering.convention`, see `hooks.CONVENTIONS`), `samples` continuations of each
+prompt are drawn (seeded, the same seeds in every condition, so conditions differ by the
+intervention, not by the draws) and scored with `stats`. alpha = 0 is the clean model; it
+is always generated, once per model, and shared by every set.
+
+The experiment is paired: every steered condition is compared with the clean model on the
+same prompts and seeds, metric by metric, by the per-prompt difference of sample means with
+a Student-t 95% CI over prompts (`vs_clean`); a metric counts as changed only where that
+interval excludes 0 (`changed`).
 
 Writes steering/results.json, steering/samples.jsonl and steering/steering.png.
 """
@@ -19,15 +24,17 @@ import time
 import numpy as np
 import torch
 
+from xcoder_jax import stats as cis
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.activations.models import torch_device
 from xcoder_jax.analysis import check_pair, marker_groups
 from xcoder_jax.steering import common, stats
-from xcoder_jax.steering.hooks import ExportedCrosscoder, steer
+from xcoder_jax.steering.hooks import CONVENTIONS, ExportedCrosscoder, steer
+from xcoder_jax.train import split_shards
 
-STEERING_FORMAT = 2  # bump when results change meaning, to redo old runs
+STEERING_FORMAT = 3  # bump when results change meaning, to redo old runs
 RESULTS, SAMPLES, FIGURE = "results.json", "samples.jsonl", "steering.png"
 
 
@@ -151,7 +158,9 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store) -> tuple[d
         unknown = [c for c in cats if c not in forms]
         if unknown:
             raise ValueError(f"unknown categories {unknown} in steering.latents")
-        per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset)
+        # Selected on the training shards, like every latent choice of the study.
+        train, _ = split_shards(store, config.train.eval_shards)
+        per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
         counts = dict(zip(cats, per_cat, strict=True))
     return {str(s): common.select_latents(s, nrn, counts, sc.min_nrn) for s in sc.latents}, nrn
 
@@ -159,6 +168,11 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store) -> tuple[d
 def run_steering(config, workdir: str) -> dict:
     """The steering sweep of `workdir`'s export; returns (and writes) steering/results.json."""
     sc = config.steering
+    if sc.convention not in CONVENTIONS:
+        # Fail before models are loaded, not after the first condition.
+        raise ValueError(
+            f"steering.convention must be one of {sorted(CONVENTIONS)}, got {sc.convention!r}"
+        )
     out_dir = wd.stage_dir(workdir, "steering")
     paths = [os.path.join(out_dir, n) for n in (RESULTS, SAMPLES, FIGURE)]
     prompts_file = prompt_path(config, workdir)
@@ -184,9 +198,10 @@ def run_steering(config, workdir: str) -> dict:
 
     conditions, lines = [], []
 
-    def run(role: str, spec: str, alpha: float) -> dict:
+    def run(role: str, spec: str, alpha: float) -> dict[str, dict[int, float]]:
+        """Generates one condition; {metric: {prompt id: mean over its samples}}."""
         m = roles.index(role)
-        with steer(models[m], xcoder, sets.get(spec, []), alpha, m):
+        with steer(models[m], xcoder, sets.get(spec, []), alpha, m, sc.convention):
             outs = sample(models[m], tokenizer, prompts, sc)
         samples = []
         for i, s, text, n in outs:
@@ -197,26 +212,31 @@ def run_steering(config, workdir: str) -> dict:
                 {"model": role, "set": spec, "alpha": alpha, "prompt_id": i, "sample": s}
                 | {"text": text, "metrics": metrics}
             )
-        return stats.aggregate(samples)
+        return stats.per_prompt(samples)
 
-    alphas = sorted({float(a) for a in sc.alphas})
+    # alpha = 0 is always run: it is the baseline every steered condition is paired with.
+    alphas = sorted({0.0, *(float(a) for a in sc.alphas)})
     for role in sc.models:
-        clean = run(role, "clean", 0.0) if 0.0 in alphas else None
+        clean = run(role, "clean", 0.0)
         for spec, ids in sets.items():
             for alpha in alphas:
-                metrics = clean if alpha == 0 else run(role, spec, alpha)
+                means = clean if alpha == 0 else run(role, spec, alpha)
                 conditions.append(
                     {"model": role, "set": spec, "latents": ids, "alpha": alpha}
-                    | {"nrn": [round(float(nrn[i]), 4) for i in ids], "metrics": metrics}
+                    | {"nrn": [round(float(nrn[i]), 4) for i in ids]}
+                    | stats.condition(means, clean, alpha)
                 )
+    units, formula = CONVENTIONS[sc.convention]
     results = {
         "fingerprint": fp,
         "prompts": prompts_file,
         "n_prompts": len(prompts),
         "samples_per_prompt": sc.samples,
         "temperature": sc.temperature,
-        "alpha_units": "multiples of the model's mean raw activation norm at block L "
-        "(sqrt(d_model) / scale) along the unit-normalised sum of the latents' decoder rows",
+        "convention": sc.convention,
+        "alpha_units": units,
+        "steering_vector": f"{sc.convention}: {formula}, added to the input of block "
+        f"{xcoder.layer} at every position of the steered model m (its own rows)",
         "mean_norms": dict(zip(roles, xcoder.mean_norms, strict=True)),
         "ci": stats.CI_METHOD,
         "metrics": stats.metric_names(with_accuracy),
@@ -224,16 +244,34 @@ def run_steering(config, workdir: str) -> dict:
         "conditions": conditions,
         "seconds": round(time.time() - start, 1),
     }
+    # Strict JSON: a NaN or inf anywhere fails here, before anything is written.
+    text = json.dumps(results, allow_nan=False)
     os.makedirs(out_dir, exist_ok=True)
-    blob = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    blob = "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines).encode()
     atomic_write_bytes(paths[1], lambda f: f.write(blob))
     plot_steering(results, paths[2])
     common.write_json(paths[0], results)
-    return json.loads(json.dumps(results))
+    return json.loads(text)
+
+
+def _series(results: dict) -> dict[tuple[str, str], list[dict]]:
+    """{(model, set): its conditions in alpha order}."""
+    series: dict[tuple[str, str], list[dict]] = {}
+    for c in results["conditions"]:
+        series.setdefault((c["model"], c["set"]), []).append(c)
+    return {k: sorted(v, key=lambda c: c["alpha"]) for k, v in series.items()}
+
+
+def _num(x) -> float:
+    return np.nan if x is None else float(x)
 
 
 def plot_steering(results: dict, path: str) -> None:
-    """One panel per metric against alpha; one line per (model, latent set), 95% CI bars."""
+    """Per metric: steered minus clean (paired over prompts, 95% CI) against alpha.
+
+    One line per (model, latent set); a filled marker where the paired CI excludes 0. The
+    clean model sits at (0, 0) by construction.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,45 +281,75 @@ def plot_steering(results: dict, path: str) -> None:
     cols = 3
     nrows = -(-len(names) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    series: dict[tuple[str, str], list[dict]] = {}
-    for c in results["conditions"]:
-        series.setdefault((c["model"], c["set"]), []).append(c)
     for ax, name in zip(axes.flat, names, strict=False):
-        for (model, spec), conds in series.items():
-            xs = [c["alpha"] for c in conds]
-            mean = [c["metrics"][name]["mean"] for c in conds]
-            err = [
-                [c["metrics"][name]["mean"] - c["metrics"][name]["lo"] for c in conds],
-                [c["metrics"][name]["hi"] - c["metrics"][name]["mean"] for c in conds],
-            ]
-            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=f"{model} {spec}")
-        ax.set_title(name)
-        ax.set_xlabel("alpha (x mean activation norm)")
+        for (model, spec), conds in _series(results).items():
+            xs, mean, lo, hi, sig = [], [], [], [], []
+            for c in conds:
+                clean = c["vs_clean"] is None
+                ci = {"mean": 0.0, "lo": 0.0, "hi": 0.0} if clean else c["vs_clean"].get(name)
+                if ci is None or ci["mean"] is None:
+                    continue
+                xs.append(c["alpha"])
+                mean.append(ci["mean"])
+                lo.append(_num(ci["lo"]))
+                hi.append(_num(ci["hi"]))
+                sig.append(name in c["changed"])
+            if not xs:
+                continue
+            mean, lo, hi = np.array(mean), np.array(lo), np.array(hi)
+            err = np.nan_to_num(np.stack([mean - lo, hi - mean]))  # no CI: no bar
+            line = ax.errorbar(xs, mean, yerr=err, capsize=3, label=f"{model} {spec}")[0]
+            face = [line.get_color() if s else "white" for s in sig]
+            ax.scatter(xs, mean, c=face, edgecolors=line.get_color(), zorder=3, s=25)
+        ax.set_title(f"{name}: steered - clean")
+        ax.set_xlabel(f"alpha ({results['convention']})")
+        ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Steering at block L: mean and 95% CI over prompts")
+    fig.suptitle(
+        "Steering at block L: paired difference from the clean model over prompts, 95% CI "
+        "(filled: CI excludes 0)"
+    )
     fig.tight_layout()
     common.save_figure(fig, path)
     plt.close(fig)
 
 
+_LABELS = {"tokens": ("tokens", "{:+.1f}"), "words": ("words", "{:+.1f}")}
+
+
+def _fmt_ci(name: str, ci: dict) -> str:
+    """'self_reflection/100tok +0.72 [+0.45, +0.99]', '... (n.s.)' or '... (no CI: why)'."""
+    label, fmt = _LABELS.get(name, (name.replace("_per_100", "/100tok"), "{:+.2f}"))
+    if ci["mean"] is None:
+        return f"{label} n/a ({ci.get('reason', 'no values')})"
+    text = f"{label} {fmt.format(ci['mean'])}"
+    if ci["lo"] is None or ci["hi"] is None:
+        return f"{text} (no CI: {ci.get('reason', 'too few prompts')})"
+    text += f" [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"
+    return text if cis.excludes_zero(ci) else f"{text} (n.s.)"
+
+
 def summarize_steering(results: dict) -> str:
-    """One line: per (model, set), the metric at the lowest and highest alpha."""
+    """One line: per (model, set), at the largest |alpha| on each side of 0, the paired
+    difference from the clean model (95% CI) of the set's category rate, tokens and accuracy,
+    and of every other metric whose CI excludes 0; "(n.s.)" marks CIs that include 0."""
     parts = []
-    series: dict[tuple[str, str], list[dict]] = {}
-    for c in results["conditions"]:
-        series.setdefault((c["model"], c["set"]), []).append(c)
-    for (model, spec), conds in series.items():
-        lo, hi = conds[0], conds[-1]
-        cat = spec.split(":")[0] if ":" in spec else "self_reflection"
-        show = [("tokens", "tokens", "{:.0f}"), (f"{cat}_per_100", f"{cat}/100tok", "{:.2f}")]
-        if "accuracy" in lo["metrics"]:
-            show.append(("accuracy", "acc", "{:.0%}"))
-        mean = lambda c, k, fmt: fmt.format(c["metrics"][k]["mean"])
-        vals = ", ".join(
-            f"{label} {mean(lo, k, fmt)}->{mean(hi, k, fmt)}" for k, label, fmt in show
-        )
-        parts.append(f"{model} {spec} alpha {lo['alpha']:g}->{hi['alpha']:g}: {vals}")
-    return "; ".join(parts) if parts else "no steering conditions"
+    for (model, spec), conds in _series(results).items():
+        neg = [c for c in conds if c["vs_clean"] is not None and c["alpha"] < 0]
+        pos = [c for c in conds if c["vs_clean"] is not None and c["alpha"] > 0]
+        cat = spec.split(":")[0] if ":" in spec else None
+        sides = []
+        for c in neg[:1] + pos[-1:]:
+            vs = c["vs_clean"]
+            head = [k for k in (f"{cat}_per_100", "tokens", "accuracy") if k in vs]
+            shown = head + [k for k in c["changed"] if k not in head]
+            vals = ", ".join(_fmt_ci(k, vs[k]) for k in shown)
+            sides.append(f"alpha {c['alpha']:+g}: {vals}")
+        if sides:
+            parts.append(f"{model} {spec} " + " | ".join(sides))
+    if not parts:
+        return "steering: no steered conditions"
+    return f"steering vs clean (paired over {results['n_prompts']} prompts): " + "; ".join(parts)

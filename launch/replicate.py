@@ -1,0 +1,31 @@
+r"""The whole embedded study once per seed, and which findings hold in how many seeds.
+
+    python launch/replicate.py --config=configs/tiny.py --workdir=runs/replicate --seeds=0,1,2,3,4
+
+Each seed runs in <workdir>/seed<s> (resumable); the table goes to <workdir>/replication.json
+and <workdir>/replication.md.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from xcoder_jax import replicate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Holds one run per seed.", required=True)
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds, comma-separated.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    seeds = [int(s) for s in _SEEDS.value]
+    table = replicate.run_replication(_CONFIG.value, _WORKDIR.value, seeds)
+    print()
+    print(replicate.markdown(table))
+    print(f"Written: {_WORKDIR.value}/{replicate.JSON}, {_WORKDIR.value}/{replicate.MARKDOWN}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,158 @@
+"""The ablation experiment: random-set controls, held-out measurement, CIs, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import micro_pipeline_config
+from xcoder_jax import pipeline, steering
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import ActivationStore
+from xcoder_jax.steering import controls
+from xcoder_jax.steering.ablation import AblationError, marker_positions
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# --- Latent selection and controls ----------------------------------------------------------
+
+
+def test_marker_positions_point_before_the_marker():
+    docs = [np.array([5, 1, 7, 9, 7]), np.array([7, 2])]
+    assert marker_positions(docs, [(7,)], first_position=1) == [(0, 1, 7), (0, 3, 7)]
+
+
+def test_targeted_latents_keep_top_firing_with_high_nrn():
+    counts = np.array([0, 9, 8, 7, 1, 0, 0, 0, 0, 0])
+    nrn = np.array([0.9, 0.9, 0.2, 0.6, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5])
+    assert steering.targeted_latents(counts, nrn, 0.3, 0.5).tolist() == [1, 3]
+    assert steering.targeted_latents(counts, nrn, 0.1, 0.5).tolist() == [1]
+    assert steering.select_latents("4+1", nrn, None, 0.5) == [4, 1]
+
+
+def test_activity_is_summed_activation_times_decoder_norm():
+    f = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, 0.5]])
+    np.testing.assert_allclose(controls.activity(f, [2.0, 5.0, 0.5]), [8.0, 0.0, 1.25])
+
+
+def test_matched_draw_comes_closest_to_the_targeted_activity():
+    act = np.array([10.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0])
+    targeted = np.array([0])
+    pool = np.arange(8)
+    for seed in range(20):
+        s = controls.matched_draw(np.random.default_rng(seed), act, targeted, pool)
+        assert 0 not in s and 5 not in s  # never targeted, never silent
+        # The draw stops at whichever prefix of its random order is closer to the goal, so it
+        # lands within half the largest pool activity (6) of it.
+        assert abs(act[s].sum() - 10.0) <= 3.0 + 1e-12
+    short = controls.matched_draw(np.random.default_rng(0), act, targeted, np.array([1, 2]))
+    assert short.tolist() == [1, 2]  # the pool falls short: all of its active latents
+
+
+def test_matched_draw_hits_the_goal_when_the_pool_allows():
+    act = np.full(50, 1.0)
+    act[:3] = [4.0, 4.0, 4.0]  # targeted, summed activity 12
+    s = controls.matched_draw(np.random.default_rng(0), act, np.arange(3), np.arange(50))
+    assert len(s) == 12 and act[s].sum() == pytest.approx(12.0)
+
+
+def test_uniform_draw_has_the_targeted_size_and_avoids_it():
+    rng = np.random.default_rng(0)
+    targeted = np.array([1, 4, 7])
+    for _ in range(20):
+        s = controls.uniform_draw(rng, 10, targeted)
+        assert len(s) == 3 and not set(s) & {1, 4, 7} and len(set(s)) == 3
+
+
+# --- The stage on a micro pair ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ablation_run"))
+    c = micro_pipeline_config()
+    c.train.eval_shards = 3  # enough held-out documents to hold markers
+    a = c.ablation
+    a.fracs, a.n_random, a.n_docs, a.batch_size = (0.5, 0.1), 3, 8, 8
+    pipeline.run(c, workdir)
+    return c, workdir, steering.run_ablation(c, workdir)
+
+
+def _expand(ranges):
+    return {d for lo, hi in ranges for d in range(lo, hi + 1)}
+
+
+def test_selection_and_measurement_documents_are_disjoint(run):
+    config, workdir, res = run
+    store = ActivationStore(wd.activations_dir(workdir))
+    n = len(store.shards)
+    heldout = list(range(n - config.train.eval_shards, n))
+    assert res["measurement"]["shards"] == heldout
+    assert res["selection"]["shards"] == list(range(n - config.train.eval_shards))
+    selected = _expand(res["selection"]["documents"])
+    trained = {int(d) for k in res["selection"]["shards"] for d in store.shard_index(k)[:, 0]}
+    assert selected == trained
+    measured = set(res["measurement"]["documents"])
+    assert measured and not measured & selected
+    held = {int(d) for k in heldout for d in store.shard_index(k)[:, 0]}
+    assert measured <= held
+
+
+def test_every_effect_has_a_ci_and_the_difference_is_consistent(run):
+    _, _, res = run
+    rows = [r for e in res["categories"].values() for r in e["by_frac"] if r["n_latents"]]
+    assert rows, "no category had a targeted set on the micro pair"
+    for row in rows:
+        for role in res["roles"]:
+            e = row[role]
+            for key in ("targeted", "matched_random", "uniform_random", "targeted_minus_matched"):
+                ci = e[key]
+                assert ci["lo"] <= ci["mean"] <= ci["hi"], (key, ci)
+            diff = e["targeted"]["mean"] - e["matched_random"]["mean"]
+            assert e["targeted_minus_matched"]["mean"] == pytest.approx(diff, abs=1e-9)
+            assert len(e["matched_sizes"]) == len(e["uniform_sizes"]) == 3
+            assert e["uniform_sizes"] == [row["n_latents"]] * 3
+        assert "distilled_minus_base" in row
+
+
+def test_results_are_strict_json(run):
+    _, workdir, _ = run
+    with open(os.path.join(wd.stage_dir(workdir, "ablation"), "results.json")) as f:
+        _strict(f.read())
+
+
+def test_rerun_skips(run):
+    config, workdir, _ = run
+    path = os.path.join(wd.stage_dir(workdir, "ablation"), "results.json")
+    before = os.path.getmtime(path)
+    steering.run_ablation(config, workdir)
+    assert os.path.getmtime(path) == before
+
+
+def test_an_empty_targeted_set_is_null_with_a_reason(run):
+    """Last: it replaces the run's results (other tests read the first ones)."""
+    config, workdir, _ = run
+    c = config.copy_and_resolve_references()
+    c.ablation.min_nrn = 1.0  # no NRN exceeds 1: nothing is targeted
+    res = steering.run_ablation(c, workdir)
+    rows = [r for e in res["categories"].values() for r in e["by_frac"]]
+    assert rows and all(r["n_latents"] == 0 and "NRN > 1.0" in r["reason"] for r in rows)
+    assert all(role not in r for r in rows for role in res["roles"])
+    assert "no category had targeted latents" in steering.summarize_ablation(res)
+
+
+def test_no_heldout_documents_is_a_clear_error(run):
+    config, workdir, _ = run
+    c = config.copy_and_resolve_references()
+    c.train.eval_shards = 0
+    with pytest.raises(AblationError, match="no held-out shards"):
+        steering.run_ablation(c, workdir)

@@ -1,0 +1,108 @@
+"""The study's confidence intervals against hand computations and known coverage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from xcoder_jax import stats
+
+
+def test_t_ci_matches_the_textbook_formula():
+    v = np.array([1.0, 2.0, 4.0, 7.0])
+    ci = stats.t_ci(v)
+    half = sps.t.ppf(0.975, 3) * v.std(ddof=1) / 2.0
+    assert ci["mean"] == pytest.approx(3.5)
+    assert ci["lo"] == pytest.approx(3.5 - half) and ci["hi"] == pytest.approx(3.5 + half)
+    assert ci["n"] == 4
+
+
+def test_paired_ci_is_the_t_ci_of_the_differences():
+    a, b = np.array([3.0, 5.0, 4.0, 9.0]), np.array([1.0, 4.0, 4.5, 6.0])
+    p, d = stats.paired_ci(a, b), stats.t_ci(a - b)
+    assert (p["mean"], p["lo"], p["hi"]) == pytest.approx((d["mean"], d["lo"], d["hi"]))
+    with pytest.raises(ValueError, match="same shape"):
+        stats.paired_ci([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("values", [[], [2.0], [1.0, float("nan")]])
+def test_uncomputable_intervals_are_null_with_a_reason(values):
+    ci = stats.t_ci(values)
+    assert ci["lo"] is None and ci["hi"] is None and ci["reason"]
+    json.dumps(ci, allow_nan=False)  # strict JSON
+    assert not stats.excludes_zero(ci) and stats.sign(ci) == 0
+
+
+def test_welch_ci_matches_a_hand_computation():
+    a, b = np.array([2.0, 4.0, 6.0]), np.array([1.0, 1.5, 2.0, 2.5])
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    half = sps.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    ci = stats.welch_ci(a, b)
+    assert ci["mean"] == pytest.approx(4.0 - 1.75)
+    assert ci["lo"] == pytest.approx(2.25 - half) and ci["hi"] == pytest.approx(2.25 + half)
+
+
+def test_proportion_ci_is_wilson_shifted_by_the_baseline():
+    ci = stats.proportion_ci(3, 20, baseline=0.05)
+    # Wilson score interval of 3/20 at z = 1.96 (hand computation).
+    z, p, n = sps.norm.ppf(0.975), 0.15, 20
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert ci["mean"] == pytest.approx(0.10)
+    assert ci["lo"] == pytest.approx(centre - half - 0.05)
+    assert ci["hi"] == pytest.approx(centre + half - 0.05)
+    assert stats.proportion_ci(0, 0)["lo"] is None
+
+
+def test_cluster_bootstrap_is_deterministic_and_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(30), 4)
+    values = rng.normal(1.0, 1.0, 120)
+    a = stats.cluster_bootstrap_ci(values, clusters, seed=3)
+    b = stats.cluster_bootstrap_ci(values, clusters, seed=3)
+    assert a == b
+    assert a["lo"] < a["mean"] < a["hi"] and a["mean"] == pytest.approx(values.mean())
+    assert stats.cluster_bootstrap_ci(values, np.zeros(120), seed=0)["lo"] is None
+
+
+def test_cluster_bootstrap_widens_when_clusters_share_their_values():
+    """Units copied within a cluster carry no more information than one unit per cluster:
+    the cluster bootstrap must give (about) the interval of the 30 cluster values, not the
+    4x narrower-looking one of 120 independent units."""
+    rng = np.random.default_rng(1)
+    per_cluster = rng.normal(0.0, 1.0, 30)
+    clusters = np.repeat(np.arange(30), 4)
+    copied = stats.cluster_bootstrap_ci(np.repeat(per_cluster, 4), clusters, seed=0)
+    naive = stats.cluster_bootstrap_ci(np.repeat(per_cluster, 4), np.arange(120), seed=0)
+    width = lambda ci: ci["hi"] - ci["lo"]
+    assert width(copied) > 1.6 * width(naive)
+    t = stats.t_ci(per_cluster)
+    assert width(copied) == pytest.approx(width(t), rel=0.25)
+
+
+def test_cluster_bootstrap_coverage_is_near_95_percent():
+    rng = np.random.default_rng(2)
+    clusters = np.repeat(np.arange(25), 3)
+    hits = 0
+    for trial in range(200):
+        effect = rng.normal(0.0, 1.0, 25)  # true mean 0, cluster-level noise
+        v = np.repeat(effect, 3) + rng.normal(0.0, 0.3, 75)
+        ci = stats.cluster_bootstrap_ci(v, clusters, n_boot=500, seed=trial)
+        hits += ci["lo"] <= 0.0 <= ci["hi"]
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_cluster_bootstrap_with_replicates_averages_them_and_counts_their_spread():
+    clusters = np.repeat(np.arange(20), 2)
+    base = np.linspace(-1, 1, 40)
+    same = np.stack([base] * 10)  # replicates that agree
+    spread = same + np.linspace(-3, 3, 10)[:, None]  # replicates that disagree
+    a = stats.cluster_bootstrap_ci(same, clusters, seed=0)
+    b = stats.cluster_bootstrap_ci(spread, clusters, seed=0)
+    assert a["mean"] == pytest.approx(0.0, abs=1e-12) and b["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert b["hi"] - b["lo"] > 1.5 * (a["hi"] - a["lo"])
