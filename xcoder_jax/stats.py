@@ -12,6 +12,7 @@ has `None` for the numbers it lacks and a `"reason"`, so results files stay stri
   clusters (documents) that are not independent inside: clusters are resampled with
   replacement (percentile interval). An optional second axis of replicates (e.g. random
   latent draws) is resampled too, so a control's draw-to-draw spread widens the interval.
+- `percentile_ci`: the interval of a statistic from its bootstrap replicates (any design).
 - `excludes_zero`: whether an interval says the effect is real at this level.
 """
 
@@ -129,8 +130,23 @@ def cluster_bootstrap_ci(
     reps = rng.integers(0, r, size=(n_boot, r))
     rep_sums = np.stack([sums[k].sum(0) for k in reps])  # [n_boot, clusters]
     boot = (weights * rep_sums).sum(1) / (r * (weights @ counts))
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": n, "method": method}
+    return percentile_ci(mean, boot, n, method, level=level)
+
+
+def percentile_ci(
+    mean: float | None,
+    replicates,
+    n: int,
+    method: str,
+    reason: str | None = None,
+    level: float = LEVEL,
+) -> dict:
+    """The percentile interval of a statistic (full-sample value `mean`) from its bootstrap
+    `replicates` [n_boot]; None replicates give an interval-less dict with `reason`."""
+    if replicates is None:
+        return _none(n, method, reason or "no bootstrap replicates", mean)
+    lo, hi = np.quantile(np.asarray(replicates, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": int(n), "method": method}
 
 
 def excludes_zero(ci: dict | None) -> bool:

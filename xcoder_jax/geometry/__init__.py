@@ -10,18 +10,30 @@ and for every two pairs i < j the "parallelogram" loss is
 
 on the PCA coordinates: 0 when the relation is one shared offset, and unchanged by a global
 rescaling. A lower mean loss is a more structured relation. The control scores the same words
-paired at random (shuffled b's): a relation the model encodes should score below it.
+paired at random (shuffled b's): a relation the model encodes should score below it. Both
+comparisons (base - distilled, true - shuffled) come with 95% bootstrap intervals over word
+pairs, per relation and pooled over relations, and count only where those exclude 0.
 
     run_geometry(config, workdir)  # geometry/results.json, cdf.png, loss_vs_size.png
 
 Modules: `relations` (pair sets, single-token filtering, block-L word vectors), `metric`
-(PCA, loss, control), `study` (every model pair, results, skip-when-complete), `plots`.
+(PCA, loss, control), `bootstrap` (intervals over word pairs), `study` (every model pair,
+results, skip-when-complete), `plots`.
 """
 
+from xcoder_jax.geometry.bootstrap import (
+    intervals,
+    pair_counts,
+    pooled,
+    relation_replicates,
+    resampled_means,
+)
 from xcoder_jax.geometry.metric import (
     derangements,
+    loss_scores,
     parallelogram_losses,
     pca_coordinates,
+    relation_losses,
     relation_scores,
 )
 from xcoder_jax.geometry.relations import (
@@ -33,22 +45,30 @@ from xcoder_jax.geometry.relations import (
     word_prompt,
     word_vectors,
 )
-from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair, summarize
+from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair, summarize, verdicts
 
 __all__ = [
     "Relation",
     "RelationError",
     "derangements",
     "filter_relation",
+    "intervals",
     "load_pair_file",
+    "loss_scores",
     "model_pairs",
+    "pair_counts",
     "parallelogram_losses",
     "pca_coordinates",
+    "pooled",
+    "relation_losses",
+    "relation_replicates",
     "relation_scores",
     "relation_sets",
+    "resampled_means",
     "run_geometry",
     "study_pair",
     "summarize",
+    "verdicts",
     "word_prompt",
     "word_vectors",
 ]

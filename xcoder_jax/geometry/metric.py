@@ -57,36 +57,66 @@ def _cdf(losses: np.ndarray) -> list[float]:
     return [round(float(q), 6) for q in np.quantile(losses, QUANTILES)]
 
 
-def relation_scores(a: np.ndarray, b: np.ndarray, n_components, shuffles: np.ndarray) -> dict:
-    """Loss statistics of one relation in one model, per requested n_components (str keys).
+def relation_losses(a: np.ndarray, b: np.ndarray, n_components, shuffles: np.ndarray) -> dict:
+    """Every loss of one relation in one model, per requested n_components (str keys).
 
     `a, b: [n, d]` are the raw vectors of the n pairs; `shuffles: [s, n]` permutations of
     the b rows for the control. The PCA is fitted once on the 2n vectors, so the control
-    scores the same points, paired differently. Each entry: mean, median and CDF (at
-    `QUANTILES`) of the n(n-1)/2 losses, the same of the control (pooled over shuffles),
-    n_components_used (capped at min(2n, d)) and the fraction of variance it explains;
-    control_std is the spread of the control's mean across shuffles.
+    scores the same points, paired differently. Each entry: "n_pairs" (n), "losses"
+    `[n (n - 1) / 2]` (order of `np.triu_indices(n, 1)`), "control" `[s, n (n - 1) / 2]`
+    (pair i as (a_i, b_p(i))), "n_components_used" (capped at min(2n, d)) and
+    "explained_variance" (the share of variance kept, 0..1).
     """
+    x = np.concatenate([a, b])
+    if not np.isfinite(x).all():  # a model emitting NaN/inf is broken, not a result
+        raise ValueError("non-finite word vectors")
     n = len(a)
-    z = pca_coordinates(np.concatenate([a, b]), max(n_components))
+    z = pca_coordinates(x, max(n_components))
     var = z.var(axis=0)  # per component; the centred data's total when all are kept
-    total = np.concatenate([a, b]).var(axis=0).sum()
+    total = x.var(axis=0).sum()
     out = {}
     for k in n_components:
         za, zb = z[:n, :k], z[n:, :k]
-        losses = parallelogram_losses(za, zb)
-        control = np.stack([parallelogram_losses(za, zb[p]) for p in shuffles])  # [s, P]
         out[str(k)] = {
-            "mean": float(losses.mean()),
-            "median": float(np.median(losses)),
             "n_pairs": n,
-            "n_comparisons": len(losses),
+            "losses": parallelogram_losses(za, zb),
+            "control": np.stack([parallelogram_losses(za, zb[p]) for p in shuffles]),
             "n_components_used": int(za.shape[1]),
             "explained_variance": float(var[:k].sum() / total) if total > 0 else 1.0,
-            "cdf": _cdf(losses),
-            "control_mean": float(control.mean()),
-            "control_std": float(control.mean(axis=1).std()),  # of the mean, across shuffles
-            "control_median": float(np.median(control)),
-            "control_cdf": _cdf(control.ravel()),
         }
     return out
+
+
+def loss_scores(entry: dict) -> dict:
+    """The stored statistics of one `relation_losses` entry: mean, median and CDF (at
+    `QUANTILES`) of the n(n-1)/2 losses, the same of the control (pooled over shuffles),
+    n_components_used, explained_variance; control_std is the spread of the control's mean
+    across shuffles. Losses that are 0/0 (four words on the PCA centre) make every loss
+    statistic None, with a "reason", so the results stay strict JSON."""
+    losses, control = entry["losses"], entry["control"]
+    out = {
+        "n_pairs": entry["n_pairs"],
+        "n_comparisons": len(losses),
+        "n_components_used": entry["n_components_used"],
+        "explained_variance": entry["explained_variance"],
+    }
+    if not (np.isfinite(losses).all() and np.isfinite(control).all()):
+        none = ("mean", "median", "cdf", "control_mean", "control_std", "control_median")
+        return {**dict.fromkeys(none), **out, "control_cdf": None, "reason": "non-finite losses"}
+    return {
+        "mean": float(losses.mean()),
+        "median": float(np.median(losses)),
+        **out,
+        "cdf": _cdf(losses),
+        "control_mean": float(control.mean()),
+        "control_std": float(control.mean(axis=1).std()),  # of the mean, across shuffles
+        "control_median": float(np.median(control)),
+        "control_cdf": _cdf(control.ravel()),
+    }
+
+
+def relation_scores(a: np.ndarray, b: np.ndarray, n_components, shuffles: np.ndarray) -> dict:
+    """Loss statistics of one relation in one model: `loss_scores` of every
+    `relation_losses` entry (same arguments, same str keys)."""
+    raw = relation_losses(a, b, n_components, shuffles)
+    return {k: loss_scores(v) for k, v in raw.items()}

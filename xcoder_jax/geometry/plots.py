@@ -1,6 +1,7 @@
 """Figures of the geometry study, drawn from results.json alone (Agg, no display needed).
 
-Both use `plot_n_components` (the paper's default is 2). The shuffled control is dashed.
+Both use `plot_n_components` (the paper's default is 2). The shuffled control is dashed;
+differences carry their 95% bootstrap intervals (bars).
 """
 
 from __future__ import annotations
@@ -55,30 +56,63 @@ def plot_cdfs(results: dict, path: str) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+def _ci_points(ax, xs, cis, color, marker) -> None:
+    """Means as markers on a line, 95% intervals as vertical bars (missing ones omitted)."""
+    num = [(x, c) for x, c in zip(xs, cis) if c is not None and c["mean"] is not None]
+    ax.plot([x for x, _ in num], [c["mean"] for _, c in num], marker, color=color, ms=4)
+    bars = [(x, c) for x, c in num if c["lo"] is not None]
+    ax.vlines([x for x, _ in bars], [c["lo"] for _, c in bars], [c["hi"] for _, c in bars],
+              color=color, lw=1.2)  # fmt: skip
+    ax.axhline(0.0, color="gray", lw=0.6)
+
+
 def plot_loss_vs_size(results: dict, path: str) -> None:
-    """Mean loss against model pair (hidden size for the zoo), one panel per relation."""
+    """Per model pair (hidden size for the zoo), one column per relation and one pooled:
+    mean loss with its control (top), base - distilled (middle) and true - shuffled per
+    model (bottom), the differences with their 95% bootstrap intervals as bars."""
     k = str(results["plot_n_components"])
     pairs, rels = list(results["pairs"]), _relations(results)
     entries = [results["pairs"][n] for n in pairs]
     sizes = [e["size"] for e in entries]
     numeric = all(s is not None for s in sizes)
     x = np.array(sizes if numeric else range(len(pairs)), float)
-    fig = Figure(figsize=(2.8 * len(rels) + 0.5, 3.0), layout="constrained")
-    axes = fig.subplots(1, len(rels), squeeze=False)[0]
-    for ax, rel in zip(axes, rels):
-        have = [(xi, pair["relations"][rel]) for xi, pair in zip(x, entries)
-                if "models" in pair["relations"].get(rel, {})]  # fmt: skip
+    nudge = 0.02 * (np.ptp(x) if len(x) > 1 else 1.0)  # keeps the two models' bars apart
+    cols = [*rels, "pooled"]
+    fig = Figure(figsize=(2.8 * len(cols) + 0.5, 7.5), layout="constrained")
+    axes = fig.subplots(3, len(cols), squeeze=False, sharex=True)
+    for col, rel in enumerate(cols):
+        if rel == "pooled":
+            have = [(xi, pair["pooled"].get(k)) for xi, pair in zip(x, entries)]
+            have = [(xi, v) for xi, v in have if v is not None]
+            axes[0, col].set_axis_off()
+        else:
+            have = [(xi, pair["relations"][rel]) for xi, pair in zip(x, entries)
+                    if "by_k" in pair["relations"].get(rel, {})]  # fmt: skip
+            for role, color in COLORS.items():
+                s = [r["models"][role][k] for _, r in have]
+                nan = [v if v is not None else np.nan for v in (t["mean"] for t in s)]
+                ctl = [v if v is not None else np.nan for v in (t["control_mean"] for t in s)]
+                axes[0, col].plot([xi for xi, _ in have], nan, "o-", color=color)
+                axes[0, col].plot([xi for xi, _ in have], ctl, "x--", color=color, lw=0.8)
+            have = [(xi, r["by_k"][k]) for xi, r in have]
+        axes[0, col].set_title(rel, fontsize=9)
+        if not have:  # skipped in every pair: nothing to draw in the column
+            for ax in axes[:, col]:
+                ax.set_axis_off()
+            axes[0, col].set_title(f"{rel}: skipped", fontsize=9)
+            continue
         xs = [xi for xi, _ in have]
-        for role, color in COLORS.items():
-            s = [r["models"][role][k] for _, r in have]
-            ax.plot(xs, [v["mean"] for v in s], "o-", color=color)
-            ax.plot(xs, [v["control_mean"] for v in s], "x--", color=color, lw=0.8)
-        if not have:
-            ax.text(0.5, 0.5, "skipped", ha="center", transform=ax.transAxes)
-        ax.set_title(rel, fontsize=9)
-        ax.set_xticks(x, [str(s) for s in sizes] if numeric else pairs, fontsize=7)
-        ax.set_xlabel("hidden size" if numeric else "model pair")
-    fig.supylabel("mean loss", fontsize=9)
-    fig.legend(handles=_legend(), loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle(f"Mean parallelogram loss vs size, PCA k={k}")
+        _ci_points(axes[1, col], xs, [v["base_minus_distilled"] for _, v in have], "k", "o")
+        for shift, (role, color) in zip((-nudge, nudge), COLORS.items()):
+            cis = [v["true_minus_shuffled"][role] for _, v in have]
+            _ci_points(axes[2, col], [xi + shift for xi in xs], cis, color, "o")
+        axes[1, col].set_title(f"{rel}: base - distilled", fontsize=8)
+        axes[2, col].set_title(f"{rel}: true - shuffled", fontsize=8)
+        axes[2, col].set_xticks(x, [str(s) for s in sizes] if numeric else pairs, fontsize=7)
+        axes[2, col].set_xlabel("hidden size" if numeric else "model pair")
+    axes[0, 0].set_ylabel("mean loss", fontsize=9)
+    axes[1, 0].set_ylabel("difference of mean loss", fontsize=9)
+    gap = Line2D([], [], color="k", marker="o", ms=4, label="base - distilled (95% CI)")
+    fig.legend(handles=[*_legend(), gap], loc="outside lower center", ncols=4, fontsize=8)
+    fig.suptitle(f"Parallelogram loss vs size, PCA k={k} (bars: 95% bootstrap CI)")
     fig.savefig(path, format="png", dpi=100)

@@ -1,9 +1,13 @@
 """The geometry study: every relation in every model pair, written to geometry/.
 
 Pairs are every size of the zoo (when the models are the zoo) or the configured pair, plus
-`geometry.pairs`. Results recording the same key (geometry config, seed, layer, zoo config
-hash or model ids) are reused; figures are written before results.json, each through a
-temporary file and a rename, so a results.json on disk always belongs to complete outputs.
+`geometry.pairs`. Every comparison (base vs distilled, true pairing vs shuffled control) is
+a paired difference with a bootstrap interval over word pairs (`bootstrap`), per relation
+and pooled over relations; a difference counts only where its interval excludes 0.
+
+Results recording the same key (geometry config, seed, layer, zoo config hash or model ids)
+are reused; figures are written before results.json, each through a temporary file and a
+rename, so a results.json on disk always belongs to complete outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from tqdm import tqdm
 
 from xcoder_jax import site
 from xcoder_jax import workdir as wd
-from xcoder_jax.geometry.metric import derangements, relation_scores
+from xcoder_jax.geometry.bootstrap import intervals, pooled, relation_replicates
+from xcoder_jax.geometry.metric import derangements, loss_scores, relation_losses
 from xcoder_jax.geometry.relations import (
     Pair,
     RelationError,
@@ -26,8 +31,9 @@ from xcoder_jax.geometry.relations import (
     split_template,
     word_vectors,
 )
+from xcoder_jax.stats import sign
 
-FORMAT = 1  # bump when the metric or the results layout changes, to invalidate old results
+FORMAT = 2  # bump when the metric or the results layout changes, to invalidate old results
 RESULTS = "results.json"
 FIGURES = ("cdf.png", "loss_vs_size.png")
 
@@ -79,8 +85,11 @@ def _load_pair(config, workdir: str, entry: dict):
 
 def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair]]) -> dict:
     """One model pair: {"layer", "n_layers", "d_model", "relations": {name: {"kept",
-    "total", "models": {role: relation_scores(...)}}}}. A relation keeping fewer than 2
-    single-token pairs has "skipped" (the reason) instead of "models"."""
+    "total", "models": {role: {str(k): metric.loss_scores}}, "by_k": {str(k):
+    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}}}}}, "pooled": {str(k):
+    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}, "n_relations"}},
+    "counts": `verdicts`}, CI the interval dicts of `bootstrap`. A relation keeping fewer
+    than 2 single-token pairs has "skipped" (the reason) instead of "models" and "by_k"."""
     gc = config.geometry
     tokenizer, loaders = _load_pair(config, workdir, entry)
     rels, out = [], {"relations": {}}
@@ -105,20 +114,56 @@ def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair
         vectors[role] = word_vectors(model, [prompts[w] for w in words], layer, gc.batch_size)
         out.update(layer=layer, n_layers=n_layers, d_model=int(vectors[role].shape[1]))
         del model
+    replicates = []
     for r in rels:
         ia, ib = [row[a] for a, _ in r.pairs], [row[b] for _, b in r.pairs]
-        # Seeded per relation, so every pair and both models see the same shuffles.
-        rng = np.random.default_rng([config.seed, zlib.crc32(r.name.encode())])
+        # Seeded per relation, so every pair and both models see the same shuffles, and
+        # the resampled word pairs (a stream of their own) are the same for every statistic.
+        crc = zlib.crc32(r.name.encode())
+        rng = np.random.default_rng([config.seed, crc])
         shuffles = derangements(len(r.pairs), gc.n_shuffles, rng)
         ks = tuple(gc.n_components)
+        raw = {role: relation_losses(v[ia], v[ib], ks, shuffles) for role, v in vectors.items()}
+        replicates.append(relation_replicates(raw, gc.n_boot, [config.seed, crc, 1]))
         out["relations"][r.name] = {
             "kept": r.kept,
             "total": r.total,
-            "models": {
-                role: relation_scores(v[ia], v[ib], ks, shuffles) for role, v in vectors.items()
-            },
+            "models": {role: {k: loss_scores(x) for k, x in v.items()} for role, v in raw.items()},
+            "by_k": intervals(replicates[-1], gc.n_boot),
         }
     out["relations"] = {name: out["relations"][name] for name in relations}  # set order
+    out["pooled"] = pooled(replicates, gc.n_boot)
+    out["counts"] = verdicts(out["relations"])
+    return out
+
+
+def _tally(cis) -> dict:
+    signs = [sign(ci) for ci in cis]  # +1 / -1: the interval lies above / below 0
+    return {"above": signs.count(1), "below": signs.count(-1), "undecided": signs.count(0)}
+
+
+def verdicts(relations: dict) -> dict:
+    """Per str(k), over the scored relations of one pair: {"n_relations", "distilled_vs_base":
+    {"below", "above", "undecided"}, "true_vs_shuffled": {role: {"below", "above",
+    "undecided"}}}. Distilled is below base where the base - distilled interval lies above 0,
+    a pairing below its control where true - shuffled lies below 0; an interval including 0
+    or missing (< 3 pairs) is undecided."""
+    scored = [r["by_k"] for r in relations.values() if "by_k" in r]
+    out = {}
+    for k in scored[0] if scored else ():
+        gap = _tally(s[k]["base_minus_distilled"] for s in scored)
+        roles = scored[0][k]["true_minus_shuffled"]
+        out[k] = {
+            "n_relations": len(scored),
+            "distilled_vs_base": {
+                "below": gap["above"],
+                "above": gap["below"],
+                "undecided": gap["undecided"],
+            },
+            "true_vs_shuffled": {
+                role: _tally(s[k]["true_minus_shuffled"][role] for s in scored) for role in roles
+            },
+        }
     return out
 
 
@@ -129,8 +174,8 @@ def check_config(gc) -> None:
         raise ValueError(f"geometry.n_components must be distinct positive ints, got {ks}")
     if gc.plot_n_components not in ks:
         raise ValueError(f"geometry.plot_n_components={gc.plot_n_components} is not in {ks}")
-    if gc.n_shuffles < 1 or gc.batch_size < 1:
-        raise ValueError("geometry.n_shuffles and geometry.batch_size must be positive")
+    if gc.n_shuffles < 1 or gc.batch_size < 1 or gc.n_boot < 1:
+        raise ValueError("geometry.n_shuffles, n_boot and batch_size must be positive")
     split_template(gc.template)
 
 
@@ -169,17 +214,17 @@ def _write_atomic(path: str, write) -> None:
 
 def _dump(results: dict, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, allow_nan=False)  # None, never NaN: strict JSON
 
 
 def run_geometry(config, workdir: str) -> dict:
     """Scores every relation in every model pair; writes and returns geometry/results.json.
 
-    {"format", "key", "n_components", "plot_n_components", "summary", "pairs": {name:
-    {"size", "layer", "n_layers", "d_model", "relations": {relation: {"kept", "total",
-    "models": {role: {str(k): scores}}}}}}}, the scores of `metric.relation_scores`.
-    Figures: cdf.png (loss CDFs, base vs distilled, per pair and relation) and
-    loss_vs_size.png (mean loss per pair, per relation).
+    {"format", "key", "n_components", "plot_n_components", "n_boot", "summary", "largest"
+    (the zoo pair of the largest hidden size, or None), "pairs": {name: {"size", ...
+    `study_pair`}}}. Figures: cdf.png (loss CDFs, base vs distilled, per pair and relation)
+    and loss_vs_size.png (mean loss, base - distilled and true - shuffled with their
+    intervals, per pair and relation, and pooled).
     """
     from xcoder_jax.geometry import plots
 
@@ -200,11 +245,14 @@ def run_geometry(config, workdir: str) -> dict:
         "key": key,
         "n_components": list(gc.n_components),
         "plot_n_components": gc.plot_n_components,
+        "n_boot": gc.n_boot,
         "pairs": {},
     }
     for entry in tqdm(entries, desc="geometry", unit="pair"):
         res = study_pair(config, workdir, entry, relations)
         results["pairs"][entry["name"]] = {"size": entry["size"], **res}
+    sized = [e for e in entries if e["size"] is not None]
+    results["largest"] = max(sized, key=lambda e: e["size"])["name"] if sized else None
     results["summary"] = summarize(results)
     os.makedirs(out_dir, exist_ok=True)
     for name, plot in zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True):
@@ -213,21 +261,36 @@ def run_geometry(config, workdir: str) -> dict:
     return results
 
 
+def _fmt(ci: dict) -> str:
+    if ci["mean"] is None:
+        return f"n/a ({ci['reason']})"
+    if ci["lo"] is None:
+        return f"{ci['mean']:+.3g} (no CI: {ci['reason']})"
+    return f"{ci['mean']:+.3g} [{ci['lo']:+.3g}, {ci['hi']:+.3g}]"
+
+
 def summarize(results: dict) -> str:
-    """One line: per pair, on how many relations the distilled model is more structured
-    (lower mean loss) than the base, and how many relations beat their shuffled control."""
+    """One line at `plot_n_components`: per pair, on how many relations the distilled model
+    is below / above the base (mean loss, 95% CI excluding 0) or undecided, on how many each
+    model's true pairing is below its shuffled control, and the pooled base - distilled."""
     k = str(results["plot_n_components"])
-    lower, beat, skipped = [], [], []
+    gap, control, pool, skipped = [], [], [], []
     for name, p in results["pairs"].items():
-        scored = {rel: r["models"] for rel, r in p["relations"].items() if "models" in r}
-        skipped += [f"{rel}@{name}" for rel in p["relations"] if rel not in scored]
-        scores = [(m["base"][k], m["distilled"][k]) for m in scored.values()]
-        n = len(scores)
-        lower.append(f"{name} {sum(d['mean'] < b['mean'] for b, d in scores)}/{n}")
-        wins = [sum(s["mean"] < s["control_mean"] for s in col) for col in zip(*scores)]
-        beat.append(f"{name} {wins[0]}/{n} & {wins[1]}/{n}")
+        skipped += [f"{rel}@{name}" for rel, r in p["relations"].items() if "by_k" not in r]
+        c = p["counts"].get(k)
+        if c is None:  # no relation scored
+            continue
+        n, d, t = c["n_relations"], c["distilled_vs_base"], c["true_vs_shuffled"]
+        gap.append(
+            f"distilled below base (CI excludes 0) on {d['below']}/{n} relations at {name}, "
+            f"above on {d['above']}/{n}, undecided {d['undecided']}/{n}"
+        )
+        control.append(" & ".join(f"{role} {v['below']}/{n}" for role, v in t.items()))
+        control[-1] += f" at {name}"
+        pool.append(f"{name} {_fmt(p['pooled'][k]['base_minus_distilled'])}")
     line = (
-        f"geometry (k={k}): distilled < base on " + ", ".join(lower)
-        + " relations; below shuffled control (base & distilled): " + ", ".join(beat)
+        f"geometry (k={k}, 95% bootstrap CIs over word pairs): " + "; ".join(gap)
+        + "; below shuffled control (CI excludes 0): " + ", ".join(control)
+        + "; pooled base - distilled mean loss: " + ", ".join(pool)
     )  # fmt: skip
     return line + (f"; skipped (< 2 single-token pairs): {', '.join(skipped)}" if skipped else "")
