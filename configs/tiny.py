@@ -221,7 +221,7 @@ def get_config(arg=None):
     # Seeded draws of each random control (activity-matched and uniform), resampled in the CIs.
     c.ablation.n_random = 20
     c.ablation.n_docs = 64  # held-out documents of the store whose marker logits are measured
-    c.ablation.batch_size = 16  # documents per forward pass
+    c.ablation.batch_size = 64  # documents per forward pass
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 
     return c

@@ -156,3 +156,46 @@ def test_no_heldout_documents_is_a_clear_error(run):
     c.train.eval_shards = 0
     with pytest.raises(AblationError, match="no held-out shards"):
         steering.run_ablation(c, workdir)
+
+
+# --- The logit probe against the hook-based ablation ----------------------------------------
+
+
+def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_path):
+    """The probe reruns blocks L.. from a recorded input; it must give the logits of the HF
+    model's own forward pass with `hooks.ablate` installed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xcoder_jax import checkpoint as ckpt
+    from xcoder_jax.analysis.splice import pad_documents
+    from xcoder_jax.steering.ablation import LogitProbe
+
+    models = [AutoModelForCausalLM.from_pretrained(micro_pair[r]).eval() for r in wd.ROLES]
+    tok = AutoTokenizer.from_pretrained(micro_pair["base"])
+    d, h, layer = models[0].config.hidden_size, 8, 1
+    rng = np.random.default_rng(0)
+    weights = {
+        "W_enc": rng.normal(size=(2, d, h)).astype(np.float32) * 0.3,
+        "b_enc": np.zeros(h, np.float32),
+        "W_dec": rng.normal(size=(h, 2, d)).astype(np.float32) * 0.3,
+        "b_dec": np.zeros((2, d), np.float32),
+    }
+    ckpt.export(str(tmp_path), weights, np.array([1.0, 1.0]), {"layer": layer, "d_model": d,
+                "n_latents": h, "models": []})  # fmt: skip
+    xcoder = steering.ExportedCrosscoder.load(str(tmp_path))
+    texts = ["Question: Tom has 3 apples. Wait, let me check.", "Thus the answer is 4. But no"]
+    docs = [np.asarray(tok(t)["input_ids"], np.int64) for t in texts]
+    where = [(0, 3, 7), (0, len(docs[0]) - 1, 11), (1, 2, 5)]  # (doc, position, token)
+    probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, first_position=1)
+    ids, mask = pad_documents(docs, pad_id=0)
+    for target in (0, 1):
+        for latents in ([], [0, 3, 5]):
+            got = probe.logits(target, latents, where)
+            with steering.ablate(models, target, xcoder, latents, ids, mask, 1):
+                with torch.no_grad():
+                    full = models[target](input_ids=ids, attention_mask=mask).logits
+            want = np.array([float(full[dd, p, t]) for dd, p, t in where])
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    clean, ablated = probe.logits(1, [], where), probe.logits(1, [0, 3, 5], where)
+    assert np.abs(clean - ablated).max() > 1e-3  # the ablation does change them

@@ -100,3 +100,48 @@ def forward_to_site(model, layer: int, input_ids, attention_mask=None) -> torch.
         except StopForward:
             pass
     return box["hidden"]
+
+
+class SiteReplay:
+    """Blocks L.. of a model rerun from a changed block-L input, for one batch of tokens.
+
+    `record` runs the model once on the batch and keeps block L's input and the arguments
+    every later block was called with (masks, rotary position embeddings); `logits(hidden,
+    rows, positions)` reruns only blocks L.., the final norm and the unembedding at the
+    requested positions. Ablation experiments that try many interventions on the same batch
+    skip the blocks before L and the unembedding of unread positions this way; the result
+    is the model's own forward pass with block L's input replaced (tested against the hook).
+    """
+
+    def __init__(self, model, layer: int, hidden: torch.Tensor, calls: list):
+        self.model, self.layer, self.hidden, self.calls = model, layer, hidden, calls
+
+    @classmethod
+    @torch.no_grad()
+    def record(cls, model, layer: int, input_ids, attention_mask=None) -> SiteReplay:
+        blocks = decoder_layers(model)[layer:]
+        calls: list = []
+        hooks = [
+            b.register_forward_pre_hook(
+                lambda mod, args, kwargs: calls.append((args[1:], dict(kwargs))), with_kwargs=True
+            )
+            for b in blocks
+        ]
+        try:
+            with capture_block_input(model, layer, stop=False) as box:
+                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return cls(model, layer, box["hidden"], calls)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, rows, positions) -> torch.Tensor:
+        """[n, vocab] logits at (rows[i], positions[i]) with block L's input set to `hidden`
+        ([batch, seq, d], raw, the recorded batch's shape)."""
+        h = hidden.to(self.hidden.dtype)
+        for block, (args, kwargs) in zip(decoder_layers(self.model)[self.layer :], self.calls):
+            out = block(h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        h = self.model.model.norm(h[rows, positions])
+        return self.model.lm_head(h)

@@ -4,8 +4,12 @@ Markers come from `xcoder_jax.lexicon` as token-id sequences. A marker occurrenc
 attributed to its LAST token, where the whole marker has been read (for single-token markers,
 the marker token itself). Following the paper, a latent "fires on" a category when the number
 of the category's occurrences on which it is active exceeds `firing_share` (10%) of the
-largest such count over all latents. The category's NRN distribution is then compared with
-that of all latents.
+largest such count over all latents.
+
+The category's NRN is compared with that of the ALIVE latents, those active on at least one
+row of the store (the rows the marker counts come from). A dead latent's decoder row is
+whatever initialisation and the sparsity penalty left, so its NRN says nothing about either
+model; dead latents would pull the baseline towards their arbitrary values.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xcoder_jax import stats
 from xcoder_jax.analysis.norms import CLASSES, histogram
 from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker, marker_token_ids
 
@@ -92,11 +97,20 @@ def category_stats(
     """Per-category summary and each latent's category tags.
 
     group_rows [G], group_fire [G, h], group_act [G, h]: from `stream.scan_store` with
-    `groups.groups`; fire_count [h]: firing rows over the whole store; nrn, classes [h].
-    Top latents are the firing latents ranked by the share of their firings that land on
-    the category's markers (how specific they are), then by activation on the markers.
+    `groups.groups`; fire_count [h]: firing rows over the whole store (0: dead); nrn,
+    classes [h]. Top latents are the firing latents ranked by the share of their firings that
+    land on the category's markers (how specific they are), then by activation on the markers.
+
+    Per category, against the alive latents: "mean_nrn_alive" (the baseline, same for every
+    category), "nrn_minus_alive" (mean NRN of the firing latents minus that of the alive
+    latents outside the firing set, Welch-t 95% CI) and "top_distilled_only" (distilled-only
+    latents among the top latents against their share of the alive latents, Wilson 95% CI).
     """
-    all_mean = float(nrn.mean())
+    alive = fire_count > 0
+    alive_mean = _mean(nrn[alive])
+    # Share of distilled-only latents among the alive ones: the rate a category's top list
+    # would show if category membership said nothing about the class.
+    alive_share = float((classes[alive] == 2).mean()) if alive.any() else None
     tags: dict[int, list[str]] = {}
     out = {}
     for c, cat in enumerate(CATEGORY_NAMES):
@@ -129,7 +143,9 @@ def category_stats(
             }
             for i in order[:top_n]
         ]
-        mean_f = _mean(nrn[ids])
+        others = alive.copy()
+        others[ids] = False  # Welch compares disjoint groups: the firing set vs the rest
+        n_top_d = sum(t["class"] == "distilled_only" for t in top)
         out[cat] = {
             "markers": markers,
             "occurrences": occ,
@@ -138,9 +154,15 @@ def category_stats(
             "n_firing_latents": len(ids),
             "firing_latents": ids.tolist(),
             "firing_nrn": [round(float(v), 4) for v in nrn[ids]],
-            "mean_nrn": mean_f,
-            "mean_nrn_all": all_mean,
-            "nrn_gap": None if mean_f is None else mean_f - all_mean,
+            "mean_nrn": _mean(nrn[ids]),
+            "mean_nrn_alive": alive_mean,
+            "nrn_minus_alive": stats.welch_ci(nrn[ids], nrn[others]),
+            "top_distilled_only": {
+                "count": n_top_d,
+                "n_top": len(top),
+                "alive_share": alive_share,
+                "excess": stats.proportion_ci(n_top_d, len(top), baseline=alive_share or 0.0),
+            },
             "class_counts": {
                 name: int((classes[ids] == k).sum()) for k, name in enumerate(CLASSES)
             },

@@ -2,14 +2,15 @@
 
 A line holds the latent's NRN and class, decoder norms per model (normalised units), the
 cosine of its two decoder rows, firing frequencies, its top examples with text context, its
-category tags, an automatic label and, for exclusive latents, the latent-scaling fit. Lines
+category tags, an automatic label and, for the base-only and distilled-only latents given a
+fit, the latent scaling (`scaling.report`: betas per target, error and reconstruction
+ratios; None where the latent was not fitted). Strict JSON (no NaN). Lines
 are rendered `block` latents at a time, so a 32768-latent export never has all its example
 texts in memory; only the examples of the latents the report shows are kept.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis import examples as ex
+from xcoder_jax.analysis import strict
 from xcoder_jax.analysis.norms import CLASSES
 
 
@@ -108,7 +110,7 @@ def write_latents(
                 line = _line(i, table, examples, lab)
                 if i in keep:
                     kept[i] = line
-                f.write((json.dumps(line) + "\n").encode())
+                f.write((strict.dumps(line) + "\n").encode())
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write_bytes(path, write)

@@ -1,10 +1,12 @@
 """analysis/report.html: one self-contained page (figures inline as base64 PNG, no scripts).
 
 Figures come from matplotlib's Agg backend: the NRN histogram, NRN of each reasoning
-category's latents beside all latents, the decoder cosine of shared latents, and the
-training curves of metrics.jsonl. Tables list the headline numbers, the categories, splice-in
-CE, latent scaling, and the top distilled-only and base-only latents with their
-max-activating contexts (firing token highlighted). Every piece of text is HTML-escaped.
+category's latents beside the alive latents (dead ones have no meaningful NRN), the decoder
+cosine of shared latents, and the training curves of metrics.jsonl. Tables list the headline
+numbers, the categories (mean NRN against the alive baseline, with 95% CIs), splice-in CE,
+latent scaling per side (base-only, distilled-only), and the top distilled-only and base-only
+latents with their max-activating contexts (firing token highlighted). Every piece of text is
+HTML-escaped.
 """
 
 from __future__ import annotations
@@ -63,15 +65,16 @@ def fig_nrn(summary: dict) -> str:
 
 def fig_categories(summary: dict) -> str:
     """Per category: share of latents per NRN bin, firing latents (red, one tick each)
-    against all latents (grey); the last panel compares the means."""
+    against the alive latents (grey); the last panel compares the means."""
     names = list(summary["categories"])
     fig, axes = plt.subplots(2, 3, figsize=(11, 5.6))
     edges = np.linspace(0.0, 1.0, 11)  # coarse bins: a category has few firing latents
-    all_counts = _rebin(summary["nrn_hist"], edges)
+    alive_counts = _rebin(summary["nrn_hist_alive"], edges)
+    baseline = summary["mean_nrn_alive"]
     for ax, name in zip(axes.flat, names):
         c = summary["categories"][name]
-        ax.stairs(all_counts / max(all_counts.sum(), 1), edges, fill=True, color="#cccccc",
-                  label=f"all latents ({summary['n_latents']})")  # fmt: skip
+        ax.stairs(alive_counts / max(alive_counts.sum(), 1), edges, fill=True, color="#cccccc",
+                  label=f"alive latents ({summary['alive_latents']})")  # fmt: skip
         firing = np.asarray(c.get("firing_nrn", []), float)
         if len(firing):
             counts, _ = np.histogram(np.clip(firing, 0, 1), bins=edges)
@@ -79,7 +82,8 @@ def fig_categories(summary: dict) -> str:
                       label=f"firing ({len(firing)})")  # fmt: skip
             ax.plot(firing, np.full(len(firing), -0.03), "|", color="#d62728", ms=8)
             ax.axvline(c["mean_nrn"], color="#d62728", ls="--", lw=1)
-        ax.axvline(summary["mean_nrn"], color="k", ls=":", lw=1)
+        if baseline is not None:
+            ax.axvline(baseline, color="k", ls=":", lw=1)
         ax.set_title(f"{name} ({c['occurrences']} occurrences)", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.06, 1.0)
@@ -93,7 +97,8 @@ def fig_categories(summary: dict) -> str:
         ax.barh(y, [m if m is not None else 0 for m in means], color="#d62728", alpha=0.8)
         for yi, m in zip(y, means):
             ax.text(0.02, yi, "none fire" if m is None else f"{m:.3f}", va="center", fontsize=7)
-        ax.axvline(summary["mean_nrn"], color="k", ls=":", lw=1, label="all latents")
+        if baseline is not None:
+            ax.axvline(baseline, color="k", ls=":", lw=1, label="alive latents")
         ax.set_yticks(y, names, fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_title("mean NRN of firing latents", fontsize=9)
@@ -181,6 +186,22 @@ def _fmt(v, nd: int = 3) -> str:
     return E(str(v))
 
 
+def _ci(ci: dict | None, nd: int = 3) -> str:
+    """A CI dict of `xcoder_jax.stats` as "mean [lo, hi]", or its reason when missing."""
+    if not ci or ci.get("mean") is None:
+        return E((ci or {}).get("reason", "–"))
+    if ci.get("lo") is None:
+        return f"{_fmt(ci['mean'], nd)} <span class='muted'>({E(ci.get('reason', 'no CI'))})</span>"
+    return f"{_fmt(ci['mean'], nd)} [{_fmt(ci['lo'], nd)}, {_fmt(ci['hi'], nd)}]"
+
+
+def _quantiles(q: dict) -> str:
+    """Median [p10, p90] (n) of a ratio's quantile dict, or its reason when missing."""
+    if q.get("median") is None:
+        return E(q.get("reason", "–"))
+    return f"{_fmt(q['median'])} [{_fmt(q['p10'])}, {_fmt(q['p90'])}] (n {q['n']})"
+
+
 def _table(header: list[str] | None, rows: list[list[str]]) -> str:
     """Cells are HTML already (escaped by the caller); header names are escaped here."""
     head = "<tr>" + "".join(f"<th>{E(h)}</th>" for h in header) + "</tr>" if header else ""
@@ -203,7 +224,8 @@ def _latent_table(ids: list[int], kept: dict[int, dict], n_examples: int, first:
     rows = _latent_rows(ids, kept, n_examples, first)
     if not rows:
         return "<p class='muted'>none (no latent of this class fires on held-out rows)</p>"
-    head = ["id", "NRN", "freq", "cos", "scaling ratio", "label / categories", "top examples"]
+    head = ["id", "NRN", "freq", "cos", "scaling ratio err / rec", "label / categories",
+            "top examples"]  # fmt: skip
     return _table(head, rows)
 
 
@@ -222,7 +244,7 @@ def _latent_rows(
                 _fmt(line["nrn"]),
                 _fmt(line["firing_freq"], 4),
                 _fmt(line["cosine"]),
-                _fmt(sc.get("ratio_error")),
+                f"{_fmt(sc.get('ratio_error'))} / {_fmt(sc.get('ratio_reconstruction'))}",
                 E(line["label"]) + "<br><span class='muted'>" + E(", ".join(line["categories"]))
                 + "</span>",
                 "".join(_context(e, first) for e in line["top_examples"][:n_examples]),
@@ -249,6 +271,7 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
         ["base-only / shared / distilled-only",
          f"{s['n_base_only']} / {s['n_shared']} / {s['n_distilled_only']}"],
         ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
+        ["alive latents (active on a store row)", f"{s['alive_latents']} of {s['n_latents']}"],
     ]  # fmt: skip
     cat_rows = []
     for name, c in s["categories"].items():
@@ -259,9 +282,13 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
         top = "<br>".join(
             f"#{t['id']} NRN {t['nrn']:.2f} {E(t.get('label', ''))}" for t in c["top_latents"][:5]
         )
-        gap = c.get("nrn_gap")
-        cat_rows.append([E(name), markers, str(c["occurrences"]), str(c["n_firing_latents"]),
-                         _fmt(c["mean_nrn"]), _fmt(gap), top])  # fmt: skip
+        td = c["top_distilled_only"]
+        top_d = (f"{td['count']} / {td['n_top']} (alive share {_fmt(td['alive_share'])})"
+                 f"<br>excess {_ci(td['excess'])}")  # fmt: skip
+        name_cell = f"{E(name)}<br><span class='muted'>{c['occurrences']} occurrences</span>"
+        cat_rows.append([name_cell, markers, str(c["n_firing_latents"]), _fmt(c["mean_nrn"]),
+                         _fmt(c["mean_nrn_alive"]), _ci(c["nrn_minus_alive"]), top_d,
+                         top])  # fmt: skip
     sp = s.get("splice", {})
     if "skipped" in sp:
         splice_html = f"<p class='muted'>skipped: {E(sp['skipped'])}</p>"
@@ -271,15 +298,20 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
             [[E(r), _fmt(v["clean_ce"]), _fmt(v["spliced_ce"]), _fmt(v["zero_ce"]),
               _fmt(v["fraction_recovered"]), str(v["tokens"])] for r, v in sp.items()],
         )  # fmt: skip
+    ls = s["latent_scaling"]
     sc_rows = []
-    for cls in ("distilled_only", "base_only"):
-        for target in ("error", "activation"):
-            q = s["scaling"][cls][target]
-            sc_rows.append([E(cls), E(target), str(q.get("n_fitted", 0)), _fmt(q.get("median")),
-                            _fmt(q.get("p10")), _fmt(q.get("p90")),
-                            str(q.get("n_false_exclusive", "–"))])  # fmt: skip
-    cat_head = ["category", "markers (ids): occurrences", "occurrences", "firing latents",
-                "mean NRN", "vs all", "top latents"]  # fmt: skip
+    for side in ("distilled_only", "base_only"):
+        q = ls[side]
+        sc_rows.append([E(side), str(q["n_latents"]), str(q["n_selected"]), str(q["n_fitted"]),
+                        str(q["n_false_exclusive"]), _ci(q["share_false_exclusive"]),
+                        _quantiles(q["ratio_error"]),
+                        _quantiles(q["ratio_reconstruction"])])  # fmt: skip
+    sc_head = ["side", "latents", "selected", "fitted", "flagged", "share flagged",
+               "error ratio: median [p10, p90]",
+               "reconstruction ratio: median [p10, p90]"]  # fmt: skip
+    cat_head = ["category", "markers (ids): occurrences", "firing latents", "mean NRN",
+                "alive baseline", "firing − other alive [95% CI]",
+                "distilled-only in top latents", "top latents"]  # fmt: skip
     n_ex = 3
     first = int(s.get("first_position", 1))
     training = img("training", "training curves") or "<p class='muted'>no metrics.jsonl</p>"
@@ -295,15 +327,21 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
 <h2>Reasoning categories</h2>
 <p>Latents active on more than {s.get("firing_share", 0.1):.0%} of the largest number of a
 category's marker occurrences any latent is active on (a marker counts at its last token);
-their NRN against all latents (mean {_fmt(s["mean_nrn"])}).</p>
+their NRN against the {s["alive_latents"]} alive latents (active on at least one store row;
+mean NRN {_fmt(s["mean_nrn_alive"])}): the difference of the firing latents' mean NRN and
+that of the other alive latents, Welch-t 95% CI; and the distilled-only latents among the
+top latents against their share of the alive latents, Wilson 95% CI.</p>
 {_table(cat_head, cat_rows)}
 {img("categories", "NRN per category")}
 <h2>Splice-in (held-out documents)</h2>
 {splice_html}
 <h2>Latent scaling of exclusive latents</h2>
-<p>Ratio of the other model's beta to the owning model's (near 0: truly exclusive; at or
-above {_fmt(s["scaling"]["false_ratio"], 2)}: flagged as falsely exclusive).</p>
-{_table(["class", "target", "fitted", "median ratio", "p10", "p90", "flagged"], sc_rows)}
+<p>Per exclusive latent, the other model's beta over the owning model's (the model with
+the larger decoder row), on two targets. Error ratio near 1: the other model carries the
+direction but no latent reconstructs it there (complete shrinkage); above
+{_fmt(ls["false_ratio"], 2)} the latent is flagged as falsely exclusive. Reconstruction ratio
+near 1: other latents reconstruct it there (latent decoupling). Near 0: truly exclusive.</p>
+{_table(sc_head, sc_rows)}
 <h2>Top distilled-only latents</h2>
 {_latent_table(s["top_distilled_only"], kept, n_ex, first)}
 <h2>Top base-only latents</h2>

@@ -23,12 +23,14 @@ from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import categories as cats
-from xcoder_jax.analysis import norms, report, scaling, splice
+from xcoder_jax.analysis import norms, report, scaling, splice, strict
 from xcoder_jax.analysis.latents import LatentTable, write_latents
 from xcoder_jax.analysis.stream import Encoder, scan_store
 from xcoder_jax.train import split_shards
 
-ANALYSIS_FORMAT = 1  # bump when the outputs change meaning, to redo old analyses
+# Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
+# with error and reconstruction ratios, category NRN against alive latents, strict JSON.
+ANALYSIS_FORMAT = 2
 SUMMARY, LATENTS, REPORT = "summary.json", "latents.jsonl", "report.html"
 
 
@@ -127,7 +129,7 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
         os.path.join(out_dir, REPORT), summary, kept, wd.metrics_path(workdir), workdir
     )
     mf.atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
-    return json.loads(json.dumps(summary))
+    return json.loads(strict.dumps(summary))
 
 
 def analyze(
@@ -146,11 +148,9 @@ def analyze(
 
     groups = cats.marker_groups(tokenizer, bare=ac.bare_markers)
     encoder = Encoder(tensors)
-    exclusive = np.flatnonzero(classes != 1)
-    # The most extreme exclusive latents get a latent-scaling fit (bounded work per row).
-    exclusive = exclusive[np.argsort(-np.abs(nrn[exclusive] - 0.5), kind="stable")]
-    exclusive = np.sort(exclusive[: ac.scaling_max_latents])
-    owner = np.where(classes[exclusive] == 2, dist, base)
+    # Base-only and distilled-only latents get a latent-scaling fit, the most extreme of each
+    # side first (bounded work per row).
+    exclusive, owner = scaling.select_latents(nrn, classes, ac.scaling_max_latents, base, dist)
     scales = np.asarray(export_config["scales"], np.float32)
     fitter = scaling.LatentScaling(
         exclusive, owner, w_norm, tensors["b_dec"] * scales[:, None], scales
@@ -169,7 +169,9 @@ def analyze(
     )
     freq_held = scan.fire_heldout / max(scan.heldout_rows, 1)
     freq_store = scan.fire_count / max(store.n_rows, 1)
-    alive = scan.fire_heldout > 0
+    alive = scan.fire_heldout > 0  # held-out: the rows of the FVE and dead fraction
+    # Alive for NRN baselines: active on any store row, the rows the categories are read on.
+    alive_store = scan.fire_count > 0
 
     categories, tags = cats.category_stats(
         groups,
@@ -183,8 +185,15 @@ def analyze(
         ac.top_latents,
         ac.nrn_bins,
     )
-    fits = fitter.result(ac.scaling_min_rows)
-    scaling_lines, scaling_summary = _scaling(exclusive, owner, classes, fits, dist, ac)
+    scaling_lines, scaling_summary = scaling.report(
+        exclusive,
+        owner,
+        classes,
+        fitter.result(ac.scaling_min_rows),
+        {"base": base, "distilled": dist},
+        ac.scaling_false_ratio,
+        ac.scaling_min_rows,
+    )
 
     # Report tables: the most exclusive latents that fire on held-out rows.
     live = lambda ids: ids[alive[ids]]
@@ -223,7 +232,11 @@ def analyze(
 
     shared = classes == 1
     total_var = store.total_variance
-    fve = 1.0 - scan.sq_err / (max(scan.heldout_rows, 1) * total_var)
+    # A model whose activations never vary has no FVE (None rather than a division by 0).
+    fve = [
+        1.0 - float(e) / (max(scan.heldout_rows, 1) * float(v)) if v > 0 else None
+        for e, v in zip(scan.sq_err, total_var)
+    ]
     n_class = lambda mask: {n: int((classes[mask] == k).sum()) for k, n in enumerate(CLASS_KEYS)}
     summary = {
         "models": export_config.get("models"),
@@ -237,19 +250,21 @@ def analyze(
         "heldout_shards": heldout,
         "heldout_rows": scan.heldout_rows,
         "skipped_rows": scan.skipped_rows,
-        "fve": [float(v) for v in fve],
+        "fve": fve,
         "l0": scan.l0_sum / max(scan.heldout_rows, 1),
         "dead_fraction": float(1.0 - alive.mean()),
-        "export_eval": export_config.get("eval"),
+        "export_eval": strict.finite_or_none(export_config.get("eval")),
         "tokens_trained": export_config.get("tokens_trained"),
         "distinct_tokens_trained": export_config.get("distinct_tokens_trained"),
         "norm": ac.norm,
         "bands": {"base_only_max": ac.base_only_max, "distilled_only_min": ac.distilled_only_min},
         "nrn_hist": norms.histogram(nrn, ac.nrn_bins),
         **{f"n_{k}": v for k, v in n_class(np.ones(h, bool)).items()},
-        "alive": {"n": int(alive.sum()), **n_class(alive)},
+        "alive_heldout": {"n": int(alive.sum()), **n_class(alive)},
+        "alive_latents": int(alive_store.sum()),
         "mean_nrn": float(nrn.mean()),
-        "mean_nrn_alive": float(nrn[alive].mean()) if alive.any() else None,
+        "mean_nrn_alive": float(nrn[alive_store].mean()) if alive_store.any() else None,
+        "nrn_hist_alive": norms.histogram(nrn[alive_store], ac.nrn_bins),
         "cosine_shared": {
             "mean": float(cosine[shared].mean()) if shared.any() else None,
             "median": float(np.median(cosine[shared])) if shared.any() else None,
@@ -257,7 +272,7 @@ def analyze(
         },
         "firing_share": ac.firing_share,
         "categories": categories,
-        "scaling": scaling_summary,
+        "latent_scaling": scaling_summary,
         "top_distilled_only": top_d.tolist(),
         "top_base_only": top_b.tolist(),
     }
@@ -265,31 +280,6 @@ def analyze(
 
 
 CLASS_KEYS = norms.CLASSES
-
-
-def _scaling(exclusive, owner, classes, fits, dist, ac) -> tuple[dict[int, dict], dict]:
-    """Per-latent scaling lines and the summary per exclusive class and target."""
-    lines = {}
-    ratio = {t: scaling.ratios(fits[f"beta_{t}"], owner) for t in ("activation", "error")}
-    for j, i in enumerate(exclusive):
-        clean = lambda v: None if not np.isfinite(v) else round(float(v), 5)
-        lines[int(i)] = {
-            "owner": "distilled" if owner[j] == dist else "base",
-            "beta_activation": [clean(v) for v in fits["beta_activation"][j]],
-            "beta_error": [clean(v) for v in fits["beta_error"][j]],
-            "ratio_activation": clean(ratio["activation"][j]),
-            "ratio_error": clean(ratio["error"][j]),
-            "rows": int(fits["rows"][j]),
-        }
-    summary = {
-        "false_ratio": ac.scaling_false_ratio,
-        "ratio": "beta of the other model / beta of the owning model",
-    }
-    for k, name in ((2, "distilled_only"), (0, "base_only")):
-        sel = classes[exclusive] == k
-        summary[name] = {t: scaling.summarise(ratio[t][sel], ac.scaling_false_ratio) for t in ratio}
-        summary[name]["n_latents"] = int(sel.sum())
-    return lines, summary
 
 
 def _splice(config, workdir, store, tensors, heldout, tokenizer) -> dict:
@@ -323,7 +313,9 @@ def summarize(summary: dict) -> str:
     ]
     sr = summary.get("categories", {}).get("self_reflection", {})
     if sr.get("mean_nrn") is not None:
-        parts.append(f"self-reflection latents NRN {sr['mean_nrn']:.3f}")
+        alive = summary.get("mean_nrn_alive")
+        vs = f" (alive latents {alive:.3f})" if alive is not None else ""
+        parts.append(f"self-reflection latents NRN {sr['mean_nrn']:.3f}{vs}")
     sp = summary.get("splice", {})
     rec = [sp[r]["fraction_recovered"] for r in ("base", "distilled") if r in sp]
     if rec and all(r is not None for r in rec):

@@ -2,20 +2,30 @@
 
 The L1 crosscoder loss can shrink a decoder row to zero although the other model still
 carries the concept (complete shrinkage), or split one concept into model-specific latents
-(latent decoupling). Latent scaling checks this on data: for latent j with direction u_j (its
-decoder row in the model that owns it), fit per model m the scale
+(latent decoupling). Latent scaling checks this on data. Every base-only and every
+distilled-only latent j is given an owner, the model whose decoder row is larger (the base
+model for base-only latents, the distilled model for distilled-only ones), and its direction
+u_j = W_dec[j, owner]. For each model m the scale
 
     beta_m = argmin_b sum_n || b f_j(x_n) u_j - y_{n,m} ||^2
            = sum_n f_j(x_n) <u_j, y_{n,m}> / (||u_j||^2 sum_n f_j(x_n)^2)
 
-on held-out rows (rows where f_j = 0 add nothing). Two targets y, in NORMALISED units (the
-units of the crosscoder, where NRN is measured too):
-  * "activation": y = x_m - b_dec[m], the model's activation less the decoder bias;
-  * "error":      y = x_m - x_hat_m + f_j W_dec[j, m], the reconstruction error with the
-    latent's own contribution put back (what the rest of the dictionary leaves to it).
-Their difference is the "reconstruction" target (latent decoupling). The ratio of the other
-model's beta to the owner's (beta_base / beta_distilled for a distilled-only latent) is near
-0 for a truly exclusive latent and near 1 for a falsely exclusive one.
+is fitted on held-out rows (rows where f_j = 0 add nothing; f_j is the latent's activation,
+the same in raw and normalised units). Targets y are in NORMALISED units (the units of the
+crosscoder, where NRN is measured too); x_hat_m is the crosscoder's full reconstruction:
+  * "activation":     y = x_m - b_dec[m], the model's activation less the decoder bias;
+  * "error":          y = x_m - x_hat_m + f_j W_dec[j, m], the reconstruction error with the
+    latent's own contribution put back (what the rest of the dictionary leaves to it);
+  * "reconstruction": y = x_hat_m - b_dec[m] = activation - error + f_j W_dec[j, m], what the
+    dictionary reconstructs. The latent's own term is kept in both targets: without it the
+    owner's reconstruction beta of a clean latent is 0 and the ratio below is undefined.
+
+Two ratios, each the other model's beta over the owner's on the same target:
+  * error ratio: near 1 when the other model carries the direction but no latent reconstructs
+    it there (complete shrinkage), near 0 for a truly exclusive latent. Above
+    `analysis.scaling_false_ratio` the latent is flagged as falsely exclusive;
+  * reconstruction ratio: near 1 when other latents reconstruct the direction in the other
+    model (latent decoupling), near 0 when nothing there does.
 """
 
 from __future__ import annotations
@@ -23,14 +33,52 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from xcoder_jax import stats
 
-def fit_betas(f: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray:
+# Sides: (name, class index of `norms.classify`).
+SIDES = (("base_only", 0), ("distilled_only", 2))
+# An owner's beta below this (dimensionless: 1 means the owner's data carries the direction
+# at the decoder row's own scale) leaves the ratio undefined rather than huge.
+MIN_OWNER_BETA = 1e-6
+TARGETS = (
+    "beta_m: least-squares scale of f_j * u_j (u_j = the owner's decoder row, normalised "
+    "units) fitted to model m's target on held-out rows. error target: x_m - x_hat_m + "
+    "f_j W_dec[j, m]; reconstruction target: x_hat_m - b_dec[m]. error ratio = beta_other / "
+    "beta_owner on the error target (near 1: complete shrinkage); reconstruction ratio = "
+    "the same on the reconstruction target (near 1: latent decoupling); near 0: truly exclusive"
+)
+
+
+def fit_betas(f: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray | None:
     """Closed-form betas for one latent. f: [n] activations; y: [n, n_models, d] targets;
-    u: [d] direction. Returns [n_models] (nan when the latent never fires)."""
+    u: [d] direction (y and u in the same units). Returns [n_models], or None when the latent
+    never fires or u is zero (no fit exists)."""
     f = np.asarray(f, np.float64)
     den = float(np.dot(u, u)) * float(np.sum(f * f))
-    num = np.einsum("n,nmd,d->m", f, np.asarray(y, np.float64), np.asarray(u, np.float64))
-    return num / den if den > 0 else np.full(y.shape[1], np.nan)
+    if not den > 0:
+        return None
+    return np.einsum("n,nmd,d->m", f, np.asarray(y, np.float64), np.asarray(u, np.float64)) / den
+
+
+def select_latents(
+    nrn: np.ndarray, classes: np.ndarray, max_latents: int, base: int, distilled: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exclusive latents to fit and their owners: (ids [S] ascending, owner [S] model index).
+
+    At most `max_latents` latents, the most extreme NRN of each side first. Half the budget
+    is kept for each side (what one side leaves unused goes to the other), so a dictionary
+    with many distilled-only latents still gets its base-only ones checked.
+    """
+    sides = []
+    for _, k in SIDES:
+        ids = np.flatnonzero(classes == k)
+        sides.append(ids[np.argsort(-np.abs(nrn[ids] - 0.5), kind="stable")])
+    n_base = min(len(sides[0]), max(max_latents // 2, max_latents - len(sides[1])))
+    n_dist = min(len(sides[1]), max_latents - n_base)
+    ids = np.sort(np.concatenate([sides[0][:n_base], sides[1][:n_dist]])).astype(np.int64)
+    # NRN = n_dist / (n_base + n_dist) > 0.5 exactly when the distilled row is the larger.
+    owner = np.where(nrn[ids] > 0.5, distilled, base).astype(np.int64)
+    return ids, owner
 
 
 class LatentScaling:
@@ -46,13 +94,13 @@ class LatentScaling:
         owner = np.asarray(owner, np.int64)
         w = np.asarray(w_dec, np.float32)[np.asarray(latents, np.int64)]  # [S, m, d]
         self.u = torch.from_numpy(w[np.arange(len(owner)), owner].copy())  # [S, d]
-        # <u_j, W_dec[j, m]>: the latent's own contribution to the error target.
-        self.self_dot = torch.from_numpy(np.einsum("sd,smd->sm", self.u.numpy(), w))
+        # <u_j, W_dec[j, m]>: the latent's own contribution, kept in the error target.
+        self.self_dot = torch.from_numpy(np.einsum("sd,smd->sm", self.u.numpy(), w)).double()
         self.b_dec = torch.from_numpy(np.asarray(b_dec, np.float32))
         self.scales = torch.from_numpy(np.asarray(scales, np.float32))
         s, m = len(owner), w.shape[1]
         self.num_act = torch.zeros(s, m, dtype=torch.float64)
-        self.num_err = torch.zeros(s, m, dtype=torch.float64)
+        self.num_rec = torch.zeros(s, m, dtype=torch.float64)
         self.sum_f2 = torch.zeros(s, dtype=torch.float64)
         self.n_rows = torch.zeros(s, dtype=torch.int64)
 
@@ -62,51 +110,109 @@ class LatentScaling:
             return
         f = f_t[self.latents]  # [S, batch]
         x = x_raw * self.scales[None, :, None]
-        err = x - x_hat_raw * self.scales[None, :, None]
-        f2 = (f * f).sum(1).double()
+        x_hat = x_hat_raw * self.scales[None, :, None]
         for m in range(x.shape[1]):
             # <u_j, y_n,m> for every latent and row: [S, batch]
             proj_act = self.u @ (x[:, m] - self.b_dec[m]).T
-            proj_err = self.u @ err[:, m].T
+            proj_rec = self.u @ (x_hat[:, m] - self.b_dec[m]).T
             self.num_act[:, m] += (f * proj_act).sum(1).double()
-            self.num_err[:, m] += (f * proj_err).sum(1).double() + f2 * self.self_dot[:, m]
-        self.sum_f2 += f2
+            self.num_rec[:, m] += (f * proj_rec).sum(1).double()
+        self.sum_f2 += (f * f).sum(1).double()
         self.n_rows += (f > 0).sum(1)
 
     def result(self, min_rows: int = 1) -> dict[str, np.ndarray]:
-        """Betas per target, "beta_activation" and "beta_error": [S, n_models] (nan with
-        fewer than `min_rows` firing rows), and "rows": [S] firing rows."""
-        den = (self.u.double().square().sum(1) * self.sum_f2)[:, None]
-        ok = (self.n_rows >= max(1, min_rows))[:, None] & (den > 0)
-        safe = torch.where(den > 0, den, torch.ones_like(den))
+        """Betas per target: "beta_activation", "beta_error", "beta_reconstruction" [S,
+        n_models] float64, NaN where not fitted (internal only: `report` turns it into None);
+        "rows": [S] held-out firing rows; "fitted": [S] bool, at least `min_rows` rows."""
+        den = self.u.double().square().sum(1) * self.sum_f2  # [S]
+        fitted = (self.n_rows >= max(1, min_rows)) & (den > 0)
+        safe = torch.where(fitted, den, torch.ones_like(den))[:, None]
+        # y_err = y_act - y_rec + f_j W_dec[j, m], summed against f_j u_j.
+        num_err = self.num_act - self.num_rec + self.sum_f2[:, None] * self.self_dot
         nan = torch.tensor(float("nan"), dtype=torch.float64)
+        beta = lambda num: torch.where(fitted[:, None], num / safe, nan).numpy()
         return {
-            "beta_activation": torch.where(ok, self.num_act / safe, nan).numpy(),
-            "beta_error": torch.where(ok, self.num_err / safe, nan).numpy(),
+            "beta_activation": beta(self.num_act),
+            "beta_error": beta(num_err),
+            "beta_reconstruction": beta(self.num_rec),
             "rows": self.n_rows.numpy(),
+            "fitted": fitted.numpy(),
         }
 
 
 def ratios(betas: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """beta of the other model over beta of the owner [S] (two models; nan where undefined)."""
+    """beta of the other model over the owner's [S] (two models). NaN where undefined: not
+    fitted, or the owner's beta below MIN_OWNER_BETA (internal; `report` maps it to None)."""
     s = np.arange(len(owner))
     own = betas[s, owner]
     other = betas[s, 1 - np.asarray(owner)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(np.abs(own) > 1e-12, other / own, np.nan)
+        return np.where(np.abs(own) >= MIN_OWNER_BETA, other / own, np.nan)
 
 
-def summarise(ratio: np.ndarray, false_min: float) -> dict:
-    """Counts and quantiles of ratios: `false_min` and above flags false exclusivity."""
-    finite = ratio[np.isfinite(ratio)]
+def _quantiles(values: np.ndarray) -> dict:
+    finite = values[np.isfinite(values)]
     if not len(finite):
-        return {"n_fitted": 0}
+        return {"median": None, "p10": None, "p90": None, "n": 0, "reason": "no defined ratio"}
     q = np.quantile(finite, [0.1, 0.5, 0.9])
-    return {
-        "n_fitted": len(finite),
-        "median": float(q[1]),
-        "p10": float(q[0]),
-        "p90": float(q[2]),
-        "n_false_exclusive": int((finite >= false_min).sum()),
-        "share_false_exclusive": float((finite >= false_min).mean()),
-    }
+    return {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2]), "n": len(finite)}
+
+
+def _clean(v, nd: int = 5):
+    return round(float(v), nd) if np.isfinite(v) else None
+
+
+def report(
+    ids: np.ndarray,
+    owner: np.ndarray,
+    classes: np.ndarray,
+    fits: dict[str, np.ndarray],
+    roles: dict[str, int],
+    false_ratio: float,
+    min_rows: int,
+) -> tuple[dict[int, dict], dict]:
+    """Per-latent lines for latents.jsonl and summary["latent_scaling"]; strict JSON (None
+    with a "reason" where a value cannot be computed).
+
+    ids, owner: [S] from `select_latents`; classes: [n_latents]; fits: `LatentScaling.result`;
+    roles: {"base": model index, "distilled": model index}. Betas are listed in crosscoder
+    model order.
+    """
+    ratio = {t: ratios(fits[f"beta_{t}"], owner) for t in ("error", "reconstruction")}
+    name_of = {v: k for k, v in roles.items()}
+    side_of = {k: name for name, k in SIDES}
+    lines = {}
+    for j, i in enumerate(ids):
+        fitted = bool(fits["fitted"][j])
+        line = {
+            "owner": name_of[int(owner[j])],
+            "side": side_of.get(int(classes[i]), "shared"),
+            "rows": int(fits["rows"][j]),
+        }
+        for t in ("activation", "error", "reconstruction"):
+            line[f"beta_{t}"] = [_clean(v) for v in fits[f"beta_{t}"][j]] if fitted else None
+        for t in ratio:
+            line[f"ratio_{t}"] = _clean(ratio[t][j])
+        err = line["ratio_error"]
+        line["false_exclusive"] = None if err is None else bool(err > false_ratio)
+        if not fitted:
+            line["reason"] = f"fires on {line['rows']} held-out rows; a fit needs {min_rows}"
+        elif err is None or line["ratio_reconstruction"] is None:
+            bad = [t for t in ratio if line[f"ratio_{t}"] is None]
+            line["reason"] = f"the owner's beta is ~0 on the {' and '.join(bad)} target"
+        lines[int(i)] = line
+    summary = {"false_ratio": float(false_ratio), "targets": TARGETS}
+    for name, k in SIDES:
+        sel = classes[ids] == k
+        err = ratio["error"][sel]
+        n_flagged = int((err[np.isfinite(err)] > false_ratio).sum())
+        summary[name] = {
+            "n_latents": int((classes == k).sum()),
+            "n_selected": int(sel.sum()),
+            "n_fitted": int(fits["fitted"][sel].sum()),
+            "n_false_exclusive": n_flagged,
+            "share_false_exclusive": stats.proportion_ci(n_flagged, int(np.isfinite(err).sum())),
+            "ratio_error": _quantiles(err),
+            "ratio_reconstruction": _quantiles(ratio["reconstruction"][sel]),
+        }
+    return lines, summary

@@ -10,11 +10,13 @@ block L set to zero:
 The crosscoder encodes both models' activations at once, so both are read at the site first
 and the reconstruction of model m is spliced into model m. Position 0 (the attention sink,
 never seen in training) keeps its clean value in both interventions, and only predictions
-made from positions >= 1 are scored: the one from position 0 cannot change.
+made from positions >= 1 are scored: the one from position 0 cannot change. A figure that
+cannot be computed is None, with a "reason".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -155,14 +157,15 @@ def splice_ce(
                 count += n
     out = {}
     for role, s in sums.items():
-        clean, spliced, zero = (s[k] / max(count, 1) for k in ("clean", "spliced", "zero"))
-        denom = zero - clean
-        out[role] = {
-            "clean_ce": clean,
-            "spliced_ce": spliced,
-            "zero_ce": zero,
-            "fraction_recovered": (zero - spliced) / denom if abs(denom) > 1e-12 else None,
-            "tokens": count,
-            "docs": len(docs),
-        }
+        ce = {k: s[k] / max(count, 1) for k in ("clean", "spliced", "zero")}
+        out[role] = {f"{k}_ce": v if math.isfinite(v) else None for k, v in ce.items()}
+        out[role].update(tokens=count, docs=len(docs), fraction_recovered=None)
+        denom = ce["zero"] - ce["clean"]
+        if not all(math.isfinite(v) for v in ce.values()):
+            # Overflowing logits (e.g. a half-precision model): no CE to compare.
+            out[role]["reason"] = "non-finite cross-entropy"
+        elif abs(denom) <= 1e-12:
+            out[role]["reason"] = "zero-ablation does not change the CE: nothing to recover"
+        else:
+            out[role]["fraction_recovered"] = (ce["zero"] - ce["spliced"]) / denom
     return out

@@ -32,15 +32,16 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stats
+from xcoder_jax import site, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.analysis import check_pair, marker_groups, splice
 from xcoder_jax.lexicon import find_marker
 from xcoder_jax.steering import common, controls
-from xcoder_jax.steering.hooks import ExportedCrosscoder, ablate, site_inputs
+from xcoder_jax.steering.hooks import ExportedCrosscoder
 from xcoder_jax.train import split_shards
 
 ABLATION_FORMAT = 2  # bump when results change meaning, to redo old runs
@@ -68,35 +69,39 @@ def marker_positions(docs: list[np.ndarray], forms, first_position: int):
 class LogitProbe:
     """Marker logits of both models on fixed documents, clean and under ablation.
 
-    Both models' block-L inputs are computed once per batch and reused by every ablation.
+    Each batch is run once per model (`site.SiteReplay`); an ablation then reruns only the
+    blocks from L on, from the recorded block-L input less the ablated latents' contribution
+    (the same intervention as `hooks.ablate`, reconstruction error kept).
     """
 
     def __init__(self, models, xcoder, docs, batch_size: int, pad_id: int, first_position: int):
-        self.models, self.xcoder, self.first = models, xcoder, first_position
+        self.xcoder, self.first, self.n_models = xcoder, first_position, len(models)
         device = next(models[0].parameters()).device
         self.batches = []
         for lo in range(0, len(docs), batch_size):
             ids, mask = splice.pad_documents(docs[lo : lo + batch_size], pad_id, device)
-            x = site_inputs(models, xcoder.layer, ids, mask)
-            self.batches.append((lo, ids, mask, x))
+            replays = [site.SiteReplay.record(m, xcoder.layer, ids, mask) for m in models]
+            x = torch.stack([r.hidden.float() for r in replays], 2)  # [b, s, m, d] raw
+            self.batches.append((lo, len(ids), replays, x))
 
     @torch.no_grad()
     def logits(self, target: int, latents, where) -> np.ndarray:
         """Logits [n] at `where` [(doc, position, token)] with `latents` ablated in `target`."""
         out = np.zeros(len(where))
-        for lo, ids, mask, x in self.batches:
-            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + len(ids)]
+        for lo, n, replays, x in self.batches:
+            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
             if not sel:
                 continue
-            # The model is causal: positions after the last one read change nothing before it.
-            n = max(where[k][1] for k in sel) + 1
-            ids_n, mask_n, x_n = ids[:, :n], mask[:, :n], x[:, :n]
-            with ablate(self.models, target, self.xcoder, latents, ids_n, mask_n, self.first, x_n):
-                logits = self.models[target](input_ids=ids_n, attention_mask=mask_n).logits
+            hidden = replays[target].hidden
+            if len(latents):
+                delta = self.xcoder.ablation_delta(x, latents, target)
+                hidden = hidden.clone()
+                hidden[:, self.first :] -= delta[:, self.first :].to(hidden.dtype)
             d = torch.tensor([where[k][0] - lo for k in sel])
             p = torch.tensor([where[k][1] for k in sel])
             t = torch.tensor([where[k][2] for k in sel])
-            out[sel] = logits[d, p, t].float().cpu().numpy()
+            logits = replays[target].logits(hidden, d, p)
+            out[sel] = logits[torch.arange(len(sel)), t].float().cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -104,8 +109,8 @@ class LogitProbe:
         """f [n, h] of every latent at `where` [(doc, position, token)] (clean inputs)."""
         out = np.zeros((len(where), self.xcoder.n_latents), np.float32)
         all_ids = list(range(self.xcoder.n_latents))
-        for lo, ids, _, x in self.batches:
-            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + len(ids)]
+        for lo, n, _, x in self.batches:
+            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
             if sel:
                 d = torch.tensor([where[k][0] - lo for k in sel])
                 p = torch.tensor([where[k][1] for k in sel])
@@ -242,12 +247,14 @@ def run_ablation(config, workdir: str) -> dict:
         "ci": "95% bootstrap percentile CI resampling documents (and random draws)",
         "categories": {},
     }
+    bar = tqdm(total=len(cats) * len(results["fracs"]), desc="ablation", unit="set")
     for c, cat in enumerate(cats):
         where = marker_positions(docs, forms[cat], first)
         entry = {"occurrences": len(where), "documents": len({w[0] for w in where}), "by_frac": []}
         results["categories"][cat] = entry
         if not where:
             entry["reason"] = "no marker occurrence in the held-out documents"
+            bar.update(len(results["fracs"]))
             continue
         clusters = np.array([doc_ids[d] for d, _, _ in where])
         clean = [probe.logits(m, [], where) for m in range(len(models))]
@@ -255,6 +262,7 @@ def run_ablation(config, workdir: str) -> dict:
         entry["clean_logit"] = {r: float(clean[m].mean()) for m, r in enumerate(roles)}
         memo: dict = {}
         for frac in results["fracs"]:
+            bar.update()
             ids = targeted_latents(counts[c], nrn, frac, ac.min_nrn)
             row = {"frac": frac, "n_latents": len(ids), "latents": ids.tolist()}
             entry["by_frac"].append(row)
@@ -281,6 +289,7 @@ def run_ablation(config, workdir: str) -> dict:
                 row["distilled_minus_base"] = stats.cluster_bootstrap_ci(
                     diff, clusters, seed=ac.seed
                 )
+    bar.close()
     results["seconds"] = round(time.time() - start, 1)
     os.makedirs(out_dir, exist_ok=True)
     plot_ablation(results, paths[1])

@@ -1,0 +1,33 @@
+"""Strict JSON for every file the analysis writes: no NaN or infinity, ever.
+
+`json.dumps` writes NaN and Infinity by default, which strict parsers (and `json.loads` with
+`parse_constant` raising) reject. The analysis writes with `allow_nan=False` (whole files through
+`manifest.atomic_write_json`, which refuses them too), so a non-finite number that slipped
+through fails loudly at write time instead of corrupting a results file; a value that cannot be computed is written as None (with a "reason" where it is a statistic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """json.dumps that refuses NaN and infinity (ValueError)."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None, recursively (dicts, lists, tuples).
+
+    For values the analysis copies from other stages' files (the export's evaluation), whose
+    readers accept NaN; values the analysis computes are checked where they are computed.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
