@@ -106,14 +106,17 @@ def export(
     }
     if "threshold" in weights:
         raw["threshold"] = np.asarray(weights["threshold"], np.float32)
+    # Strict JSON (a NaN/inf in `meta` raises ValueError), serialised before any file is
+    # written so that a refused config leaves no new weights without their config.
+    config = {**meta, "scales": [float(x) for x in s], "units": "raw"}
+    text = json.dumps(config, indent=1, sort_keys=True, allow_nan=False)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{EXPORT_WEIGHTS}.tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in raw.items()}, tmp)
     os.replace(tmp, os.path.join(directory, EXPORT_WEIGHTS))
-    config = {**meta, "scales": [float(x) for x in s], "units": "raw"}
     tmp = os.path.join(directory, f".{EXPORT_CONFIG}.tmp")
     with open(tmp, "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, os.path.join(directory, EXPORT_CONFIG))
 
 

@@ -95,12 +95,16 @@ class Crosscoder(nnx.Module):
         return self.decode(self.encode(x, kind))
 
 
-def batch_topk(weighted: jax.Array, k: int) -> jax.Array:
-    """Mask [batch, n_latents] keeping the k*batch largest entries of the whole batch."""
+def batch_topk(weighted: jax.Array, k: int, n_valid: jax.Array | None = None) -> jax.Array:
+    """Mask [batch, n_latents] keeping the k * n_valid largest positive entries of the whole
+    batch. `n_valid` []: the number of rows that count (masked rows are weighted by 0);
+    default: every row."""
     flat = weighted.reshape(-1)
-    n_keep = min(k * weighted.shape[0], flat.shape[0])
-    _, idx = jax.lax.top_k(flat, n_keep)
-    mask = jnp.zeros(flat.shape, bool).at[idx].set(True)
+    n_max = min(k * weighted.shape[0], flat.shape[0])
+    _, idx = jax.lax.top_k(flat, n_max)  # descending
+    # The slots of masked-out rows are not handed to the valid ones: k per valid row.
+    rank_kept = jnp.arange(n_max) < (n_max if n_valid is None else k * n_valid)
+    mask = jnp.zeros(flat.shape, bool).at[idx].set(rank_kept)
     return (mask & (flat > 0)).reshape(weighted.shape)
 
 
@@ -133,13 +137,22 @@ def batchtopk_loss(
     aux_k: int,
     aux_coeff: float,
 ):
-    """BatchTopK reconstruction plus AuxK on dead latents (`dead`: [n_latents] bool)."""
+    """BatchTopK reconstruction plus AuxK on dead latents.
+
+    x: [batch, n_models, d_model] normalised; weights: [batch] 0/1; dead: [n_latents] bool.
+    The batch keeps its k*batch largest decoder-norm-weighted activations. AuxK: each row's
+    aux_k largest (ReLU) pre-activations among the dead latents decode, without b_dec, the
+    residual x - x_hat left by the kept ones (gradient stopped); its squared error, summed
+    over models and d and averaged over valid rows like the main term (not divided by the
+    residual's variance), is zero when no latent is dead and enters the loss times
+    `aux_coeff`. Returns (loss, aux) like `l1_loss`, plus `batch_threshold` [].
+    """
     pre = jax.nn.relu(model.pre_acts(x))
     norms = model.decoder_norms().sum(-1)
     weighted = pre * norms
     # Rows that are masked out (non-finite in the store) never claim a top-k slot.
     weighted = weighted * weights[:, None]
-    f = jnp.where(batch_topk(weighted, k), pre, 0.0)
+    f = jnp.where(batch_topk(weighted, k, weights.sum()), pre, 0.0)
     x_hat = model.decode(f)
     mse = squared_error(x, x_hat, weights)
     # AuxK: the top aux_k dead latents of each row reconstruct what the live ones missed.
@@ -155,7 +168,9 @@ def batchtopk_loss(
     aux_hat = model.decode(aux_f) - model.b_dec[...].astype(jnp.float32)
     aux = squared_error(residual, aux_hat, weights)
     aux = jnp.where(dead.any(), aux, 0.0)
-    # Smallest kept weighted activation: the batch's threshold, for the EMA.
+    # Smallest kept weighted activation: the batch's threshold, for the EMA. +inf when
+    # nothing is kept (every row masked out, or no positive activation); see
+    # `update_threshold`, which ignores such batches.
     kept = jnp.where(f > 0, weighted, jnp.inf)
     batch_threshold = jnp.min(kept)
     loss = mse + aux_coeff * aux
@@ -167,3 +182,20 @@ def batchtopk_loss(
         "aux": aux,
         "batch_threshold": batch_threshold,
     }
+
+
+def update_threshold(old: jax.Array, batch_threshold: jax.Array, ema: float) -> jax.Array:
+    """The inference threshold after one BatchTopK step.
+
+    old: [n_latents] float32, on decoder-norm-weighted activations (0 until first set);
+    batch_threshold: [] the batch's smallest kept weighted activation (+inf if none kept).
+
+    A batch that kept nothing leaves the threshold as it was: mixing its +inf in would make
+    the threshold +inf for good, and the exported encoder would never fire. An unset (0) or
+    non-finite threshold takes the batch's value; otherwise the EMA
+    `ema * old + (1 - ema) * batch_threshold`.
+    """
+    batch_threshold = jnp.asarray(batch_threshold, old.dtype)
+    is_set = (old > 0) & jnp.isfinite(old)
+    mixed = jnp.where(is_set, ema * old + (1 - ema) * batch_threshold, batch_threshold)
+    return jnp.where(jnp.isfinite(batch_threshold), mixed, old)

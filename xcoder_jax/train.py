@@ -84,9 +84,40 @@ def _trim_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
+def json_safe(value):
+    """`value` with every NaN/inf float (in nested lists and dicts too) replaced by None, so
+    that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _has_nonfinite(value) -> bool:
+    """Whether `value` is, or holds in nested lists and dicts, a NaN/inf float."""
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_nonfinite(v) for v in value)
+    return isinstance(value, float) and not np.isfinite(value)
+
+
+def _nonfinite_keys(record: dict) -> list[str]:
+    """Keys of `record` whose value is or holds a NaN/inf float."""
+    return sorted(k for k, v in record.items() if _has_nonfinite(v))
+
+
 def _log(path: str, record: dict) -> None:
+    """Appends one strict-JSON line; a metric that is NaN/inf (e.g. the FVE of a model whose
+    store variance is 0) is written as null and named in `nonfinite_metrics`."""
+    bad = _nonfinite_keys(record)
+    if bad:
+        record = {**json_safe(record), "nonfinite_metrics": bad}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 # The rows trained on, as a packed bitmap (np.packbits order: row i is bit 7 - i % 8 of byte
@@ -214,6 +245,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     record.update(
                         {f"eval_{k}": v for k, v in trainer.evaluate(state, eval_shards).items()}
                     )
+                # check_finite above has already stopped a run whose loss is not finite.
                 _log(metrics_file, record)
                 bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
             if done % tc.checkpoint_every == 0 or done == tc.steps:
@@ -225,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stream.close()
         mngr.wait_until_finished()
     check_finite(state, tc.steps)
-    final = trainer.evaluate(state, eval_shards)
+    final = json_safe(trainer.evaluate(state, eval_shards))
     trainer.export(
         state,
         wd.export_dir(workdir),

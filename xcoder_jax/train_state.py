@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.crosscoder import Crosscoder, batchtopk_loss, l1_loss
+from xcoder_jax.crosscoder import Crosscoder, batchtopk_loss, l1_loss, update_threshold
 
 # Fields that must not change when a run resumes from its checkpoints.
 RESUME_FIELDS = (
@@ -62,12 +62,20 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
 
 
 def make_schedule(lr: float, steps: int, decay_start_frac: float) -> optax.Schedule:
-    """Constant `lr` for the first `decay_start_frac` of steps, then linear decay to 0."""
+    """Learning rate at a 0-based step: constant `lr` for the first
+    `int(steps * decay_start_frac)` steps, then linear decay reaching 0 at step `steps`."""
     boundary = int(steps * decay_start_frac)
     return optax.join_schedules(
         [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(1, steps - boundary))],
         [boundary],
     )
+
+
+def l1_lambda(step, l1_coeff: float, warmup_frac: float, steps: int) -> jax.Array:
+    """The L1 coefficient at a 0-based step: linear from 0 at step 0 to `l1_coeff` at step
+    `warmup_frac * steps` (at least 1), constant after. Returns float32 []."""
+    warmup = max(1.0, warmup_frac * steps)
+    return l1_coeff * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
 
 
 def _spec(path, leaf) -> P:
@@ -186,8 +194,7 @@ class Trainer:
         cc, tc = self.config.crosscoder, self.config.train
         model = nnx.merge(self.graphdef, params, rest)
         if self.kind == "l1":
-            warmup = max(1.0, cc.l1_warmup_frac * tc.steps)
-            lam = cc.l1_coeff * jnp.minimum(1.0, step / warmup)
+            lam = l1_lambda(step, cc.l1_coeff, cc.l1_warmup_frac, tc.steps)
             loss, aux = l1_loss(model, x, weights, lam)
         else:
             lam = jnp.zeros(())
@@ -205,13 +212,13 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         rest = state["rest"]
         if self.kind == "batchtopk":
-            ema = self.config.crosscoder.threshold_ema
-            old = rest["threshold"][...]
-            new = jnp.where(
-                step == 0, aux["batch_threshold"], ema * old + (1 - ema) * aux["batch_threshold"]
+            new = update_threshold(
+                rest["threshold"][...],
+                aux["batch_threshold"],
+                self.config.crosscoder.threshold_ema,
             )
             rest = jax.tree.map(lambda v: v, rest)
-            rest["threshold"] = rest["threshold"].replace(jnp.broadcast_to(new, old.shape))
+            rest["threshold"] = rest["threshold"].replace(new)
         valid = weights.sum().astype(jnp.int32)
         fired = ((aux["f"] > 0) & (weights[:, None] > 0)).any(0)
         cap = self.config.crosscoder.dead_window_tokens

@@ -169,9 +169,11 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
     bar = tqdm(desc=f"extract {os.path.basename(directory)}", unit="doc")
     for batch in _batches(docs, int(config.extract.batch_size)):
         bar.update(len(batch))
-        batch = [(doc, ids) for doc, ids in batch if doc >= resume_doc]
-        if not batch:
+        if max(doc for doc, _ in batch) < resume_doc:
             continue
+        # The batch that holds the resume point runs whole, as in an uninterrupted run:
+        # another batch composition (padding, GEMM shapes) could round some values
+        # differently. The writer drops the rows it already has.
         lengths = [len(ids) for _, ids in batch]
         input_ids = np.full((len(batch), max(lengths)), pad_id, np.int64)
         mask = np.zeros_like(input_ids)

@@ -82,7 +82,8 @@ def atomic_write_bytes(path: str, write) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    """Writes `obj` as strict JSON (NaN/inf raise ValueError before anything is written)."""
+    data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode()
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
@@ -162,11 +163,12 @@ def fsync_dir(directory: str) -> None:
 def append_shard_record(directory: str, record: dict) -> None:
     """Appends one finished shard's record to the store's log, durably: the shard's files
     are made durable first, so a recorded shard never names a file a power loss took."""
+    line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"  # refused: no file
     path = os.path.join(directory, SHARD_LOG)
     creates = not os.path.exists(path)
     fsync_dir(directory)
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
     if creates:
@@ -199,7 +201,8 @@ def remove_shard_log(directory: str) -> None:
 
 def write_shard_log(directory: str, records: list[dict]) -> None:
     """Replaces the log with exactly `records` (a resume drops a torn last line this way)."""
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    data = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records)
+    data = data.encode()
     atomic_write_bytes(os.path.join(directory, SHARD_LOG), lambda f: f.write(data))
 
 
@@ -239,8 +242,16 @@ def norm_stats(total: dict, d_model: int) -> tuple[list[dict], np.ndarray]:
     `total_variance` = E||x - mean||^2 in raw units; the mean vectors [n_models, d_model]).
     """
     n = float(total["n"])
+    if n == 0:
+        raise StoreError("the store has no finite rows: no normalisation scale can be estimated")
     mean = total["sum_x"] / n
     mean_norm = total["sum_norm"] / n
+    if not (mean_norm > 0).all():
+        zero = [m for m in range(len(mean_norm)) if not mean_norm[m] > 0]
+        raise StoreError(
+            f"the activations of model(s) {zero} are all zero: no normalisation scale "
+            "sqrt(d) / mean ||x|| exists"
+        )
     total_var = total["sum_sq"] / n - np.square(mean).sum(-1)
     stats = [
         {

@@ -143,7 +143,7 @@ def _write_jsonl(path: str, rows: list) -> None:
     tmp = _tmp(path)
     with open(tmp, "w") as f:
         for r in rows:
-            f.write(json.dumps(r if isinstance(r, dict) else {"text": r}) + "\n")
+            f.write(json.dumps(r if isinstance(r, dict) else {"text": r}, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -158,7 +158,7 @@ def _save_atomic(model, tokenizer, path: str, stamp: dict) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, _STAMP), "w") as f:
-        json.dump(stamp, f)
+        json.dump(stamp, f, allow_nan=False)
     if os.path.exists(path):  # a directory cannot be renamed onto a non-empty one
         old = _tmp(path) + "old"
         os.replace(path, old)
@@ -245,7 +245,7 @@ def _build(config, workdir: str) -> dict:
     for name in ("train_base", "train_distill", "extract", "heldout"):
         _write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), texts[name])
     with open(os.path.join(data_dir, "relations.json"), "w") as f:
-        json.dump(corpus.RELATIONS, f, indent=1)
+        json.dump(corpus.RELATIONS, f, indent=1, allow_nan=False)
     sample = texts["train_base"][:200] + texts["train_distill"][:200] + texts["extract"][:200]
     tokenizer = build_tokenizer(
         texts["train_base"] + texts["train_distill"],
@@ -279,7 +279,7 @@ def _build(config, workdir: str) -> dict:
     }
     tmp = _tmp(wd.zoo_report_path(workdir))
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, indent=1, allow_nan=False)
     os.replace(tmp, wd.zoo_report_path(workdir))
     return report
 

@@ -86,7 +86,7 @@ def train_causal_lm(
     """Next-token training of an HF causal LM on packed `docs` (1-D token-id arrays).
 
     Deterministic given `seed` and the model's initial weights. Returns the mean loss over
-    the first and the last 10% of steps (nats per token).
+    the first and the last 10% of steps (nats per token; None for 0 steps).
     """
     rng = np.random.default_rng(seed)
     batches = packed_batches(docs, seq_len, batch_size, rng)
@@ -116,6 +116,8 @@ def train_causal_lm(
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     model.eval()
+    if not losses:  # steps == 0: no loss to report (null, not NaN, in zoo.json)
+        return {"first_loss": None, "final_loss": None}
     k = max(1, steps // 10)
     return {"first_loss": float(np.mean(losses[:k])), "final_loss": float(np.mean(losses[-k:]))}
 
