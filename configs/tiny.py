@@ -220,7 +220,7 @@ def get_config(arg=None):
     c.ablation.fire_offset = -1
     # Seeded draws of each random control (activity-matched and uniform), resampled in the CIs.
     c.ablation.n_random = 20
-    c.ablation.n_docs = 64  # held-out documents of the store whose marker logits are measured
+    c.ablation.n_docs = 256  # held-out documents whose marker logits are measured (at most)
     c.ablation.batch_size = 64  # documents per forward pass
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 

@@ -199,3 +199,14 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     clean, ablated = probe.logits(1, [], where), probe.logits(1, [0, 3, 5], where)
     assert np.abs(clean - ablated).max() > 1e-3  # the ablation does change them
+
+
+def test_matched_pool_widens_only_when_the_nrn_pool_falls_short():
+    nrn = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.6])
+    targeted = np.array([0])
+    act = np.array([4.0, 1.0, 3.0, 2.0, 2.0, 0.0])  # NRN pool {1, 2, 5}: 4.0 reaches 4.0
+    pool, name = controls.matched_pool(act, targeted, nrn, 0.5)
+    assert name == "nrn" and pool.tolist() == [1, 2, 5]
+    act[2] = 2.0  # NRN pool now 3.0 < 4.0
+    pool, name = controls.matched_pool(act, targeted, nrn, 0.5)
+    assert name == "all" and pool.tolist() == [1, 2, 3, 4, 5]

@@ -165,19 +165,21 @@ class AblationError(ValueError):
     """The ablation cannot be measured on held-out documents of this store."""
 
 
-def _effects(probe, m: int, ids, act, pool, where, clean, clusters, ac, rng) -> dict:
+def _effects(probe, m: int, ids, act, nrn, where, clean, clusters, ac, rng) -> dict:
     """Ablating `ids` in model m against its controls, each effect with its 95% CI.
 
-    act: [h] activity of every latent in model m at `where` (`controls.activity`); pool: ids
-    the matched control draws from. The per-occurrence arrays (keys ending in "_values")
-    feed the distilled - base comparison and are not written out.
+    act: [h] activity of every latent in model m at `where` (`controls.activity`); nrn: [h].
+    The per-occurrence arrays (keys ending in "_values") feed the distilled - base
+    comparison and are not written out.
     """
+    pool, pool_name = controls.matched_pool(act, ids, nrn, ac.min_nrn)
     draws = {
         "matched": [controls.matched_draw(rng, act, ids, pool) for _ in range(ac.n_random)],
         "uniform": [controls.uniform_draw(rng, len(act), ids) for _ in range(ac.n_random)],
     }
     t = probe.logits(m, ids, where) - clean
     out = {"targeted": stats.cluster_bootstrap_ci(t, clusters, seed=ac.seed)}
+    out["matched_pool"] = pool_name
     out["targeted_values"] = t
     for name, sets in draws.items():
         r = np.stack([probe.logits(m, s, where) - clean for s in sets])  # [n_random, n]
@@ -219,14 +221,12 @@ def run_ablation(config, workdir: str) -> dict:
     nrn = common.nrn(tensors, export_config, config.analysis.norm)
     dec_norms = np.linalg.norm(np.asarray(tensors["W_dec"], np.float64), axis=-1)  # [h, m] raw
     cats = list(ac.categories)
-    pool = np.flatnonzero(nrn > ac.min_nrn)  # the matched control draws like the targeted set
 
     doc_ids = sorted(stored)
     docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
     docs = [d[: config.data.max_tokens] for d in docs]
     first = int(store.manifest.get("first_position", 1))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probe = LogitProbe(models, xcoder, docs, ac.batch_size, pad_id, first)
     forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
     counts = common.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
     selection_docs = np.unique(np.concatenate([store.shard_index(k)[:, 0] for k in train]))
@@ -243,20 +243,28 @@ def run_ablation(config, workdir: str) -> dict:
         "measurement": {"shards": heldout, "documents": doc_ids},
         "measure": "mean change of the marker's first-token logit at the position before "
         "each marker occurrence (ablated - clean), over held-out occurrences",
-        "controls": {"matched": controls.MATCHED, "uniform": controls.UNIFORM},
+        "controls": {
+            "matched": controls.MATCHED,
+            "matched_pool": controls.POOLS,
+            "uniform": controls.UNIFORM,
+        },
         "ci": "95% bootstrap percentile CI resampling documents (and random draws)",
         "categories": {},
     }
     bar = tqdm(total=len(cats) * len(results["fracs"]), desc="ablation", unit="set")
     for c, cat in enumerate(cats):
         where = marker_positions(docs, forms[cat], first)
-        entry = {"occurrences": len(where), "documents": len({w[0] for w in where}), "by_frac": []}
+        # Only documents holding a marker are run: the others add no measurement.
+        held = sorted({d for d, _, _ in where})
+        where = [(held.index(d), p, t) for d, p, t in where]
+        entry = {"occurrences": len(where), "documents": len(held), "by_frac": []}
         results["categories"][cat] = entry
         if not where:
             entry["reason"] = "no marker occurrence in the held-out documents"
             bar.update(len(results["fracs"]))
             continue
-        clusters = np.array([doc_ids[d] for d, _, _ in where])
+        clusters = np.array([doc_ids[held[d]] for d, _, _ in where])
+        probe = LogitProbe(models, xcoder, [docs[d] for d in held], ac.batch_size, pad_id, first)
         clean = [probe.logits(m, [], where) for m in range(len(models))]
         f = probe.latent_acts(where)  # [n, h]
         entry["clean_logit"] = {r: float(clean[m].mean()) for m, r in enumerate(roles)}
@@ -278,7 +286,7 @@ def run_ablation(config, workdir: str) -> dict:
                     rng = np.random.default_rng([ac.seed, c, m, len(ids)])
                     act = controls.activity(f, dec_norms[:, m])
                     memo[key] = _effects(
-                        probe, m, ids, act, pool, where, clean[m], clusters, ac, rng
+                        probe, m, ids, act, nrn, where, clean[m], clusters, ac, rng
                     )
                 eff = memo[key]
                 per_model.append(eff["targeted_values"] - eff["matched_values"])
