@@ -1,9 +1,10 @@
 """Strict JSON for every file the analysis writes: no NaN or infinity, ever.
 
 `json.dumps` writes NaN and Infinity by default, which strict parsers (and `json.loads` with
-`parse_constant` raising) reject. The analysis writes with `allow_nan=False` (whole files through
-`manifest.atomic_write_json`, which refuses them too), so a non-finite number that slipped
-through fails loudly at write time instead of corrupting a results file; a value that cannot be computed is written as None (with a "reason" where it is a statistic).
+`parse_constant` raising) reject. The analysis writes with `allow_nan=False` (whole files
+through `manifest.atomic_write_json`, which refuses them too), so a non-finite number that
+slipped through fails loudly at write time instead of corrupting a results file; a value
+that cannot be computed is written as None (with a "reason" where it is a statistic).
 """
 
 from __future__ import annotations
