@@ -337,7 +337,8 @@ def plot_ablation(results: dict, path: str) -> None:
                 fr, mean, err = _series(rows, role, key)
                 if fr:
                     ax.errorbar(fr, mean, yerr=err, fmt=fmt, capsize=3, label=key.replace("_", " "))
-                    ax.set_xscale("log")
+            if len(results["fracs"]) > 1:
+                ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_title(f"{cat} ({role})", fontsize=9)
             ax.set_xlabel("frac")
