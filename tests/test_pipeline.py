@@ -98,3 +98,30 @@ def test_readme_python_example_runs(run, capsys):
     layer = namespace["config"]["layer"]
     assert not namespace["model"].model.layers[layer]._forward_pre_hooks  # hook removed
     assert "block 1 trained on" in capsys.readouterr().out
+
+
+def test_every_json_file_the_pipeline_writes_is_strict(run):
+    """No NaN or Infinity anywhere: a statistic that cannot be computed is null."""
+    _, workdir, _ = run
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    checked = 0
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".json"):
+                with open(path) as f:
+                    json.loads(f.read(), parse_constant=refuse)
+                checked += 1
+            elif name.endswith(".jsonl"):
+                with open(path) as f:
+                    for line in f:
+                        json.loads(line, parse_constant=refuse)
+                checked += 1
+    stages = ("analysis", "steering", "ablation", "geometry", "export")
+    assert checked >= 10 and all(
+        os.path.exists(os.path.join(workdir, s, n))
+        for s, n in zip(stages, ["summary.json", *["results.json"] * 3, "config.json"])
+    )

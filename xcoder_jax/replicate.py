@@ -107,9 +107,9 @@ def findings() -> list[Finding]:
             -1, lambda r, c=cat: _ablated(r, c, "distilled", "targeted_minus_matched"),
         ))  # fmt: skip
         out.append(Finding(
-            f"ablate_{cat}_base_moves_less",
-            f"ablating the {cat} latents moves the base model less than the distilled one "
-            "(distilled minus base, of targeted minus matched)",
+            f"ablate_{cat}_distilled_more_than_base",
+            f"ablating the {cat} latents lowers the marker logit more in the distilled model "
+            "than in the base (distilled minus base, of targeted minus matched)",
             -1, lambda r, c=cat: _ablated(r, c, "distilled_minus_base"),
         ))  # fmt: skip
     out.append(Finding(
@@ -201,6 +201,8 @@ def markdown(table: dict) -> str:
             held += f" (measured in {measured})"
         lines.append(f"| {row['claim']} | {held} | {ci}{mark} |")
     lines.append("")
+    for seed, why in sorted((table.get("errors") or {}).items()):
+        lines.append(f"Seed {seed} failed ({why}); its finished stages are counted.\n")
     lines.append(
         "A finding holds in a seed when its 95% CI in that seed excludes 0 on the expected "
         "side. Pooled: mean of the per-seed effects, Student-t CI over seeds; * marks a pooled "
@@ -209,20 +211,37 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class ReplicationError(RuntimeError):
+    """Some seeds' runs failed; the table of the others was still written."""
+
+
 def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
-    """Runs the pipeline for every seed (resumable), then writes and returns the table."""
+    """Runs the pipeline for every seed (resumable), then writes and returns the table.
+
+    A seed whose run fails is recorded in the table's "errors" (its finished stages still
+    count) and the other seeds go on; ReplicationError is raised after the table is written.
+    """
     if not seeds:
         raise ValueError("no seeds to replicate over")
-    per_seed = {}
-    for seed in seeds:
-        c = _with_seed(config, seed)
-        log(f"=== seed {seed} ({seeds.index(seed) + 1}/{len(seeds)})")
-        pipeline.run(c, seed_workdir(workdir, seed))
+    per_seed, errors = {}, {}
+    for n, seed in enumerate(seeds, 1):
+        log(f"=== seed {seed} ({n}/{len(seeds)})")
+        try:
+            pipeline.run(_with_seed(config, seed), seed_workdir(workdir, seed))
+        except pipeline.PipelineError:
+            raise  # the workdir is locked, unwritable or full: no seed can run
+        except Exception as e:  # one seed's failure must not hide the others' results
+            errors[str(seed)] = f"{type(e).__name__}: {e}"
+            log(f"=== seed {seed} failed: {errors[str(seed)]}")
         per_seed[seed] = read_results(seed_workdir(workdir, seed))
-    table = tabulate(per_seed)
+    table = tabulate(per_seed) | {"errors": errors}
     atomic_write_json(os.path.join(workdir, JSON), table)
     text = markdown(table).encode()
     atomic_write_bytes(os.path.join(workdir, MARKDOWN), lambda f: f.write(text))
+    if errors:
+        raise ReplicationError(
+            f"seeds {sorted(errors)} failed (see {JSON}); the table counts their finished stages"
+        )
     return table
 
 

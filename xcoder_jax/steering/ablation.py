@@ -44,7 +44,7 @@ from xcoder_jax.steering import common, controls
 from xcoder_jax.steering.hooks import ExportedCrosscoder
 from xcoder_jax.train import split_shards
 
-ABLATION_FORMAT = 2  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 3  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
 
 
@@ -187,7 +187,7 @@ def _effects(probe, m: int, ids, act, nrn, where, clean, clusters, ac, rng) -> d
         diff = t[None] - r
         out[f"targeted_minus_{name}"] = stats.cluster_bootstrap_ci(diff, clusters, seed=ac.seed)
         out[f"{name}_sizes"] = [len(s) for s in sets]
-        out[f"{name}_values"] = r.mean(0)
+        out[f"{name}_values"] = r
     goal = float(act[ids].sum())
     ratios = [float(act[s].sum()) / goal for s in draws["matched"]] if goal > 0 else []
     # How well the matched sets reach the targeted set's activity (1 = exactly).
@@ -289,10 +289,13 @@ def run_ablation(config, workdir: str) -> dict:
                         probe, m, ids, act, nrn, where, clean[m], clusters, ac, rng
                     )
                 eff = memo[key]
-                per_model.append(eff["targeted_values"] - eff["matched_values"])
+                # [n_random, n]: targeted minus each matched draw, per occurrence.
+                per_model.append(eff["targeted_values"][None] - eff["matched_values"])
                 row[role] = {k: v for k, v in eff.items() if not k.endswith("_values")}
             if "base" in roles and "distilled" in roles:
-                # Does the distilled model lose more of the marker than the base does?
+                # Does the distilled model lose more of the marker than the base does? The two
+                # models' draws are independent, so draw k of one pairs with draw k of the
+                # other, and the bootstrap resamples draws as well as documents.
                 diff = per_model[roles.index("distilled")] - per_model[roles.index("base")]
                 row["distilled_minus_base"] = stats.cluster_bootstrap_ci(
                     diff, clusters, seed=ac.seed

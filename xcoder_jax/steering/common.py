@@ -88,6 +88,10 @@ def marker_counts(store, xcoder, forms: dict, categories, offset: int, shards) -
     return counts
 
 
+class TooFewLatents(ValueError):
+    """A "<category>:<k>" spec names more latents than qualify in this crosscoder."""
+
+
 def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: float) -> list[int]:
     """Latent ids of one spec (see the module docstring).
 
@@ -111,7 +115,7 @@ def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: flo
     c = np.asarray(counts[cat])
     order = [int(i) for i in np.argsort(-c, kind="stable") if c[i] > 0 and nrn[i] > min_nrn]
     if len(order) < int(k):
-        raise ValueError(f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} fire on it")
+        raise TooFewLatents(f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} fire on it")
     return order[: int(k)]
 
 

@@ -12,7 +12,10 @@ The uniform control (|S| latents drawn uniformly from the non-targeted ones) is 
 it, labelled as such.
 
 Activity of latent i in model m: sum over the measured positions of f_i(x) ||W_dec[i, m]||_2
-(raw units): the length of what ablating i removes from model m's block-L input there.
+(raw units): the length of what ablating i removes from model m's block-L input there. The
+matched sets are therefore drawn on the held-out positions the effect is measured at (the
+targeted set itself is chosen on training documents): matching is on how much each set
+removes there, never on the effect.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import numpy as np
 
 MATCHED = (
     "random non-targeted latents from `matched_pool`, added in random order until their summed "
-    "activity at the measured positions (sum of f_i ||W_dec[i, m]||) comes closest to the "
-    "targeted set's"
+    "activity at the measured (held-out) positions (sum of f_i ||W_dec[i, m]||) comes closest "
+    "to the targeted set's there"
 )
 POOLS = {
     "nrn": "non-targeted latents with NRN above the targeted set's cut",

@@ -34,7 +34,7 @@ from xcoder_jax.steering import common, stats
 from xcoder_jax.steering.hooks import CONVENTIONS, ExportedCrosscoder, steer
 from xcoder_jax.train import split_shards
 
-STEERING_FORMAT = 3  # bump when results change meaning, to redo old runs
+STEERING_FORMAT = 4  # bump when results change meaning, to redo old runs
 RESULTS, SAMPLES, FIGURE = "results.json", "samples.jsonl", "steering.png"
 
 
@@ -90,7 +90,8 @@ def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str
     """`sc.samples` continuations of every prompt: [(prompt id, sample, text, tokens)].
 
     Prompts are left-padded and decoded `sc.batch_size` rows at a time; batch b draws with
-    seed `sc.seed + b` whatever the intervention. Text is cut where `sc.stop` begins.
+    a seed derived from (`sc.seed`, b) whatever the intervention. Text is cut where
+    `sc.stop` begins.
     """
     rows = [(i, s) for i in range(len(prompts)) for s in range(sc.samples)]
     side = tokenizer.padding_side
@@ -103,10 +104,12 @@ def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str
             enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items()}
             greedy = sc.temperature <= 0
+            # One stream per (run seed, batch): runs with neighbouring seeds share none.
+            seed = int(np.random.SeedSequence([sc.seed, b]).generate_state(1)[0])
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sc.seed + b)
+                torch.manual_seed(seed)
                 if device.type == "cuda":
-                    torch.cuda.manual_seed_all(sc.seed + b)
+                    torch.cuda.manual_seed_all(seed)
                 gen = model.generate(
                     **enc,
                     max_new_tokens=sc.max_new_tokens,
@@ -144,11 +147,13 @@ def _fingerprint(config, workdir: str, prompts_file: str, store) -> dict:
         "models": common.digest(config.models.to_dict()),
         "prompts": common.file_sha(prompts_file),
         "store": None if store is None else store.manifest.get("fingerprint"),
+        "eval_shards": int(config.train.eval_shards),  # latents are chosen on the rest
     }
 
 
-def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store) -> tuple[dict, np.ndarray]:
-    """({spec: latent ids} of `steering.latents` (see `common`), NRN [h])."""
+def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
+    """({spec: latent ids} of `steering.latents` (see `common`), {spec: why it has no
+    latents} for category specs with too few qualifying latents, NRN [h])."""
     sc = config.steering
     nrn = common.nrn({"W_dec": xcoder.W_dec.cpu().numpy()}, xcoder.config, config.analysis.norm)
     counts = None
@@ -162,7 +167,13 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store) -> tuple[d
         train, _ = split_shards(store, config.train.eval_shards)
         per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
         counts = dict(zip(cats, per_cat, strict=True))
-    return {str(s): common.select_latents(s, nrn, counts, sc.min_nrn) for s in sc.latents}, nrn
+    sets, skipped = {}, {}
+    for spec in map(str, sc.latents):
+        try:
+            sets[spec] = common.select_latents(spec, nrn, counts, sc.min_nrn)
+        except common.TooFewLatents as e:  # a finding of this run, not a bad input
+            skipped[spec] = str(e)
+    return sets, skipped, nrn
 
 
 def run_steering(config, workdir: str) -> dict:
@@ -188,7 +199,7 @@ def run_steering(config, workdir: str) -> dict:
         check_pair(store, xcoder.config)
     roles = common.role_order(xcoder.config)
     models, tokenizer = common.load_pair(config, workdir, roles)
-    sets, nrn = choose_sets(config, xcoder, tokenizer, store)
+    sets, skipped, nrn = choose_sets(config, xcoder, tokenizer, store)
     rows = read_prompts(prompts_file, sc.n_prompts)
     prompts = [r["prompt"] for r in rows]
     with_accuracy = all(r["answer"] is not None for r in rows)
@@ -241,6 +252,7 @@ def run_steering(config, workdir: str) -> dict:
         "ci": stats.CI_METHOD,
         "metrics": stats.metric_names(with_accuracy),
         "sets": sets,
+        "skipped_sets": skipped,
         "conditions": conditions,
         "seconds": round(time.time() - start, 1),
     }
@@ -350,6 +362,7 @@ def summarize_steering(results: dict) -> str:
             sides.append(f"alpha {c['alpha']:+g}: {vals}")
         if sides:
             parts.append(f"{model} {spec} " + " | ".join(sides))
+    parts += [f"{spec} not steered ({why})" for spec, why in results["skipped_sets"].items()]
     if not parts:
         return "steering: no steered conditions"
     return f"steering vs clean (paired over {results['n_prompts']} prompts): " + "; ".join(parts)
