@@ -19,6 +19,15 @@ CORPUS = [
 ]
 
 
+def strict_loads(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (strict JSON)."""
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def make_tokenizer(texts, vocab_size=300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

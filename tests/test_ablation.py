@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.conftest import micro_pipeline_config
+from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import pipeline, steering
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.steering import controls
 from xcoder_jax.steering.ablation import AblationError, marker_positions
-
-
-def _strict(text: str):
-    def refuse(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
 
 # --- Latent selection and controls ----------------------------------------------------------
 
@@ -133,7 +124,7 @@ def test_every_effect_has_a_ci_and_the_difference_is_consistent(run):
 def test_results_are_strict_json(run):
     _, workdir, _ = run
     with open(os.path.join(wd.stage_dir(workdir, "ablation"), "results.json")) as f:
-        _strict(f.read())
+        strict_loads(f.read())
 
 
 def test_rerun_skips(run):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from tests.conftest import CORPUS, make_tokenizer, micro_config, store_writer
+from tests.conftest import CORPUS, make_tokenizer, micro_config, store_writer, strict_loads
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stats
+from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
 from xcoder_jax.analysis import (
@@ -34,7 +34,6 @@ from xcoder_jax.analysis import (
     scan_store,
     splice_ce,
     stream,
-    strict,
 )
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis.report import render_html
@@ -47,10 +46,6 @@ def sps_t_ppf(q, dof):
     from scipy.stats import t
 
     return float(t.ppf(q, dof))
-
-
-def _refuse(name):
-    raise ValueError(f"non-strict JSON constant {name}")
 
 
 # --- Helpers -------------------------------------------------------------------------------
@@ -240,7 +235,9 @@ def test_category_baseline_is_the_alive_latents(tokenizer):
     td = c["top_distilled_only"]
     assert (td["count"], td["n_top"]) == (1, 2)
     assert td["alive_share"] == pytest.approx(1 / 7, abs=1e-12)
-    assert td["excess"] == stats.proportion_ci(1, 2, baseline=1 / 7)
+    # Wilson interval of 1/2 at z = 1.96: centre 0.5, half-width 0.40549 (by hand).
+    assert td["excess"]["lo"] == pytest.approx(0.5 - 0.40549 - 1 / 7, abs=1e-4)
+    assert td["excess"]["hi"] == pytest.approx(0.5 + 0.40549 - 1 / 7, abs=1e-4)
     assert td["excess"]["mean"] == pytest.approx(0.5 - 1 / 7, abs=1e-12)
     assert "nrn_gap" not in c and "mean_nrn_all" not in c
 
@@ -593,10 +590,10 @@ def test_results_are_strict_json_with_alive_baselines_and_scaling(analysed):
     config, workdir, summary = analysed
     out = wd.stage_dir(workdir, "analysis")
     with open(os.path.join(out, "summary.json")) as f:
-        on_disk = json.loads(f.read(), parse_constant=_refuse)
+        on_disk = strict_loads(f.read())
     assert on_disk == summary
     with open(os.path.join(out, "latents.jsonl")) as f:
-        lines = [json.loads(line, parse_constant=_refuse) for line in f]
+        lines = [strict_loads(line) for line in f]
     assert "scaling" not in summary and "alive" not in summary
     # The alive baseline is the mean NRN of the latents active on some store row.
     alive = [ln["nrn"] for ln in lines if ln["firing_freq_store"] > 0]

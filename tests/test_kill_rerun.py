@@ -3,7 +3,6 @@ and check that it ends with the same store and crosscoder as an uninterrupted ru
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.conftest import strict_loads
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import manifest as mf
@@ -79,13 +79,9 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def _refuse_constant(name):
-    raise ValueError(f"not strict JSON: {name}")
-
-
 def _export_config(workdir: str) -> dict:
     with open(os.path.join(wd.export_dir(workdir), "config.json")) as f:
-        return json.loads(f.read(), parse_constant=_refuse_constant)
+        return strict_loads(f.read())
 
 
 def _assert_same_results(a: str, b: str) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import micro_pipeline_config
+from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import pipeline
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
@@ -104,21 +104,18 @@ def test_every_json_file_the_pipeline_writes_is_strict(run):
     """No NaN or Infinity anywhere: a statistic that cannot be computed is null."""
     _, workdir, _ = run
 
-    def refuse(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
     checked = 0
     for root, _, files in os.walk(workdir):
         for name in files:
             path = os.path.join(root, name)
             if name.endswith(".json"):
                 with open(path) as f:
-                    json.loads(f.read(), parse_constant=refuse)
+                    strict_loads(f.read())
                 checked += 1
             elif name.endswith(".jsonl"):
                 with open(path) as f:
                     for line in f:
-                        json.loads(line, parse_constant=refuse)
+                        strict_loads(line)
                 checked += 1
     stages = ("analysis", "steering", "ablation", "geometry", "export")
     assert checked >= 10 and all(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import micro_pipeline_config
-from xcoder_jax import replicate
+from xcoder_jax import replicate, stats
 from xcoder_jax import workdir as wd
 
 
@@ -70,14 +70,36 @@ def test_every_finding_is_read_and_held_counts_follow_the_cis():
         sign = row["expected_sign"]
         expected = sign * np.mean([0.5, 0.05, 0.3])
         assert row["pooled"]["mean"] == pytest.approx(expected, abs=1e-12)
-        assert row["pooled_holds"] == (np.sign(row["pooled"]["lo"] * row["pooled"]["hi"]) > 0)
+        assert row["pooled_holds"] == (stats.sign(row["pooled"]) == sign)
         assert row["per_seed"]["3"] == {"ci": None, "holds": False}
     json.dumps(table, allow_nan=False)
 
 
-def test_a_finding_in_the_wrong_direction_does_not_hold():
-    table = replicate.tabulate({0: _results(-0.5), 1: _results(-0.4)})
-    assert all(row["seeds_held"] == 0 and not row["pooled_holds"] for row in table["findings"])
+def test_pooled_effect_holds_only_on_the_expected_side():
+    right = replicate.tabulate({0: _results(0.5), 1: _results(0.52), 2: _results(0.48)})
+    for row in right["findings"]:
+        assert row["seeds_held"] == 3 and row["pooled_holds"], row["name"]
+        assert stats.sign(row["pooled"]) == row["expected_sign"]
+    wrong = replicate.tabulate({0: _results(-0.5), 1: _results(-0.52), 2: _results(-0.48)})
+    for row in wrong["findings"]:
+        # The pooled CI excludes 0, but on the other side: the finding does not hold.
+        assert stats.sign(row["pooled"]) == -row["expected_sign"]
+        assert row["seeds_held"] == 0 and not row["pooled_holds"], row["name"]
+
+
+def test_a_failed_seed_is_recorded_and_the_table_still_written(tmp_path, monkeypatch):
+    def run(config, workdir):
+        if config.seed == 1:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(replicate.pipeline, "run", run)
+    c = micro_pipeline_config()
+    with pytest.raises(replicate.ReplicationError, match=r"seeds \['1'\] failed"):
+        replicate.run_replication(c, str(tmp_path), [0, 1], log=lambda *_: None)
+    with open(tmp_path / replicate.JSON) as f:
+        table = json.load(f)
+    assert table["errors"] == {"1": "RuntimeError: boom"} and table["seeds"] == [0, 1]
+    assert "Seed 1 failed (RuntimeError: boom)" in (tmp_path / replicate.MARKDOWN).read_text()
 
 
 def test_markdown_has_one_row_per_finding():
@@ -98,8 +120,9 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     for seed in (3, 4):
         with open(wd.zoo_report_path(str(tmp_path / f"seed{seed}"))) as f:
             assert json.load(f)["seed"] == seed
-        with open(tmp_path / f"seed{seed}" / "ablation" / "results.json") as f:
-            assert json.load(f)["fingerprint"]["ablation"]["seed"] == seed
+        for stage in ("steering", "ablation"):
+            with open(tmp_path / f"seed{seed}" / stage / "results.json") as f:
+                assert json.load(f)["fingerprint"][stage]["seed"] == seed
     # The two seeds' crosscoders differ: nothing is shared between seeds.
     w = [(tmp_path / f"seed{s}" / "export" / "crosscoder.safetensors").read_bytes() for s in (3, 4)]
     assert w[0] != w[1]

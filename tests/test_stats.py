@@ -106,3 +106,12 @@ def test_cluster_bootstrap_with_replicates_averages_them_and_counts_their_spread
     b = stats.cluster_bootstrap_ci(spread, clusters, seed=0)
     assert a["mean"] == pytest.approx(0.0, abs=1e-12) and b["mean"] == pytest.approx(0.0, abs=1e-12)
     assert b["hi"] - b["lo"] > 1.5 * (a["hi"] - a["lo"])
+
+
+def test_format_ci_shows_the_interval_or_why_it_is_missing():
+    assert stats.format_ci(_ci := stats.t_ci([1.0, 2.0, 3.0])) == (
+        f"{_ci['mean']:+.2f} [{_ci['lo']:+.2f}, {_ci['hi']:+.2f}]"
+    )
+    assert stats.format_ci(stats.t_ci([2.0])) == "+2.00 (no CI: one value: no spread to estimate)"
+    assert stats.format_ci(None) == "n/a (not measured)"
+    assert stats.format_ci(stats.t_ci([]), "{:.1f}") == "n/a (no values)"

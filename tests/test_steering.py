@@ -11,7 +11,7 @@ import torch
 from scipy import stats as scipy_stats
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import micro_pipeline_config
+from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import pipeline, site, steering
 from xcoder_jax import workdir as wd
@@ -323,14 +323,11 @@ def test_steering_stage(run):
     assert "accuracy" in m and res["convention"] == "norm"
     assert CONVENTIONS["norm"][1] in res["steering_vector"]
 
-    def no_constants(name):
-        raise AssertionError(f"{name} in strict JSON")
-
     with open(os.path.join(out, "results.json")) as f:
-        assert json.load(f, parse_constant=no_constants) == res
+        assert strict_loads(f.read()) == res
     # vs_clean recomputed from the samples: per prompt, steered mean minus clean mean.
     with open(os.path.join(out, "samples.jsonl")) as f:
-        lines = [json.loads(line, parse_constant=no_constants) for line in f]
+        lines = [strict_loads(line) for line in f]
 
     def prompt_means(spec, alpha, name):
         rows = [r for r in lines if r["set"] == spec and r["alpha"] == alpha]

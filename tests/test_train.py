@@ -13,22 +13,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import synthetic_store, train_config
+from tests.conftest import strict_loads, synthetic_store, train_config
 from xcoder_jax import train
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
 from xcoder_jax.train_state import l1_lambda, make_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _refuse_constant(name):
-    raise ValueError(f"not strict JSON: {name}")
-
-
-def _strict_json(text: str):
-    """json.loads that refuses NaN, Infinity and -Infinity."""
-    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def assert_close(actual, desired, rtol, atol_frac=None, **kw):
@@ -55,12 +46,12 @@ def _workdir(tmp_path, store_dir, name="run"):
 
 def _metrics(workdir):
     with open(wd.metrics_path(workdir)) as f:
-        return [_strict_json(line) for line in f]
+        return [strict_loads(line) for line in f]
 
 
 def _export_config(workdir):
     with open(os.path.join(wd.export_dir(workdir), "config.json")) as f:
-        return _strict_json(f.read())
+        return strict_loads(f.read())
 
 
 def _export(workdir):
@@ -105,7 +96,7 @@ def test_training_fits_and_reports_health(uninterrupted):
     assert rows[-1]["lambda"] == 2.0 and rows[-1]["lr"] < rows[0]["lr"]
 
 
-def test_metrics_and_export_config_are_strict_json(uninterrupted, tmp_path):
+def test_metrics_and_export_config_arestrict_loads(uninterrupted, tmp_path):
     w, final = uninterrupted
     assert len(_metrics(w)) == 4  # every line parses with NaN/Infinity refused
     config = _export_config(w)
@@ -114,7 +105,7 @@ def test_metrics_and_export_config_are_strict_json(uninterrupted, tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     train._log(path, {"step": 1, "loss": 0.5, "fve": [0.9, float("nan")], "l0": float("inf")})
     with open(path) as f:
-        record = _strict_json(f.read())
+        record = strict_loads(f.read())
     assert record["fve"] == [0.9, None] and record["l0"] is None
     assert record["nonfinite_metrics"] == ["fve", "l0"] and record["loss"] == 0.5
 

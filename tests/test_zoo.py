@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import micro_zoo_config
+from tests.conftest import micro_zoo_config, strict_loads
 from xcoder_jax import workdir as wd
 from xcoder_jax.lexicon import CATEGORIES, count_markers, has_marker
 from xcoder_jax.zoo import (
@@ -204,19 +204,15 @@ def test_models_reload_with_configured_sizes(zoo, tokenizer, size):
         torch.set_num_threads(threads)
 
 
-def _refuse_constant(name):
-    raise ValueError(f"not strict JSON: {name}")
-
-
 def test_outputs_are_strict_json(zoo):
     config, workdir, report = zoo
     with open(wd.zoo_report_path(workdir)) as f:
-        assert json.loads(f.read(), parse_constant=_refuse_constant) == report
+        assert strict_loads(f.read()) == report
     for name in ("heldout.jsonl", "relations.json"):
         with open(os.path.join(wd.zoo_data_dir(workdir), name)) as f:
             text = f.read()
         for line in text.splitlines() if name.endswith(".jsonl") else [text]:
-            json.loads(line, parse_constant=_refuse_constant)
+            strict_loads(line)
     # No training steps: no loss to report, null rather than the NaN of an empty mean.
     model = AutoModelForCausalLM.from_pretrained(wd.model_dir(workdir, "base"))
     docs = [np.arange(1, 40, dtype=np.int64)] * 8

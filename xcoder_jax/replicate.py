@@ -181,10 +181,6 @@ def tabulate(per_seed: dict[int, dict]) -> dict:
     }
 
 
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:+.3g}"
-
-
 def markdown(table: dict) -> str:
     """The replication table as Markdown (the README's results section)."""
     lines = [
@@ -192,8 +188,7 @@ def markdown(table: dict) -> str:
         "|---|---|---|",
     ]
     for row in table["findings"]:
-        p = row["pooled"]
-        ci = f"{_num(p['mean'])} [{_num(p['lo'])}, {_num(p['hi'])}]"
+        ci = stats.format_ci(row["pooled"], "{:+.3g}")
         mark = " *" if row["pooled_holds"] else ""
         measured = row["seeds_measured"]
         held = str(row["seeds_held"])

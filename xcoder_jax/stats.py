@@ -13,6 +13,7 @@ has `None` for the numbers it lacks and a `"reason"`, so results files stay stri
   replacement (percentile interval). An optional second axis of replicates (e.g. random
   latent draws) is resampled too, so a control's draw-to-draw spread widens the interval.
 - `percentile_ci`: the interval of a statistic from its bootstrap replicates (any design).
+- `format_ci`: "mean [lo, hi]" for summaries and reports.
 - `excludes_zero`: whether an interval says the effect is real at this level.
 """
 
@@ -161,3 +162,13 @@ def sign(ci: dict | None) -> int:
     if not excludes_zero(ci):
         return 0
     return 1 if ci["lo"] > 0 else -1
+
+
+def format_ci(ci: dict | None, fmt: str = "{:+.2f}") -> str:
+    """ "+0.72 [+0.45, +0.99]", "+0.72 (no CI: <reason>)" or "n/a (<reason>)"."""
+    if not ci or ci.get("mean") is None:
+        return f"n/a ({(ci or {}).get('reason', 'not measured')})"
+    text = fmt.format(ci["mean"])
+    if ci.get("lo") is None or ci.get("hi") is None:
+        return f"{text} (no CI: {ci.get('reason', 'no interval')})"
+    return f"{text} [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import strict_json
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
 from xcoder_jax.train_state import (
@@ -84,30 +85,9 @@ def _trim_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
-def json_safe(value):
-    """`value` with every NaN/inf float (in nested lists and dicts too) replaced by None, so
-    that it can be written as strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def _has_nonfinite(value) -> bool:
-    """Whether `value` is, or holds in nested lists and dicts, a NaN/inf float."""
-    if isinstance(value, dict):
-        return any(_has_nonfinite(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_nonfinite(v) for v in value)
-    return isinstance(value, float) and not np.isfinite(value)
-
-
 def _nonfinite_keys(record: dict) -> list[str]:
     """Keys of `record` whose value is or holds a NaN/inf float."""
-    return sorted(k for k, v in record.items() if _has_nonfinite(v))
+    return sorted(k for k, v in record.items() if strict_json.has_nonfinite(v))
 
 
 def _log(path: str, record: dict) -> None:
@@ -115,7 +95,7 @@ def _log(path: str, record: dict) -> None:
     store variance is 0) is written as null and named in `nonfinite_metrics`."""
     bad = _nonfinite_keys(record)
     if bad:
-        record = {**json_safe(record), "nonfinite_metrics": bad}
+        record = {**strict_json.finite_or_none(record), "nonfinite_metrics": bad}
     with open(path, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
 
@@ -257,7 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stream.close()
         mngr.wait_until_finished()
     check_finite(state, tc.steps)
-    final = json_safe(trainer.evaluate(state, eval_shards))
+    final = strict_json.finite_or_none(trainer.evaluate(state, eval_shards))
     trainer.export(
         state,
         wd.export_dir(workdir),

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xcoder_jax import strict_json as strict
 from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis import examples as ex
-from xcoder_jax.analysis import strict
 from xcoder_jax.analysis.norms import CLASSES
 
 

@@ -18,12 +18,13 @@ import time
 import numpy as np
 
 from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import categories as cats
-from xcoder_jax.analysis import norms, report, scaling, splice, strict
+from xcoder_jax.analysis import norms, report, scaling, splice
 from xcoder_jax.analysis.latents import LatentTable, write_latents
 from xcoder_jax.analysis.stream import Encoder, scan_store
 from xcoder_jax.train import split_shards

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from xcoder_jax import site
 from xcoder_jax import workdir as wd
+from xcoder_jax.activations.manifest import atomic_write_json
 from xcoder_jax.geometry.bootstrap import intervals, pooled, relation_replicates
 from xcoder_jax.geometry.metric import derangements, loss_scores, relation_losses
 from xcoder_jax.geometry.relations import (
@@ -31,7 +32,7 @@ from xcoder_jax.geometry.relations import (
     split_template,
     word_vectors,
 )
-from xcoder_jax.stats import sign
+from xcoder_jax.stats import format_ci, sign
 
 FORMAT = 2  # bump when the metric or the results layout changes, to invalidate old results
 RESULTS = "results.json"
@@ -206,15 +207,11 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
     return json.loads(json.dumps(key))  # tuples become lists, as they come back from disk
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
+def _write_figure(path: str, plot, results: dict) -> None:
+    """`plot(results, path)` under a temporary name, then renamed into place."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    plot(results, tmp)
     os.replace(tmp, path)
-
-
-def _dump(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, allow_nan=False)  # None, never NaN: strict JSON
 
 
 def run_geometry(config, workdir: str) -> dict:
@@ -256,17 +253,9 @@ def run_geometry(config, workdir: str) -> dict:
     results["summary"] = summarize(results)
     os.makedirs(out_dir, exist_ok=True)
     for name, plot in zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True):
-        _write_atomic(os.path.join(out_dir, name), lambda p, plot=plot: plot(results, p))
-    _write_atomic(path, lambda p: _dump(results, p))  # last: marks the stage complete
+        _write_figure(os.path.join(out_dir, name), plot, results)
+    atomic_write_json(path, results)  # last: marks the stage complete; strict JSON
     return results
-
-
-def _fmt(ci: dict) -> str:
-    if ci["mean"] is None:
-        return f"n/a ({ci['reason']})"
-    if ci["lo"] is None:
-        return f"{ci['mean']:+.3g} (no CI: {ci['reason']})"
-    return f"{ci['mean']:+.3g} [{ci['lo']:+.3g}, {ci['hi']:+.3g}]"
 
 
 def summarize(results: dict) -> str:
@@ -287,7 +276,7 @@ def summarize(results: dict) -> str:
         )
         control.append(" & ".join(f"{role} {v['below']}/{n}" for role, v in t.items()))
         control[-1] += f" at {name}"
-        pool.append(f"{name} {_fmt(p['pooled'][k]['base_minus_distilled'])}")
+        pool.append(f"{name} {format_ci(p['pooled'][k]['base_minus_distilled'], '{:+.3g}')}")
     line = (
         f"geometry (k={k}, 95% bootstrap CIs over word pairs): " + "; ".join(gap)
         + "; below shuffled control (CI excludes 0): " + ", ".join(control)

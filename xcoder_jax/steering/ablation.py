@@ -355,12 +355,6 @@ def plot_ablation(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _fmt(ci: dict) -> str:
-    if ci["lo"] is None:
-        return f"{ci['mean']:+.2f} (no CI: {ci.get('reason')})" if ci["mean"] is not None else "n/a"
-    return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}]"
-
-
 def summarize_ablation(results: dict, frac: float = 0.1) -> str:
     """One line: per category at `frac` (distilled model), targeted vs matched random logit
     change and how many categories have targeted - matched below 0 with its CI excluding 0."""
@@ -373,7 +367,8 @@ def summarize_ablation(results: dict, frac: float = 0.1) -> str:
         e = row[role]
         diff = e["targeted_minus_matched"]
         wins, n = wins + (stats.sign(diff) < 0), n + 1
-        parts.append(f"{cat} {_fmt(e['targeted'])} vs matched {_fmt(e['matched_random'])}")
+        t, m = stats.format_ci(e["targeted"]), stats.format_ci(e["matched_random"])
+        parts.append(f"{cat} {t} vs matched {m}")
     if not parts:
         return f"ablation: no category had targeted latents at frac {frac}"
     return (

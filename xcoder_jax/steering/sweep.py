@@ -335,13 +335,8 @@ _LABELS = {"tokens": ("tokens", "{:+.1f}"), "words": ("words", "{:+.1f}")}
 def _fmt_ci(name: str, ci: dict) -> str:
     """'self_reflection/100tok +0.72 [+0.45, +0.99]', '... (n.s.)' or '... (no CI: why)'."""
     label, fmt = _LABELS.get(name, (name.replace("_per_100", "/100tok"), "{:+.2f}"))
-    if ci["mean"] is None:
-        return f"{label} n/a ({ci.get('reason', 'no values')})"
-    text = f"{label} {fmt.format(ci['mean'])}"
-    if ci["lo"] is None or ci["hi"] is None:
-        return f"{text} (no CI: {ci.get('reason', 'too few prompts')})"
-    text += f" [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"
-    return text if cis.excludes_zero(ci) else f"{text} (n.s.)"
+    text = f"{label} {cis.format_ci(ci, fmt)}"
+    return text if ci["lo"] is None or cis.excludes_zero(ci) else f"{text} (n.s.)"
 
 
 def summarize_steering(results: dict) -> str:

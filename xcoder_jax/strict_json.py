@@ -1,7 +1,7 @@
-"""Strict JSON for every file the analysis writes: no NaN or infinity, ever.
+"""Strict JSON for every file the project writes: no NaN or infinity, ever.
 
 `json.dumps` writes NaN and Infinity by default, which strict parsers (and `json.loads` with
-`parse_constant` raising) reject. The analysis writes with `allow_nan=False` (whole files
+`parse_constant` raising) reject. Every stage writes with `allow_nan=False` (whole files
 through `manifest.atomic_write_json`, which refuses them too), so a non-finite number that
 slipped through fails loudly at write time instead of corrupting a results file; a value
 that cannot be computed is written as None (with a "reason" where it is a statistic).
@@ -22,8 +22,8 @@ def dumps(obj: Any, **kwargs) -> str:
 def finite_or_none(obj: Any) -> Any:
     """`obj` with every non-finite float replaced by None, recursively (dicts, lists, tuples).
 
-    For values the analysis copies from other stages' files (the export's evaluation), whose
-    readers accept NaN; values the analysis computes are checked where they are computed.
+    For metrics that may legitimately be undefined (FVE of a constant model) and for values
+    copied from files written elsewhere; a computed statistic says why it is None instead.
     """
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -32,3 +32,12 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def has_nonfinite(obj: Any) -> bool:
+    """Whether `obj` is, or holds in nested dicts, lists and tuples, a NaN/inf float."""
+    if isinstance(obj, dict):
+        return any(has_nonfinite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_nonfinite(v) for v in obj)
+    return isinstance(obj, float) and not math.isfinite(obj)
