@@ -280,6 +280,7 @@ def test_one_prompt_has_no_interval_and_stays_strict_json(tmp_path):
     base = {"model": "distilled", "set": "7", "latents": [7], "nrn": [0.9]}
     results = {
         "metrics": ["tokens"], "convention": "norm", "n_prompts": 1,
+        "skipped_sets": {"deductive:1": "too few latents"},
         "conditions": [
             base | {"alpha": 0.0} | stats.condition(clean, clean, 0.0),
             base | {"alpha": 0.5} | entry,
@@ -288,7 +289,8 @@ def test_one_prompt_has_no_interval_and_stays_strict_json(tmp_path):
     assert json.loads(json.dumps(results, allow_nan=False)) == results
     assert steering.summarize_steering(results) == (
         "steering vs clean (paired over 1 prompts): distilled 7 alpha +0.5: "
-        "tokens +11.5 (no CI: one value: no spread to estimate)"
+        "tokens +11.5 (no CI: one value: no spread to estimate); "
+        "deductive:1 not steered (too few latents)"
     )
     plot_steering(results, str(tmp_path / "steering.png"))
     assert os.path.getsize(tmp_path / "steering.png") > 0
