@@ -122,3 +122,23 @@ def test_every_json_file_the_pipeline_writes_is_strict(run):
         os.path.exists(os.path.join(workdir, s, n))
         for s, n in zip(stages, ["summary.json", *["results.json"] * 3, "config.json"])
     )
+
+
+def test_a_moved_workdir_skips_every_stage(run, tmp_path):
+    """Fingerprints identify content, not where the workdir lives: a copy elsewhere, named
+    with a different spelling, reruns nothing."""
+    import shutil
+
+    config, workdir, _ = run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns(pipeline.LOCK_FILE))
+    outputs = [
+        os.path.join(wd.activations_dir(str(moved)), "manifest.json"),
+        os.path.join(wd.export_dir(str(moved)), "crosscoder.safetensors"),
+        *(os.path.join(str(moved), s, f) for s, f in (("analysis", "summary.json"),
+          ("steering", "results.json"), ("ablation", "results.json"),
+          ("geometry", "results.json"))),
+    ]  # fmt: skip
+    before = [os.path.getmtime(p) for p in outputs]
+    pipeline.run(config, str(tmp_path / "." / "elsewhere"))
+    assert [os.path.getmtime(p) for p in outputs] == before
