@@ -10,18 +10,16 @@ and analysis settings is left as it is.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
 import numpy as np
 
 from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import stage
 from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
-from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis import norms, report, scaling, splice
@@ -68,32 +66,16 @@ def check_pair(store: ActivationStore, export_config: dict) -> None:
         )
 
 
-def _sha256(path: str) -> str:
-    return mf.sha256_file(path)
-
-
 def fingerprint(config, workdir: str, store: ActivationStore) -> dict:
     """What the analysis depends on: the export files, the store, the analysis settings."""
-    ed = wd.export_dir(workdir)
-    data = json.dumps(config.data.to_dict(), sort_keys=True, default=str)
     return {
         "format": ANALYSIS_FORMAT,
-        "export_sha256": _sha256(os.path.join(ed, ckpt.EXPORT_WEIGHTS)),
-        "export_config_sha256": _sha256(os.path.join(ed, ckpt.EXPORT_CONFIG)),
+        "export": stage.export_hash(workdir),
         "store": {"n_rows": store.n_rows, "fingerprint": store.manifest.get("fingerprint")},
         "analysis": config.analysis.to_dict(),
         "eval_shards": int(config.train.eval_shards),
-        "data_sha256": hashlib.sha256(data.encode()).hexdigest(),
+        "data": stage.digest(config.data.to_dict()),
     }
-
-
-def _done(directory: str, fp: dict) -> dict | None:
-    path = os.path.join(directory, SUMMARY)
-    if not all(os.path.exists(os.path.join(directory, n)) for n in (SUMMARY, LATENTS, REPORT)):
-        return None
-    with open(path) as f:
-        summary = json.load(f)
-    return summary if summary.get("fingerprint") == json.loads(json.dumps(fp)) else None
 
 
 # --- The stage ---------------------------------------------------------------------------
@@ -107,7 +89,7 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
     check_pair(store, export_config)
     fp = fingerprint(config, workdir, store)
-    done = _done(out_dir, fp)
+    done = stage.done(out_dir, SUMMARY, fp, [LATENTS, REPORT])
     if done is not None:
         return done
     start = time.time()
@@ -126,11 +108,8 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
         summary["splice"] = {"skipped": "analysis.splice_docs is 0"}
     summary["fingerprint"] = fp
     summary["seconds"] = round(time.time() - start, 1)
-    report.write_report(
-        os.path.join(out_dir, REPORT), summary, kept, wd.metrics_path(workdir), workdir
-    )
-    mf.atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
-    return json.loads(strict.dumps(summary))
+    draw = lambda p: report.write_report(p, summary, kept, wd.metrics_path(workdir), workdir)
+    return stage.commit(out_dir, SUMMARY, summary, {REPORT: draw})
 
 
 def analyze(

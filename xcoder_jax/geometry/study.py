@@ -5,9 +5,8 @@ Pairs are every size of the zoo (when the models are the zoo) or the configured 
 a paired difference with a bootstrap interval over word pairs (`bootstrap`), per relation
 and pooled over relations; a difference counts only where its interval excludes 0.
 
-Results recording the same key (geometry config, seed, layer, zoo config hash or model ids)
-are reused; figures are written before results.json, each through a temporary file and a
-rename, so a results.json on disk always belongs to complete outputs.
+Results whose fingerprint matches (geometry config, seed, layer, zoo config hash or model
+ids) are reused; the figures and results.json are committed by `stage.commit`, results last.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from xcoder_jax import site
+from xcoder_jax import site, stage
 from xcoder_jax import workdir as wd
-from xcoder_jax.activations.manifest import atomic_write_json
 from xcoder_jax.geometry.bootstrap import intervals, pooled, relation_replicates
 from xcoder_jax.geometry.metric import derangements, loss_scores, relation_losses
 from xcoder_jax.geometry.relations import (
@@ -204,42 +202,32 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
         "pairs": entries,
         "torch_dtype": config.models.torch_dtype,
     }
-    return json.loads(json.dumps(key))  # tuples become lists, as they come back from disk
-
-
-def _write_figure(path: str, plot, results: dict) -> None:
-    """`plot(results, path)` under a temporary name, then renamed into place."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    plot(results, tmp)
-    os.replace(tmp, path)
+    return stage.canonical(key)  # tuples become lists, as they come back from disk
 
 
 def run_geometry(config, workdir: str) -> dict:
     """Scores every relation in every model pair; writes and returns geometry/results.json.
 
-    {"format", "key", "n_components", "plot_n_components", "n_boot", "summary", "largest"
-    (the zoo pair of the largest hidden size, or None), "pairs": {name: {"size", ...
-    `study_pair`}}}. Figures: cdf.png (loss CDFs, base vs distilled, per pair and relation)
-    and loss_vs_size.png (mean loss, base - distilled and true - shuffled with their
-    intervals, per pair and relation, and pooled).
+    {"format", "fingerprint" (what the results depend on), "n_components",
+    "plot_n_components", "n_boot", "summary", "largest" (the zoo pair of the largest hidden
+    size, or None), "pairs": {name: {"size", ... `study_pair`}}}. Figures: cdf.png (loss
+    CDFs, base vs distilled, per pair and relation) and loss_vs_size.png (mean loss, base -
+    distilled and true - shuffled with their intervals, per pair and relation, and pooled).
     """
     from xcoder_jax.geometry import plots
 
     gc = config.geometry
     check_config(gc)
     out_dir = wd.stage_dir(workdir, "geometry")
-    path = os.path.join(out_dir, RESULTS)
     entries = model_pairs(config)
     key = _key(config, workdir, entries)
-    if os.path.exists(path) and all(os.path.exists(os.path.join(out_dir, f)) for f in FIGURES):
-        with open(path) as f:
-            done = json.load(f)
-        if done.get("key") == key:
-            return done
+    done = stage.done(out_dir, RESULTS, key, FIGURES)
+    if done is not None:
+        return done
     relations = relation_sets(gc)
     results = {
         "format": FORMAT,
-        "key": key,
+        "fingerprint": key,
         "n_components": list(gc.n_components),
         "plot_n_components": gc.plot_n_components,
         "n_boot": gc.n_boot,
@@ -251,11 +239,9 @@ def run_geometry(config, workdir: str) -> dict:
     sized = [e for e in entries if e["size"] is not None]
     results["largest"] = max(sized, key=lambda e: e["size"])["name"] if sized else None
     results["summary"] = summarize(results)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, plot in zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True):
-        _write_figure(os.path.join(out_dir, name), plot, results)
-    atomic_write_json(path, results)  # last: marks the stage complete; strict JSON
-    return results
+    draw = zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True)
+    outputs = {name: lambda p, plot=plot: plot(results, p) for name, plot in draw}
+    return stage.commit(out_dir, RESULTS, results, outputs)
 
 
 def summarize(results: dict) -> str:

@@ -25,9 +25,7 @@ Writes ablation/results.json and ablation/ablation.png.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import numpy as np
@@ -35,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import site, stats
+from xcoder_jax import site, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.analysis import check_pair, marker_groups, splice
@@ -130,14 +128,14 @@ def _id_ranges(ids) -> list[list[int]]:
 def _fingerprint(config, workdir: str, store) -> dict:
     return {
         "format": ABLATION_FORMAT,
-        "export": common.export_hash(workdir),
+        "export": stage.export_hash(workdir),
         "ablation": config.ablation.to_dict(),
         "norm": config.analysis.norm,
         "bare_markers": config.analysis.bare_markers,
         "store": store.manifest.get("fingerprint"),
         "eval_shards": int(config.train.eval_shards),
-        "data": common.digest(config.data.to_dict()),
-        "models": common.digest(config.models.to_dict()),
+        "data": stage.digest(config.data.to_dict()),
+        "models": stage.digest(config.models.to_dict()),
     }
 
 
@@ -199,12 +197,11 @@ def run_ablation(config, workdir: str) -> dict:
     """The ablation experiment on `workdir`'s export; returns (and writes) ablation/results.json."""
     ac = config.ablation
     out_dir = wd.stage_dir(workdir, "ablation")
-    paths = [os.path.join(out_dir, n) for n in (RESULTS, FIGURE)]
     store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
     tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
     check_pair(store, export_config)
     fp = _fingerprint(config, workdir, store)
-    old = common.done(paths[0], fp, paths[1:])
+    old = stage.done(out_dir, RESULTS, fp, [FIGURE])
     if old is not None:
         return old
     if ac.n_random < 2:
@@ -302,10 +299,7 @@ def run_ablation(config, workdir: str) -> dict:
                 )
     bar.close()
     results["seconds"] = round(time.time() - start, 1)
-    os.makedirs(out_dir, exist_ok=True)
-    plot_ablation(results, paths[1])
-    common.write_json(paths[0], results)
-    return json.loads(json.dumps(results))
+    return stage.commit(out_dir, RESULTS, results, {FIGURE: lambda p: plot_ablation(results, p)})
 
 
 def _series(rows, role: str, key: str):
@@ -351,7 +345,7 @@ def plot_ablation(results: dict, path: str) -> None:
         axes[0, 0].legend(fontsize=7)
     fig.suptitle("Ablation on held-out documents: mean and 95% CI", fontsize=10)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -1,4 +1,4 @@
-"""What steering and ablation share: loading the pair, latent selection, resumability.
+"""What steering and ablation share: loading the pair, NRN, marker counts, latent selection.
 
 Latent sets are named by specs: "17" or "17+230" (ids), or "<category>:<k>", the k latents
 with NRN above `min_nrn` (distilled-leaning; `analysis.distilled_only_min` allows only
@@ -12,16 +12,10 @@ outputs, hence computed here from the store.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-
 import numpy as np
 import torch
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import workdir as wd
-from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import norms
 from xcoder_jax.analysis.stream import to_float32
@@ -117,36 +111,3 @@ def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: flo
     if len(order) < int(k):
         raise TooFewLatents(f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} fire on it")
     return order[: int(k)]
-
-
-def file_sha(path: str) -> str | None:
-    return mf.sha256_file(path) if os.path.exists(path) else None
-
-
-def export_hash(workdir: str) -> dict:
-    ed = wd.export_dir(workdir)
-    return {n: file_sha(os.path.join(ed, n)) for n in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG)}
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def done(path: str, fingerprint: dict, outputs: list[str]) -> dict | None:
-    """The results at `path` when they and `outputs` exist and match `fingerprint`."""
-    if not all(os.path.exists(p) for p in [path, *outputs]):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if results.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
-
-
-def write_json(path: str, obj) -> None:
-    mf.atomic_write_json(path, obj)
-
-
-def save_figure(fig, path: str) -> None:
-    """Saves a matplotlib figure atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)

@@ -24,10 +24,10 @@ import time
 import numpy as np
 import torch
 
+from xcoder_jax import stage
 from xcoder_jax import stats as cis
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
-from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.activations.models import torch_device
 from xcoder_jax.analysis import check_pair, marker_groups
 from xcoder_jax.steering import common, stats
@@ -140,12 +140,12 @@ def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str
 def _fingerprint(config, workdir: str, prompts_file: str, store) -> dict:
     return {
         "format": STEERING_FORMAT,
-        "export": common.export_hash(workdir),
+        "export": stage.export_hash(workdir),
         "steering": config.steering.to_dict(),
         "norm": config.analysis.norm,
         "bare_markers": config.analysis.bare_markers,
-        "models": common.digest(config.models.to_dict()),
-        "prompts": common.file_sha(prompts_file),
+        "models": stage.digest(config.models.to_dict()),
+        "prompts": stage.file_sha(prompts_file),
         "store": None if store is None else store.manifest.get("fingerprint"),
         "eval_shards": int(config.train.eval_shards),  # latents are chosen on the rest
     }
@@ -185,12 +185,11 @@ def run_steering(config, workdir: str) -> dict:
             f"steering.convention must be one of {sorted(CONVENTIONS)}, got {sc.convention!r}"
         )
     out_dir = wd.stage_dir(workdir, "steering")
-    paths = [os.path.join(out_dir, n) for n in (RESULTS, SAMPLES, FIGURE)]
     prompts_file = prompt_path(config, workdir)
     needs_store = any(":" in str(s) for s in sc.latents)
     store = ActivationStore(wd.activations_dir(workdir), verify=False) if needs_store else None
     fp = _fingerprint(config, workdir, prompts_file, store)
-    old = common.done(paths[0], fp, paths[1:])
+    old = stage.done(out_dir, RESULTS, fp, [SAMPLES, FIGURE])
     if old is not None:
         return old
     start = time.time()
@@ -256,14 +255,15 @@ def run_steering(config, workdir: str) -> dict:
         "conditions": conditions,
         "seconds": round(time.time() - start, 1),
     }
-    # Strict JSON: a NaN or inf anywhere fails here, before anything is written.
-    text = json.dumps(results, allow_nan=False)
-    os.makedirs(out_dir, exist_ok=True)
+    json.dumps(results, allow_nan=False)  # refuse NaN before the samples are written
     blob = "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines).encode()
-    atomic_write_bytes(paths[1], lambda f: f.write(blob))
-    plot_steering(results, paths[2])
-    common.write_json(paths[0], results)
-    return json.loads(text)
+
+    def write_samples(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(blob)
+
+    outputs = {SAMPLES: write_samples, FIGURE: lambda p: plot_steering(results, p)}
+    return stage.commit(out_dir, RESULTS, results, outputs)
 
 
 def _series(results: dict) -> dict[tuple[str, str], list[dict]]:
@@ -325,7 +325,7 @@ def plot_steering(results: dict, path: str) -> None:
         "(filled: CI excludes 0)"
     )
     fig.tight_layout()
-    common.save_figure(fig, path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -1,0 +1,89 @@
+"""What every stage after training shares: content fingerprints, skip-if-done, one commit.
+
+A stage is its science as a function that returns a results dict, framed by two calls:
+
+    old = stage.done(out_dir, "results.json", fingerprint, ["figure.png"])
+    if old is not None:
+        return old
+    ... compute results ...
+    return stage.commit(out_dir, "results.json", results, {"figure.png": draw})
+
+`commit` writes every output under a unique temporary name (fsynced, then renamed) and the
+results file LAST, in strict JSON carrying the fingerprint; `done` accepts a results file
+only when every output exists and its fingerprint equals the current one. A results file on
+disk therefore always belongs to complete outputs, and a killed stage simply runs again.
+Fingerprints hold content (hashes of files, config values), never paths inside the workdir,
+so a moved workdir still skips its finished stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
+
+
+def canonical(obj):
+    """`obj` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def digest(obj) -> str:
+    """sha256 of `obj`'s canonical JSON: a short content fingerprint of a config section."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha(path: str) -> str | None:
+    """sha256 of a file, None when it does not exist."""
+    return mf.sha256_file(path) if os.path.exists(path) else None
+
+
+def export_hash(workdir: str) -> dict:
+    """The export's files by content."""
+    ed = wd.export_dir(workdir)
+    return {n: file_sha(os.path.join(ed, n)) for n in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG)}
+
+
+def done(directory: str, results: str, fingerprint: dict, outputs=()) -> dict | None:
+    """The stored results when they and every output exist and match `fingerprint`."""
+    path = os.path.join(directory, results)
+    if not all(os.path.exists(os.path.join(directory, p)) for p in [results, *outputs]):
+        return None
+    with open(path) as f:
+        stored = json.load(f)
+    return stored if stored.get("fingerprint") == canonical(fingerprint) else None
+
+
+def commit(
+    directory: str,
+    results_name: str,
+    results: dict,
+    outputs: dict[str, Callable[[str], None]] | None = None,
+) -> dict:
+    """Writes `outputs` ({name: writer(path)}) atomically, then `results` (strict JSON).
+
+    Each writer gets a temporary path with the output's extension (so matplotlib and others
+    infer the format); it is renamed into place once written. Returns the results as they
+    read back from disk.
+    """
+    text = json.dumps(results, allow_nan=False)  # refuse NaN before anything is written
+    os.makedirs(directory, exist_ok=True)
+    for name, write in (outputs or {}).items():
+        path = os.path.join(directory, name)
+        stem, ext = os.path.splitext(path)
+        tmp = f"{stem}.tmp{os.getpid()}{ext}"
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    mf.atomic_write_json(os.path.join(directory, results_name), results)
+    return json.loads(text)
