@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.errors import XcoderError
 
 EXPORT_WEIGHTS = "crosscoder.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -120,7 +121,7 @@ def export(
     os.replace(tmp, os.path.join(directory, EXPORT_CONFIG))
 
 
-class ExportError(ValueError):
+class ExportError(XcoderError, ValueError):
     """An export directory that is missing, incomplete or inconsistent."""
 
 

@@ -13,10 +13,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from xcoder_jax.errors import XcoderError
+
 LOCK_FILE = ".pipeline.lock"
 
 
-class PipelineError(RuntimeError):
+class PipelineError(XcoderError, RuntimeError):
     """The pipeline cannot run here: workdir locked, unwritable, or the disk is full."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from xcoder_jax import pipeline, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations.manifest import atomic_write_bytes, atomic_write_json
+from xcoder_jax.errors import ConfigError, XcoderError
 
 JSON, MARKDOWN = "replication.json", "replication.md"
 ABLATION_FRAC = 0.1  # the paper's headline fraction
@@ -206,7 +207,7 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class ReplicationError(RuntimeError):
+class ReplicationError(XcoderError, RuntimeError):
     """Some seeds' runs failed; the table of the others was still written."""
 
 
@@ -217,7 +218,7 @@ def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
     count) and the other seeds go on; ReplicationError is raised after the table is written.
     """
     if not seeds:
-        raise ValueError("no seeds to replicate over")
+        raise ConfigError("no seeds to replicate over")
     per_seed, errors = {}, {}
     for n, seed in enumerate(seeds, 1):
         log(f"=== seed {seed} ({n}/{len(seeds)})")

@@ -13,13 +13,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from xcoder_jax.errors import ConfigError
+
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of a Qwen2/Llama-family causal LM."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no `model.layers`; only Qwen2/Llama-family causal LMs "
             "are supported"
         )
@@ -35,7 +37,7 @@ def resolve_layer(layer: int | None, n_layers: int) -> int:
     if layer is None or layer < 0:
         return n_layers // 2
     if layer >= n_layers:
-        raise ValueError(
+        raise ConfigError(
             f"layer {layer} is out of range: the model has {n_layers} blocks (0..{n_layers - 1})"
         )
     return layer

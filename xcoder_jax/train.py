@@ -19,6 +19,7 @@ from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import strict_json
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
+from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.train_state import (
     Trainer,
     config_fields,
@@ -26,7 +27,7 @@ from xcoder_jax.train_state import (
 )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(XcoderError, RuntimeError):
     """Training cannot go on: a non-finite loss, bad rows, or an incompatible resume."""
 
 
@@ -37,11 +38,11 @@ def open_store(config, workdir: str) -> ActivationStore:
     store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
     cc = config.crosscoder
     if store.n_models != cc.n_models:
-        raise ValueError(
+        raise ConfigError(
             f"the store holds {store.n_models} models, the config expects {cc.n_models}"
         )
     if cc.d_model > 0 and store.d_model != cc.d_model:
-        raise ValueError(f"the store has d_model {store.d_model}, the config expects {cc.d_model}")
+        raise ConfigError(f"the store has d_model {store.d_model}, the config expects {cc.d_model}")
     return store
 
 
@@ -49,7 +50,7 @@ def split_shards(store: ActivationStore, n_eval: int) -> tuple[list[int], list[i
     """(train shards, held-out shards): the last `n_eval` shards are held out."""
     n = len(store.shards)
     if n_eval >= n:
-        raise ValueError(
+        raise ConfigError(
             f"the store has {n} shards; holding out {n_eval} leaves none to train on "
             "(lower train.eval_shards or extract with smaller shard_rows)"
         )

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax.crosscoder import Crosscoder, batchtopk_loss, l1_loss, update_threshold
+from xcoder_jax.errors import ConfigError
 
 # Fields that must not change when a run resumes from its checkpoints.
 RESUME_FIELDS = (
@@ -100,14 +101,14 @@ class Trainer:
         cc, tc = config.crosscoder, config.train
         self.kind = cc.loss
         if self.kind not in ("l1", "batchtopk"):
-            raise ValueError(f"unknown crosscoder.loss {self.kind!r} (l1, batchtopk)")
+            raise ConfigError(f"unknown crosscoder.loss {self.kind!r} (l1, batchtopk)")
         n_dev = jax.device_count()
         model_axis = config.mesh.model
         data_axis = config.mesh.data if config.mesh.data > 0 else n_dev // model_axis
         if data_axis * model_axis != n_dev:
-            raise ValueError(f"mesh {data_axis}x{model_axis} does not match {n_dev} devices")
+            raise ConfigError(f"mesh {data_axis}x{model_axis} does not match {n_dev} devices")
         if tc.batch_size % data_axis or cc.n_latents % model_axis:
-            raise ValueError("batch_size must divide over 'data' and n_latents over 'model'")
+            raise ConfigError("batch_size must divide over 'data' and n_latents over 'model'")
         # Auto axes: shardings are constraints for the compiler (GSPMD), not part of the types.
         self.mesh = jax.make_mesh(
             (data_axis, model_axis), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto)

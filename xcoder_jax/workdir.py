@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from xcoder_jax.errors import ConfigError
+
 ROLES = ("base", "distilled")
 
 
@@ -23,7 +25,7 @@ def model_dir(workdir: str, role: str, size: int | None = None) -> str:
     geometry study, live in `models/h{size}/{role}`.
     """
     if role not in ROLES:
-        raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
+        raise ConfigError(f"unknown model role {role!r}; expected one of {ROLES}")
     if size is None:
         return os.path.join(models_dir(workdir), role)
     return os.path.join(models_dir(workdir), f"h{size}", role)

@@ -23,6 +23,7 @@ from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.activations.sources import iter_documents
 from xcoder_jax.activations.writer import StoreWriter, merge_parts
+from xcoder_jax.errors import ConfigError
 
 
 def part_dir(workdir: str, shard_index: int, num_shards: int) -> str:
@@ -127,7 +128,7 @@ def _batches(docs, size: int):
 def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> dict:
     """Extracts this process's share of the documents; returns the finished manifest."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+        raise ConfigError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     facts = _pair_facts(config, workdir)
     fingerprint = _fingerprint(config, facts, shard_index, num_shards)
     directory = part_dir(workdir, shard_index, num_shards)
@@ -150,7 +151,7 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
     )
     first = next(docs, None)
     if first is None:
-        raise ValueError("the corpus gave no documents (after the length filter and sharding)")
+        raise ConfigError("the corpus gave no documents (after the length filter and sharding)")
     docs = itertools.chain([first], docs)
 
     device = pair.torch_device(config.models.device)

@@ -27,6 +27,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from xcoder_jax.errors import XcoderError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_LOG = "shards.jsonl"
@@ -39,7 +41,7 @@ DTYPES = {
 }
 
 
-class StoreError(ValueError):
+class StoreError(XcoderError, ValueError):
     """A store that cannot be used as asked: missing, corrupted, or of another format."""
 
 

@@ -15,11 +15,12 @@ import os
 import torch
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.errors import XcoderError
 
 ROLES = wd.ROLES
 
 
-class PairError(ValueError):
+class PairError(XcoderError, ValueError):
     """The two models cannot be diffed (tokenizers, shapes or paths do not match)."""
 
 

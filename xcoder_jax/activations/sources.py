@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.errors import ConfigError, MissingInputError
 
 # Thought markers of common reasoning data sets, mapped to the <think> tags the distilled
 # models were trained with.
@@ -36,7 +37,7 @@ def _records(source, workdir: str) -> Iterator[dict]:
     if kind == "zoo":
         path = os.path.join(wd.zoo_data_dir(workdir), "extract.jsonl")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"zoo corpus {path} is missing; build the zoo first")
+            raise MissingInputError(f"zoo corpus {path} is missing; build the zoo first")
         yield from _jsonl(path)
     elif kind == "jsonl":
         for path in _paths(source.path):
@@ -55,16 +56,16 @@ def _records(source, workdir: str) -> Iterator[dict]:
             raise ImportError("source kind 'hf' needs `pip install xcoder_jax[datasets]`") from e
         yield from datasets.load_dataset(source.name, split=source.split, streaming=True)
     else:
-        raise ValueError(f"unknown data source kind {kind!r} (zoo, jsonl, text, hf)")
+        raise ConfigError(f"unknown data source kind {kind!r} (zoo, jsonl, text, hf)")
 
 
 def _paths(pattern: str) -> list[str]:
     paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     for p in paths:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"data file not found: {p}")
+            raise MissingInputError(f"data file not found: {p}")
     if not paths:
-        raise FileNotFoundError(f"no data files match {pattern!r}")
+        raise MissingInputError(f"no data files match {pattern!r}")
     return paths
 
 
@@ -75,7 +76,7 @@ def _jsonl(path: str) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
 
 
 def _texts(source, workdir: str) -> Iterator[str]:
@@ -97,7 +98,7 @@ def _texts(source, workdir: str) -> Iterator[str]:
         elif source.format == "plain":
             text = record[source.text_field]
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown document format {source.format!r} (plain, reasoning, conversations)"
             )
         n += 1

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from xcoder_jax.activations import manifest as mf
+from xcoder_jax.errors import ConfigError
 
 
 class StoreWriter:
@@ -38,9 +39,9 @@ class StoreWriter:
         meta: dict,
     ):
         if dtype not in mf.DTYPES:
-            raise ValueError(f"unknown store dtype {dtype!r}; expected one of {sorted(mf.DTYPES)}")
+            raise ConfigError(f"unknown store dtype {dtype!r}; expected one of {sorted(mf.DTYPES)}")
         if shard_rows <= 0:
-            raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+            raise ConfigError(f"shard_rows must be positive, got {shard_rows}")
         self.directory = directory
         self.n_models, self.d_model, self.dtype = n_models, d_model, dtype
         self.shard_rows = shard_rows

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xcoder_jax.errors import ConfigError
+
 CLASSES = ("base_only", "shared", "distilled_only")
 
 
@@ -26,7 +28,7 @@ def decoder_norms(w_dec: np.ndarray, kind: str = "l1") -> np.ndarray:
         return np.abs(w_dec).sum(-1, dtype=np.float64)
     if kind == "l2":
         return np.sqrt(np.square(w_dec, dtype=np.float64).sum(-1))
-    raise ValueError(f"unknown decoder norm {kind!r} (l1, l2)")
+    raise ConfigError(f"unknown decoder norm {kind!r} (l1, l2)")
 
 
 def relative_norms(norms: np.ndarray, base: int = 0, distilled: int = 1) -> np.ndarray:
@@ -45,7 +47,7 @@ def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -
     is shared. Names are `CLASSES[index]`.
     """
     if not 0.0 <= base_only_max < distilled_only_min <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"NRN bands must satisfy 0 <= base_only_max < distilled_only_min <= 1, got "
             f"{base_only_max} and {distilled_only_min}"
         )

@@ -24,9 +24,10 @@ import torch
 
 from xcoder_jax import site
 from xcoder_jax.activations.sources import iter_documents
+from xcoder_jax.errors import XcoderError
 
 
-class SpliceError(ValueError):
+class SpliceError(XcoderError, ValueError):
     """Held-out documents cannot be rebuilt to match the store."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from xcoder_jax import site
+from xcoder_jax.errors import ConfigError, XcoderError
 
 Pair = tuple[str, str]
 _FIELDS = ("input", "output")  # of one entry of a Todd et al. file
@@ -29,15 +30,15 @@ def load_pair_file(path: str) -> list[Pair]:
         with open(path) as f:
             rows = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(rows, list):
-        raise ValueError(f'{path}: expected a JSON list of {{"input", "output"}} objects')
+        raise ConfigError(f'{path}: expected a JSON list of {{"input", "output"}} objects')
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in _FIELDS):
-            raise ValueError(f'{path}: entry {i} is not {{"input": str, "output": str}}: {r!r}')
+            raise ConfigError(f'{path}: entry {i} is not {{"input": str, "output": str}}: {r!r}')
     pairs = [(r["input"].strip(), r["output"].strip()) for r in rows]
     if len(pairs) < 2:
-        raise ValueError(f"{path}: {len(pairs)} pair(s); the loss compares two pairs at least")
+        raise ConfigError(f"{path}: {len(pairs)} pair(s); the loss compares two pairs at least")
     return pairs
 
 
@@ -50,17 +51,17 @@ def relation_sets(gc) -> dict[str, list[Pair]]:
     for path in gc.relation_files:
         name = os.path.splitext(os.path.basename(path))[0]
         if name in sets:
-            raise ValueError(f"two relation sets are named {name!r} ({path})")
+            raise ConfigError(f"two relation sets are named {name!r} ({path})")
         sets[name] = load_pair_file(path)
     if not sets:
-        raise ValueError("no relations: set geometry.zoo_relations or geometry.relation_files")
+        raise ConfigError("no relations: set geometry.zoo_relations or geometry.relation_files")
     return sets
 
 
 def split_template(template: str) -> tuple[str, str]:
     """(text before, text after) the one `{word}` of a prompt template."""
     if template.count("{word}") != 1:
-        raise ValueError(f"geometry.template must contain {{word}} once, got {template!r}")
+        raise ConfigError(f"geometry.template must contain {{word}} once, got {template!r}")
     pre, post = template.split("{word}")
     return pre, post
 
@@ -96,7 +97,7 @@ def word_prompt(tokenizer, word: str, template: str, add_special_tokens: bool) -
     return ids[: pos + len(span)]
 
 
-class RelationError(ValueError):
+class RelationError(XcoderError, ValueError):
     """A relation keeps fewer than 2 pairs for a tokenizer; `kept` and `total` say how many."""
 
     def __init__(self, message: str, kept: int, total: int):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from xcoder_jax import site, stage
 from xcoder_jax import workdir as wd
+from xcoder_jax.errors import ConfigError, MissingInputError
 from xcoder_jax.geometry.bootstrap import intervals, pooled, relation_replicates
 from xcoder_jax.geometry.metric import derangements, loss_scores, relation_losses
 from xcoder_jax.geometry.relations import (
@@ -53,7 +54,7 @@ def model_pairs(config) -> list[dict]:
     entries += [real(p["name"], p["base"], p["distilled"]) for p in config.geometry.pairs]
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
-        raise ValueError(f"the studied model pairs need distinct names, got {names}")
+        raise ConfigError(f"the studied model pairs need distinct names, got {names}")
     return entries
 
 
@@ -98,7 +99,7 @@ def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair
         except RelationError as e:  # recorded; another tokenizer may cover the relation
             out["relations"][name] = {"kept": e.kept, "total": e.total, "skipped": str(e)}
     if not rels:
-        raise ValueError(f"{entry['name']}: no relation keeps 2 single-token pairs")
+        raise ConfigError(f"{entry['name']}: no relation keeps 2 single-token pairs")
     prompts = {w: ids for r in rels for w, ids in r.prompts.items()}
     words = sorted(prompts)
     row = {w: i for i, w in enumerate(words)}
@@ -109,7 +110,7 @@ def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair
         n_layers = site.num_layers(model)
         layer = site.resolve_layer(requested, n_layers)
         if vectors and (out["layer"], out["n_layers"]) != (layer, n_layers):
-            raise ValueError(f"{entry['name']}: the two models have different depths")
+            raise ConfigError(f"{entry['name']}: the two models have different depths")
         vectors[role] = word_vectors(model, [prompts[w] for w in words], layer, gc.batch_size)
         out.update(layer=layer, n_layers=n_layers, d_model=int(vectors[role].shape[1]))
         del model
@@ -167,14 +168,14 @@ def verdicts(relations: dict) -> dict:
 
 
 def check_config(gc) -> None:
-    """Raise a one-line ValueError for a geometry config that cannot run."""
+    """Raise a one-line ConfigError (a ValueError) for a geometry config that cannot run."""
     ks = tuple(gc.n_components)
     if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
-        raise ValueError(f"geometry.n_components must be distinct positive ints, got {ks}")
+        raise ConfigError(f"geometry.n_components must be distinct positive ints, got {ks}")
     if gc.plot_n_components not in ks:
-        raise ValueError(f"geometry.plot_n_components={gc.plot_n_components} is not in {ks}")
+        raise ConfigError(f"geometry.plot_n_components={gc.plot_n_components} is not in {ks}")
     if gc.n_shuffles < 1 or gc.batch_size < 1 or gc.n_boot < 1:
-        raise ValueError("geometry.n_shuffles, n_boot and batch_size must be positive")
+        raise ConfigError("geometry.n_shuffles, n_boot and batch_size must be positive")
     split_template(gc.template)
 
 
@@ -187,10 +188,10 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
         zoo_hash = config_hash(config)
         path = wd.zoo_report_path(workdir)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no zoo in {workdir}: build it first (launch/build_zoo.py)")
+            raise MissingInputError(f"no zoo in {workdir}: build it first (launch/build_zoo.py)")
         with open(path) as f:
             if json.load(f).get("config_hash") != zoo_hash:
-                raise ValueError(f"the zoo in {workdir} was built from another zoo config")
+                raise ConfigError(f"the zoo in {workdir} was built from another zoo config")
     geometry = config.geometry.to_dict()
     geometry["pairs"] = [dict(p) for p in config.geometry.pairs]
     key = {

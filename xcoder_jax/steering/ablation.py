@@ -37,6 +37,7 @@ from xcoder_jax import site, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.analysis import check_pair, marker_groups, splice
+from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import find_marker
 from xcoder_jax.steering import common, controls
 from xcoder_jax.steering.hooks import ExportedCrosscoder
@@ -159,7 +160,7 @@ def measurement_documents(store, config, heldout: list[int]):
     return stored
 
 
-class AblationError(ValueError):
+class AblationError(XcoderError, ValueError):
     """The ablation cannot be measured on held-out documents of this store."""
 
 
@@ -205,7 +206,7 @@ def run_ablation(config, workdir: str) -> dict:
     if old is not None:
         return old
     if ac.n_random < 2:
-        raise ValueError(
+        raise ConfigError(
             f"ablation.n_random must be >= 2 for a confidence interval, got {ac.n_random}"
         )
     start = time.time()

@@ -19,6 +19,7 @@ from xcoder_jax import checkpoint as ckpt
 from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import norms
 from xcoder_jax.analysis.stream import to_float32
+from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker
 
 
@@ -82,7 +83,7 @@ def marker_counts(store, xcoder, forms: dict, categories, offset: int, shards) -
     return counts
 
 
-class TooFewLatents(ValueError):
+class TooFewLatents(XcoderError, ValueError):
     """A "<category>:<k>" spec names more latents than qualify in this crosscoder."""
 
 
@@ -98,14 +99,14 @@ def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: flo
         try:
             ids = [int(s) for s in spec.split("+")]
         except ValueError as e:
-            raise ValueError(f"bad latent spec {spec!r}: ids '17+230' or '<category>:<k>'") from e
+            raise ConfigError(f"bad latent spec {spec!r}: ids '17+230' or '<category>:<k>'") from e
         bad = [i for i in ids if not 0 <= i < h]
         if bad:
-            raise ValueError(f"latent ids {bad} out of range: the export has {h} latents")
+            raise ConfigError(f"latent ids {bad} out of range: the export has {h} latents")
         return ids
     cat, k = spec.split(":", 1)
     if cat not in CATEGORY_NAMES:
-        raise ValueError(f"unknown category {cat!r} in {spec!r}; one of {CATEGORY_NAMES}")
+        raise ConfigError(f"unknown category {cat!r} in {spec!r}; one of {CATEGORY_NAMES}")
     c = np.asarray(counts[cat])
     order = [int(i) for i in np.argsort(-c, kind="stable") if c[i] > 0 and nrn[i] > min_nrn]
     if len(order) < int(k):

@@ -30,6 +30,7 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.models import torch_device
 from xcoder_jax.analysis import check_pair, marker_groups
+from xcoder_jax.errors import ConfigError, MissingInputError
 from xcoder_jax.steering import common, stats
 from xcoder_jax.steering.hooks import CONVENTIONS, ExportedCrosscoder, steer
 from xcoder_jax.train import split_shards
@@ -44,7 +45,7 @@ RESULTS, SAMPLES, FIGURE = "results.json", "samples.jsonl", "steering.png"
 def read_prompts(path: str, limit: int = -1) -> list[dict]:
     """[{"prompt", "answer" (str or None)}] from a JSONL file of {"prompt", optional "answer"}."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingInputError(f"prompt file {path} does not exist")
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -52,13 +53,13 @@ def read_prompts(path: str, limit: int = -1) -> list[dict]:
                 continue
             row = json.loads(line)
             if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
-                raise ValueError(f"{path}:{n}: each line must be an object with a 'prompt'")
+                raise ConfigError(f"{path}:{n}: each line must be an object with a 'prompt'")
             answer = row.get("answer")
             rows.append(
                 {"prompt": row["prompt"], "answer": None if answer is None else str(answer)}
             )
     if not rows:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ConfigError(f"prompt file {path} holds no prompts")
     return rows[:limit] if limit > 0 else rows
 
 
@@ -68,7 +69,7 @@ def prompt_path(config, workdir: str) -> str:
         return sc.prompts
     if "zoo" in (config.models.base, config.models.distilled):
         return os.path.join(wd.zoo_data_dir(workdir), "heldout.jsonl")
-    raise ValueError("steering.prompts must name a JSONL file of prompts for real models")
+    raise ConfigError("steering.prompts must name a JSONL file of prompts for real models")
 
 
 def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int) -> None:
@@ -79,7 +80,7 @@ def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int) -> 
     for i, p in enumerate(prompts):
         n = len(tokenizer(p)["input_ids"])
         if n + max_new_tokens > limit:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {i} has {n} tokens; with {max_new_tokens} new tokens it exceeds the "
                 f"model's context of {limit} (shorten it or lower steering.max_new_tokens)"
             )
@@ -162,7 +163,7 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
         cats = sorted({str(s).split(":")[0] for s in sc.latents if ":" in str(s)})
         unknown = [c for c in cats if c not in forms]
         if unknown:
-            raise ValueError(f"unknown categories {unknown} in steering.latents")
+            raise ConfigError(f"unknown categories {unknown} in steering.latents")
         # Selected on the training shards, like every latent choice of the study.
         train, _ = split_shards(store, config.train.eval_shards)
         per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
@@ -181,7 +182,7 @@ def run_steering(config, workdir: str) -> dict:
     sc = config.steering
     if sc.convention not in CONVENTIONS:
         # Fail before models are loaded, not after the first condition.
-        raise ValueError(
+        raise ConfigError(
             f"steering.convention must be one of {sorted(CONVENTIONS)}, got {sc.convention!r}"
         )
     out_dir = wd.stage_dir(workdir, "steering")

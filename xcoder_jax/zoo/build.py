@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.errors import ConfigError, MissingInputError
 from xcoder_jax.lexicon import has_marker
 from xcoder_jax.zoo import corpus
 from xcoder_jax.zoo.teacher import teacher_trace
@@ -39,22 +40,22 @@ _DATA_FILES = ("train_base.jsonl", "train_distill.jsonl", "extract.jsonl", "held
 
 
 def check_config(zc) -> None:
-    """Raise a one-line ValueError for a zoo config that cannot build."""
+    """Raise a one-line ConfigError (a ValueError) for a zoo config that cannot build."""
     sizes = tuple(zc.sizes)
     if not sizes or len(set(sizes)) != len(sizes):
-        raise ValueError(f"zoo.sizes must be distinct hidden sizes, got {sizes}")
+        raise ConfigError(f"zoo.sizes must be distinct hidden sizes, got {sizes}")
     if zc.main_size not in sizes:
-        raise ValueError(f"zoo.main_size={zc.main_size} is not one of zoo.sizes={sizes}")
+        raise ConfigError(f"zoo.main_size={zc.main_size} is not one of zoo.sizes={sizes}")
     if zc.n_heads % zc.n_kv_heads:
-        raise ValueError(f"zoo.n_heads={zc.n_heads} is not a multiple of n_kv_heads")
+        raise ConfigError(f"zoo.n_heads={zc.n_heads} is not a multiple of n_kv_heads")
     for h in sizes:
         if h % zc.n_heads or (h // zc.n_heads) % 2:
-            raise ValueError(f"hidden size {h} must split into {zc.n_heads} even-sized heads")
+            raise ConfigError(f"hidden size {h} must split into {zc.n_heads} even-sized heads")
     mix = zc.extract_mix
     if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
-        raise ValueError(f"zoo.extract_mix must be 3 fractions summing to 1, got {tuple(mix)}")
+        raise ConfigError(f"zoo.extract_mix must be 3 fractions summing to 1, got {tuple(mix)}")
     if min(zc.n_layers, zc.n_train_problems, zc.n_heldout_problems, zc.batch_size) < 1:
-        raise ValueError("zoo.n_layers, n_*_problems and batch_size must be positive")
+        raise ConfigError("zoo.n_layers, n_*_problems and batch_size must be positive")
 
 
 def config_hash(config, weights_only: bool = False) -> str:
@@ -297,7 +298,7 @@ def load_pair(workdir: str, size: int | None = None):
                 size = None
     dirs = {role: wd.model_dir(workdir, role, size) for role in wd.ROLES}
     if not all(os.path.isdir(d) for d in dirs.values()):
-        raise FileNotFoundError(f"no zoo pair at {dirs['base']} (main pair: {main})")
+        raise MissingInputError(f"no zoo pair at {dirs['base']} (main pair: {main})")
     base = AutoModelForCausalLM.from_pretrained(dirs["base"]).eval()
     distilled = AutoModelForCausalLM.from_pretrained(dirs["distilled"]).eval()
     return base, distilled, AutoTokenizer.from_pretrained(dirs["base"])

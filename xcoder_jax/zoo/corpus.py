@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from xcoder_jax.errors import ConfigError
+
 NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Emma", "Leo", "Zoe")
 NOUNS = (
     ("apple", "apples"),
@@ -228,7 +230,7 @@ def make_problems(rng: random.Random, n: int, exclude: set[str] | None = None) -
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
-    raise ValueError(f"could not draw {n} distinct problems; ask for fewer")
+    raise ConfigError(f"could not draw {n} distinct problems; ask for fewer")
 
 
 def relation_sentence(rng: random.Random) -> str:

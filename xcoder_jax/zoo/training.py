@@ -18,6 +18,7 @@ import torch
 import tqdm
 from transformers import Qwen2Config
 
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.lexicon import has_marker
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
@@ -51,7 +52,7 @@ def packed_batches(
     """
     n_tokens = sum(len(d) for d in docs)
     if n_tokens < seq_len * batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"{n_tokens} training tokens cannot fill one batch of {batch_size}x{seq_len}"
         )
     while True:
