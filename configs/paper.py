@@ -1,17 +1,24 @@
-"""The paper's settings (Baek & Tegmark 2025), shared by the three model-pair configs.
+"""The paper's settings (Baek & Tegmark 2025) for its three model pairs: Qwen2.5 base vs
+DeepSeek-R1-Distill-Qwen, at 1.5b, 7b and 14b. The size is the config's argument:
 
-Not a launch target itself: use configs/qwen2p5_1p5b.py, qwen2p5_7b.py or qwen2p5_14b.py.
+    python launch/pipeline.py --config=configs/paper.py:1.5b --workdir=runs/qwen2p5_1p5b
+    python launch/pipeline.py --config=configs/paper.py:7b --workdir=runs/qwen2p5_7b
+    python launch/pipeline.py --config=configs/paper.py:14b --workdir=runs/qwen2p5_14b
+
+Needs hub access (or set --config.models.base/distilled to local paths and
+--config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
+Add `,runlocal` (`--config=configs/paper.py:1.5b,runlocal`) for a smoke run of every stage
+with few steps, latents, documents and prompts (xcoder_jax.config_util.runlocal).
+
 Every field not set here keeps its configs/tiny.py meaning and default.
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-# Config files are loaded by path; the repo root makes `configs` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import tiny  # noqa: E402
+from xcoder_jax import config_util
+
+# Config files are loaded by path, not as a package: tiny.py is read from next to this file.
+tiny = config_util.load_sibling(__file__, "tiny.py")
 
 # size -> (base, distilled, d_model, layer); layer = n_layers // 2 (resid_pre of block L).
 PAIRS = {
@@ -24,7 +31,8 @@ TOKENS = 400_000_000  # training budget in activation vectors
 BATCH = 1024
 
 
-def get_config(size: str) -> ConfigDict:
+def get_config(arg: str | None = None) -> ConfigDict:
+    size, local = config_util.parse_arg(arg, "configs/paper.py", tuple(PAIRS))
     base, distilled, d_model, layer = PAIRS[size]
     c = tiny.get_config()
     c.models.base, c.models.distilled = base, distilled
@@ -66,4 +74,4 @@ def get_config(size: str) -> ConfigDict:
     # --config.geometry.relation_files='("a.json", "b.json")'.
     c.geometry.template = "{word}"
     c.geometry.zoo_relations = False
-    return c
+    return config_util.runlocal(c) if local else c

@@ -3,10 +3,13 @@
     python launch/pipeline.py --config=configs/tiny.py --workdir=runs/tiny
 
 Every stage reads this one config; override any field on the command line, e.g.
-`--config.zoo.pretrain_steps=100 --config.extract.shard_rows=2048`.
+`--config.zoo.pretrain_steps=100 --config.extract.shard_rows=2048`. A smoke run of every
+stage in about a minute: `--config=configs/tiny.py:runlocal` (see xcoder_jax.config_util).
 """
 
 from ml_collections import ConfigDict, config_dict
+
+from xcoder_jax import config_util
 
 # Fields of one text source; every source of `data.sources` has all of them.
 SOURCE_DEFAULTS = dict(
@@ -25,6 +28,7 @@ SOURCE_DEFAULTS = dict(
 
 
 def get_config(arg=None):
+    _, local = config_util.parse_arg(arg, "configs/tiny.py")
     c = ConfigDict()
     c.seed = 0
 
@@ -224,4 +228,4 @@ def get_config(arg=None):
     c.ablation.batch_size = 64  # documents per forward pass
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 
-    return c
+    return config_util.runlocal(c) if local else c
