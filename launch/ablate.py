@@ -6,10 +6,10 @@ Writes <workdir>/ablation/results.json and ablation.png;
 results of the same export and settings are left as they are.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from xcoder_jax import steering
+from xcoder_jax import launch_util, steering
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -23,4 +23,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)

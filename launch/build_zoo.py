@@ -11,9 +11,10 @@ import os
 # torch loads, so it is set before the imports below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from xcoder_jax import launch_util  # noqa: E402
 from xcoder_jax.zoo import build_zoo  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -36,4 +37,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)

@@ -8,10 +8,10 @@ Split across processes or hosts, then merge:
     python launch/extract.py --config=... --workdir=... --num_shards=3 --merge
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import activations
+from xcoder_jax import activations, launch_util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -36,4 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)

@@ -6,9 +6,10 @@ Needs the models (the zoo: launch/build_zoo.py first). Writes <workdir>/geometry
 cdf.png and loss_vs_size.png; a complete result for the same config is reused.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from xcoder_jax import launch_util
 from xcoder_jax.geometry import run_geometry, summarize
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    launch_util.run_main(main)

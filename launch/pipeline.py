@@ -5,10 +5,10 @@ python launch/pipeline.py --config=configs/tiny.py --workdir=runs/tiny
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import pipeline
+from xcoder_jax import launch_util, pipeline
 from xcoder_jax import workdir as wd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -29,4 +29,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)

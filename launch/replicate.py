@@ -6,10 +6,10 @@ Each seed runs in <workdir>/seed<s> (resumable); the table goes to <workdir>/rep
 and <workdir>/replication.md.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import replicate
+from xcoder_jax import launch_util, replicate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Holds one run per seed.", required=True)
@@ -28,4 +28,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)

@@ -5,10 +5,10 @@ r"""Trains the crosscoder on the workdir's activation store; resumes from its ch
 Ends with the portable export in <workdir>/export (raw activation units).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import train
+from xcoder_jax import launch_util, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -24,4 +24,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    launch_util.run_main(main)
