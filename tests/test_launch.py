@@ -1,5 +1,5 @@
-"""The edges: launch scripts report known errors as one line, and the error classes share
-one base.
+"""The edges: launch scripts report known errors as one line, the error classes share one
+base, the package's public names resolve without loading JAX or torch.
 
 The launch scripts run in subprocesses into errors raised before any heavy work (an empty
 workdir, a bad config value), so none of them builds the zoo or trains.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import xcoder_jax
 from xcoder_jax import errors, launch_util
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +214,32 @@ def test_every_error_class_of_the_library_is_a_project_error():
                 defined.add(node.name)
     checked = {cls.__name__ for cls, _ in _error_classes()} | {"XcoderError"}
     assert defined == checked
+
+
+# --- The package's public names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", xcoder_jax.__all__)
+def test_public_name_resolves(name):
+    assert getattr(xcoder_jax, name) is not None
+    assert name in dir(xcoder_jax)
+
+
+def test_public_names_are_the_entry_points():
+    from xcoder_jax import pipeline, steering, train
+
+    assert xcoder_jax.train_and_evaluate is train.train_and_evaluate
+    assert xcoder_jax.run_steering is steering.run_steering
+    assert xcoder_jax.pipeline is pipeline
+    with pytest.raises(AttributeError):
+        xcoder_jax.no_such_name  # noqa: B018
+
+
+def test_import_loads_neither_jax_nor_torch():
+    code = "import sys, xcoder_jax; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    loaded = ast.literal_eval(out.stdout.strip())
+    assert not {"jax", "torch", "numpy", "absl", "ml_collections"} & set(loaded), loaded
