@@ -6,8 +6,8 @@ rounds, median). Prints steps/s, tokens/s and the ratio JAX / PyTorch, and, as a
 the step's five GEMMs alone timed the same way in each framework: the ratio a dense step
 could reach at best on this device.
 
-    python bench/train_step.py                  # CPU: d=256, 2 models, 4096 latents, batch 1024
-    python bench/train_step.py --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
+    python -m bench.train_step                  # CPU: d=256, 2 models, 4096 latents, batch 1024
+    python -m bench.train_step --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
                                                 # also model-FLOP utilisation
 """
 

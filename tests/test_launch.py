@@ -1,5 +1,5 @@
-"""The edges: launch scripts report known errors as one line, the error classes share one
-base, the package's public names resolve without loading JAX or torch.
+"""The edges: launch scripts report known errors as one line, the error classes share one base,
+the package's public names resolve without loading JAX or torch, bench commands are right.
 
 The launch scripts run in subprocesses into errors raised before any heavy work (an empty
 workdir, a bad config value), so none of them builds the zoo or trains.
@@ -8,6 +8,7 @@ workdir, a bad config value), so none of them builds the zoo or trains.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -243,3 +244,19 @@ def test_import_loads_neither_jax_nor_torch():
     )
     loaded = ast.literal_eval(out.stdout.strip())
     assert not {"jax", "torch", "numpy", "absl", "ml_collections"} & set(loaded), loaded
+
+
+# --- bench/ --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("[!_]*.py")), ids=lambda p: p.stem)
+def test_bench_docstring_commands_run_the_module(path):
+    """Each command in a bench docstring is `python -m bench.<that file>` (run from the repo
+    root, which makes `configs` and `tests` importable); `python bench/x.py` would not be."""
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    commands = [line.split("#")[0].split() for line in doc.splitlines() if "python" in line]
+    commands = [c for c in commands if c and c[0] == "python"]
+    assert commands, doc
+    for c in commands:
+        assert c[1:3] == ["-m", f"bench.{path.stem}"], c
+    assert importlib.util.find_spec(f"bench.{path.stem}") is not None
