@@ -172,6 +172,13 @@ def to_module(tensors: dict[str, np.ndarray]):
     return model
 
 
+def role_order(export_config: dict) -> list[str]:
+    """The roles of the crosscoder's model slots, in slot order: those the export names, or
+    base then distilled when it names none (exports made elsewhere)."""
+    roles = [m.get("role") for m in export_config.get("models") or []]
+    return roles if sorted(roles) == ["base", "distilled"] else ["base", "distilled"]
+
+
 def normalised_decoder(tensors: dict[str, np.ndarray], config: dict) -> np.ndarray:
     """W_dec [h, m, d] back in normalised units, where relative decoder norms are compared."""
     return tensors["W_dec"] * np.asarray(config["scales"], np.float32)[None, :, None]

@@ -40,6 +40,13 @@ def relative_norms(norms: np.ndarray, base: int = 0, distilled: int = 1) -> np.n
     return nrn.astype(np.float64)
 
 
+def latent_nrn(w_dec: np.ndarray, roles: list[str], kind: str) -> np.ndarray:
+    """NRN [n_latents] (0 base-only, 0.5 shared, 1 distilled-only) of a decoder [h, m, d] in
+    NORMALISED units whose model slots hold `roles`, with decoder norm `kind`."""
+    n = decoder_norms(w_dec, kind)
+    return relative_norms(n, roles.index("base"), roles.index("distilled"))
+
+
 def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -> np.ndarray:
     """Class index per latent [n_latents] int8: 0 base-only, 1 shared, 2 distilled-only.
 

@@ -36,13 +36,6 @@ SUMMARY, LATENTS, REPORT = "summary.json", "latents.jsonl", "report.html"
 # --- Inputs ------------------------------------------------------------------------------
 
 
-def _role_index(models: list[dict]) -> tuple[int, int]:
-    roles = [m.get("role") for m in models]
-    if "base" in roles and "distilled" in roles:
-        return roles.index("base"), roles.index("distilled")
-    return 0, 1
-
-
 def check_pair(store: ActivationStore, export_config: dict) -> None:
     """Raises ExportError unless the export was trained on a store like this one."""
     man = store.manifest
@@ -117,11 +110,12 @@ def analyze(
 ) -> tuple[dict, dict[int, dict]]:
     """Everything but splice-in and the report: returns (summary, kept latent lines) and
     writes latents.jsonl. Usable on any store/export pair (the benchmark calls it)."""
-    base, dist = _role_index(export_config.get("models") or store.manifest.get("models"))
+    roles = ckpt.role_order({"models": export_config.get("models") or store.manifest.get("models")})
+    base, dist = roles.index("base"), roles.index("distilled")
     w_norm = ckpt.normalised_decoder(tensors, export_config)  # [h, m, d] normalised
     n_l1 = norms.decoder_norms(w_norm, "l1")
     n_l2 = norms.decoder_norms(w_norm, "l2")
-    nrn = norms.relative_norms(norms.decoder_norms(w_norm, ac.norm), base, dist)
+    nrn = norms.latent_nrn(w_norm, roles, ac.norm)
     classes = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min)
     cosine = norms.decoder_cosine(w_norm, base, dist)
     h = len(nrn)
@@ -269,8 +263,7 @@ def _splice(config, workdir, store, tensors, heldout, tokenizer) -> dict:
         return {"skipped": "the held-out shards hold no document"}
     docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
     device = pair.torch_device(config.models.device)
-    base, dist = _role_index(store.manifest.get("models"))
-    roles = ["base", "distilled"] if base == 0 else ["distilled", "base"]
+    roles = ckpt.role_order({"models": store.manifest.get("models")})
     models = []
     for role in roles:  # in the crosscoder's model order
         path, rev = pair.model_source(config, workdir, role)

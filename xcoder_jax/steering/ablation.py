@@ -210,7 +210,7 @@ def run_ablation(config, workdir: str) -> dict:
             f"ablation.n_random must be >= 2 for a confidence interval, got {ac.n_random}"
         )
     start = time.time()
-    roles = common.role_order(export_config)
+    roles = ckpt.role_order(export_config)
     train, heldout = split_shards(store, config.train.eval_shards)
     stored = measurement_documents(store, config, heldout)
     models, tokenizer = common.load_pair(config, workdir, roles)

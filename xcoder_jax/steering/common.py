@@ -23,12 +23,6 @@ from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker
 
 
-def role_order(export_config: dict) -> list[str]:
-    """The roles of the crosscoder's model slots: index 0 base, 1 distilled unless stated."""
-    roles = [m.get("role") for m in export_config.get("models") or []]
-    return roles if sorted(roles) == ["base", "distilled"] else ["base", "distilled"]
-
-
 def load_pair(config, workdir: str, roles: list[str]):
     """(models in crosscoder order, tokenizer); the tokenizers must agree."""
     device = pair.torch_device(config.models.device)
@@ -43,10 +37,8 @@ def load_pair(config, workdir: str, roles: list[str]):
 
 def nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
     """NRN [h] of every latent (0 base-only, 0.5 shared, 1 distilled-only)."""
-    roles = role_order(export_config)
     w_norm = ckpt.normalised_decoder(tensors, export_config)
-    n = norms.decoder_norms(w_norm, norm)
-    return norms.relative_norms(n, roles.index("base"), roles.index("distilled"))
+    return norms.latent_nrn(w_norm, ckpt.role_order(export_config), norm)
 
 
 def marker_counts(store, xcoder, forms: dict, categories, offset: int, shards) -> np.ndarray:

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import stage
 from xcoder_jax import stats as cis
 from xcoder_jax import workdir as wd
@@ -197,7 +198,7 @@ def run_steering(config, workdir: str) -> dict:
     xcoder = ExportedCrosscoder.load(wd.export_dir(workdir), torch_device(config.models.device))
     if store is not None:
         check_pair(store, xcoder.config)
-    roles = common.role_order(xcoder.config)
+    roles = ckpt.role_order(xcoder.config)
     models, tokenizer = common.load_pair(config, workdir, roles)
     sets, skipped, nrn = choose_sets(config, xcoder, tokenizer, store)
     rows = read_prompts(prompts_file, sc.n_prompts)
