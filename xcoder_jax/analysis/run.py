@@ -75,7 +75,7 @@ def fingerprint(config, workdir: str, store: ActivationStore) -> dict:
 
 
 def run_analysis(config, workdir: str, progress: bool = True) -> dict:
-    """Analyses `workdir`'s export over its store; returns the summary (see DESIGN.md)."""
+    """Analyses `workdir`'s export over its store; returns the summary (README: analysis/)."""
     ac = config.analysis
     out_dir = wd.stage_dir(workdir, "analysis")
     store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
