@@ -7,8 +7,9 @@ DeepSeek-R1-Distill-Qwen, at 1.5b, 7b and 14b. The size is the config's argument
 
 Needs hub access (or set --config.models.base/distilled to local paths and
 --config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
-Add `,runlocal` (`--config=configs/paper.py:1.5b,runlocal`) for a smoke run of every stage
-with few steps, latents, documents and prompts (xcoder_jax.config_util.runlocal).
+Add `,runlocal` (`--config=configs/paper.py:1.5b,runlocal`) for a smoke run with few steps,
+latents, documents and prompts (xcoder_jax.config_util.runlocal); steering needs
+--config.steering.prompts and geometry --config.geometry.relation_files, as in a full run.
 
 Every field not set here keeps its configs/tiny.py meaning and default.
 """

@@ -140,5 +140,5 @@ def test_a_moved_workdir_skips_every_stage(run, tmp_path):
           ("geometry", "results.json"))),
     ]  # fmt: skip
     before = [os.path.getmtime(p) for p in outputs]
-    pipeline.run(config, str(tmp_path / "." / "elsewhere"))
+    pipeline.run(config, os.path.join(str(tmp_path), ".", "elsewhere"))  # another spelling
     assert [os.path.getmtime(p) for p in outputs] == before

@@ -65,3 +65,26 @@ def test_writers_get_a_temporary_path_with_the_output_extension(tmp_path):
 def test_digest_depends_on_content_only():
     assert stage.digest({"a": 1, "b": [1, 2]}) == stage.digest({"b": [1, 2], "a": 1})
     assert stage.digest({"a": 1}) != stage.digest({"a": 2})
+
+
+def test_an_interrupted_rerun_never_leaves_old_results_beside_new_outputs(tmp_path):
+    """A commit under fingerprint A, then a run under B that dies after replacing one output:
+    asking again with A must not find A's results beside B's output."""
+    d = str(tmp_path)
+    a, b = {"run": "A"}, {"run": "B"}
+    stage.commit(d, "r.json", {"fingerprint": a}, {"1.txt": _write("A"), "2.txt": _write("A")})
+    assert stage.done(d, "r.json", b, ["1.txt", "2.txt"]) is None  # B is about to run
+
+    def die(path):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        stage.commit(d, "r.json", {"fingerprint": b}, {"1.txt": _write("B"), "2.txt": die})
+    assert (tmp_path / "1.txt").read_text() == "B"
+    assert stage.done(d, "r.json", a, ["1.txt", "2.txt"]) is None
+
+
+def test_a_writer_that_writes_nothing_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="wrote nothing"):
+        stage.commit(str(tmp_path), "r.json", {}, {"x.png": lambda p: None})
+    assert os.listdir(tmp_path) == []

@@ -88,8 +88,10 @@ def _check_config_files() -> None:
             continue
         try:
             getattr(flag.value, "_xcoder_load_check", None)  # any access raises when unread
+        except XcoderError:
+            raise  # the config's own known error (e.g. a file it names is missing)
         except OSError as e:
-            raise ConfigError(f"--{name}: cannot read the config file {path!r}") from e
+            raise ConfigError(f"--{name}: cannot read the config file {path!r}: {e}") from e
 
 
 def run_main(main: Callable[[list[str]], object]) -> None:

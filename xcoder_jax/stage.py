@@ -10,8 +10,9 @@ A stage is its science as a function that returns a results dict, framed by two 
 
 `commit` writes every output under a unique temporary name (fsynced, then renamed) and the
 results file LAST, in strict JSON carrying the fingerprint; `done` accepts a results file
-only when every output exists and its fingerprint equals the current one. A results file on
-disk therefore always belongs to complete outputs, and a killed stage simply runs again.
+only when every output exists and its fingerprint equals the current one, and removes it
+otherwise, before the stage replaces any output. A results file on disk therefore always
+belongs to complete outputs of its own run, and a killed stage simply runs again.
 Fingerprints hold content (hashes of files, config values), never paths inside the workdir,
 so a moved workdir still skips its finished stages.
 """
@@ -50,13 +51,22 @@ def export_hash(workdir: str) -> dict:
 
 
 def done(directory: str, results: str, fingerprint: dict, outputs=()) -> dict | None:
-    """The stored results when they and every output exist and match `fingerprint`."""
+    """The stored results when they and every output exist and match `fingerprint`.
+
+    Otherwise the stage is about to run: a results file left by another run is removed here,
+    before any output is replaced, so an interrupted run can never leave old results beside
+    new outputs (which a later run with the old settings would take as done).
+    """
     path = os.path.join(directory, results)
-    if not all(os.path.exists(os.path.join(directory, p)) for p in [results, *outputs]):
+    if not os.path.exists(path):
         return None
     with open(path) as f:
         stored = json.load(f)
-    return stored if stored.get("fingerprint") == canonical(fingerprint) else None
+    complete = all(os.path.exists(os.path.join(directory, p)) for p in outputs)
+    if complete and stored.get("fingerprint") == canonical(fingerprint):
+        return stored
+    os.remove(path)
+    return None
 
 
 def commit(
@@ -79,8 +89,13 @@ def commit(
         tmp = f"{stem}.tmp{os.getpid()}{ext}"
         try:
             write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            if not os.path.exists(tmp):
+                raise FileNotFoundError(f"the writer of {name} wrote nothing")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -100,16 +100,6 @@ def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict
     }
 
 
-def _portable(fingerprint: dict | None) -> dict | None:
-    """`fingerprint` without where the models were read from: their weights hashes (or hub id
-    and revision) identify them, so a workdir moved, copied or named another way
-    (`runs/tiny` vs `./runs/tiny`) still holds the same store."""
-    if fingerprint is None:
-        return None
-    models = [{k: v for k, v in m.items() if k != "source"} for m in fingerprint["models"]]
-    return {**fingerprint, "models": models}
-
-
 def _to_store_dtype(hidden: torch.Tensor, dtype: str) -> np.ndarray:
     """Rounds to the store's dtype on the model's device (half the bytes to move and buffer;
     torch and ml_dtypes both round to nearest even, so the values are those np would give)."""
@@ -135,7 +125,7 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
     existing = os.path.join(directory, mf.MANIFEST)
     if os.path.exists(existing):
         manifest = mf.read_manifest(directory)
-        same = _portable(manifest.get("fingerprint")) == _portable(fingerprint)
+        same = mf.portable(manifest.get("fingerprint")) == mf.portable(fingerprint)
         if manifest.get("complete") and same:
             return manifest
         if manifest.get("complete"):

@@ -69,6 +69,16 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def portable(fingerprint: dict | None) -> dict | None:
+    """`fingerprint` without where the models were read from: their weights hashes (or hub id
+    and revision) identify them, so a workdir moved, copied or named another way
+    (`runs/tiny` vs `./runs/tiny`) still holds the same store."""
+    if fingerprint is None:
+        return None
+    models = [{k: v for k, v in m.items() if k != "source"} for m in fingerprint.get("models", [])]
+    return {**fingerprint, "models": models}
+
+
 def atomic_write_bytes(path: str, write) -> None:
     """Writes a file through `write(fileobj)` under a temporary name, then renames it."""
     tmp = f"{path}.tmp{os.getpid()}"

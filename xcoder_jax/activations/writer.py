@@ -69,7 +69,7 @@ class StoreWriter:
         if manifest.get("complete"):
             raise mf.StoreError(f"store {self.directory} is already complete")
         old = manifest.get("fingerprint", {})
-        differing = mf.differing_keys(old, self.fingerprint)
+        differing = mf.differing_keys(mf.portable(old), mf.portable(self.fingerprint))
         if differing:
             raise mf.StoreError(
                 f"{self.directory} holds an unfinished store made with other settings "
@@ -233,7 +233,8 @@ def merge_parts(part_dirs: list[str], directory: str) -> dict:
     strip = lambda fp: {k: v for k, v in fp.items() if k != "shard_index"}
     first = parts[0]
     for p, m in zip(part_dirs[1:], parts[1:]):
-        a, b = strip(first["fingerprint"]), strip(m["fingerprint"])
+        a = strip(mf.portable(first["fingerprint"]))
+        b = strip(mf.portable(m["fingerprint"]))
         differing = mf.differing_keys(a, b)
         if differing:
             raise mf.StoreError(f"cannot merge {part_dirs[0]} and {p}: they differ in {differing}")
