@@ -9,7 +9,7 @@ results of the same export and settings are left as they are.
 from absl import flags
 from ml_collections import config_flags
 
-from xcoder_jax import launch_util, steering
+from xcoder_jax import ablation, launch_util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -17,8 +17,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 def main(argv):
     del argv
-    results = steering.run_ablation(_CONFIG.value, _WORKDIR.value)
-    print(steering.summarize_ablation(results))
+    results = ablation.run_ablation(_CONFIG.value, _WORKDIR.value)
+    print(ablation.summarize_ablation(results))
 
 
 if __name__ == "__main__":

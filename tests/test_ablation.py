@@ -10,9 +10,16 @@ import pytest
 from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import pipeline, steering
 from xcoder_jax import workdir as wd
+from xcoder_jax.ablation import (
+    AblationError,
+    LogitProbe,
+    controls,
+    marker_positions,
+    run_ablation,
+    summarize_ablation,
+    targeted_latents,
+)
 from xcoder_jax.activations import ActivationStore
-from xcoder_jax.steering import controls
-from xcoder_jax.steering.ablation import AblationError, marker_positions
 
 # --- Latent selection and controls ----------------------------------------------------------
 
@@ -25,8 +32,8 @@ def test_marker_positions_point_before_the_marker():
 def test_targeted_latents_keep_top_firing_with_high_nrn():
     counts = np.array([0, 9, 8, 7, 1, 0, 0, 0, 0, 0])
     nrn = np.array([0.9, 0.9, 0.2, 0.6, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5])
-    assert steering.targeted_latents(counts, nrn, 0.3, 0.5).tolist() == [1, 3]
-    assert steering.targeted_latents(counts, nrn, 0.1, 0.5).tolist() == [1]
+    assert targeted_latents(counts, nrn, 0.3, 0.5).tolist() == [1, 3]
+    assert targeted_latents(counts, nrn, 0.1, 0.5).tolist() == [1]
     assert steering.select_latents("4+1", nrn, None, 0.5) == [4, 1]
 
 
@@ -75,7 +82,7 @@ def run(tmp_path_factory):
     a = c.ablation
     a.fracs, a.n_random, a.n_docs, a.batch_size = (0.5, 0.1), 3, 8, 8
     pipeline.run(c, workdir)
-    return c, workdir, steering.run_ablation(c, workdir)
+    return c, workdir, run_ablation(c, workdir)
 
 
 def _expand(ranges):
@@ -131,7 +138,7 @@ def test_rerun_skips(run):
     config, workdir, _ = run
     path = os.path.join(wd.stage_dir(workdir, "ablation"), "results.json")
     before = os.path.getmtime(path)
-    steering.run_ablation(config, workdir)
+    run_ablation(config, workdir)
     assert os.path.getmtime(path) == before
 
 
@@ -140,11 +147,11 @@ def test_an_empty_targeted_set_is_null_with_a_reason(run):
     config, workdir, _ = run
     c = config.copy_and_resolve_references()
     c.ablation.min_nrn = 1.0  # no NRN exceeds 1: nothing is targeted
-    res = steering.run_ablation(c, workdir)
+    res = run_ablation(c, workdir)
     rows = [r for e in res["categories"].values() for r in e["by_frac"]]
     assert rows and all(r["n_latents"] == 0 and "NRN > 1.0" in r["reason"] for r in rows)
     assert all(role not in r for r in rows for role in res["roles"])
-    assert "no category had targeted latents" in steering.summarize_ablation(res)
+    assert "no category had targeted latents" in summarize_ablation(res)
 
 
 def test_no_heldout_documents_is_a_clear_error(run):
@@ -152,7 +159,7 @@ def test_no_heldout_documents_is_a_clear_error(run):
     c = config.copy_and_resolve_references()
     c.train.eval_shards = 0
     with pytest.raises(AblationError, match="no held-out shards"):
-        steering.run_ablation(c, workdir)
+        run_ablation(c, workdir)
 
 
 # --- The logit probe against the hook-based ablation ----------------------------------------
@@ -166,7 +173,6 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
 
     from xcoder_jax import checkpoint as ckpt
     from xcoder_jax.analysis.splice import pad_documents
-    from xcoder_jax.steering.ablation import LogitProbe
 
     models = [AutoModelForCausalLM.from_pretrained(micro_pair[r]).eval() for r in wd.ROLES]
     tok = AutoTokenizer.from_pretrained(micro_pair["base"])

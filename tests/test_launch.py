@@ -175,11 +175,10 @@ def test_known_cause_finds_the_innermost_project_error():
 
 
 def _error_classes():
-    from xcoder_jax import checkpoint, pipeline, replicate, train
+    from xcoder_jax import ablation, checkpoint, pipeline, replicate, selection, train
     from xcoder_jax.activations import manifest, models
     from xcoder_jax.analysis import splice
     from xcoder_jax.geometry import relations
-    from xcoder_jax.steering import ablation, common
 
     return [
         (manifest.StoreError, ValueError),
@@ -188,7 +187,7 @@ def _error_classes():
         (checkpoint.ExportError, ValueError),
         (splice.SpliceError, ValueError),
         (ablation.AblationError, ValueError),
-        (common.TooFewLatents, ValueError),
+        (selection.TooFewLatents, ValueError),
         (relations.RelationError, ValueError),
         (pipeline.PipelineError, RuntimeError),
         (replicate.ReplicationError, RuntimeError),

@@ -33,7 +33,7 @@ _LAZY = {
     "train_and_evaluate": "xcoder_jax.train",
     "run_analysis": "xcoder_jax.analysis",
     "run_steering": "xcoder_jax.steering",
-    "run_ablation": "xcoder_jax.steering",
+    "run_ablation": "xcoder_jax.ablation",
     "run_geometry": "xcoder_jax.geometry",
     "run_replication": "xcoder_jax.replicate",
     "pipeline": "xcoder_jax.pipeline",

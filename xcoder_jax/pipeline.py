@@ -94,7 +94,7 @@ def _steer(config, workdir: str) -> str:
 
 
 def _ablate(config, workdir: str) -> str:
-    from xcoder_jax.steering import run_ablation, summarize_ablation
+    from xcoder_jax.ablation import run_ablation, summarize_ablation
 
     return summarize_ablation(run_ablation(config, workdir))
 

@@ -91,3 +91,15 @@ def weights_fingerprint(path: str, revision: str | None) -> str:
             while block := fh.read(1 << 22):
                 h.update(block)
     return h.hexdigest()
+
+
+def load_pair(config, workdir: str, roles: list[str]):
+    """(models in crosscoder order, tokenizer); the tokenizers must agree."""
+    device = torch_device(config.models.device)
+    models, tokenizers = [], {}
+    for role in roles:
+        path, rev = model_source(config, workdir, role)
+        tokenizers[role] = load_tokenizer(path, rev)
+        models.append(load_model(path, rev, config.models.torch_dtype, device))
+    check_same_tokenizer(tokenizers)
+    return models, tokenizers[roles[0]]

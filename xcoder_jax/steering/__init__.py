@@ -1,11 +1,11 @@
-"""Causal tests of crosscoder latents in the HF models: steering and ablation at block L.
+"""Steering crosscoder latents in the HF models: decoder rows added at block L.
 
-`run_steering(config, workdir)` writes <workdir>/steering/ and `run_ablation(config, workdir)`
-writes <workdir>/ablation/; both return their results.json and skip work already done.
+`run_steering(config, workdir)` writes <workdir>/steering/ and returns its results.json,
+skipping work already done. The hooks here (`steer`, `ablate`) are the interventions the
+ablation experiment (`xcoder_jax.ablation`) uses too.
 """
 
-from xcoder_jax.steering.ablation import run_ablation, summarize_ablation, targeted_latents
-from xcoder_jax.steering.common import select_latents
+from xcoder_jax.selection import select_latents
 from xcoder_jax.steering.hooks import (
     ExportedCrosscoder,
     ablate,
@@ -23,14 +23,11 @@ __all__ = [
     "add_at_site",
     "aggregate",
     "read_prompts",
-    "run_ablation",
     "run_steering",
     "select_latents",
     "site_inputs",
     "steer",
     "subtract_at_site",
-    "summarize_ablation",
     "summarize_steering",
-    "targeted_latents",
     "text_metrics",
 ]

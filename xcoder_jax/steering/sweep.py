@@ -1,11 +1,11 @@
 """The steering sweep: generate with latents' decoder rows added at block L, measure style.
 
 For every steered model (`steering.models`, its own decoder rows), every latent set
-(`steering.latents`, specs as in `common`) and every alpha (`steering.alphas`; its units are
-set by `steering.convention`, see `hooks.CONVENTIONS`), `samples` continuations of each
-prompt are drawn (seeded, the same seeds in every condition, so conditions differ by the
-intervention, not by the draws) and scored with `stats`. alpha = 0 is the clean model; it
-is always generated, once per model, and shared by every set.
+(`steering.latents`, specs as in `xcoder_jax.selection`) and every alpha (`steering.alphas`;
+its units are set by `steering.convention`, see `hooks.CONVENTIONS`), `samples`
+continuations of each prompt are drawn (seeded, the same seeds in every condition, so
+conditions differ by the intervention, not by the draws) and scored with `stats`. alpha = 0
+is the clean model; it is always generated, once per model, and shared by every set.
 
 The experiment is paired: every steered condition is compared with the clean model on the
 same prompts and seeds, metric by metric, by the per-prompt difference of sample means with
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stage
+from xcoder_jax import selection, stage
 from xcoder_jax import stats as cis
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
-from xcoder_jax.activations.models import torch_device
+from xcoder_jax.activations.models import load_pair, torch_device
 from xcoder_jax.analysis import check_pair, marker_groups
 from xcoder_jax.errors import ConfigError, MissingInputError
-from xcoder_jax.steering import common, stats
+from xcoder_jax.steering import stats
 from xcoder_jax.steering.hooks import CONVENTIONS, ExportedCrosscoder, steer
 from xcoder_jax.train import split_shards
 
@@ -154,10 +154,12 @@ def _fingerprint(config, workdir: str, prompts_file: str, store) -> dict:
 
 
 def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
-    """({spec: latent ids} of `steering.latents` (see `common`), {spec: why it has no
+    """({spec: latent ids} of `steering.latents` (see `xcoder_jax.selection`), {spec: why it has no
     latents} for category specs with too few qualifying latents, NRN [h])."""
     sc = config.steering
-    nrn = common.nrn({"W_dec": xcoder.W_dec.cpu().numpy()}, xcoder.config, config.analysis.norm)
+    nrn = selection.export_nrn(
+        {"W_dec": xcoder.W_dec.cpu().numpy()}, xcoder.config, config.analysis.norm
+    )
     counts = None
     if any(":" in str(s) for s in sc.latents):
         forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
@@ -167,13 +169,13 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
             raise ConfigError(f"unknown categories {unknown} in steering.latents")
         # Selected on the training shards, like every latent choice of the study.
         train, _ = split_shards(store, config.train.eval_shards)
-        per_cat = common.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
+        per_cat = selection.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
         counts = dict(zip(cats, per_cat, strict=True))
     sets, skipped = {}, {}
     for spec in map(str, sc.latents):
         try:
-            sets[spec] = common.select_latents(spec, nrn, counts, sc.min_nrn)
-        except common.TooFewLatents as e:  # a finding of this run, not a bad input
+            sets[spec] = selection.select_latents(spec, nrn, counts, sc.min_nrn)
+        except selection.TooFewLatents as e:  # a finding of this run, not a bad input
             skipped[spec] = str(e)
     return sets, skipped, nrn
 
@@ -199,7 +201,7 @@ def run_steering(config, workdir: str) -> dict:
     if store is not None:
         check_pair(store, xcoder.config)
     roles = ckpt.role_order(xcoder.config)
-    models, tokenizer = common.load_pair(config, workdir, roles)
+    models, tokenizer = load_pair(config, workdir, roles)
     sets, skipped, nrn = choose_sets(config, xcoder, tokenizer, store)
     rows = read_prompts(prompts_file, sc.n_prompts)
     prompts = [r["prompt"] for r in rows]

@@ -33,13 +33,14 @@ import torch
 from tqdm import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import site, stage, stats
+from xcoder_jax import selection, site, stage, stats
 from xcoder_jax import workdir as wd
+from xcoder_jax.ablation import controls
 from xcoder_jax.activations import ActivationStore
+from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import check_pair, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import find_marker
-from xcoder_jax.steering import common, controls
 from xcoder_jax.steering.hooks import ExportedCrosscoder
 from xcoder_jax.train import split_shards
 
@@ -213,10 +214,10 @@ def run_ablation(config, workdir: str) -> dict:
     roles = ckpt.role_order(export_config)
     train, heldout = split_shards(store, config.train.eval_shards)
     stored = measurement_documents(store, config, heldout)
-    models, tokenizer = common.load_pair(config, workdir, roles)
+    models, tokenizer = load_pair(config, workdir, roles)
     device = next(models[0].parameters()).device
     xcoder = ExportedCrosscoder(tensors, export_config, device)
-    nrn = common.nrn(tensors, export_config, config.analysis.norm)
+    nrn = selection.export_nrn(tensors, export_config, config.analysis.norm)
     dec_norms = np.linalg.norm(np.asarray(tensors["W_dec"], np.float64), axis=-1)  # [h, m] raw
     cats = list(ac.categories)
 
@@ -226,7 +227,7 @@ def run_ablation(config, workdir: str) -> dict:
     first = int(store.manifest.get("first_position", 1))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
-    counts = common.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
+    counts = selection.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
     selection_docs = np.unique(np.concatenate([store.shard_index(k)[:, 0] for k in train]))
     overlap = np.intersect1d(selection_docs, doc_ids)
     if len(overlap):  # a document cut by the train/held-out border; never measured on

@@ -1,4 +1,4 @@
-"""What steering and ablation share: loading the pair, NRN, marker counts, latent selection.
+"""Which latents steering and ablation act on: NRN, marker firing counts, latent specs.
 
 Latent sets are named by specs: "17" or "17+230" (ids), or "<category>:<k>", the k latents
 with NRN above `min_nrn` (distilled-leaning; `analysis.distilled_only_min` allows only
@@ -16,27 +16,14 @@ import numpy as np
 import torch
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import norms
 from xcoder_jax.analysis.stream import to_float32
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker
 
 
-def load_pair(config, workdir: str, roles: list[str]):
-    """(models in crosscoder order, tokenizer); the tokenizers must agree."""
-    device = pair.torch_device(config.models.device)
-    models, tokenizers = [], {}
-    for role in roles:
-        path, rev = pair.model_source(config, workdir, role)
-        tokenizers[role] = pair.load_tokenizer(path, rev)
-        models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
-    pair.check_same_tokenizer(tokenizers)
-    return models, tokenizers[roles[0]]
-
-
-def nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
-    """NRN [h] of every latent (0 base-only, 0.5 shared, 1 distilled-only)."""
+def export_nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
+    """NRN [h] of every latent of an export (0 base-only, 0.5 shared, 1 distilled-only)."""
     w_norm = ckpt.normalised_decoder(tensors, export_config)
     return norms.latent_nrn(w_norm, ckpt.role_order(export_config), norm)
 
