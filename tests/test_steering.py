@@ -216,8 +216,10 @@ def test_metrics_and_intervals():
     assert m["accuracy"] == 1.0 and m["has_answer"] == 1.0
     # Samples are averaged within a prompt before the interval is taken over prompts:
     # prompt means 2 and 4, so 3 +- t_{0.975, 1} * sqrt(2) / sqrt(2).
-    agg = stats.aggregate(
-        [{"prompt_id": p, "metrics": {"t": v}} for p, v in [(0, 1), (0, 3), (1, 4)]]
+    agg = stats.summarize(
+        stats.per_prompt(
+            [{"prompt_id": p, "metrics": {"t": v}} for p, v in [(0, 1), (0, 3), (1, 4)]]
+        )
     )
     half = scipy_stats.t.ppf(0.975, 1)
     assert agg["t"]["n"] == 2 and agg["t"]["mean"] == pytest.approx(3.0, abs=1e-12)

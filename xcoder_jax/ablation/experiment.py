@@ -36,9 +36,8 @@ from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import selection, site, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.ablation import controls
-from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.models import load_pair
-from xcoder_jax.analysis import check_pair, marker_groups, splice
+from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import find_marker
 from xcoder_jax.steering.hooks import ExportedCrosscoder
@@ -84,22 +83,25 @@ class LogitProbe:
             x = torch.stack([r.hidden.float() for r in replays], 2)  # [b, s, m, d] raw
             self.batches.append((lo, len(ids), replays, x))
 
+    def _in_batches(self, where):
+        """Per batch: (its replays, x, indices into `where` [k], rows [k], positions [k],
+        tokens [k]) of the occurrences it holds; batches holding none are left out."""
+        for lo, n, replays, x in self.batches:
+            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
+            if sel:
+                d, p, t = (torch.tensor([where[k][i] for k in sel]) for i in range(3))
+                yield replays, x, sel, d - lo, p, t
+
     @torch.no_grad()
     def logits(self, target: int, latents, where) -> np.ndarray:
         """Logits [n] at `where` [(doc, position, token)] with `latents` ablated in `target`."""
         out = np.zeros(len(where))
-        for lo, n, replays, x in self.batches:
-            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
-            if not sel:
-                continue
+        for replays, x, sel, d, p, t in self._in_batches(where):
             hidden = replays[target].hidden
             if len(latents):
                 delta = self.xcoder.ablation_delta(x, latents, target)
                 hidden = hidden.clone()
                 hidden[:, self.first :] -= delta[:, self.first :].to(hidden.dtype)
-            d = torch.tensor([where[k][0] - lo for k in sel])
-            p = torch.tensor([where[k][1] for k in sel])
-            t = torch.tensor([where[k][2] for k in sel])
             logits = replays[target].logits(hidden, d, p)
             out[sel] = logits[torch.arange(len(sel)), t].float().cpu().numpy()
         return out
@@ -109,12 +111,8 @@ class LogitProbe:
         """f [n, h] of every latent at `where` [(doc, position, token)] (clean inputs)."""
         out = np.zeros((len(where), self.xcoder.n_latents), np.float32)
         all_ids = list(range(self.xcoder.n_latents))
-        for lo, n, _, x in self.batches:
-            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
-            if sel:
-                d = torch.tensor([where[k][0] - lo for k in sel])
-                p = torch.tensor([where[k][1] for k in sel])
-                out[sel] = self.xcoder.latent_acts(x[d, p], all_ids).cpu().numpy()
+        for _, x, sel, d, p, _ in self._in_batches(where):
+            out[sel] = self.xcoder.latent_acts(x[d, p], all_ids).cpu().numpy()
         return out
 
 
@@ -199,9 +197,7 @@ def run_ablation(config, workdir: str) -> dict:
     """The ablation experiment on `workdir`'s export; returns (and writes) ablation/results.json."""
     ac = config.ablation
     out_dir = wd.stage_dir(workdir, "ablation")
-    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
-    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
-    check_pair(store, export_config)
+    store, tensors, export_config = load_inputs(config, workdir)
     fp = _fingerprint(config, workdir, store)
     old = stage.done(out_dir, RESULTS, fp, [FIGURE])
     if old is not None:

@@ -14,7 +14,7 @@ from xcoder_jax.analysis.norms import (
     decoder_norms,
     relative_norms,
 )
-from xcoder_jax.analysis.run import analyze, check_pair, run_analysis, summarize
+from xcoder_jax.analysis.run import analyze, check_pair, load_inputs, run_analysis, summarize
 from xcoder_jax.analysis.scaling import LatentScaling, fit_betas
 from xcoder_jax.analysis.splice import SpliceError, splice_ce
 from xcoder_jax.analysis.stream import Encoder, scan_store
@@ -28,6 +28,7 @@ __all__ = [
     "analyze",
     "category_stats",
     "check_pair",
+    "load_inputs",
     "classify",
     "decoder_cosine",
     "decoder_norms",

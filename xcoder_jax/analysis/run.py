@@ -36,6 +36,15 @@ SUMMARY, LATENTS, REPORT = "summary.json", "latents.jsonl", "report.html"
 # --- Inputs ------------------------------------------------------------------------------
 
 
+def load_inputs(config, workdir: str) -> tuple[ActivationStore, dict, dict]:
+    """(store, export tensors [raw, numpy], export config) of `workdir`, checked to belong
+    together: what every stage that reads both the store and the export starts from."""
+    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
+    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
+    check_pair(store, export_config)
+    return store, tensors, export_config
+
+
 def check_pair(store: ActivationStore, export_config: dict) -> None:
     """Raises ExportError unless the export was trained on a store like this one."""
     man = store.manifest
@@ -78,9 +87,7 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     """Analyses `workdir`'s export over its store; returns the summary (README: analysis/)."""
     ac = config.analysis
     out_dir = wd.stage_dir(workdir, "analysis")
-    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
-    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
-    check_pair(store, export_config)
+    store, tensors, export_config = load_inputs(config, workdir)
     fp = fingerprint(config, workdir, store)
     done = stage.done(out_dir, SUMMARY, fp, [LATENTS, REPORT])
     if done is not None:

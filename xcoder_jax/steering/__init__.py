@@ -14,14 +14,13 @@ from xcoder_jax.steering.hooks import (
     steer,
     subtract_at_site,
 )
-from xcoder_jax.steering.stats import aggregate, text_metrics
+from xcoder_jax.steering.stats import text_metrics
 from xcoder_jax.steering.sweep import read_prompts, run_steering, summarize_steering
 
 __all__ = [
     "ExportedCrosscoder",
     "ablate",
     "add_at_site",
-    "aggregate",
     "read_prompts",
     "run_steering",
     "select_latents",

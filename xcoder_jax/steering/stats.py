@@ -96,11 +96,6 @@ def changed(vs_clean: dict[str, dict]) -> list[str]:
     return [name for name, ci in vs_clean.items() if cis.excludes_zero(ci)]
 
 
-def aggregate(samples: list[dict]) -> dict[str, dict]:
-    """{metric: t_ci over prompts of per-prompt sample means} from sample rows."""
-    return summarize(per_prompt(samples))
-
-
 def condition(
     means: dict[str, dict[int, float]], clean: dict[str, dict[int, float]], alpha: float
 ) -> dict:
