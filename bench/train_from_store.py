@@ -22,8 +22,9 @@ import numpy as np
 
 from configs import tiny
 from tests.conftest import synthetic_store
+from xcoder_jax import sharding
+from xcoder_jax import train_step as ts
 from xcoder_jax.activations import ActivationStore, BatchStream
-from xcoder_jax.train_state import Trainer
 
 
 class InMemoryStore(ActivationStore):
@@ -69,8 +70,10 @@ def main():
         c = tiny.get_config()
         c.crosscoder.d_model, c.crosscoder.n_latents = args.d, args.latents
         c.train.batch_size, c.train.steps = args.batch, 10**6
-        trainer = Trainer(c, stores["disk"])
-        state = trainer.init_state()
+        disk = stores["disk"]
+        hp = ts.HParams.from_config(c, disk.d_model, disk.total_variance * disk.scales**2)
+        trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, args.batch, args.latents))
+        state = trainer.init()
         position = 0
         state, position = run_steps(
             trainer, state, stores["memory"], 3, args.batch, position

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import jax
 import numpy as np
 import torch
 
 from configs import tiny
-from xcoder_jax.train_state import Trainer
+from xcoder_jax import sharding
+from xcoder_jax import train_step as ts
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak FLOP/s by device name fragment, for model-FLOP utilisation.
@@ -35,15 +35,9 @@ def jax_runner(d, h, batch, dtype, steps_per_round):
     c.crosscoder.d_model, c.crosscoder.n_latents = d, h
     c.crosscoder.dtype = dtype
     c.train.batch_size, c.train.steps = batch, 10**6
-    store = SimpleNamespace(
-        scales=np.ones(2, np.float32),
-        total_variance=np.ones(2, np.float32),
-        d_model=d,
-        n_rows=0,
-        manifest={},
-    )
-    trainer = Trainer(c, store)
-    state = trainer.init_state()
+    hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
+    trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
+    state = trainer.init()
     x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
     xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
 

@@ -14,10 +14,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import strict_loads, synthetic_store, train_config
-from xcoder_jax import train
+from xcoder_jax import sharding, train
+from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
-from xcoder_jax.train_state import l1_lambda, make_schedule
+from xcoder_jax.losses import l1_lambda
+from xcoder_jax.train_step import make_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +150,7 @@ def test_distinct_tokens_equal_rows_visited(uninterrupted, store_dir):
     w, _ = uninterrupted
     config = _export_config(w)
     store = ActivationStore(store_dir)
-    train_shards, _ = train.split_shards(store, 1)
+    train_shards, _ = store.split(1)
     with BatchStream(store, 64, seed=0, shards=train_shards, group_shards=4) as stream:
         ids = np.concatenate([next(stream)[1] for _ in range(40)])
     assert config["tokens_trained"] == 40 * 64
@@ -173,7 +175,7 @@ def test_row_bitmap_is_packbits_of_the_rows_marked():
 def test_resumed_run_equals_uninterrupted(uninterrupted, store_dir, tmp_path, monkeypatch):
     w_full, _ = uninterrupted
     w = _workdir(tmp_path, store_dir)
-    real_step = train.Trainer.step
+    real_step = sharding.ShardedStep.step
     calls = {"n": 0}
 
     def dying_step(self, *args):
@@ -182,11 +184,11 @@ def test_resumed_run_equals_uninterrupted(uninterrupted, store_dir, tmp_path, mo
             raise KeyboardInterrupt
         return real_step(self, *args)
 
-    monkeypatch.setattr(train.Trainer, "step", dying_step)
+    monkeypatch.setattr(sharding.ShardedStep, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(train_config(), w)
     assert not os.path.exists(wd.export_dir(w))
-    monkeypatch.setattr(train.Trainer, "step", real_step)
+    monkeypatch.setattr(sharding.ShardedStep, "step", real_step)
     train.train_and_evaluate(train_config(), w)
     # The same computation on the same machine, from the same state and rows: it agrees to
     # the last bits; the tolerance is only for the order of float reductions.
@@ -256,16 +258,21 @@ def test_batchtopk_trains_and_exports_threshold(store_dir, tmp_path):
     assert "threshold" in _export(w) and (_export(w)["threshold"] > 0).all()
 
 
+def _sharded(c, store) -> sharding.ShardedStep:
+    hp = ts.HParams.from_config(c, store.d_model, store.total_variance * store.scales**2)
+    return sharding.ShardedStep(hp, sharding.make_mesh(1, 1, c.train.batch_size, hp.n_latents))
+
+
 @pytest.mark.parametrize("loss", ["l1", "batchtopk"])
 def test_step_without_metrics_updates_the_state_alike(store_dir, loss):
     c = train_config()
     c.crosscoder.loss, c.crosscoder.k = loss, 8
     store = ActivationStore(store_dir)
-    trainer = train.Trainer(c, store)
+    trainer = _sharded(c, store)
     stream = BatchStream(store, c.train.batch_size, seed=0, normalise=True)
     batches = [next(stream)[0] for _ in range(3)]
     stream.close()
-    full, lean = trainer.init_state(), trainer.init_state()
+    full, lean = trainer.init(), trainer.init()
     for x in batches:
         w = np.ones(len(x), np.float32)
         full, m_full = trainer.step(full, *trainer.to_device(x, w), with_metrics=True)
@@ -282,7 +289,7 @@ def test_batchtopk_threshold_survives_a_batch_with_nothing_kept(store_dir):
     c = train_config()
     c.crosscoder.loss, c.crosscoder.k = "batchtopk", 8
     store = ActivationStore(store_dir)
-    trainer = train.Trainer(c, store)
+    trainer = _sharded(c, store)
     with BatchStream(store, c.train.batch_size, seed=0, normalise=True) as stream:
         x1, x2 = next(stream)[0], next(stream)[0]
     ones, zeros = np.ones(len(x1), np.float32), np.zeros(len(x1), np.float32)
@@ -290,7 +297,7 @@ def test_batchtopk_threshold_survives_a_batch_with_nothing_kept(store_dir):
     def threshold(state):
         return np.array(jax.device_get(state["rest"]["threshold"][...]))  # a copy: donation
 
-    state = trainer.init_state()
+    state = trainer.init()
     state, _ = trainer.step(state, *trainer.to_device(x1, ones))
     first = threshold(state)
     assert np.isfinite(first).all() and (first > 0).all()
@@ -337,7 +344,7 @@ def test_nonfinite_rows_are_refused_or_skipped(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store_dir, tmp_path, monkeypatch):
     w = _workdir(tmp_path, store_dir)
-    real = train.Trainer.to_device
+    real = sharding.ShardedStep.to_device
     calls = {"n": 0}
 
     def overflowing(self, batch, weights):
@@ -346,7 +353,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(store_dir, tmp_
             batch = batch * np.float32(1e30)
         return real(self, batch, weights)
 
-    monkeypatch.setattr(train.Trainer, "to_device", overflowing)
+    monkeypatch.setattr(sharding.ShardedStep, "to_device", overflowing)
     c = train_config(checkpoint_every=5, log_every=5)
     with pytest.raises(train.TrainingError, match="non-finite loss at step 13") as err:
         train.train_and_evaluate(c, w)

@@ -28,6 +28,43 @@ EXPORT_CONFIG = "config.json"
 REQUIRED_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
+# Fields that must not change when a run resumes from its checkpoints.
+RESUME_FIELDS = (
+    "seed",
+    "crosscoder",
+    "train.batch_size",
+    "train.steps",
+    "train.lr",
+    "train.beta1",
+    "train.beta2",
+    "train.clip_norm",
+    "train.decay_start_frac",
+)
+
+
+def config_fields(config) -> dict:
+    """The resume-relevant fields of `config`, flattened to {"a.b": value}."""
+    out = {}
+    for name in RESUME_FIELDS:
+        value = config
+        for part in name.split("."):
+            value = value[part]
+        if hasattr(value, "to_dict"):
+            out.update({f"{name}.{k}": v for k, v in sorted(value.to_dict().items())})
+        else:
+            out[name] = value
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def incompatible_fields(saved: dict, current: dict) -> list[str]:
+    keys = set(saved) | set(current)
+    return sorted(
+        f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    )
+
+
 def manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
     """Orbax manager over <workdir>/checkpoints: saves every `save_every` steps, keeps `keep`."""
     options = ocp.CheckpointManagerOptions(

@@ -21,6 +21,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The mesh axis the latent dimension is split over; every other axis is replicated, and the
+# batch is split over "data". Each variable states its own layout (Flax partition metadata),
+# from which the train state's shardings, Adam moments included, are derived.
+LATENT_AXIS = "model"
+DATA_AXIS = "data"
+
+
+def _laid_out(variable_type, value, *axes):
+    # eager_sharding=False: the layout is metadata only; the variable is placed on devices by
+    # the jitted init's out_shardings, so a module can be built without a mesh (analysis).
+    return variable_type(value, out_sharding=axes, eager_sharding=False)
+
 
 class Threshold(nnx.Variable):
     """Inference threshold of BatchTopK, on decoder-norm-weighted activations (not trained)."""
@@ -47,11 +59,13 @@ class Crosscoder(nnx.Module):
         w = jax.random.normal(rngs.params(), (n_latents, n_models, d_model), jnp.float32)
         # Every (latent, model) decoder row starts at the same L2 norm; W_enc = W_dec^T.
         w = w * (dec_init_norm / jnp.linalg.norm(w, axis=-1, keepdims=True))
-        self.W_dec = nnx.Param(w.astype(param_dtype))
-        self.W_enc = nnx.Param(jnp.transpose(w, (1, 2, 0)).astype(param_dtype))
-        self.b_enc = nnx.Param(jnp.zeros((n_latents,), param_dtype))
-        self.b_dec = nnx.Param(jnp.zeros((n_models, d_model), param_dtype))
-        self.threshold = Threshold(jnp.zeros((n_latents,), jnp.float32))
+        lat = LATENT_AXIS
+        self.W_dec = _laid_out(nnx.Param, w.astype(param_dtype), lat, None, None)
+        w_enc = jnp.transpose(w, (1, 2, 0)).astype(param_dtype)
+        self.W_enc = _laid_out(nnx.Param, w_enc, None, None, lat)
+        self.b_enc = _laid_out(nnx.Param, jnp.zeros((n_latents,), param_dtype), lat)
+        self.b_dec = _laid_out(nnx.Param, jnp.zeros((n_models, d_model), param_dtype), None, None)
+        self.threshold = _laid_out(Threshold, jnp.zeros((n_latents,), jnp.float32), lat)
         self.dtype = dtype
 
     def _cast(self, *arrays):

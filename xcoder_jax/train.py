@@ -17,14 +17,11 @@ from tqdm.auto import tqdm
 
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import strict_json
+from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
 from xcoder_jax.errors import ConfigError, XcoderError
-from xcoder_jax.train_state import (
-    Trainer,
-    config_fields,
-    incompatible_fields,
-)
+from xcoder_jax.sharding import ShardedStep, make_mesh
 
 
 class TrainingError(XcoderError, RuntimeError):
@@ -47,14 +44,7 @@ def open_store(config, workdir: str) -> ActivationStore:
 
 
 def split_shards(store: ActivationStore, n_eval: int) -> tuple[list[int], list[int]]:
-    """(train shards, held-out shards): the last `n_eval` shards are held out."""
-    n = len(store.shards)
-    if n_eval >= n:
-        raise ConfigError(
-            f"the store has {n} shards; holding out {n_eval} leaves none to train on "
-            "(lower train.eval_shards or extract with smaller shard_rows)"
-        )
-    return list(range(n - n_eval)), list(range(n - n_eval, n))
+    return store.split(n_eval)
 
 
 def clean_rows(batch: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -133,11 +123,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         given = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id")}
         jax.distributed.initialize(**{k: v for k, v in given.items() if v not in ("", -1)})
     store = open_store(config, workdir)
-    train_shards, eval_shards = split_shards(store, config.train.eval_shards)
+    train_shards, eval_shards = store.split(config.train.eval_shards)
     # Each host reads its own share of the training shards.
     host_shards = train_shards[jax.process_index() :: jax.process_count()]
-    trainer = Trainer(config, store)
     tc = config.train
+    # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
+    hp = ts.HParams.from_config(config, store.d_model, store.total_variance * store.scales**2)
+    mesh = make_mesh(config.mesh.data, config.mesh.model, tc.batch_size, hp.n_latents)
+    trainer = ShardedStep(hp, mesh)
 
     mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
     metrics_file = wd.metrics_path(workdir)
@@ -145,7 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     seen = _new_bitmap(store.n_rows)
     if latest is not None:
         extra = ckpt.restore_extra(mngr, latest)
-        differing = incompatible_fields(extra["config"], config_fields(config))
+        differing = ckpt.incompatible_fields(extra["config"], ckpt.config_fields(config))
         if differing:
             raise TrainingError(
                 f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
@@ -160,7 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _trim_metrics(metrics_file, latest)
         start = latest
     else:
-        state = trainer.init_state()
+        state = trainer.init()
         position, tokens, skipped, start = 0, 0, 0, 0
         if os.path.exists(metrics_file):
             os.remove(metrics_file)
@@ -170,7 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "position": position,
             "tokens": tokens,
             "skipped": skipped,
-            "config": config_fields(config),
+            "config": ckpt.config_fields(config),
         }
 
     def check_finite(state, step):
@@ -223,8 +216,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     step=done, tokens=tokens, distinct_rows=_count(seen), skipped_rows=skipped
                 )
                 if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    heldout = store.normalised_batches(eval_shards, tc.batch_size)
                     record.update(
-                        {f"eval_{k}": v for k, v in trainer.evaluate(state, eval_shards).items()}
+                        {f"eval_{k}": v for k, v in trainer.evaluate(state, heldout).items()}
                     )
                 # check_finite above has already stopped a run whose loss is not finite.
                 _log(metrics_file, record)
@@ -238,11 +232,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stream.close()
         mngr.wait_until_finished()
     check_finite(state, tc.steps)
-    final = strict_json.finite_or_none(trainer.evaluate(state, eval_shards))
-    trainer.export(
-        state,
+    heldout = store.normalised_batches(eval_shards, tc.batch_size)
+    final = strict_json.finite_or_none(trainer.evaluate(state, heldout))
+    m = store.manifest
+    ckpt.export(
         wd.export_dir(workdir),
+        ts.export_weights(state, hp),
+        store.scales,
         {
+            "models": m["models"],
+            "layer": m["layer"],
+            "d_model": m["d_model"],
+            "n_models": m["n_models"],
+            "n_latents": hp.n_latents,
+            "loss": hp.loss.name,
+            "tokenizer_sha256": m["tokenizer_sha256"],
+            "store_rows": store.n_rows,
+            "steps": tc.steps,
             "tokens_trained": tokens,
             "distinct_tokens_trained": _count_across_hosts(seen),
             "skipped_rows": skipped,

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from xcoder_jax.activations import manifest as mf
+from xcoder_jax.errors import ConfigError
 
 
 class ActivationStore:
@@ -124,6 +125,27 @@ class ActivationStore:
         """(k, shard activations) in store order, one shard in memory at a time."""
         for k in range(len(self.shards)) if shards is None else shards:
             yield k, self.shard_acts(k)
+
+    def normalised_batches(self, shards: Sequence[int], batch_rows: int) -> Iterator[np.ndarray]:
+        """The rows of `shards` in store order as float32 [<= batch_rows, m, d] NORMALISED."""
+        for _, acts in self.iter_shards(shards):
+            x = np.asarray(acts, np.float32) * self.scales[None, :, None]
+            for i in range(0, len(x), batch_rows):
+                yield x[i : i + batch_rows]
+
+    def split(self, n_heldout: int) -> tuple[list[int], list[int]]:
+        """(training shards, held-out shards): the last `n_heldout` shards are held out.
+
+        Training and latent selection read the first list; evaluation and every effect
+        measured on documents not selected on read the second (`train.eval_shards`).
+        """
+        n = len(self.shards)
+        if n_heldout >= n:
+            raise ConfigError(
+                f"the store has {n} shards; holding out {n_heldout} leaves none to train on "
+                "(lower train.eval_shards or extract with smaller shard_rows)"
+            )
+        return list(range(n - n_heldout)), list(range(n - n_heldout, n))
 
 
 class BatchStream:

@@ -1,0 +1,106 @@
+"""The train step placed on a ('data', 'model') device mesh.
+
+Rows of a batch are split over "data"; the latent axis of every weight, of Adam's moments
+and of the per-latent counters over "model". The layouts of the crosscoder's variables come
+from their own partition metadata (`crosscoder.LATENT_AXIS`), which Optax's moments inherit;
+the state's other fields are laid out by `STATE_LAYOUT`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xcoder_jax import train_step as ts
+from xcoder_jax.crosscoder import DATA_AXIS, LATENT_AXIS
+from xcoder_jax.errors import ConfigError
+
+# The train state's fields that are not module variables (see `train_step`).
+STATE_LAYOUT = {"step": P(), "since_fired": P(LATENT_AXIS), "first_bad_step": P()}
+
+
+def make_mesh(data: int, model: int, batch_size: int, n_latents: int) -> jax.sharding.Mesh:
+    """A (data x model) mesh over every device; `data` <= 0 takes the devices `model`
+    leaves. ConfigError when the axes do not fit the devices, the batch or the latents."""
+    n_dev = jax.device_count()
+    data = data if data > 0 else n_dev // model
+    if data * model != n_dev:
+        raise ConfigError(f"mesh {data}x{model} does not match {n_dev} devices")
+    if batch_size % data or n_latents % model:
+        raise ConfigError("batch_size must divide over 'data' and n_latents over 'model'")
+    # Auto axes: shardings are constraints for the compiler (GSPMD), not part of the types.
+    return jax.make_mesh(
+        (data, model), (DATA_AXIS, LATENT_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
+    )
+
+
+def state_specs(abstract: dict) -> dict:
+    """PartitionSpecs of a train state (same tree), from variable metadata and STATE_LAYOUT."""
+    specs = {k: nnx.get_partition_spec(abstract[k]) for k in ("params", "rest", "opt_state")}
+    # Variable-free leaves (Adam's step count) are replicated.
+    specs["opt_state"] = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs["opt_state"])
+    missing = set(abstract) - set(specs) - set(STATE_LAYOUT)
+    if missing:
+        raise KeyError(f"no layout for train state fields {sorted(missing)}")
+    return {**specs, **{k: STATE_LAYOUT[k] for k in abstract if k in STATE_LAYOUT}}
+
+
+class ShardedStep:
+    """`train_step` functions compiled for one mesh: init, the step (with and without
+    metrics, the input state donated), evaluation, and host-to-device transfer."""
+
+    def __init__(self, hp: ts.HParams, mesh: jax.sharding.Mesh):
+        self.hp, self.mesh = hp, mesh
+        self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS, None, None))
+        self.weight_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        init = functools.partial(ts.init_state, hp)
+        self._abstract = jax.eval_shape(init)
+        self.state_sharding = jax.tree.map(
+            lambda s: NamedSharding(mesh, s),
+            state_specs(self._abstract),
+            is_leaf=lambda x: isinstance(x, P),
+        )
+        self._init = jax.jit(init, out_shardings=self.state_sharding)
+        # Two compilations of one step: with every metric (for the steps that log) and with
+        # the loss alone (the rest, about 10% faster on a CPU; the state is updated the same).
+        self._step = {
+            with_metrics: jax.jit(
+                functools.partial(ts.train_step, hp=hp, with_metrics=with_metrics),
+                in_shardings=(self.state_sharding, self.batch_sharding, self.weight_sharding),
+                out_shardings=(self.state_sharding, None),
+                donate_argnums=0,
+            )
+            for with_metrics in (True, False)
+        }
+        self.eval_batch = jax.jit(functools.partial(ts.eval_batch, hp=hp))
+
+    def init(self) -> dict:
+        return self._init()
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self._abstract,
+            self.state_sharding,
+        )
+
+    def to_device(self, batch: np.ndarray, weights: np.ndarray):
+        """Host rows [local_batch, m, d] and weights [local_batch] -> global arrays sharded
+        over 'data' (each process passes its own rows)."""
+        return (
+            jax.make_array_from_process_local_data(self.batch_sharding, batch),
+            jax.make_array_from_process_local_data(self.weight_sharding, weights),
+        )
+
+    def step(self, state, batch, weights, with_metrics: bool = True):
+        """One training step: (new state, metrics). The input state is donated (consumed)."""
+        return self._step[with_metrics](state, batch, weights)
+
+    def evaluate(self, state, batches) -> dict:
+        return ts.evaluate(state, batches, hp=self.hp, eval_fn=self.eval_batch)
