@@ -19,7 +19,6 @@ from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
 from xcoder_jax.analysis import (
-    Encoder,
     LatentScaling,
     check_pair,
     classify,
@@ -37,6 +36,7 @@ from xcoder_jax.analysis import (
 )
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis.report import render_html
+from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.lexicon import CATEGORIES, CATEGORY_NAMES, find_marker, marker_token_ids
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,7 +73,9 @@ def _write_store(directory, x, tokens, docs, shard_rows, dtype="bfloat16"):
 def _pre_activation(enc, acts):
     """x W_enc + b_enc before the ReLU, float64: [h, N] for rows acts [N, m, d] (raw)."""
     w = enc.w_enc_t.double().numpy()  # [h, m*d]
-    return w @ acts.reshape(len(acts), -1).T.astype(np.float64) + enc.b_enc.double().numpy()
+    return (
+        w @ acts.reshape(len(acts), -1).T.astype(np.float64) + enc.b_enc.double().numpy()[:, None]
+    )
 
 
 def _random_export(m, d, h, seed=0):
@@ -273,7 +275,7 @@ def small_store(tmp_path_factory):
 def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypatch):
     monkeypatch.setattr(stream, "SPARSE_DENSITY", 1.0 if path == "sparse" else -1.0)
     store = small_store
-    enc = Encoder(_random_export(2, 16, 40))
+    enc = ExportedCrosscoder(_random_export(2, 16, 40))
     groups = [[(1, 2)], [(3,), (4, 5)]]
     res = scan_store(store, enc, groups, {5}, top_k=5, batch_rows=100, progress=False)
     acts = np.concatenate([a for _, a in store.iter_shards()]).astype(np.float32)
@@ -351,7 +353,9 @@ def test_latent_scaling_recovers_planted_scales(tmp_path):
     w_norm = ckpt.normalised_decoder(tensors, {"scales": s.tolist()})
     fitter = LatentScaling([0, 1], [1, 1], w_norm, tensors["b_dec"], s)
     all_shards = set(range(len(store.shards)))
-    scan_store(store, Encoder(tensors), [], all_shards, 2, 256, scaling=fitter, progress=False)
+    scan_store(
+        store, ExportedCrosscoder(tensors), [], all_shards, 2, 256, scaling=fitter, progress=False
+    )
     fits = fitter.result()
     # In normalised units beta_m = s_m beta[j, m] / (s_distilled beta[j, distilled]).
     expected = beta * s[None, :] / (s[1] * beta[:, 1:2])
@@ -409,7 +413,7 @@ def test_latent_scaling_ratios_on_both_sides():
     ids, owner = scaling.select_latents(nrn, classes, 10, base=0, distilled=1)
     assert ids.tolist() == [0, 1, 2, 3, 4] and owner.tolist() == [0, 0, 0, 1, 0]
     fitter = LatentScaling(ids, owner, tensors["W_dec"], tensors["b_dec"], np.ones(2))
-    enc = Encoder(tensors)
+    enc = ExportedCrosscoder(tensors)
     for lo in range(0, n, 1000):  # the sums accumulate over batches
         xb = torch.from_numpy(x[lo : lo + 1000])
         f_t = enc.encode_t(xb)

@@ -15,9 +15,9 @@ from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import pipeline, site, steering
 from xcoder_jax import workdir as wd
+from xcoder_jax.exported import CONVENTIONS
 from xcoder_jax.stats import excludes_zero
 from xcoder_jax.steering import stats
-from xcoder_jax.steering.hooks import CONVENTIONS
 from xcoder_jax.steering.sweep import check_lengths, plot_steering
 
 D, H, LAYER = 16, 8, 1

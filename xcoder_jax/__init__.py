@@ -38,7 +38,7 @@ _LAZY = {
     "run_replication": "xcoder_jax.replicate",
     "pipeline": "xcoder_jax.pipeline",
     "load_export": "xcoder_jax.checkpoint",
-    "ExportedCrosscoder": "xcoder_jax.steering",
+    "ExportedCrosscoder": "xcoder_jax.exported",
     "steer": "xcoder_jax.steering",
     "ablate": "xcoder_jax.steering",
 }

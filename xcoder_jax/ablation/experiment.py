@@ -39,8 +39,8 @@ from xcoder_jax.ablation import controls
 from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
+from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.lexicon import find_marker
-from xcoder_jax.steering.hooks import ExportedCrosscoder
 from xcoder_jax.train import split_shards
 
 ABLATION_FORMAT = 3  # bump when results change meaning, to redo old runs

@@ -24,7 +24,8 @@ from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis import norms, report, scaling, splice
 from xcoder_jax.analysis.latents import LatentTable, write_latents
-from xcoder_jax.analysis.stream import Encoder, scan_store
+from xcoder_jax.analysis.stream import scan_store
+from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.train import split_shards
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
@@ -128,7 +129,7 @@ def analyze(
     h = len(nrn)
 
     groups = cats.marker_groups(tokenizer, bare=ac.bare_markers)
-    encoder = Encoder(tensors)
+    encoder = ExportedCrosscoder(tensors)
     # Base-only and distilled-only latents get a latent-scaling fit, the most extreme of each
     # side first (bounded work per row).
     exclusive, owner = scaling.select_latents(nrn, classes, ac.scaling_max_latents, base, dist)
@@ -275,7 +276,7 @@ def _splice(config, workdir, store, tensors, heldout, tokenizer) -> dict:
     for role in roles:  # in the crosscoder's model order
         path, rev = pair.model_source(config, workdir, role)
         models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
-    encoder = Encoder(tensors).to(device)
+    encoder = ExportedCrosscoder(tensors).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = splice.splice_ce(
         models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles

@@ -20,52 +20,10 @@ from tqdm.auto import tqdm
 from xcoder_jax.analysis.categories import marker_rows
 from xcoder_jax.analysis.examples import RunningTopK
 from xcoder_jax.analysis.scaling import LatentScaling
+from xcoder_jax.exported import ExportedCrosscoder
 
 # Above this share of nonzero latent activations a batch is handled densely.
 SPARSE_DENSITY = 0.05
-
-
-class Encoder:
-    """The exported crosscoder in PyTorch, RAW units, latent-major.
-
-    tensors: the export's W_enc [m, d, h], b_enc [h], W_dec [h, m, d], b_dec [m, d] and
-    optional `threshold` [h] (BatchTopK: f is kept where f >= threshold).
-    """
-
-    def __init__(self, tensors: dict[str, np.ndarray]):
-        m, d, h = tensors["W_enc"].shape
-        self.n_models, self.d_model, self.n_latents = m, d, h
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))
-        self.w_enc_t = as_t(np.asarray(tensors["W_enc"]).reshape(m * d, h).T)  # [h, m*d]
-        self.b_enc = as_t(tensors["b_enc"])[:, None]  # [h, 1]
-        self.w_dec = as_t(np.asarray(tensors["W_dec"]).reshape(h, m * d))  # [h, m*d]
-        self.b_dec = as_t(np.asarray(tensors["b_dec"]).reshape(m * d))
-        thr = tensors.get("threshold")
-        self.threshold = None if thr is None else as_t(thr)[:, None]
-
-    def to(self, device) -> Encoder:
-        """Moves the weights to a torch device (for splicing into a model on a GPU)."""
-        for name in ("w_enc_t", "b_enc", "w_dec", "b_dec", "threshold"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def encode_t(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, m, d] raw -> f^T [h, batch] (latent-major, float32)."""
-        f_t = torch.addmm(self.b_enc, self.w_enc_t, x.reshape(len(x), -1).T).relu_()
-        if self.threshold is not None:
-            f_t = f_t * (f_t >= self.threshold)
-        return f_t
-
-    def decode_t(self, f_t: torch.Tensor) -> torch.Tensor:
-        """f^T [h, batch] -> x_hat [batch, m, d], raw units."""
-        x_hat = torch.addmm(self.b_dec, f_t.T, self.w_dec)
-        return x_hat.reshape(-1, self.n_models, self.d_model)
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., m, d] raw -> x_hat [..., m, d] raw."""
-        flat = x.reshape(-1, self.n_models, self.d_model).float()
-        return self.decode_t(self.encode_t(flat)).reshape(x.shape)
 
 
 def to_float32(acts: np.ndarray) -> np.ndarray:
@@ -100,7 +58,7 @@ class ScanResult:
 
 def scan_store(
     store,
-    encoder: Encoder,
+    encoder: ExportedCrosscoder,
     groups: list[list[tuple[int, ...]]],
     heldout: set[int],
     top_k: int,

@@ -5,9 +5,9 @@ skipping work already done. The hooks here (`steer`, `ablate`) are the intervent
 ablation experiment (`xcoder_jax.ablation`) uses too.
 """
 
+from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.selection import select_latents
 from xcoder_jax.steering.hooks import (
-    ExportedCrosscoder,
     ablate,
     add_at_site,
     site_inputs,

@@ -32,8 +32,9 @@ from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.models import load_pair, torch_device
 from xcoder_jax.analysis import check_pair, marker_groups
 from xcoder_jax.errors import ConfigError, MissingInputError
+from xcoder_jax.exported import CONVENTIONS, ExportedCrosscoder
 from xcoder_jax.steering import stats
-from xcoder_jax.steering.hooks import CONVENTIONS, ExportedCrosscoder, steer
+from xcoder_jax.steering.hooks import steer
 from xcoder_jax.train import split_shards
 
 STEERING_FORMAT = 4  # bump when results change meaning, to redo old runs
