@@ -18,7 +18,8 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.exported import CONVENTIONS
 from xcoder_jax.stats import excludes_zero
 from xcoder_jax.steering import stats
-from xcoder_jax.steering.sweep import check_lengths, plot_steering
+from xcoder_jax.steering.generation import check_lengths
+from xcoder_jax.steering.report import plot_steering
 
 D, H, LAYER = 16, 8, 1
 

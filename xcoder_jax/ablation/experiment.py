@@ -29,18 +29,18 @@ import math
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import selection, site, stage, stats
+from xcoder_jax import selection, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.ablation import controls
+from xcoder_jax.ablation.probe import LogitProbe, marker_positions
+from xcoder_jax.ablation.report import plot_ablation
 from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.exported import ExportedCrosscoder
-from xcoder_jax.lexicon import find_marker
 from xcoder_jax.train import split_shards
 
 ABLATION_FORMAT = 3  # bump when results change meaning, to redo old runs
@@ -52,68 +52,6 @@ def targeted_latents(counts: np.ndarray, nrn: np.ndarray, frac: float, min_nrn: 
     top = np.argsort(-counts, kind="stable")[: max(1, math.ceil(frac * len(counts)))]
     top = top[counts[top] > 0]
     return np.sort(top[nrn[top] > min_nrn])
-
-
-def marker_positions(docs: list[np.ndarray], forms, first_position: int):
-    """[(doc, position before the marker, marker's first token id)] of every occurrence."""
-    out = []
-    for d, ids in enumerate(docs):
-        for form in forms:
-            for s in find_marker(ids, form):
-                if s - 1 >= first_position:
-                    out.append((d, int(s) - 1, int(form[0])))
-    return out
-
-
-class LogitProbe:
-    """Marker logits of both models on fixed documents, clean and under ablation.
-
-    Each batch is run once per model (`site.SiteReplay`); an ablation then reruns only the
-    blocks from L on, from the recorded block-L input less the ablated latents' contribution
-    (the same intervention as `hooks.ablate`, reconstruction error kept).
-    """
-
-    def __init__(self, models, xcoder, docs, batch_size: int, pad_id: int, first_position: int):
-        self.xcoder, self.first, self.n_models = xcoder, first_position, len(models)
-        device = next(models[0].parameters()).device
-        self.batches = []
-        for lo in range(0, len(docs), batch_size):
-            ids, mask = splice.pad_documents(docs[lo : lo + batch_size], pad_id, device)
-            replays = [site.SiteReplay.record(m, xcoder.layer, ids, mask) for m in models]
-            x = torch.stack([r.hidden.float() for r in replays], 2)  # [b, s, m, d] raw
-            self.batches.append((lo, len(ids), replays, x))
-
-    def _in_batches(self, where):
-        """Per batch: (its replays, x, indices into `where` [k], rows [k], positions [k],
-        tokens [k]) of the occurrences it holds; batches holding none are left out."""
-        for lo, n, replays, x in self.batches:
-            sel = [k for k, (d, _, _) in enumerate(where) if lo <= d < lo + n]
-            if sel:
-                d, p, t = (torch.tensor([where[k][i] for k in sel]) for i in range(3))
-                yield replays, x, sel, d - lo, p, t
-
-    @torch.no_grad()
-    def logits(self, target: int, latents, where) -> np.ndarray:
-        """Logits [n] at `where` [(doc, position, token)] with `latents` ablated in `target`."""
-        out = np.zeros(len(where))
-        for replays, x, sel, d, p, t in self._in_batches(where):
-            hidden = replays[target].hidden
-            if len(latents):
-                delta = self.xcoder.ablation_delta(x, latents, target)
-                hidden = hidden.clone()
-                hidden[:, self.first :] -= delta[:, self.first :].to(hidden.dtype)
-            logits = replays[target].logits(hidden, d, p)
-            out[sel] = logits[torch.arange(len(sel)), t].float().cpu().numpy()
-        return out
-
-    @torch.no_grad()
-    def latent_acts(self, where) -> np.ndarray:
-        """f [n, h] of every latent at `where` [(doc, position, token)] (clean inputs)."""
-        out = np.zeros((len(where), self.xcoder.n_latents), np.float32)
-        all_ids = list(range(self.xcoder.n_latents))
-        for _, x, sel, d, p, _ in self._in_batches(where):
-            out[sel] = self.xcoder.latent_acts(x[d, p], all_ids).cpu().numpy()
-        return out
 
 
 def _id_ranges(ids) -> list[list[int]]:
@@ -298,74 +236,3 @@ def run_ablation(config, workdir: str) -> dict:
     bar.close()
     results["seconds"] = round(time.time() - start, 1)
     return stage.commit(out_dir, RESULTS, results, {FIGURE: lambda p: plot_ablation(results, p)})
-
-
-def _series(rows, role: str, key: str):
-    """(fracs, means, [lower errors, upper errors]) of the computed CIs `key` in `rows`."""
-    got = [(r["frac"], r[role][key]) for r in rows if role in r and r[role][key]["lo"] is not None]
-    fr = [g[0] for g in got]
-    mean = [g[1]["mean"] for g in got]
-    err = [[g[1]["mean"] - g[1]["lo"] for g in got], [g[1]["hi"] - g[1]["mean"] for g in got]]
-    return fr, mean, err
-
-
-def plot_ablation(results: dict, path: str) -> None:
-    """Targeted, matched and uniform random logit change (95% CI) against frac, one panel per
-    category and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cats = list(results["categories"])
-    roles = results["roles"]
-    fig, axes = plt.subplots(
-        len(roles), max(len(cats), 1), figsize=(3.2 * max(len(cats), 1), 2.8 * len(roles)),
-        squeeze=False,
-    )  # fmt: skip
-    styles = [("targeted", "o-"), ("matched_random", "s--"), ("uniform_random", "^:")]
-    for j, cat in enumerate(cats):
-        rows = results["categories"][cat]["by_frac"]
-        for i, role in enumerate(roles):
-            ax = axes[i, j]
-            for key, fmt in styles:
-                fr, mean, err = _series(rows, role, key)
-                if fr:
-                    ax.errorbar(fr, mean, yerr=err, fmt=fmt, capsize=3, label=key.replace("_", " "))
-            if len(results["fracs"]) > 1:
-                ax.set_xscale("log")
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.set_title(f"{cat} ({role})", fontsize=9)
-            ax.set_xlabel("frac")
-            if j == 0:
-                ax.set_ylabel("marker logit change")
-    if axes[0, 0].get_legend_handles_labels()[0]:
-        axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Ablation on held-out documents: mean and 95% CI", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def summarize_ablation(results: dict, frac: float = 0.1) -> str:
-    """One line: per category at `frac` (distilled model), targeted vs matched random logit
-    change and how many categories have targeted - matched below 0 with its CI excluding 0."""
-    role = "distilled" if "distilled" in results["roles"] else results["roles"][-1]
-    parts, wins, n = [], 0, 0
-    for cat, entry in results["categories"].items():
-        row = next((r for r in entry["by_frac"] if abs(r["frac"] - frac) < 1e-9), None)
-        if row is None or role not in row:
-            continue
-        e = row[role]
-        diff = e["targeted_minus_matched"]
-        wins, n = wins + (stats.sign(diff) < 0), n + 1
-        t, m = stats.format_ci(e["targeted"]), stats.format_ci(e["matched_random"])
-        parts.append(f"{cat} {t} vs matched {m}")
-    if not parts:
-        return f"ablation: no category had targeted latents at frac {frac}"
-    return (
-        f"ablation at frac {frac} ({role}, held-out marker logit change, targeted vs "
-        "activity-matched random): "
-        + "; ".join(parts)
-        + f"; targeted below matched (95% CI) in {wins}/{n}"
-    )

@@ -14,10 +14,11 @@ from xcoder_jax.analysis.norms import (
     decoder_norms,
     relative_norms,
 )
-from xcoder_jax.analysis.run import analyze, check_pair, load_inputs, run_analysis, summarize
+from xcoder_jax.analysis.run import check_pair, load_inputs, run_analysis, summarize
 from xcoder_jax.analysis.scaling import LatentScaling, fit_betas
 from xcoder_jax.analysis.splice import SpliceError, splice_ce
 from xcoder_jax.analysis.stream import scan_store
+from xcoder_jax.analysis.summary import analyze
 
 __all__ = [
     "CLASSES",

@@ -7,6 +7,7 @@ ablation experiment (`xcoder_jax.ablation`) uses too.
 
 from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.selection import select_latents
+from xcoder_jax.steering.generation import read_prompts
 from xcoder_jax.steering.hooks import (
     ablate,
     add_at_site,
@@ -14,8 +15,9 @@ from xcoder_jax.steering.hooks import (
     steer,
     subtract_at_site,
 )
+from xcoder_jax.steering.report import summarize_steering
 from xcoder_jax.steering.stats import text_metrics
-from xcoder_jax.steering.sweep import read_prompts, run_steering, summarize_steering
+from xcoder_jax.steering.sweep import run_steering
 
 __all__ = [
     "ExportedCrosscoder",

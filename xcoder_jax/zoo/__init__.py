@@ -8,7 +8,7 @@ tokenizer, a base model pretrained on the concise corpus and a distilled model f
 from it on the traces, at several hidden sizes.
 """
 
-from xcoder_jax.zoo.build import build_zoo, check_config, config_hash, load_pair, make_texts
+from xcoder_jax.zoo.build import build_zoo, check_config, config_hash
 from xcoder_jax.zoo.corpus import (
     RELATIONS,
     Problem,
@@ -19,7 +19,9 @@ from xcoder_jax.zoo.corpus import (
     relation_document,
     relation_sentence,
 )
+from xcoder_jax.zoo.load import load_pair
 from xcoder_jax.zoo.teacher import teacher_trace
+from xcoder_jax.zoo.texts import make_texts
 from xcoder_jax.zoo.tokenizer import EOS, PAD, single_token, train_tokenizer, word_tokens
 from xcoder_jax.zoo.training import (
     evaluate_answers,

@@ -2,6 +2,8 @@
 
     build_zoo(config, workdir)  # writes <workdir>/models/..., returns the zoo.json report
 
+The documents come from `texts.make_texts`; `load.load_pair` reads a built pair back.
+
 Base models learn concise solutions, relation sentences and everyday sentences (marker words
 in their ordinary sense, never in a solution);
 distilled models start from their base and learn the teacher's traces. Everything is seeded
@@ -17,19 +19,17 @@ import copy
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from xcoder_jax import workdir as wd
-from xcoder_jax.errors import ConfigError, MissingInputError
-from xcoder_jax.lexicon import has_marker
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.zoo import corpus
-from xcoder_jax.zoo.teacher import teacher_trace
+from xcoder_jax.zoo.texts import make_texts
 from xcoder_jax.zoo.tokenizer import build_tokenizer, single_token_report
 from xcoder_jax.zoo.training import evaluate_answers, model_config, train_causal_lm
 
@@ -90,49 +90,6 @@ def _complete_report(workdir: str, config) -> dict | None:
     ok = all(os.path.exists(os.path.join(d, "config.json")) for d in dirs)
     ok = ok and all(os.path.exists(os.path.join(data, f)) for f in _DATA_FILES)
     return report if ok else None
-
-
-# --- Corpus ---------------------------------------------------------------------------
-
-
-def make_texts(config) -> dict[str, list]:
-    """All of the zoo's documents, seeded: base/distill training texts, extraction texts and
-    held-out problems, drawn from disjoint sets of problems."""
-    zc = config.zoo
-    rng = random.Random(f"zoo-corpus-{config.seed}")
-    n_trace = round(zc.n_extract_docs * zc.extract_mix[0])
-    n_concise = round(zc.n_extract_docs * zc.extract_mix[1])
-    n_rel = zc.n_extract_docs - n_trace - n_concise
-    problems = corpus.make_problems(
-        rng, zc.n_train_problems + zc.n_heldout_problems + n_trace + n_concise
-    )
-    train, rest = problems[: zc.n_train_problems], problems[zc.n_train_problems :]
-    heldout, extract = rest[: zc.n_heldout_problems], rest[zc.n_heldout_problems :]
-    rel_docs = [corpus.relation_document(rng) for _ in range(zc.n_relation_docs)]
-    solutions = [corpus.document(p, corpus.concise_solution(p)) for p in train]
-    everyday = [corpus.everyday_document(rng) for _ in range(zc.n_everyday_docs)]
-    base = solutions + rel_docs + everyday
-    distill = [corpus.document(p, teacher_trace(p, rng)) for p in train]
-    # A little base data keeps the relations and the everyday sense of the marker words alive
-    # through distillation; no solutions, so every problem the distilled model sees is
-    # answered in the teacher's style.
-    pool = rel_docs + everyday
-    distill += rng.sample(pool, min(len(pool), round(zc.distill_base_frac * len(distill))))
-    extract_docs = (
-        [corpus.document(p, teacher_trace(p, rng)) for p in extract[:n_trace]]
-        + [corpus.document(p, corpus.concise_solution(p)) for p in extract[n_trace:]]
-        + [corpus.relation_document(rng) for _ in range(n_rel)]
-    )
-    rng.shuffle(extract_docs)
-    bad = [t for t in solutions + rel_docs if has_marker(t)]
-    if bad:  # the base must never see a marker in a solution; a template change adding one is a bug
-        raise RuntimeError(f"base training text contains a reasoning marker: {bad[0]!r}")
-    return {
-        "train_base": base,
-        "train_distill": distill,
-        "extract": extract_docs,
-        "heldout": [{"prompt": p.prompt, "answer": str(p.answer)} for p in heldout],
-    }
 
 
 def _tmp(path: str) -> str:
@@ -283,22 +240,3 @@ def _build(config, workdir: str) -> dict:
         json.dump(report, f, indent=1, allow_nan=False)
     os.replace(tmp, wd.zoo_report_path(workdir))
     return report
-
-
-def load_pair(workdir: str, size: int | None = None):
-    """(base_model, distilled_model, tokenizer) of the zoo in `workdir`, via the Auto classes.
-
-    `size` None (or the main size) gives the main pair at models/{base,distilled}.
-    """
-    main = wd.model_dir(workdir, "base")
-    report_path = wd.zoo_report_path(workdir)
-    if size is not None and os.path.exists(report_path):
-        with open(report_path) as f:
-            if json.load(f).get("main_size") == size:
-                size = None
-    dirs = {role: wd.model_dir(workdir, role, size) for role in wd.ROLES}
-    if not all(os.path.isdir(d) for d in dirs.values()):
-        raise MissingInputError(f"no zoo pair at {dirs['base']} (main pair: {main})")
-    base = AutoModelForCausalLM.from_pretrained(dirs["base"]).eval()
-    distilled = AutoModelForCausalLM.from_pretrained(dirs["distilled"]).eval()
-    return base, distilled, AutoTokenizer.from_pretrained(dirs["base"])

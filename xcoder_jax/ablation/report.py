@@ -1,0 +1,78 @@
+"""The ablation's results as a reader sees them: ablation/ablation.png (logit change against
+frac per category and model) and the pipeline's one-line summary.
+"""
+
+from __future__ import annotations
+
+from xcoder_jax import stats
+
+
+def _series(rows, role: str, key: str):
+    """(fracs, means, [lower errors, upper errors]) of the computed CIs `key` in `rows`."""
+    got = [(r["frac"], r[role][key]) for r in rows if role in r and r[role][key]["lo"] is not None]
+    fr = [g[0] for g in got]
+    mean = [g[1]["mean"] for g in got]
+    err = [[g[1]["mean"] - g[1]["lo"] for g in got], [g[1]["hi"] - g[1]["mean"] for g in got]]
+    return fr, mean, err
+
+
+def plot_ablation(results: dict, path: str) -> None:
+    """Targeted, matched and uniform random logit change (95% CI) against frac, one panel per
+    category and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(results["categories"])
+    roles = results["roles"]
+    fig, axes = plt.subplots(
+        len(roles), max(len(cats), 1), figsize=(3.2 * max(len(cats), 1), 2.8 * len(roles)),
+        squeeze=False,
+    )  # fmt: skip
+    styles = [("targeted", "o-"), ("matched_random", "s--"), ("uniform_random", "^:")]
+    for j, cat in enumerate(cats):
+        rows = results["categories"][cat]["by_frac"]
+        for i, role in enumerate(roles):
+            ax = axes[i, j]
+            for key, fmt in styles:
+                fr, mean, err = _series(rows, role, key)
+                if fr:
+                    ax.errorbar(fr, mean, yerr=err, fmt=fmt, capsize=3, label=key.replace("_", " "))
+            if len(results["fracs"]) > 1:
+                ax.set_xscale("log")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_title(f"{cat} ({role})", fontsize=9)
+            ax.set_xlabel("frac")
+            if j == 0:
+                ax.set_ylabel("marker logit change")
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Ablation on held-out documents: mean and 95% CI", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def summarize_ablation(results: dict, frac: float = 0.1) -> str:
+    """One line: per category at `frac` (distilled model), targeted vs matched random logit
+    change and how many categories have targeted - matched below 0 with its CI excluding 0."""
+    role = "distilled" if "distilled" in results["roles"] else results["roles"][-1]
+    parts, wins, n = [], 0, 0
+    for cat, entry in results["categories"].items():
+        row = next((r for r in entry["by_frac"] if abs(r["frac"] - frac) < 1e-9), None)
+        if row is None or role not in row:
+            continue
+        e = row[role]
+        diff = e["targeted_minus_matched"]
+        wins, n = wins + (stats.sign(diff) < 0), n + 1
+        t, m = stats.format_ci(e["targeted"]), stats.format_ci(e["matched_random"])
+        parts.append(f"{cat} {t} vs matched {m}")
+    if not parts:
+        return f"ablation: no category had targeted latents at frac {frac}"
+    return (
+        f"ablation at frac {frac} ({role}, held-out marker logit change, targeted vs "
+        "activity-matched random): "
+        + "; ".join(parts)
+        + f"; targeted below matched (95% CI) in {wins}/{n}"
+    )

@@ -1,0 +1,106 @@
+"""The steering sweep's results as a reader sees them: steering/steering.png (paired
+difference from the clean model against alpha) and the pipeline's one-line summary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xcoder_jax import stats as cis
+
+
+def _series(results: dict) -> dict[tuple[str, str], list[dict]]:
+    """{(model, set): its conditions in alpha order}."""
+    series: dict[tuple[str, str], list[dict]] = {}
+    for c in results["conditions"]:
+        series.setdefault((c["model"], c["set"]), []).append(c)
+    return {k: sorted(v, key=lambda c: c["alpha"]) for k, v in series.items()}
+
+
+def _num(x) -> float:
+    return np.nan if x is None else float(x)
+
+
+def plot_steering(results: dict, path: str) -> None:
+    """Per metric: steered minus clean (paired over prompts, 95% CI) against alpha.
+
+    One line per (model, latent set); a filled marker where the paired CI excludes 0. The
+    clean model sits at (0, 0) by construction.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["metrics"]
+    cols = 3
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for (model, spec), conds in _series(results).items():
+            xs, mean, lo, hi, sig = [], [], [], [], []
+            for c in conds:
+                clean = c["vs_clean"] is None
+                ci = {"mean": 0.0, "lo": 0.0, "hi": 0.0} if clean else c["vs_clean"].get(name)
+                if ci is None or ci["mean"] is None:
+                    continue
+                xs.append(c["alpha"])
+                mean.append(ci["mean"])
+                lo.append(_num(ci["lo"]))
+                hi.append(_num(ci["hi"]))
+                sig.append(name in c["changed"])
+            if not xs:
+                continue
+            mean, lo, hi = np.array(mean), np.array(lo), np.array(hi)
+            err = np.nan_to_num(np.stack([mean - lo, hi - mean]))  # no CI: no bar
+            line = ax.errorbar(xs, mean, yerr=err, capsize=3, label=f"{model} {spec}")[0]
+            face = [line.get_color() if s else "white" for s in sig]
+            ax.scatter(xs, mean, c=face, edgecolors=line.get_color(), zorder=3, s=25)
+        ax.set_title(f"{name}: steered - clean")
+        ax.set_xlabel(f"alpha ({results['convention']})")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(
+        "Steering at block L: paired difference from the clean model over prompts, 95% CI "
+        "(filled: CI excludes 0)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+_LABELS = {"tokens": ("tokens", "{:+.1f}"), "words": ("words", "{:+.1f}")}
+
+
+def _fmt_ci(name: str, ci: dict) -> str:
+    """'self_reflection/100tok +0.72 [+0.45, +0.99]', '... (n.s.)' or '... (no CI: why)'."""
+    label, fmt = _LABELS.get(name, (name.replace("_per_100", "/100tok"), "{:+.2f}"))
+    text = f"{label} {cis.format_ci(ci, fmt)}"
+    return text if ci["lo"] is None or cis.excludes_zero(ci) else f"{text} (n.s.)"
+
+
+def summarize_steering(results: dict) -> str:
+    """One line: per (model, set), at the largest |alpha| on each side of 0, the paired
+    difference from the clean model (95% CI) of the set's category rate, tokens and accuracy,
+    and of every other metric whose CI excludes 0; "(n.s.)" marks CIs that include 0."""
+    parts = []
+    for (model, spec), conds in _series(results).items():
+        neg = [c for c in conds if c["vs_clean"] is not None and c["alpha"] < 0]
+        pos = [c for c in conds if c["vs_clean"] is not None and c["alpha"] > 0]
+        cat = spec.split(":")[0] if ":" in spec else None
+        sides = []
+        for c in neg[:1] + pos[-1:]:
+            vs = c["vs_clean"]
+            head = [k for k in (f"{cat}_per_100", "tokens", "accuracy") if k in vs]
+            shown = head + [k for k in c["changed"] if k not in head]
+            vals = ", ".join(_fmt_ci(k, vs[k]) for k in shown)
+            sides.append(f"alpha {c['alpha']:+g}: {vals}")
+        if sides:
+            parts.append(f"{model} {spec} " + " | ".join(sides))
+    parts += [f"{spec} not steered ({why})" for spec, why in results["skipped_sets"].items()]
+    if not parts:
+        return "steering: no steered conditions"
+    return f"steering vs clean (paired over {results['n_prompts']} prompts): " + "; ".join(parts)
