@@ -195,8 +195,10 @@ def get_config(arg=None):
     # latents of the category with NRN > min_nrn (needs the analysis), or ids "17" / "17+230".
     c.steering.latents = ("self_reflection:1", "deductive:1")
     c.steering.min_nrn = 0.5  # distilled-leaning; analysis.distilled_only_min: distilled-only
-    # Category latents are ranked by firing at this offset from the marker: -1 where the marker
-    # is predicted (they steer), 0 on the marker token, as the analysis reads them.
+    # Category latents are ranked by firing at this offset from the marker's first token
+    # (lexicon.marker_read_rows): -1 is the "predict" anchor, the token whose output predicts
+    # the marker (they steer what comes next); 0 the marker's first token. The analysis reads
+    # the marker's last token instead ("read"), the same row only for one-token markers.
     c.steering.fire_offset = -1
     c.steering.models = ("distilled",)  # roles steered, each with its own decoder rows
     # What alpha multiplies (steering.hooks.CONVENTIONS): "norm", the model's mean activation
@@ -219,8 +221,9 @@ def get_config(arg=None):
     c.ablation.categories = ("self_reflection", "deductive", "alternative", "contrastive")
     c.ablation.fracs = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)  # top share of latents by marker firing
     c.ablation.min_nrn = 0.5  # of those, the ones with NRN above this are ablated (the paper's)
-    # Where a latent's firing on a marker is read: -1 at the position that predicts the marker
-    # (where its logit is measured), 0 on the marker token itself.
+    # Where a latent's firing on a marker is read, as an offset from the marker's first token
+    # (lexicon.marker_read_rows): -1 is the "predict" anchor, where the marker's logit is
+    # measured; 0 the marker's first token.
     c.ablation.fire_offset = -1
     # Seeded draws of each random control (activity-matched and uniform), resampled in the CIs.
     c.ablation.n_random = 20

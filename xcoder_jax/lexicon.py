@@ -4,6 +4,9 @@ The zoo's teacher writes these markers, the analysis maps them to token ids, and
 counts them in generations. Markers are written as they appear inside text, with the
 leading space that makes them one BPE token (" Wait"); counting in free text also accepts a
 marker at the very start of the text.
+
+Where in a token stream a marker occurrence is read (`ANCHORS`, `marker_read_rows`) is also
+defined here, once, for the analysis and for the latent selection of steering and ablation.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def find_marker(
 
     `docs` [T] (optional): the document of each token; an occurrence must lie inside one
     document. Returns int64 [n_occurrences], ascending. A marker of n ids that starts at s
-    ends (is fully read) at s + n - 1, the position the analysis attributes it to.
+    ends (is fully read) at s + n - 1; `marker_read_rows` says where an occurrence is read.
     """
     tokens = np.asarray(tokens)
     docs = None if docs is None else np.asarray(docs)
@@ -94,3 +97,93 @@ def find_marker(
         if docs is not None:
             hit &= docs[j : span + j] == docs[:span]
     return np.flatnonzero(hit).astype(np.int64)
+
+
+# --- Where an occurrence is read -----------------------------------------------------------
+# A latent "fires on" a marker occurrence when it is active at one row chosen relative to the
+# occurrence. The analysis and the latent selection of steering/ablation choose different
+# rows for a reason, so the choice is named and made here only.
+
+ANCHORS: Mapping[str, str] = {
+    "read": "the marker's last token: the whole marker has just been read",
+    "first": "the marker's first token",
+    "predict": "the token before the marker's first token: its output predicts the marker",
+}
+
+
+def anchor_lag(anchor: str | int, n: int) -> int:
+    """How many rows before the last token of an n-token marker the `anchor` row lies (>= 0).
+
+    anchor: a name in `ANCHORS`, or an int offset <= 0 from the marker's FIRST token (0 is
+    "first", -1 is "predict"; the configs' `fire_offset` is such an offset). Offsets after
+    the first token are refused: they would land inside a marker or after it, on a different
+    token for each marker length.
+    """
+    if isinstance(anchor, str):
+        if anchor not in ANCHORS:
+            raise ValueError(f"unknown marker anchor {anchor!r}; one of {tuple(ANCHORS)}")
+        return {"read": 0, "first": n - 1, "predict": n}[anchor]
+    if isinstance(anchor, bool) or not isinstance(anchor, (int, np.integer)) or anchor > 0:
+        raise ValueError(
+            f"marker anchor must be one of {tuple(ANCHORS)} or an offset <= 0 from the "
+            f"marker's first token (-1: 'predict'), got {anchor!r}"
+        )
+    return n - 1 - int(anchor)
+
+
+def marker_carry(seqs: Sequence[Sequence[int]], anchor: str | int) -> int:
+    """Rows of the previous shard that `marker_read_rows` needs before a shard.
+
+    Enough for every occurrence of `seqs` ending in the shard to be found whole and for its
+    `anchor` row to be inside the carry or the shard.
+    """
+    anchor_lag(anchor, 1)  # refuses a bad anchor even when there are no forms
+    return max([max(len(ids) - 1, anchor_lag(anchor, len(ids))) for ids in seqs] + [0])
+
+
+def marker_read_rows(
+    tokens: np.ndarray,
+    docs: np.ndarray,
+    seqs: Sequence[Sequence[int]],
+    anchor: str | int = "read",
+    carry: int = 0,
+) -> np.ndarray:
+    """Rows at which the occurrences of the marker forms `seqs` are read: the one rule.
+
+    tokens, docs: [carry + rows] int, a shard's token ids and document ids preceded by the
+    last `carry` rows of the previous shard (`carry=0`: no previous shard, or a lone array).
+    seqs: token-id sequences of the marker forms (e.g. `marker_token_ids(...)[category]`).
+    anchor: where an occurrence is read, a name in `ANCHORS` or an offset <= 0 from its
+    first token (`anchor_lag`):
+
+    - "read", the marker's last token: the whole marker has just been read. The analysis
+      uses it to describe the latents active on a marker.
+    - "predict", the token before its first token: the position whose output predicts the
+      marker, where steering and ablation measure the marker's logit. Their latent
+      selection (`selection.marker_counts`, `fire_offset = -1`) uses it.
+
+    For a one-token marker "read" and "first" are the same row; for longer markers they are
+    not, so the anchor has to be stated, not assumed.
+
+    An occurrence is the whole id sequence inside one document (`find_marker`) and belongs to
+    the shard that holds its LAST token: with consecutive shards and `carry >=
+    marker_carry(seqs, anchor)`, each occurrence is found exactly once, including one split
+    across a shard boundary (those ending inside the carry were found with the previous
+    shard). It is read at its anchor row only when that row lies in `tokens` and in the
+    occurrence's own document: the row before a marker that opens a document belongs to
+    another text, whose output does not predict the marker.
+
+    Returns int64 [n] ascending and unique, rows relative to the shard: row r is
+    `tokens[carry + r]`, so r < 0 lies in the carry (possible for anchors before the last
+    token). Forms read at the same row count once.
+    """
+    tokens, docs = np.asarray(tokens), np.asarray(docs)
+    rows = [np.zeros(0, np.int64)]
+    for ids in seqs:
+        ends = find_marker(tokens, ids, docs) + len(ids) - 1
+        ends = ends[ends >= carry]  # ended in the carry: counted with the previous shard
+        at = ends - anchor_lag(anchor, len(ids))
+        keep = at >= 0
+        at, ends = at[keep], ends[keep]
+        rows.append(at[docs[at] == docs[ends]] - carry)
+    return np.unique(np.concatenate(rows))

@@ -3,11 +3,14 @@
 Latent sets are named by specs: "17" or "17+230" (ids), or "<category>:<k>", the k latents
 with NRN above `min_nrn` (distilled-leaning; `analysis.distilled_only_min` allows only
 distilled-only latents) that fire on most of the category's marker occurrences in the
-store, read at `fire_offset` tokens from the marker (`marker_counts`). The analysis reads
-latents on the marker token itself (offset 0); those describe a marker that was just read.
-Steering and ablation act on what comes next, so they default to offset -1: the latents
-active where the model predicts the marker. That per-latent count is not in the analysis'
-outputs, hence computed here from the store.
+store (`marker_counts`). An occurrence is read where the config's `fire_offset` places it,
+an offset from the marker's first token (`lexicon.marker_read_rows`); the default -1 is the
+lexicon's "predict" anchor, the token whose output predicts the marker. Steering and
+ablation act on what comes next and measure the marker's logit at that very position, so
+the latents they pick are the ones active there. The analysis reads latents at the "read"
+anchor instead (the marker's last token: a marker that was just read), which for a
+multi-token marker is a different row, so its per-category counts are not these; hence they
+are computed here from the store.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from xcoder_jax import checkpoint as ckpt
 from xcoder_jax.analysis import norms
 from xcoder_jax.analysis.stream import to_float32
 from xcoder_jax.errors import ConfigError, XcoderError
-from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker
+from xcoder_jax.lexicon import CATEGORY_NAMES, marker_carry, marker_read_rows
 
 
 def export_nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
@@ -28,37 +31,57 @@ def export_nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
     return norms.latent_nrn(w_norm, ckpt.role_order(export_config), norm)
 
 
-def marker_counts(store, xcoder, forms: dict, categories, offset: int, shards) -> np.ndarray:
+def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, shards) -> np.ndarray:
     """[n_categories, h]: marker occurrences in the store's `shards` on which each latent fires.
 
     Latents are selected with these counts, so `shards` are the training shards: the
     documents an effect is then measured on must not be among them.
 
-    A latent is read at `offset` tokens from the marker's first token (-1: the position
-    whose output predicts the marker, where the logit is measured; 0: the marker itself),
-    inside the same document and shard.
+    forms: {category: [token-id sequence of each marker form]}; anchor: where an occurrence
+    is read, a `lexicon.ANCHORS` name or an offset <= 0 from the marker's first token (the
+    configs' `fire_offset`; -1 is "predict"). Positions follow `lexicon.marker_read_rows`: an
+    occurrence counts in the shard holding its last token, read inside its own document. A
+    shard listed right after its predecessor gets the predecessor's last rows as a carry, so
+    an occurrence split across the boundary, or read on the predecessor's last row, is
+    counted once; rows of shards not in `shards` are never read.
     """
+    try:
+        carry = marker_carry([ids for cat in categories for ids in forms[cat]], anchor)
+    except ValueError as e:
+        raise ConfigError(f"fire_offset: {e}") from e
     counts = np.zeros((len(categories), xcoder.n_latents), np.int64)
     all_ids = list(range(xcoder.n_latents))
+    prev = None  # (shard id, its last `carry` tokens, docs, float32 activations or None)
     with torch.no_grad():
         for k in shards:
             tokens = np.asarray(store.shard_tokens(k), np.int64)
             docs = np.asarray(store.shard_index(k)[:, 0], np.int64)
+            if prev is not None and prev[0] == k - 1:
+                _, prev_tokens, prev_docs, prev_acts = prev
+            else:
+                prev_tokens = prev_docs = np.zeros(0, np.int64)
+                prev_acts = None
+            n_prev = len(prev_tokens)
+            ctx_tokens = np.concatenate([prev_tokens, tokens])
+            ctx_docs = np.concatenate([prev_docs, docs])
             acts = None
             for c, cat in enumerate(categories):
-                starts = np.concatenate(
-                    [find_marker(tokens, form, docs) for form in forms[cat]] + [np.zeros(0, int)]
-                )
-                rows = starts + offset
-                ok = (rows >= 0) & (rows < len(tokens))
-                rows, starts = rows[ok], starts[ok]
-                rows = np.unique(rows[docs[rows] == docs[starts]])
+                rows = marker_read_rows(ctx_tokens, ctx_docs, forms[cat], anchor, n_prev)
                 if not len(rows):
                     continue
                 if acts is None:
                     acts = to_float32(store.shard_acts(k))
-                x = torch.from_numpy(acts[rows]).to(xcoder.W_enc.device)
+                x = acts[rows[rows >= 0]]
+                if (rows < 0).any():  # read on the previous shard's last rows
+                    if prev_acts is None:
+                        prev_acts = to_float32(store.shard_acts(k - 1))[-n_prev:]
+                    x = np.concatenate([prev_acts[rows[rows < 0] + n_prev], x])
+                x = torch.from_numpy(x).to(xcoder.W_enc.device)
                 counts[c] += (xcoder.latent_acts(x, all_ids) > 0).sum(0).cpu().numpy()
+            tail = slice(len(tokens) - min(carry, len(tokens)), len(tokens))
+            # The tail's activations are kept when this shard's were loaded; otherwise the next
+            # shard loads them only if it reads one of those rows.
+            prev = (k, tokens[tail], docs[tail], None if acts is None else acts[tail].copy())
     return counts
 
 

@@ -1,8 +1,11 @@
 """Reasoning categories: marker positions in the store, the latents that fire on them, their NRN.
 
-Markers come from `xcoder_jax.lexicon` as token-id sequences. A marker occurrence is
-attributed to its LAST token, where the whole marker has been read (for single-token markers,
-the marker token itself). Following the paper, a latent "fires on" a category when the number
+Markers come from `xcoder_jax.lexicon` as token-id sequences. A marker occurrence is read at
+the lexicon's "read" anchor (`ANCHOR`, see `lexicon.marker_read_rows`): its LAST token, where
+the whole marker has been read (for single-token markers, the marker token itself). The
+analysis describes what the models represent on a marker, so it reads latents once the marker
+is complete; steering and ablation read them where the marker is predicted instead (see
+`xcoder_jax.selection`). Following the paper, a latent "fires on" a category when the number
 of the category's occurrences on which it is active exceeds `firing_share` (10%) of the
 largest such count over all latents.
 
@@ -21,21 +24,22 @@ import numpy as np
 
 from xcoder_jax import stats
 from xcoder_jax.analysis.norms import CLASSES, histogram
-from xcoder_jax.lexicon import CATEGORY_NAMES, find_marker, marker_token_ids
+from xcoder_jax.lexicon import CATEGORY_NAMES, marker_read_rows, marker_token_ids
+
+# The analysis describes a marker that has just been read.
+ANCHOR = "read"
 
 
 def marker_rows(
     tokens: np.ndarray, docs: np.ndarray, seqs: Sequence[tuple[int, ...]], carry: int
 ) -> np.ndarray:
-    """Rows where one of `seqs` ends, among the last `len(tokens) - carry` entries.
+    """Rows of the shard at which one of `seqs` is read (`ANCHOR`: where it ends).
 
     tokens, docs: [carry + rows] a shard's tokens and documents preceded by the last `carry`
     rows of the previous shard, so that a marker split across two shards is still found.
     Returns indices into the shard (carry excluded), ascending and unique.
     """
-    hits = [find_marker(tokens, ids, docs) + len(ids) - 1 - carry for ids in seqs]
-    hits = [h[h >= 0] for h in hits]
-    return np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+    return marker_read_rows(tokens, docs, seqs, ANCHOR, carry)
 
 
 @dataclass

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from xcoder_jax.analysis.categories import marker_rows
+from xcoder_jax.analysis.categories import ANCHOR, marker_rows
 from xcoder_jax.analysis.examples import RunningTopK
 from xcoder_jax.analysis.scaling import LatentScaling
 from xcoder_jax.exported import ExportedCrosscoder
+from xcoder_jax.lexicon import marker_carry
 
 # Above this share of nonzero latent activations a batch is handled densely.
 SPARSE_DENSITY = 0.05
@@ -69,7 +70,8 @@ def scan_store(
     """Streams every shard of `store` once; see the module docstring.
 
     groups: marker groups, each a list of token-id sequences; a row belongs to a group where
-    one of its sequences ends (the position at which the whole marker has been read).
+    one of its sequences ends (the position at which the whole marker has been read: the
+    lexicon's "read" anchor, `categories.ANCHOR`).
     heldout: shard ids of the held-out slice (firing frequency, FVE, latent scaling).
     """
     h, m = encoder.n_latents, encoder.n_models
@@ -82,7 +84,7 @@ def scan_store(
     group_rows = np.zeros(n_groups, np.int64)
     sq_err = torch.zeros(m, dtype=torch.float64)
     heldout_rows = l0_sum = skipped = 0
-    carry = max([len(s) for g in groups for s in g] + [1]) - 1
+    carry = marker_carry([s for g in groups for s in g], ANCHOR)
     prev_tokens = np.zeros(0, np.int64)
     prev_docs = np.zeros(0, np.int64)
     bar = tqdm(total=store.n_rows, desc="analysis scan", unit="row", disable=not progress)
