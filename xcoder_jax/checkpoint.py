@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
 from xcoder_jax.errors import XcoderError
 
 EXPORT_WEIGHTS = "crosscoder.safetensors"
@@ -147,15 +148,14 @@ def export(
     # Strict JSON (a NaN/inf in `meta` raises ValueError), serialised before any file is
     # written so that a refused config leaves no new weights without their config.
     config = {**meta, "scales": [float(x) for x in s], "units": "raw"}
-    text = json.dumps(config, indent=1, sort_keys=True, allow_nan=False)
+    json.dumps(config, allow_nan=False)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{EXPORT_WEIGHTS}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in raw.items()}, tmp)
-    os.replace(tmp, os.path.join(directory, EXPORT_WEIGHTS))
-    tmp = os.path.join(directory, f".{EXPORT_CONFIG}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(directory, EXPORT_CONFIG))
+    tensors = {k: np.ascontiguousarray(v) for k, v in raw.items()}
+    mf.atomic_write_path(
+        os.path.join(directory, EXPORT_WEIGHTS), lambda tmp: save_file(tensors, tmp)
+    )
+    # The config last: its presence marks a complete export.
+    mf.atomic_write_json(os.path.join(directory, EXPORT_CONFIG), config)
 
 
 class ExportError(XcoderError, ValueError):

@@ -24,7 +24,6 @@ import torch
 
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import site
-from xcoder_jax.analysis import norms
 
 # How alpha scales the steering vector of model m for latent set S, in raw activation units
 # at block L: {name: (alpha's units in words, the vector as computed)}. "raw" is the
@@ -98,10 +97,14 @@ class ExportedCrosscoder:
 
     def normalised_decoder(self) -> np.ndarray:
         """W_dec [h, m, d] in normalised units, where relative decoder norms are compared."""
-        return self.W_dec.cpu().numpy() * self.scales[None, :, None]
+        w_dec = {"W_dec": self.W_dec.cpu().numpy()}
+        return ckpt.normalised_decoder(w_dec, {"scales": self.scales.tolist()})
 
     def nrn(self, norm: str) -> np.ndarray:
         """NRN [h] of every latent (0 base-only, 0.5 shared, 1 distilled-only)."""
+        # Imported here: the analysis package itself reads exports through this module.
+        from xcoder_jax.analysis import norms
+
         return norms.latent_nrn(self.normalised_decoder(), self.roles, norm)
 
     def check_latents(self, latents: Sequence[int]) -> list[int]:

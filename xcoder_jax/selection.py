@@ -18,17 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.analysis import norms
 from xcoder_jax.analysis.stream import to_float32
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.lexicon import CATEGORY_NAMES, marker_carry, marker_read_rows
-
-
-def export_nrn(tensors: dict, export_config: dict, norm: str) -> np.ndarray:
-    """NRN [h] of every latent of an export (0 base-only, 0.5 shared, 1 distilled-only)."""
-    w_norm = ckpt.normalised_decoder(tensors, export_config)
-    return norms.latent_nrn(w_norm, ckpt.role_order(export_config), norm)
 
 
 def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, shards) -> np.ndarray:

@@ -84,21 +84,6 @@ def commit(
     text = json.dumps(results, allow_nan=False)  # refuse NaN before anything is written
     os.makedirs(directory, exist_ok=True)
     for name, write in (outputs or {}).items():
-        path = os.path.join(directory, name)
-        stem, ext = os.path.splitext(path)
-        tmp = f"{stem}.tmp{os.getpid()}{ext}"
-        try:
-            write(tmp)
-            if not os.path.exists(tmp):
-                raise FileNotFoundError(f"the writer of {name} wrote nothing")
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        mf.atomic_write_path(os.path.join(directory, name), write)
     mf.atomic_write_json(os.path.join(directory, results_name), results)
     return json.loads(text)

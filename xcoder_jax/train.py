@@ -43,10 +43,6 @@ def open_store(config, workdir: str) -> ActivationStore:
     return store
 
 
-def split_shards(store: ActivationStore, n_eval: int) -> tuple[list[int], list[int]]:
-    return store.split(n_eval)
-
-
 def clean_rows(batch: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows with NaN/inf are refused ("error") or zeroed and masked out ("skip").
 

@@ -41,7 +41,6 @@ from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.exported import ExportedCrosscoder
-from xcoder_jax.train import split_shards
 
 ABLATION_FORMAT = 3  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
@@ -146,12 +145,12 @@ def run_ablation(config, workdir: str) -> dict:
         )
     start = time.time()
     roles = ckpt.role_order(export_config)
-    train, heldout = split_shards(store, config.train.eval_shards)
+    train, heldout = store.split(config.train.eval_shards)
     stored = measurement_documents(store, config, heldout)
     models, tokenizer = load_pair(config, workdir, roles)
     device = next(models[0].parameters()).device
     xcoder = ExportedCrosscoder(tensors, export_config, device)
-    nrn = selection.export_nrn(tensors, export_config, config.analysis.norm)
+    nrn = xcoder.nrn(config.analysis.norm)
     dec_norms = np.linalg.norm(np.asarray(tensors["W_dec"], np.float64), axis=-1)  # [h, m] raw
     cats = list(ac.categories)
 

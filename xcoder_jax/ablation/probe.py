@@ -10,17 +10,19 @@ import torch
 
 from xcoder_jax import site
 from xcoder_jax.analysis import splice
-from xcoder_jax.lexicon import find_marker
+from xcoder_jax.lexicon import marker_read_rows
 
 
 def marker_positions(docs: list[np.ndarray], forms, first_position: int):
-    """[(doc, position before the marker, marker's first token id)] of every occurrence."""
+    """[(doc, position, marker's first token id)] of every occurrence, read at its
+    "predict" row (`lexicon.marker_read_rows`), at or after `first_position`."""
     out = []
     for d, ids in enumerate(docs):
+        one_doc = np.zeros(len(ids), np.int64)
         for form in forms:
-            for s in find_marker(ids, form):
-                if s - 1 >= first_position:
-                    out.append((d, int(s) - 1, int(form[0])))
+            for p in marker_read_rows(ids, one_doc, [form], "predict"):
+                if p >= first_position:
+                    out.append((d, int(p), int(form[0])))
     return out
 
 

@@ -79,6 +79,27 @@ def portable(fingerprint: dict | None) -> dict | None:
     return {**fingerprint, "models": models}
 
 
+def atomic_write_path(path: str, write) -> None:
+    """Writes a file through `write(tmp_path)` (for writers that want a path: safetensors,
+    matplotlib), under a temporary name unique to this process with `path`'s extension (so
+    a writer can infer the format), fsynced, then renamed onto `path`."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        if not os.path.exists(tmp):
+            raise FileNotFoundError(f"the writer of {path} wrote nothing")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_bytes(path: str, write) -> None:
     """Writes a file through `write(fileobj)` under a temporary name, then renames it."""
     tmp = f"{path}.tmp{os.getpid()}"

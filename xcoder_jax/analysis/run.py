@@ -20,7 +20,6 @@ from xcoder_jax.activations import models as pair
 from xcoder_jax.analysis import report, splice
 from xcoder_jax.analysis.summary import LATENTS, analyze
 from xcoder_jax.exported import ExportedCrosscoder
-from xcoder_jax.train import split_shards
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
 # with error and reconstruction ratios, category NRN against alive latents, strict JSON.
@@ -92,7 +91,7 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     tokenizer = pair.load_tokenizer(path, rev)
     if pair.tokenizer_fingerprint(tokenizer) != store.manifest.get("tokenizer_sha256"):
         raise pair.PairError(f"the tokenizer of {path} is not the one the store was made with")
-    _, heldout = split_shards(store, config.train.eval_shards)
+    _, heldout = store.split(config.train.eval_shards)
     summary, kept = analyze(
         store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import time
 
-from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import selection, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
@@ -32,7 +31,6 @@ from xcoder_jax.steering import stats
 from xcoder_jax.steering.generation import check_lengths, prompt_path, read_prompts, sample
 from xcoder_jax.steering.hooks import steer
 from xcoder_jax.steering.report import plot_steering
-from xcoder_jax.train import split_shards
 
 STEERING_FORMAT = 4  # bump when results change meaning, to redo old runs
 RESULTS, SAMPLES, FIGURE = "results.json", "samples.jsonl", "steering.png"
@@ -56,9 +54,7 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
     """({spec: latent ids} of `steering.latents` (see `xcoder_jax.selection`), {spec: why it has no
     latents} for category specs with too few qualifying latents, NRN [h])."""
     sc = config.steering
-    nrn = selection.export_nrn(
-        {"W_dec": xcoder.W_dec.cpu().numpy()}, xcoder.config, config.analysis.norm
-    )
+    nrn = xcoder.nrn(config.analysis.norm)
     counts = None
     if any(":" in str(s) for s in sc.latents):
         forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
@@ -67,7 +63,7 @@ def choose_sets(config, xcoder: ExportedCrosscoder, tokenizer, store):
         if unknown:
             raise ConfigError(f"unknown categories {unknown} in steering.latents")
         # Selected on the training shards, like every latent choice of the study.
-        train, _ = split_shards(store, config.train.eval_shards)
+        train, _ = store.split(config.train.eval_shards)
         per_cat = selection.marker_counts(store, xcoder, forms, cats, sc.fire_offset, shards=train)
         counts = dict(zip(cats, per_cat, strict=True))
     sets, skipped = {}, {}
@@ -99,7 +95,7 @@ def run_steering(config, workdir: str) -> dict:
     xcoder = ExportedCrosscoder.load(wd.export_dir(workdir), torch_device(config.models.device))
     if store is not None:
         check_pair(store, xcoder.config)
-    roles = ckpt.role_order(xcoder.config)
+    roles = xcoder.roles
     models, tokenizer = load_pair(config, workdir, roles)
     sets, skipped, nrn = choose_sets(config, xcoder, tokenizer, store)
     rows = read_prompts(prompts_file, sc.n_prompts)

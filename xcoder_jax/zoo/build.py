@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from xcoder_jax import workdir as wd
+from xcoder_jax.activations import manifest as mf
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.zoo import corpus
 from xcoder_jax.zoo.texts import make_texts
@@ -98,11 +99,9 @@ def _tmp(path: str) -> str:
 
 
 def _write_jsonl(path: str, rows: list) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r if isinstance(r, dict) else {"text": r}, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    lines = (json.dumps(r if isinstance(r, dict) else {"text": r}, allow_nan=False) for r in rows)
+    data = "".join(line + "\n" for line in lines).encode()
+    mf.atomic_write_bytes(path, lambda f: f.write(data))
 
 
 # --- Models ---------------------------------------------------------------------------
@@ -202,8 +201,8 @@ def _build(config, workdir: str) -> dict:
     os.makedirs(data_dir, exist_ok=True)
     for name in ("train_base", "train_distill", "extract", "heldout"):
         _write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), texts[name])
-    with open(os.path.join(data_dir, "relations.json"), "w") as f:
-        json.dump(corpus.RELATIONS, f, indent=1, allow_nan=False)
+    relations = json.dumps(corpus.RELATIONS, indent=1, allow_nan=False).encode()
+    mf.atomic_write_bytes(os.path.join(data_dir, "relations.json"), lambda f: f.write(relations))
     sample = texts["train_base"][:200] + texts["train_distill"][:200] + texts["extract"][:200]
     tokenizer = build_tokenizer(
         texts["train_base"] + texts["train_distill"],
@@ -235,8 +234,6 @@ def _build(config, workdir: str) -> dict:
         "sizes": sizes,
         "total_seconds": round(time.time() - t0, 1),
     }
-    tmp = _tmp(wd.zoo_report_path(workdir))
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, allow_nan=False)
-    os.replace(tmp, wd.zoo_report_path(workdir))
+    data = json.dumps(report, indent=1, allow_nan=False).encode()
+    mf.atomic_write_bytes(wd.zoo_report_path(workdir), lambda f: f.write(data))
     return report
