@@ -7,7 +7,8 @@ DeepSeek-R1-Distill-Qwen, at 1.5b, 7b and 14b. The size is the config's argument
 
 Needs hub access (or set --config.models.base/distilled to local paths and
 --config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
-Add `,runlocal` (`--config=configs/paper.py:1.5b,runlocal`) for a smoke run with few steps,
+Add `,batchtopk` (`--config=configs/paper.py:1.5b,batchtopk`) for the BatchTopK loss
+(k = 100) instead of the paper's L1, and `,runlocal` for a smoke run with few steps,
 latents, documents and prompts (xcoder_jax.config_util.runlocal); steering needs
 --config.steering.prompts and geometry --config.geometry.relation_files, as in a full run.
 
@@ -33,6 +34,7 @@ BATCH = 1024
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+    arg, topk = config_util.split_variant(arg)  # `,batchtopk`: that loss instead of L1
     size, local = config_util.parse_arg(arg, "configs/paper.py", tuple(PAIRS))
     base, distilled, d_model, layer = PAIRS[size]
     c = tiny.get_config()
@@ -75,4 +77,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # --config.geometry.relation_files='("a.json", "b.json")'.
     c.geometry.template = "{word}"
     c.geometry.zoo_relations = False
+    if topk:  # k = 100 and aux_k = d_model / 2, as the PyTorch crosscoder trainers use
+        config_util.batchtopk(c, k=100, aux_k=d_model // 2)
     return config_util.runlocal(c) if local else c

@@ -121,3 +121,21 @@ def test_config_flag_passes_the_argument():
     fv(["prog", f"--config={ROOT}/configs/paper.py:7b,runlocal"])
     assert fv.config.crosscoder.d_model == 3584
     assert fv.config.crosscoder.n_latents == 256 and fv.config.train.steps == 40
+
+
+@pytest.mark.parametrize("arg", ["1.5b,batchtopk", "batchtopk,1.5b"])
+def test_batchtopk_variant_changes_only_the_loss(arg):
+    l1 = flat(load("paper.py").get_config("1.5b").to_dict())
+    topk = flat(load("paper.py").get_config(arg).to_dict())
+    changed = {k for k in l1 if l1[k] != topk[k]}
+    assert changed == {"crosscoder.loss", "crosscoder.k", "crosscoder.aux_k"}
+    assert (topk["crosscoder.loss"], topk["crosscoder.k"], topk["crosscoder.aux_k"]) == (
+        "batchtopk",
+        100,
+        768,
+    )
+    tiny = load("tiny.py")
+    base, variant = flat(tiny.get_config().to_dict()), flat(tiny.get_config("batchtopk").to_dict())
+    assert {k for k in base if base[k] != variant[k]} == {"crosscoder.loss"}
+    with pytest.raises(ConfigError, match="needs one of"):
+        load("paper.py").get_config("batchtopk")

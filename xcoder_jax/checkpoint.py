@@ -43,6 +43,11 @@ RESUME_FIELDS = (
 )
 
 
+# Fields inside RESUME_FIELDS that choose how a result is computed, not what it is (the
+# BatchTopK paths agree to float tolerance): a run may resume with another value.
+HOW_NOT_WHAT = ("crosscoder.topk_path",)
+
+
 def config_fields(config) -> dict:
     """The resume-relevant fields of `config`, flattened to {"a.b": value}."""
     out = {}
@@ -54,14 +59,17 @@ def config_fields(config) -> dict:
             out.update({f"{name}.{k}": v for k, v in sorted(value.to_dict().items())})
         else:
             out[name] = value
+    out = {k: v for k, v in out.items() if k not in HOW_NOT_WHAT}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
-    keys = set(saved) | set(current)
+    """The fields whose values differ, as "name (saved -> current)". A field the checkpoint
+    does not hold was added after it was written; fields are added with defaults that keep
+    the earlier behaviour, so it is not a difference."""
     return sorted(
         f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
-        for k in keys
+        for k in saved
         if saved.get(k) != current.get(k)
     )
 

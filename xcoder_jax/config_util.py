@@ -83,6 +83,28 @@ def parse_arg(arg: str | None, where: str, choices: Sequence[str] = ()) -> tuple
     return rest[0], local
 
 
+BATCHTOPK = "batchtopk"
+
+
+def split_variant(arg: str | None, variant: str = BATCHTOPK) -> tuple[str | None, bool]:
+    """(the config argument without the word `variant`, whether it was there): a loss
+    variant combines with any other argument, e.g. `configs/paper.py:1.5b,batchtopk`."""
+    words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+    return ",".join(w for w in words if w != variant) or None, variant in words
+
+
+def batchtopk(config, k: int, aux_k: int | None = None):
+    """Switches `config` (in place; returned) to BatchTopK (Minder et al. 2025), the
+    recipe of the model-diffing literature: k active latents per row on average, AuxK on
+    dead latents with coefficient 1/32, the EMA threshold as the inference JumpReLU. Use
+    it against the L1 loss's false exclusive latents; keep L1 for fidelity to the paper."""
+    cc = config.crosscoder
+    cc.loss, cc.k, cc.aux_coeff = BATCHTOPK, k, 1 / 32
+    if aux_k is not None:
+        cc.aux_k = aux_k
+    return config
+
+
 def runlocal(config):
     """Shrinks `config` in place (and returns it) to a CPU smoke run of every stage.
 

@@ -181,7 +181,7 @@ def batchtopk_loss(
     )
     aux_hat = model.decode(aux_f) - model.b_dec[...].astype(jnp.float32)
     aux = squared_error(residual, aux_hat, weights)
-    aux = jnp.where(dead.any(), aux, 0.0)
+    aux = jnp.where(dead.any(), aux, 0.0)  # (computed anyway: the sparse path skips it)
     # Smallest kept weighted activation: the batch's threshold, for the EMA. +inf when
     # nothing is kept (every row masked out, or no positive activation); see
     # `update_threshold`, which ignores such batches.

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder, batchtopk_loss, l1_loss, update_threshold
 from xcoder_jax.errors import ConfigError
+from xcoder_jax.sparse_topk import batchtopk_loss_sparse, use_sparse
 
 
 def l1_lambda(step, l1_coeff: float, warmup_frac: float, steps: int) -> jax.Array:
@@ -60,16 +61,19 @@ class L1:
 @dataclass(frozen=True)
 class BatchTopK:
     """k decoder-norm-weighted activations per row on average over the batch, AuxK on dead
-    latents, and an EMA of the batch threshold for the inference JumpReLU."""
+    latents, and an EMA of the batch threshold for the inference JumpReLU. `sparse`: the
+    step computes over the kept pairs only (`sparse_topk`), with the same result."""
 
     k: int
     aux_k: int
     aux_coeff: float
     threshold_ema: float
+    sparse: bool = False
     name: str = "batchtopk"
 
     def __call__(self, model: Crosscoder, x, weights, step, dead):
-        loss, aux = batchtopk_loss(model, x, weights, self.k, dead, self.aux_k, self.aux_coeff)
+        fn = batchtopk_loss_sparse if self.sparse else batchtopk_loss
+        loss, aux = fn(model, x, weights, self.k, dead, self.aux_k, self.aux_coeff)
         return loss, {**aux, "lam": jnp.zeros(())}
 
     def update(self, rest, aux):
@@ -90,7 +94,13 @@ class BatchTopK:
 
 KINDS = {
     "l1": lambda cc, tc: L1(cc.l1_coeff, cc.l1_warmup_frac, tc.steps),
-    "batchtopk": lambda cc, tc: BatchTopK(cc.k, cc.aux_k, cc.aux_coeff, cc.threshold_ema),
+    "batchtopk": lambda cc, tc: BatchTopK(
+        cc.k,
+        cc.aux_k,
+        cc.aux_coeff,
+        cc.threshold_ema,
+        sparse=use_sparse(cc.get("topk_path", "auto"), cc.n_latents, cc.k),
+    ),
 }
 
 

@@ -59,7 +59,7 @@ class ShardedStep:
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS, None, None))
         self.weight_sharding = NamedSharding(mesh, P(DATA_AXIS))
         init = functools.partial(ts.init_state, hp)
-        self._abstract = jax.eval_shape(init)
+        self._abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((hp.n_models, hp.d_model), "f4"))
         self.state_sharding = jax.tree.map(
             lambda s: NamedSharding(mesh, s),
             state_specs(self._abstract),
@@ -79,8 +79,11 @@ class ShardedStep:
         }
         self.eval_batch = jax.jit(functools.partial(ts.eval_batch, hp=hp))
 
-    def init(self) -> dict:
-        return self._init()
+    def init(self, b_dec=None) -> dict:
+        """A fresh state; b_dec [n_models, d_model] normalised (default 0)."""
+        if b_dec is None:
+            b_dec = np.zeros((self.hp.n_models, self.hp.d_model), np.float32)
+        return self._init(np.asarray(b_dec, np.float32))
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""

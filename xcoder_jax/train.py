@@ -149,7 +149,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _trim_metrics(metrics_file, latest)
         start = latest
     else:
-        state = trainer.init()
+        # The decoder bias may start at the store's mean (normalised units).
+        start_at_mean = config.crosscoder.get("b_dec_init", "zero") == "mean"
+        state = trainer.init(store.mean * store.scales[:, None] if start_at_mean else None)
         position, tokens, skipped, start = 0, 0, 0, 0
         if os.path.exists(metrics_file):
             os.remove(metrics_file)

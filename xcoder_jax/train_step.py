@@ -65,7 +65,11 @@ class HParams:
             n_latents=cc.n_latents,
             loss=losses.from_config(config),
             seed=config.seed,
-            dec_init_norm=cc.dec_init_norm,
+            # BatchTopK has its own decoder scale at init: with the L1 loss's small rows
+            # about half of its latents die (measured in the README).
+            dec_init_norm=cc.get("batchtopk_dec_init_norm", cc.dec_init_norm)
+            if cc.loss == "batchtopk"
+            else cc.dec_init_norm,
             dtype=cc.dtype,
             lr=tc.lr,
             steps=tc.steps,
@@ -118,9 +122,12 @@ def merge(hp: HParams, state: dict) -> Crosscoder:
     return nnx.merge(graphdef(hp), state["params"], state["rest"])
 
 
-def init_state(hp: HParams) -> dict:
-    """A fresh state: the module initialised from `hp.seed`, Adam's moments at zero."""
+def init_state(hp: HParams, b_dec=None) -> dict:
+    """A fresh state: the module initialised from `hp.seed`, Adam's moments at zero.
+    b_dec: [n_models, d_model] normalised start of the decoder bias (default 0)."""
     _, params, rest = nnx.split(_model(hp, hp.seed), nnx.Param, ...)
+    if b_dec is not None:
+        params["b_dec"] = params["b_dec"].replace(jnp.asarray(b_dec, jnp.float32))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
