@@ -95,6 +95,9 @@ def get_config(arg=None):
     c.extract.batch_size = 16  # documents per forward pass
     c.extract.dtype = "bfloat16"  # "bfloat16" or "float16" on disk
     c.extract.shard_rows = 8192  # rows per shard (the last shard of a run may be shorter)
+    # Stop after this many rows (-1: every row of the corpus); the disk budget is checked
+    # against the rows a run will write before anything is written.
+    c.extract.max_rows = -1
     # --- The crosscoder ------------------------------------------------------------------
     c.crosscoder = ConfigDict()
     c.crosscoder.n_models = 2
@@ -110,6 +113,12 @@ def get_config(arg=None):
     c.crosscoder.dead_window_tokens = 50_000  # a latent silent this long counts as dead
     c.crosscoder.dec_init_norm = 0.08  # L2 norm of every decoder row at init
     c.crosscoder.dtype = "float32"  # compute dtype; "bfloat16" keeps fp32 master weights
+
+    # --- Export to other crosscoder formats (export/<format>/, after training) ---------------
+    c.export = ConfigDict()
+    # "dictionary_learning" (save_pretrained dir of CrossCoder / BatchTopKCrossCoder) and
+    # "ckkissane" (cc_weights.pt + cfg.json; L1 crosscoders only); () writes neither.
+    c.export.formats = ("dictionary_learning", "ckkissane")
 
     # --- Training ------------------------------------------------------------------------
     c.train = ConfigDict()
