@@ -31,8 +31,10 @@ def _check(facts: dict, view: dict, store: ActivationStore) -> list[str]:
     """What does not fit, one phrase each."""
     m, d, _ = view["W_enc"].shape
     man, problems = store.manifest, []
-    if d != store.d_model or facts.get("d_model", d) != d:
+    if d != store.d_model:
         problems.append(f"d_model: crosscoder {d}, store {store.d_model}")
+    elif facts.get("d_model", d) != d:
+        problems.append(f"d_model: the crosscoder states {facts['d_model']}, its weights {d}")
     if m != store.n_models:
         problems.append(
             f"models: the crosscoder reads {m} models, the store holds {store.n_models}"
