@@ -96,6 +96,9 @@ def get_config(arg=None):
     c.extract.batch_size = 16  # documents per forward pass
     c.extract.dtype = "bfloat16"  # "bfloat16" or "float16" on disk
     c.extract.shard_rows = 8192  # rows per shard (the last shard of a run may be shorter)
+    # Stop after this many rows (-1: every row of the corpus); the disk budget is checked
+    # against the rows a run will write before anything is written.
+    c.extract.max_rows = -1
     # --- The crosscoder ------------------------------------------------------------------
     c.crosscoder = ConfigDict()
     c.crosscoder.n_models = 2
@@ -117,6 +120,12 @@ def get_config(arg=None):
     c.crosscoder.batchtopk_dec_init_norm = 1.0
     c.crosscoder.b_dec_init = "zero"  # decoder bias at init: "zero" or "mean" (of the store)
     c.crosscoder.dtype = "float32"  # compute dtype; "bfloat16" keeps fp32 master weights
+
+    # --- Export to other crosscoder formats (export/<format>/, after training) ---------------
+    c.export = ConfigDict()
+    # "dictionary_learning" (save_pretrained dir of CrossCoder / BatchTopKCrossCoder) and
+    # "ckkissane" (cc_weights.pt + cfg.json; L1 crosscoders only); () writes neither.
+    c.export.formats = ("dictionary_learning", "ckkissane")
 
     # --- Training ------------------------------------------------------------------------
     c.train = ConfigDict()

@@ -65,6 +65,7 @@ EARLY_ERRORS = {
     "ablate": ((), "no activation store at"),
     "geometry": ((), "no zoo in"),
     "extract": ((), "build the zoo first"),
+    "convert": (("--to=ckkissane",), "export file missing"),
     "build_zoo": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "pipeline": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "replicate": (("--seeds=0", "--config.zoo.main_size=7"), "seeds ['0'] failed"),
@@ -177,7 +178,9 @@ def test_known_cause_finds_the_innermost_project_error():
 def _error_classes():
     from xcoder_jax import ablation, checkpoint, pipeline, replicate, selection, train
     from xcoder_jax.activations import manifest, models
+    from xcoder_jax.activations.budget import DiskBudgetError
     from xcoder_jax.analysis import splice
+    from xcoder_jax.formats import FormatError
     from xcoder_jax.geometry import relations
 
     return [
@@ -193,6 +196,8 @@ def _error_classes():
         (replicate.ReplicationError, RuntimeError),
         (errors.ConfigError, ValueError),
         (errors.MissingInputError, FileNotFoundError),
+        (FormatError, ValueError),
+        (DiskBudgetError, OSError),
     ]
 
 

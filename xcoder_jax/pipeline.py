@@ -81,6 +81,14 @@ def _train(config, workdir: str) -> str:
     return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
 
 
+def _formats(config, workdir: str) -> str:
+    if not config.export.formats:
+        return "skipped (export.formats is empty)"
+    from xcoder_jax.formats import write_formats
+
+    return "; ".join(f"{k} {v}" for k, v in write_formats(config, workdir).items())
+
+
 def _analyze(config, workdir: str) -> str:
     from xcoder_jax.analysis import run_analysis, summarize
 
@@ -114,6 +122,7 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
     ("train", _train),
+    ("formats", _formats),
     ("analyze", _analyze),
     ("steer", _steer),
     ("ablate", _ablate),

@@ -56,6 +56,11 @@ def export_dir(workdir: str) -> str:
     return os.path.join(workdir, "export")
 
 
+def format_dir(workdir: str, fmt: str) -> str:
+    """The export written in another crosscoder format (`xcoder_jax.formats`)."""
+    return os.path.join(export_dir(workdir), fmt)
+
+
 def metrics_path(workdir: str) -> str:
     return os.path.join(workdir, "metrics.jsonl")
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from xcoder_jax import site
 from xcoder_jax import workdir as wd
+from xcoder_jax.activations import budget
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
 from xcoder_jax.activations.sources import iter_documents
@@ -86,7 +87,7 @@ def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict
         {"role": r, "source": p, "revision": rev, "weights": pair.weights_fingerprint(p, rev)}
         for r, (p, rev) in facts["sources"].items()
     ]
-    return {
+    fp = {
         "models": models,
         "tokenizer_sha256": facts["tokenizer_sha256"],
         "layer": facts["layer"],
@@ -98,6 +99,9 @@ def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict
         "shard_index": shard_index,
         "num_shards": num_shards,
     }
+    if config.extract.get("max_rows", -1) >= 0:  # only when set: older stores keep theirs
+        fp["max_rows"] = int(config.extract.max_rows)
+    return fp
 
 
 def _to_store_dtype(hidden: torch.Tensor, dtype: str) -> np.ndarray:
@@ -134,11 +138,28 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
                 "use another workdir"
             )
     tokenizer = facts["tokenizer"]
-    docs = (
-        d
-        for d in iter_documents(config.data, workdir, tokenizer)
-        if d[0] % num_shards == shard_index
+    first_position = 1 if config.extract.drop_first else 0
+    max_rows = int(config.extract.get("max_rows", -1))
+
+    def share():  # this process's documents, capped at extract.max_rows rows
+        docs = (
+            d
+            for d in iter_documents(config.data, workdir, tokenizer)
+            if d[0] % num_shards == shard_index
+        )
+        return budget.cap_rows(docs, max_rows, first_position)
+
+    done = mf.read_manifest(directory).get("shards", []) if os.path.exists(existing) else []
+    budget.check_disk(
+        share(),
+        first_position,
+        len(facts["sources"]),
+        facts["d_model"],
+        config.extract.dtype,
+        directory,
+        rows_on_disk=sum(s["rows"] for s in done),
     )
+    docs = share()
     first = next(docs, None)
     if first is None:
         raise ConfigError("the corpus gave no documents (after the length filter and sharding)")
@@ -149,7 +170,6 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
         pair.load_model(p, rev, config.models.torch_dtype, device)
         for p, rev in facts["sources"].values()
     ]
-    first_position = 1 if config.extract.drop_first else 0
     writer = StoreWriter(
         directory,
         n_models=len(models),

@@ -1,6 +1,8 @@
 """analysis/latents.jsonl: one JSON line per latent, written block by block.
 
-A line holds the latent's NRN and class, decoder norms per model (normalised units), the
+A line holds the latent's NRN (ours: 0 base-only, 1 distilled-only, L1 norms by default) and
+`dec_norm_diff` (the diffing toolkit's: 1 base-only, 0 distilled-only, L2 norms; see
+`norms`) and class, decoder norms per model (normalised units), the
 cosine of its two decoder rows, firing frequencies, its top examples with text context, its
 category tags, an automatic label and, for the base-only and distilled-only latents given a
 fit, the latent scaling (`scaling.report`: betas per target, error and reconstruction
@@ -36,6 +38,8 @@ class LatentTable:
     freq_store: np.ndarray  # share of all store rows with f > 0
     tags: dict[int, list[str]]
     scaling: dict[int, dict]
+    # The diffing toolkit's relative norm (`norms.dec_norm_diff`: 1 base-only, 0 distilled-only).
+    dec_norm_diff: np.ndarray | None = None
 
 
 def _round(values, nd: int = 5) -> list:
@@ -47,6 +51,11 @@ def _line(i: int, table: LatentTable, examples: list[dict], lab: dict) -> dict:
         "id": i,
         "nrn": round(float(table.nrn[i]), 5),
         "class": CLASSES[table.classes[i]],
+        **(
+            {}
+            if table.dec_norm_diff is None
+            else {"dec_norm_diff": round(float(table.dec_norm_diff[i]), 5)}
+        ),
         "norms": {"l1": _round(table.norms_l1[i]), "l2": _round(table.norms_l2[i])},
         "cosine": round(float(table.cosine[i]), 5),
         "firing_freq": float(table.freq_heldout[i]),

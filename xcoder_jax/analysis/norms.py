@@ -8,6 +8,14 @@ the crosscoder was trained; see `checkpoint.normalised_decoder`),
 
 so NRN 0 is base-only, 0.5 shared, 1 distilled-only. The second form needs no division by a
 zero base norm; a latent with both rows zero gets NRN 0.5 (it says nothing either way).
+
+The diffing toolkit (Minder et al.) reports the OPPOSITE direction with another formula,
+on L2 norms (`dec_norm_diff`):
+
+    dec_norm_diff_i = ((n_base - n_ft) / max(n_base, n_ft) + 1) / 2      (n: L2 norms)
+
+1 is base-only, 0.5 shared, 0 fine-tuned-only; a shared latent with n_ft = 2 n_base has
+dec_norm_diff 0.25 and NRN 2/3. latents.jsonl carries both.
 """
 
 from __future__ import annotations
@@ -45,6 +53,16 @@ def latent_nrn(w_dec: np.ndarray, roles: list[str], kind: str) -> np.ndarray:
     NORMALISED units whose model slots hold `roles`, with decoder norm `kind`."""
     n = decoder_norms(w_dec, kind)
     return relative_norms(n, roles.index("base"), roles.index("distilled"))
+
+
+def dec_norm_diff(norms_l2: np.ndarray, base: int = 0, distilled: int = 1) -> np.ndarray:
+    """The diffing toolkit's relative norm [n_latents] from L2 decoder norms [n_latents,
+    n_models] (normalised units): 1 base-only, 0.5 shared, 0 distilled-only (NRN's
+    opposite direction); 0.5 where both rows are zero."""
+    nb, nd = norms_l2[:, base], norms_l2[:, distilled]
+    top = np.maximum(nb, nd)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(top > 0, ((nb - nd) / top + 1) / 2, 0.5).astype(np.float64)
 
 
 def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -> np.ndarray:

@@ -95,7 +95,16 @@ def analyze(
         keep |= {t["id"] for t in c["top_latents"]}
 
     table = LatentTable(
-        nrn, classes, n_l1, n_l2, cosine, freq_held, freq_store, tags, scaling_lines
+        nrn,
+        classes,
+        n_l1,
+        n_l2,
+        cosine,
+        freq_held,
+        freq_store,
+        tags,
+        scaling_lines,
+        dec_norm_diff=norms.dec_norm_diff(n_l2, base, dist),
     )
     labels, kept = write_latents(
         os.path.join(out_dir, LATENTS),

@@ -1,0 +1,109 @@
+"""What the other formats share: our export seen in normalised units, base model first.
+
+Both dictionary_learning and the ckkissane replication keep their weights in the units the
+crosscoder was trained in (normalised activations) with the base model in slot 0, so every
+writer starts from `normalised_view` of an export, and every reader ends in
+`checkpoint.export`, which folds the scales back in (raw units) and writes our directory.
+A sidecar `xcoder_jax.json` beside a converted crosscoder keeps what their formats have no
+field for: the per-model scales, the site (block L), the models and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax.activations import manifest as mf
+from xcoder_jax.errors import XcoderError
+
+SIDECAR = "xcoder_jax.json"
+BASE_FIRST = ["base", "distilled"]
+
+
+class FormatError(XcoderError, ValueError):
+    """A crosscoder in another format that cannot be read, written or used with this store."""
+
+
+def normalised_view(tensors: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """An export's tensors in NORMALISED units with the base model in slot 0.
+
+    Returns W_enc [m, d, h], b_enc [h], W_dec [h, m, d], b_dec [m, d] (float32), the scales
+    [m] (normalised = raw * scale) and, for BatchTopK, `threshold` [h] on f (unit-free).
+    """
+    order = [ckpt.role_order(config).index(r) for r in BASE_FIRST]
+    s = np.asarray(config["scales"], np.float32)[order]
+    out = {
+        "W_enc": np.asarray(tensors["W_enc"], np.float32)[order] / s[:, None, None],
+        "b_enc": np.asarray(tensors["b_enc"], np.float32),
+        "W_dec": np.asarray(tensors["W_dec"], np.float32)[:, order] * s[None, :, None],
+        "b_dec": np.asarray(tensors["b_dec"], np.float32)[order] * s[:, None],
+        "scales": s,
+    }
+    if "threshold" in tensors:
+        out["threshold"] = np.asarray(tensors["threshold"], np.float32)
+    return out
+
+
+def sidecar(config: dict, fmt: str) -> dict:
+    """The facts of an export that the other formats cannot hold, models in base-first order."""
+    order = [ckpt.role_order(config).index(r) for r in BASE_FIRST]
+    models = config.get("models") or [{"role": r} for r in BASE_FIRST]
+    return {
+        "written_by": "xcoder_jax",
+        "format": fmt,
+        "roles": BASE_FIRST,
+        "scales": [float(config["scales"][i]) for i in order],
+        "scales_meaning": "normalised = raw * scale, per model (sqrt(d_model) / mean raw norm); "
+        "the weights here are in normalised units",
+        "layer": config.get("layer"),
+        "site": "input of block `layer` (resid_pre)",
+        "d_model": config.get("d_model"),
+        "models": [models[i] for i in order] if len(models) == len(order) else models,
+        "tokenizer_sha256": config.get("tokenizer_sha256"),
+        "loss": config.get("loss"),
+        "tokens_trained": config.get("tokens_trained"),
+    }
+
+
+def write_sidecar(directory: str, facts: dict) -> None:
+    mf.atomic_write_json(os.path.join(directory, SIDECAR), facts)
+
+
+def read_sidecar(directory: str) -> dict | None:
+    path = os.path.join(directory, SIDECAR)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def threshold_on_f(theta_weighted, w_dec: np.ndarray) -> np.ndarray:
+    """Per-latent threshold on f [h] from a threshold on decoder-norm-weighted f.
+
+    theta_weighted: scalar or [h]; w_dec: [h, m, d] in the units the weighting used. The
+    weight of latent i is sum_m ||W_dec[i, m]||_2 (dictionary_learning's CROSSCODER code
+    normalisation, and ours).
+    """
+    norms = np.sqrt(np.square(w_dec.astype(np.float64)).sum(-1)).sum(-1)
+    return (np.asarray(theta_weighted, np.float64) / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def weighted_threshold(threshold_f: np.ndarray, w_dec: np.ndarray) -> float:
+    """The one threshold on decoder-norm-weighted f that a per-latent threshold on f [h]
+    comes from; FormatError when the latents' weighted thresholds differ (a format with a
+    single threshold cannot hold them)."""
+    norms = np.sqrt(np.square(w_dec.astype(np.float64)).sum(-1)).sum(-1)
+    theta = threshold_f.astype(np.float64) * norms
+    alive = norms > 0
+    if not alive.any():
+        return 0.0
+    lo, hi = theta[alive].min(), theta[alive].max()
+    if hi - lo > 1e-5 * max(abs(hi), 1e-12):
+        raise FormatError(
+            f"the latents' thresholds on decoder-norm-weighted f range from {lo:.6g} to "
+            f"{hi:.6g}; a BatchTopKCrossCoder holds a single threshold"
+        )
+    return float(np.median(theta[alive]))
