@@ -128,7 +128,12 @@ def test_batchtopk_variant_changes_only_the_loss(arg):
     l1 = flat(load("paper.py").get_config("1.5b").to_dict())
     topk = flat(load("paper.py").get_config(arg).to_dict())
     changed = {k for k in l1 if l1[k] != topk[k]}
-    assert changed == {"crosscoder.loss", "crosscoder.k", "crosscoder.aux_k"}
+    assert changed == {
+        "crosscoder.loss",
+        "crosscoder.k",
+        "crosscoder.aux_k",
+        "crosscoder.b_dec_init",
+    }
     assert (topk["crosscoder.loss"], topk["crosscoder.k"], topk["crosscoder.aux_k"]) == (
         "batchtopk",
         100,
@@ -136,6 +141,9 @@ def test_batchtopk_variant_changes_only_the_loss(arg):
     )
     tiny = load("tiny.py")
     base, variant = flat(tiny.get_config().to_dict()), flat(tiny.get_config("batchtopk").to_dict())
-    assert {k for k in base if base[k] != variant[k]} == {"crosscoder.loss"}
+    assert {k for k in base if base[k] != variant[k]} == {
+        "crosscoder.loss",
+        "crosscoder.b_dec_init",
+    }
     with pytest.raises(ConfigError, match="needs one of"):
         load("paper.py").get_config("batchtopk")

@@ -96,3 +96,16 @@ def test_mesh_that_does_not_fit_is_a_config_error():
     n = jax.device_count()
     with pytest.raises(ConfigError, match=f"mesh {2 * n}x1 does not match {n} devices"):
         sharding.make_mesh(2 * n, 1, 64, 32)
+
+
+def test_decoder_bias_can_start_at_a_given_mean():
+    hp = _hp("batchtopk")
+    mean = np.arange(16, dtype=np.float32).reshape(2, 8) / 10
+    state = ts.init_state(hp, b_dec=mean)
+    np.testing.assert_array_equal(np.asarray(state["params"]["b_dec"][...]), mean)
+    fresh = ts.init_state(hp)
+    np.testing.assert_array_equal(np.asarray(fresh["params"]["b_dec"][...]), np.zeros((2, 8)))
+    # Only b_dec moves: the rest of the initialisation is the seed's.
+    np.testing.assert_array_equal(
+        np.asarray(state["params"]["W_dec"][...]), np.asarray(fresh["params"]["W_dec"][...])
+    )

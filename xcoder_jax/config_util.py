@@ -96,10 +96,11 @@ def split_variant(arg: str | None, variant: str = BATCHTOPK) -> tuple[str | None
 def batchtopk(config, k: int, aux_k: int | None = None):
     """Switches `config` (in place; returned) to BatchTopK (Minder et al. 2025), the
     recipe of the model-diffing literature: k active latents per row on average, AuxK on
-    dead latents with coefficient 1/32, the EMA threshold as the inference JumpReLU. Use
-    it against the L1 loss's false exclusive latents; keep L1 for fidelity to the paper."""
+    dead latents with coefficient 1/32, the EMA threshold as the inference JumpReLU, the
+    decoder bias starting at the store's mean (fewer dead latents, README). Use it against
+    the L1 loss's false exclusive latents; keep L1 for fidelity to the paper."""
     cc = config.crosscoder
-    cc.loss, cc.k, cc.aux_coeff = BATCHTOPK, k, 1 / 32
+    cc.loss, cc.k, cc.aux_coeff, cc.b_dec_init = BATCHTOPK, k, 1 / 32, "mean"
     if aux_k is not None:
         cc.aux_k = aux_k
     return config
