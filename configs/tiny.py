@@ -188,6 +188,12 @@ def get_config(arg=None):
     c.analysis.scaling_false_ratio = 0.5
     c.analysis.splice_docs = 64  # held-out documents for splice-in CE; 0 skips splice-in
     c.analysis.splice_batch = 8  # documents per forward pass in splice-in
+    # Feature browser (analysis/browser.html): latents whose contexts it keeps (the alive
+    # ones, most exclusive first; every latent is listed), contexts per latent, and promoted
+    # tokens per model (decoder row through the final-norm gain and the unembedding).
+    c.analysis.browser_latents = 2048
+    c.analysis.browser_examples = 5
+    c.analysis.browser_promoted = 10
 
     # --- Steering (decoder rows added at block L during generation) --------------------
     c.steering = ConfigDict()

@@ -131,7 +131,7 @@ def marker_category_at(
     return out
 
 
-def _decode_pieces(tokenizer, pieces: list[list[int]]) -> list[str]:
+def decode_pieces(tokenizer, pieces: list[list[int]]) -> list[str]:
     if tokenizer is None:
         return [" ".join(f"[{t}]" for t in p) for p in pieces]
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -156,7 +156,7 @@ def render(
     left = [[int(t) for t in w[:before] if t != PAD] for w in tokens]
     mid = [[int(w[before])] for w in tokens]
     right = [[int(t) for t in w[before + 1 :] if t != PAD] for w in tokens]
-    texts = _decode_pieces(tokenizer, left + mid + right)
+    texts = decode_pieces(tokenizer, left + mid + right)
     n = len(tokens)
     out = []
     for i in range(n):
