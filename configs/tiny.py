@@ -91,7 +91,10 @@ def get_config(arg=None):
     # --- Activation extraction -----------------------------------------------------------
     c.extract = ConfigDict()
     c.extract.layer = -1  # block whose input is read; -1 means n_layers // 2
-    c.extract.drop_first = True  # drop position 0 (the attention-sink token)
+    # Positions never stored, so never trained on, selected or measured (activations/exclude.py):
+    c.extract.exclude_first = 1  # the first n of every document (1: the attention sink / BOS)
+    c.extract.exclude_special = False  # the tokenizer's special tokens (BOS, EOS, chat template)
+    c.extract.exclude_tokens = ()  # more single tokens, e.g. ("<think>", "</think>")
     c.extract.batch_size = 16  # documents per forward pass
     c.extract.dtype = "bfloat16"  # "bfloat16" or "float16" on disk
     c.extract.shard_rows = 8192  # rows per shard (the last shard of a run may be shorter)

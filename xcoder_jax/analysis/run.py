@@ -19,6 +19,7 @@ from xcoder_jax import stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import models as pair
+from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.analysis import browser, report, splice
 from xcoder_jax.analysis.summary import LATENTS, analyze
 from xcoder_jax.exported import ExportedCrosscoder
@@ -128,13 +129,14 @@ def _splice(config, workdir, store, tensors, heldout, tokenizer, models) -> dict
     stored, n_cut = splice.heldout_documents(store, heldout, ac.splice_docs)
     if not stored:
         return {"skipped": "the held-out shards hold no document"}
-    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
+    exclusion = Exclusion.from_manifest(store.manifest)
+    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
     roles = ckpt.role_order({"models": store.manifest.get("models")})
     device = next(models[0].parameters()).device
     encoder = ExportedCrosscoder(tensors).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = splice.splice_ce(
-        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles
+        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles, exclusion
     )
     for role in out.values():
         role["docs_partly_trained"] = n_cut
