@@ -324,12 +324,14 @@ def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypa
 
 def test_context_windows_stay_in_their_document(small_store):
     store = small_store
-    rows = np.array([0, 49, 50, 260, 1499])
+    rows = np.array([0, 49, 50, 260, 1499, 53, 54])
     win = gather_windows(store, rows, before=3, after=2)
     tokens = np.concatenate([store.shard_tokens(k) for k in range(len(store.shards))])
-    assert win["doc"].tolist() == [0, 0, 1, 5, 29]
-    assert win["position"].tolist() == [1, 50, 1, 11, 50]
-    assert win["doc_start"].tolist() == [True, False, True, False, False]
+    assert win["doc"].tolist() == [0, 0, 1, 5, 29, 1, 1]
+    assert win["position"].tolist() == [1, 50, 1, 11, 50, 4, 5]
+    # Row 53's window reaches back to row 50, document 1's first; row 54's does not.
+    assert win["doc_start"].tolist() == [True, False, True, False, False, True, False]
+    assert win["tokens"].shape == (7, 6)
     assert win["tokens"][0, :3].tolist() == [-1, -1, -1]  # nothing before the first row
     assert win["tokens"][1, 4:].tolist() == [-1, -1]  # row 49 ends document 0
     assert win["tokens"][3].tolist() == tokens[257:263].tolist()
