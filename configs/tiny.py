@@ -196,7 +196,7 @@ def get_config(arg=None):
     # tokens per model (decoder row through the final-norm gain and the unembedding).
     c.analysis.browser_latents = 2048
     c.analysis.browser_examples = 5
-    c.analysis.browser_promoted = 10
+    c.analysis.browser_promoted = 10  # 0: none (with splice_docs 0, the pair is not loaded)
 
     # --- Steering (decoder rows added at block L during generation) --------------------
     c.steering = ConfigDict()

@@ -34,6 +34,9 @@ from xcoder_jax.analysis.norms import CLASSES
 from xcoder_jax.lexicon import CATEGORY_NAMES
 
 BROWSER = "browser.html"
+# Latents whose context rows are read from the store together (memory: their examples x
+# window x n_models x d_model floats).
+CONTEXT_BLOCK = 256
 
 
 class ActivationHistogram:
@@ -75,19 +78,31 @@ def _promoted(models, w_dec: torch.Tensor, ids: list[int], k: int, block: int = 
     return out
 
 
-def _contexts(store, encoder, latent: int, rows: np.ndarray, before: int, after: int):
-    """Windows around `rows` [n] and latent `latent`'s f at every token of them.
+def _contexts(store, encoder, latents: list[int], rows: list[np.ndarray], before, after):
+    """Windows around each latent's example rows and its f at every token of them.
 
-    Returns (tokens [n, w] int (PAD outside the document), f [n, w] float32 (0 at PAD)).
+    latents: ids; rows: per latent, its example rows [n_i]. The rows of all windows are read
+    from the store at once (reading shard by shard is what costs). Returns per latent
+    (tokens [n_i, w] int (PAD outside the document), f [n_i, w] float32 (0 at PAD)).
     """
-    win = ex.gather_windows(store, rows, before, after)
+    flat = np.concatenate(rows)
+    win = ex.gather_windows(store, flat, before, after)
     tokens = win["tokens"]
-    global_rows = rows[:, None] + np.arange(-before, after + 1)[None, :]
     valid = tokens != ex.PAD
-    x = torch.from_numpy(store.rows(global_rows[valid]))  # [n_valid, m, d] raw
-    f = np.zeros(tokens.shape, np.float32)
-    f[valid] = encoder.latent_acts(x, [latent])[:, 0].numpy()
-    return tokens, f
+    global_rows = flat[:, None] + np.arange(-before, after + 1)[None, :]
+    unique, where = np.unique(global_rows[valid], return_inverse=True)
+    x = store.rows(unique)  # [n_unique, m, d] raw
+    slot = np.full(tokens.shape, -1, np.int64)
+    slot[valid] = where
+    out, lo = [], 0
+    for latent, r in zip(latents, rows):
+        t, s = tokens[lo : lo + len(r)], slot[lo : lo + len(r)]
+        f = np.zeros(t.shape, np.float32)
+        # Gathered in NumPy: torch's advanced indexing costs ~100x more per call here.
+        f[s >= 0] = encoder.latent_acts(torch.from_numpy(x[s[s >= 0]]), [latent])[:, 0].numpy()
+        out.append((t, f))
+        lo += len(r)
+    return out
 
 
 def detailed_latents(lines: list[dict], limit: int) -> list[int]:
@@ -102,21 +117,24 @@ def browser_data(
     lines, store, encoder, models, tokenizer, hist: ActivationHistogram, ac, roles
 ) -> dict:
     """Everything the page shows, JSON-ready. lines: latents.jsonl's lines in id order;
-    models: the HF pair in crosscoder order (None: no promoted tokens); encoder: the
+    models: the HF pair in crosscoder order (empty: no promoted tokens); encoder: the
     `ExportedCrosscoder` (raw units)."""
     detail_ids = detailed_latents(lines, int(ac.browser_latents))
     n_ex, before, after = int(ac.browser_examples), int(ac.context_before), int(ac.context_after)
     dec_norm = torch.linalg.vector_norm(encoder.W_dec, dim=-1).numpy()  # [h, m] raw
-    promoted = (
-        _promoted(models, encoder.W_dec, detail_ids, int(ac.browser_promoted)) if models else None
-    )
+    k = int(ac.browser_promoted)
+    promoted = _promoted(models, encoder.W_dec, detail_ids, k) if models and k > 0 else None
     counts = hist.counts
     used: set[int] = set()
     details = {}
+    contexts = {}
+    for lo in range(0, len(detail_ids), CONTEXT_BLOCK):
+        ids = detail_ids[lo : lo + CONTEXT_BLOCK]
+        rows = [np.array([e["row"] for e in lines[i]["top_examples"][:n_ex]]) for i in ids]
+        contexts.update(zip(ids, _contexts(store, encoder, ids, rows, before, after)))
     for j, i in enumerate(detail_ids):
         shown = lines[i]["top_examples"][:n_ex]
-        rows = np.array([e["row"] for e in shown], np.int64)
-        tokens, f = _contexts(store, encoder, i, rows, before, after)
+        tokens, f = contexts.pop(i)
         exs = []
         for e, t, fv in zip(shown, tokens, f):
             keep = t != ex.PAD

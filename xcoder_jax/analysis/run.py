@@ -101,12 +101,12 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
         store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress, hist
     )
 
-    # The pair serves splice-in and the browser's promoted tokens.
+    # The pair serves splice-in and the browser's promoted tokens (loaded only for them).
     device = pair.torch_device(config.models.device)
     roles = ckpt.role_order({"models": store.manifest.get("models")})
     models = []
-    for role in roles:  # in the crosscoder's model order
-        path, rev = pair.model_source(config, workdir, role)
+    for role in roles if ac.splice_docs > 0 or ac.browser_promoted > 0 else ():
+        path, rev = pair.model_source(config, workdir, role)  # in the crosscoder's order
         models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
     if ac.splice_docs > 0:
         summary["splice"] = _splice(config, workdir, store, tensors, heldout, tokenizer, models)
