@@ -92,7 +92,10 @@ def get_config(arg=None):
     # --- Activation extraction -----------------------------------------------------------
     c.extract = ConfigDict()
     c.extract.layer = -1  # block whose input is read; -1 means n_layers // 2
-    c.extract.drop_first = True  # drop position 0 (the attention-sink token)
+    # Positions never stored, so never trained on, selected or measured (activations/exclude.py):
+    c.extract.exclude_first = 1  # the first n of every document (1: the attention sink / BOS)
+    c.extract.exclude_special = False  # the tokenizer's special tokens (BOS, EOS, chat template)
+    c.extract.exclude_tokens = ()  # more single tokens, e.g. ("<think>", "</think>")
     c.extract.batch_size = 16  # documents per forward pass
     c.extract.dtype = "bfloat16"  # "bfloat16" or "float16" on disk
     c.extract.shard_rows = 8192  # rows per shard (the last shard of a run may be shorter)
@@ -204,6 +207,12 @@ def get_config(arg=None):
     c.analysis.scaling_false_ratio = 0.5
     c.analysis.splice_docs = 64  # held-out documents for splice-in CE; 0 skips splice-in
     c.analysis.splice_batch = 8  # documents per forward pass in splice-in
+    # Feature browser (analysis/browser.html): latents whose contexts it keeps (the alive
+    # ones, most exclusive first; every latent is listed), contexts per latent, and promoted
+    # tokens per model (decoder row through the final-norm gain and the unembedding).
+    c.analysis.browser_latents = 2048
+    c.analysis.browser_examples = 5
+    c.analysis.browser_promoted = 10  # 0: none (with splice_docs 0, the pair is not loaded)
 
     # --- Steering (decoder rows added at block L during generation) --------------------
     c.steering = ConfigDict()

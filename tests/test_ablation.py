@@ -20,13 +20,17 @@ from xcoder_jax.ablation import (
     targeted_latents,
 )
 from xcoder_jax.activations import ActivationStore
+from xcoder_jax.activations.exclude import Exclusion
 
 # --- Latent selection and controls ----------------------------------------------------------
 
 
 def test_marker_positions_point_before_the_marker():
     docs = [np.array([5, 1, 7, 9, 7]), np.array([7, 2])]
-    assert marker_positions(docs, [(7,)], first_position=1) == [(0, 1, 7), (0, 3, 7)]
+    assert marker_positions(docs, [(7,)], Exclusion(first=1)) == [(0, 1, 7), (0, 3, 7)]
+    # Excluded positions are never measured: the first two, and every token 9.
+    assert marker_positions(docs, [(7,)], Exclusion(2, (9,))) == []
+    assert marker_positions(docs, [(7,)], Exclusion(0)) == [(0, 1, 7), (0, 3, 7)]
 
 
 def test_targeted_latents_keep_top_firing_with_high_nrn():
@@ -190,7 +194,7 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
     texts = ["Question: Tom has 3 apples. Wait, let me check.", "Thus the answer is 4. But no"]
     docs = [np.asarray(tok(t)["input_ids"], np.int64) for t in texts]
     where = [(0, 3, 7), (0, len(docs[0]) - 1, 11), (1, 2, 5)]  # (doc, position, token)
-    probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, first_position=1)
+    probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, exclusion=Exclusion())
     ids, mask = pad_documents(docs, pad_id=0)
     for target in (0, 1):
         for latents in ([], [0, 3, 5]):

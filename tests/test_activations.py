@@ -15,6 +15,7 @@ from xcoder_jax import activations as acts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import writer as writer_mod
+from xcoder_jax.errors import ConfigError
 
 # bfloat16 keeps 8 significant bits: rounding to it moves a value by at most 2^-8 of its
 # magnitude (half a unit in the last place), so 2^-7 leaves room for one more rounding.
@@ -71,6 +72,42 @@ def test_round_trip_matches_hf_hidden_states(micro_pair, single):
     assert store.n_rows == n_expected == len(rows)
     assert store.manifest["n_docs"] == len(CORPUS)
     assert (0, 0) not in rows  # position 0 dropped
+
+
+def test_excluded_positions_and_tokens_are_not_stored(micro_pair, single, tmp_path):
+    _, _, full = single
+    tok = AutoTokenizer.from_pretrained(micro_pair["base"])
+    # "n" is position 3 of every document ("Qu", "es", "tio", "n", ...): the first stored
+    # row of a document is then at a later position.
+    marks = [tok.encode(t, add_special_tokens=False) for t in ("?", "n")]
+    assert all(len(m) == 1 for m in marks) and tok(CORPUS[0])["input_ids"][3] == marks[1][0]
+    marks = [m[0] for m in marks]
+    config = micro_config(
+        micro_pair, exclude_first=3, exclude_special=True, exclude_tokens=("?", "n")
+    )
+    config.data.max_docs = 10  # whole batches of 5, as in the full store: the same GEMMs
+    acts.extract(config, str(tmp_path))
+    store = acts.ActivationStore(wd.activations_dir(str(tmp_path)))
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")  # the micro tokenizer's only special
+    names = {eos: "<|endoftext|>", marks[0]: "?", marks[1]: "n"}
+    assert store.manifest["exclude"] == {
+        "first": 3, "token_ids": sorted(names), "tokens": [names[i] for i in sorted(names)]
+    }  # fmt: skip
+    assert store.manifest["first_position"] == 3
+    assert store.manifest["n_docs"] == 10
+    # Exactly the rows of the full store at positions >= 3 whose token is not excluded, with
+    # the same values: an exclusion removes rows, it changes none.
+    rows, want = _rows_by_key(store), _rows_by_key(full)
+    keep = {k for k, (_, t) in want.items() if k[0] < 10 and k[1] >= 3 and t not in marks}
+    assert set(rows) == keep and store.n_rows == len(keep)
+    assert sum(t == marks[0] for k, (_, t) in want.items() if k[0] < 10) >= 10  # it excluded
+    for key in keep:
+        np.testing.assert_array_equal(rows[key][0], want[key][0])
+    # A name that is not one token fails before anything is written.
+    config.extract.exclude_tokens = ("How many",)
+    with pytest.raises(ConfigError, match="'How many' is not one token"):
+        acts.extract(config, str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other" / "activations")
 
 
 def test_statistics_describe_the_rows(single):

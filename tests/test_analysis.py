@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
+from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.analysis import (
     LatentScaling,
     check_pair,
@@ -35,7 +37,9 @@ from xcoder_jax.analysis import (
     stream,
 )
 from xcoder_jax.analysis import categories as cats
+from xcoder_jax.analysis.browser import ActivationHistogram
 from xcoder_jax.analysis.report import render_html
+from xcoder_jax.analysis.splice import pad_documents
 from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.lexicon import CATEGORIES, CATEGORY_NAMES, find_marker, marker_token_ids
 
@@ -277,7 +281,8 @@ def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypa
     store = small_store
     enc = ExportedCrosscoder(_random_export(2, 16, 40))
     groups = [[(1, 2)], [(3,), (4, 5)]]
-    res = scan_store(store, enc, groups, {5}, top_k=5, batch_rows=100, progress=False)
+    hist = ActivationHistogram(40, lo=1e-2, hi=10.0, per_decade=4)
+    res = scan_store(store, enc, groups, {5}, 5, batch_rows=100, progress=False, hist=hist)
     acts = np.concatenate([a for _, a in store.iter_shards()]).astype(np.float32)
     f_t = enc.encode_t(torch.from_numpy(acts)).numpy()  # [h, N], all rows at once
     vals = -np.sort(-f_t, axis=1)[:, :5]
@@ -298,6 +303,14 @@ def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypa
     held = slice(int(store.shard_offsets[5]), int(store.shard_offsets[6]))
     assert (np.abs(res.fire_count - fired.sum(1)) <= near.sum(1)).all()
     assert (np.abs(res.fire_heldout - fired[:, held].sum(1)) <= near[:, held].sum(1)).all()
+    # The histogram: every nonzero activation once, in its bin (the outer bins open-ended).
+    assert (hist.counts.sum(1) == res.fire_count).all()
+    edges = hist.edges.copy()
+    edges[0], edges[-1] = 0.0, np.inf
+    brute = np.stack([np.histogram(v[v > 0], edges)[0] for v in f_t])
+    # A value within rounding of a bin edge may land on either side of it.
+    assert np.abs(hist.counts - brute).sum() <= 2 + near.sum()
+    assert brute[:, 0].sum() > 0 and brute[:, -1].sum() > 0  # both open ends are exercised
     # Marker groups: brute force over the whole token stream.
     tokens = np.concatenate([store.shard_tokens(k) for k in range(len(store.shards))])
     docs = np.concatenate([store.shard_index(k)[:, 0] for k in range(len(store.shards))])
@@ -311,12 +324,14 @@ def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypa
 
 def test_context_windows_stay_in_their_document(small_store):
     store = small_store
-    rows = np.array([0, 49, 50, 260, 1499])
+    rows = np.array([0, 49, 50, 260, 1499, 53, 54])
     win = gather_windows(store, rows, before=3, after=2)
     tokens = np.concatenate([store.shard_tokens(k) for k in range(len(store.shards))])
-    assert win["doc"].tolist() == [0, 0, 1, 5, 29]
-    assert win["position"].tolist() == [1, 50, 1, 11, 50]
-    assert win["doc_start"].tolist() == [True, False, True, False, False]
+    assert win["doc"].tolist() == [0, 0, 1, 5, 29, 1, 1]
+    assert win["position"].tolist() == [1, 50, 1, 11, 50, 4, 5]
+    # Row 53's window reaches back to row 50, document 1's first; row 54's does not.
+    assert win["doc_start"].tolist() == [True, False, True, False, False, True, False]
+    assert win["tokens"].shape == (7, 6)
     assert win["tokens"][0, :3].tolist() == [-1, -1, -1]  # nothing before the first row
     assert win["tokens"][1, 4:].tolist() == [-1, -1]  # row 49 ends document 0
     assert win["tokens"][3].tolist() == tokens[257:263].tolist()
@@ -501,6 +516,30 @@ def test_splice_leaves_position_zero_alone(micro_models, tokenizer):
     out = splice_ce(micro_models, 1, docs, reconstruct=corrupt_first, batch_size=3)
     for r in out.values():
         assert r["spliced_ce"] == pytest.approx(r["clean_ce"], abs=1e-6)
+
+
+def test_splice_leaves_excluded_tokens_alone(micro_models, tokenizer):
+    # A reconstruction wrong only at the excluded token "?" and at positions < 2 changes
+    # nothing when the store excludes them, and those predictions are not scored.
+    (mark,) = tokenizer.encode("?", add_special_tokens=False)
+    exclusion = Exclusion(first=2, token_ids=(mark,))
+    docs = [np.asarray(tokenizer(t)["input_ids"], np.int64) for t in CORPUS[:3]]
+    assert all(mark in d[2:-1] for d in docs)
+
+    def corrupt_excluded(x):
+        ids, _ = pad_documents(docs, 0)
+        bad = ~exclusion.keep(ids)
+        return torch.where(bad[..., None, None], torch.full_like(x, 100.0), x)
+
+    out = splice_ce(micro_models, 1, docs, corrupt_excluded, 3, exclusion=exclusion)
+    scored = sum(int(exclusion.keep(d)[:-1].sum()) for d in docs)
+    for r in out.values():
+        assert r["spliced_ce"] == pytest.approx(r["clean_ce"], abs=1e-6)
+        assert r["tokens"] == scored == sum(int((d[2:-1] != mark).sum()) for d in docs)
+    # The same reconstruction does change the CE where those positions are not excluded.
+    out = splice_ce(micro_models, 1, docs, corrupt_excluded, 3)
+    for r in out.values():
+        assert abs(r["spliced_ce"] - r["clean_ce"]) > 1e-3
 
 
 # --- Bad inputs ----------------------------------------------------------------------------
@@ -696,3 +735,155 @@ def test_report_renders_in_headless_chromium(analysed, tmp_path):
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln]
     assert not console, console
     assert os.path.getsize(shot) > 50_000
+
+
+# --- The feature browser -----------------------------------------------------------------------
+
+
+def _browser_data(workdir) -> dict:
+    """The JSON the page carries, read back from browser.html."""
+    with open(os.path.join(wd.stage_dir(workdir, "analysis"), "browser.html")) as f:
+        page = f.read()
+    start = page.index('<script type="application/json" id="data">') + 42
+    return strict_loads(page[start : page.index("</script>", start)].replace("<\\/", "</"))
+
+
+def _context_f(store, tensors, latent, row, before, after):
+    """Brute force: f of `latent` at rows row - before .. row + after of row's document,
+    float64 from the export's raw tensors (no threshold: an l1 export)."""
+    index = np.concatenate([store.shard_index(k) for k in range(len(store.shards))])
+    rows = [r for r in range(row - before, row + after + 1)
+            if 0 <= r < store.n_rows and index[r, 0] == index[row, 0]]  # fmt: skip
+    x = store.rows(np.array(rows)).reshape(len(rows), -1).astype(np.float64)
+    w = np.asarray(tensors["W_enc"], np.float64).reshape(-1, tensors["W_enc"].shape[-1])
+    tokens = np.concatenate([store.shard_tokens(k) for k in range(len(store.shards))])[rows]
+    return rows, tokens.tolist(), np.maximum(x @ w[:, latent] + tensors["b_enc"][latent], 0.0)
+
+
+def test_browser_data_against_brute_force(analysed):
+    config, workdir, _ = analysed
+    ac = config.analysis
+    data = _browser_data(workdir)
+    store = ActivationStore(wd.activations_dir(workdir))
+    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
+    assert "threshold" not in tensors  # the brute force assumes a plain ReLU
+    with open(os.path.join(wd.stage_dir(workdir, "analysis"), "latents.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(r["id"], r["nrn"], r["class"]) for r in data["latents"]] == [
+        (ln["id"], ln["nrn"], ln["class"]) for ln in lines
+    ]
+    alive = [ln["id"] for ln in lines if ln["top_examples"]]
+    assert sorted(map(int, data["details"])) == alive  # 64 latents: under browser_latents
+    dec_norm = np.linalg.norm(tensors["W_dec"], axis=-1)  # [h, m] raw
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(config.models[r]) for r in data["roles"]]
+    for i in alive[:6]:
+        d = data["details"][str(i)]
+        np.testing.assert_allclose(d["dec_norm"], dec_norm[i], rtol=1e-5)
+        for e, line_ex in zip(d["examples"], lines[i]["top_examples"]):
+            rows, tokens, f = _context_f(store, tensors, i, line_ex["row"], ac.context_before,
+                                         ac.context_after)  # fmt: skip
+            assert e["tokens"] == tokens
+            np.testing.assert_allclose(e["f"], f, rtol=1e-4, atol=1e-5)
+            assert e["f"][e["centre"]] == pytest.approx(line_ex["activation"], rel=1e-4)
+            assert rows[e["centre"]] == line_ex["row"]
+        # Histogram: every nonzero activation of the store, once.
+        n = round(lines[i]["firing_freq_store"] * store.n_rows)
+        assert sum(d["hist"]["counts"]) == n
+        # Promoted tokens: W_U (gamma * W_dec[i, m]) by hand.
+        for m, model in enumerate(models):
+            w_u = model.lm_head.weight.detach().double().numpy()
+            gamma = model.model.norm.weight.detach().double().numpy()
+            logits = w_u @ (gamma * tensors["W_dec"][i, m].astype(np.float64))
+            top = np.argsort(-logits)[: ac.browser_promoted]
+            assert [t for t, _ in d["promoted"][m]] == top.tolist()
+            np.testing.assert_allclose([v for _, v in d["promoted"][m]], logits[top], atol=1e-4)
+
+
+def _dump_dom(url: str) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium; fails on a console
+    message (a script error)."""
+    profile = tempfile.mkdtemp()
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+        "--dump-dom", url,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln]
+    assert not console, console
+    return proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium is not installed")
+def test_browser_driven_in_headless_chromium(analysed):
+    """Filters, sorts and clicks through the page's own controls (the URL fragment fires
+    their events), then reads the listed rows and the shaded contexts from the DOM."""
+    import html as htmlmod
+    import re
+
+    _, workdir, _ = analysed
+    data = _browser_data(workdir)
+    page = "file://" + os.path.join(wd.stage_dir(workdir, "analysis"), "browser.html")
+    # A filter that lists some latents and hides others: the class and a top token (not
+    # blank) of the most frequent latent that has one.
+    by_freq = sorted(data["latents"], key=lambda r: (-r["freq_store"], r["id"]))
+    cls, q = next((r["class"], t.strip()) for r in by_freq for t in r["top_tokens"] if t.strip())
+    vocab = data["vocab"]
+
+    def listed(r):
+        prom = [vocab[str(t)] for ps in data["details"].get(str(r["id"]), {}).get("promoted", [])
+                for t, _ in ps]  # fmt: skip
+        return (
+            r["class"] == cls
+            and 0.3 <= r["nrn"] <= 0.9
+            and any(q.lower() in w.lower() for w in r["top_tokens"] + prom)
+        )
+
+    want = sorted((r for r in data["latents"] if listed(r)), key=lambda r: (-r["nrn"], r["id"]))
+    assert 0 < len(want) < len(data["latents"])
+    frag = urllib.parse.urlencode({"class": cls, "nrn_min": 0.3, "nrn_max": 0.9, "q": q,
+                                   "sort": "nrn", "dir": "desc", "open": "first"})  # fmt: skip
+    dom = _dump_dom(f"{page}#{frag}")
+    assert re.search(r'id="count"[^>]*data-n="(\d+)"', dom).group(1) == str(len(want))
+    rows = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', dom)]
+    assert rows == [r["id"] for r in want]
+    # The click opened the first listed latent: its contexts, side by side, each token's
+    # contribution f * ||W_dec[i, m]|| and its shading on one scale for both models.
+    first = want[0]["id"]
+    assert re.search(r'id="detail" data-id="(\d+)"', dom).group(1) == str(first)
+    d = data["details"][str(first)]
+    sides = re.findall(r'<div class="side" data-role="(\w+)">(.*?)</div>', dom)
+    assert [role for role, _ in sides] == data["roles"] * len(d["examples"])
+    top = max(f * max(d["dec_norm"]) for e in d["examples"] for f in e["f"])
+    # Chromium writes an opaque colour as rgb(...): alpha 1.
+    tok_re = r'<span class="tok( centre)?" data-f="([^"]*)" data-c="([^"]*)"[^>]*' \
+             r'background: rgba?\(255, 120, 0(?:, ([\d.]+))?\);">(.*?)</span>'  # fmt: skip
+    for k, (role, body) in enumerate(sides):
+        e, m = d["examples"][k // 2], data["roles"].index(role)
+        spans = re.findall(tok_re, body)
+        assert [htmlmod.unescape(s[4]) for s in spans] == [
+            vocab[str(t)].replace("\n", "\u21b5") for t in e["tokens"]
+        ]
+        assert [bool(s[0]) for s in spans].index(True) == e["centre"]
+        c = np.array([float(s[2]) for s in spans])
+        np.testing.assert_allclose(c, np.array(e["f"]) * d["dec_norm"][m], rtol=1e-6)
+        # Chromium keeps a colour's alpha in 8 bits: a step of 1/255.
+        alpha = [float(s[3] or 1) for s in spans]
+        np.testing.assert_allclose(alpha, c / top, atol=1 / 255 + 5e-4)
+    proms = re.findall(r'<ol data-role="(\w+)">(.*?)</ol>', dom)
+    for role, body in proms:
+        ids = [int(t) for t in re.findall(r'data-token="(\d+)"', body)]
+        assert ids == [t for t, _ in d["promoted"][data["roles"].index(role)]]
+    bars = [int(c) for c in re.findall(r'<rect [^>]*data-count="(\d+)"', dom)]
+    assert bars == d["hist"]["counts"]
+    # A latent the filter hides cannot be clicked: nothing opens.
+    hidden = next(r["id"] for r in data["latents"] if not listed(r))
+    frag = urllib.parse.urlencode({"class": cls, "nrn_min": 0.3, "nrn_max": 0.9, "q": q,
+                                   "open": hidden})  # fmt: skip
+    dom = _dump_dom(f"{page}#{frag}")
+    assert 'id="detail"><p class="muted">No latent selected.' in dom

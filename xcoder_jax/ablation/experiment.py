@@ -37,6 +37,7 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.ablation import controls
 from xcoder_jax.ablation.probe import LogitProbe, marker_positions
 from xcoder_jax.ablation.report import plot_ablation
+from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
@@ -155,9 +156,9 @@ def run_ablation(config, workdir: str) -> dict:
     cats = list(ac.categories)
 
     doc_ids = sorted(stored)
-    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
+    exclusion = Exclusion.from_manifest(store.manifest)
+    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
     docs = [d[: config.data.max_tokens] for d in docs]
-    first = int(store.manifest.get("first_position", 1))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
     counts = selection.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
@@ -185,7 +186,7 @@ def run_ablation(config, workdir: str) -> dict:
     }
     bar = tqdm(total=len(cats) * len(results["fracs"]), desc="ablation", unit="set")
     for c, cat in enumerate(cats):
-        where = marker_positions(docs, forms[cat], first)
+        where = marker_positions(docs, forms[cat], exclusion)
         # Only documents holding a marker are run: the others add no measurement.
         held = sorted({d for d, _, _ in where})
         where = [(held.index(d), p, t) for d, p, t in where]
@@ -196,7 +197,9 @@ def run_ablation(config, workdir: str) -> dict:
             bar.update(len(results["fracs"]))
             continue
         clusters = np.array([doc_ids[held[d]] for d, _, _ in where])
-        probe = LogitProbe(models, xcoder, [docs[d] for d in held], ac.batch_size, pad_id, first)
+        probe = LogitProbe(
+            models, xcoder, [docs[d] for d in held], ac.batch_size, pad_id, exclusion
+        )
         clean = [probe.logits(m, [], where) for m in range(len(models))]
         f = probe.latent_acts(where)  # [n, h]
         entry["clean_logit"] = {r: float(clean[m].mean()) for m, r in enumerate(roles)}

@@ -3,9 +3,10 @@
     extract(config, workdir)                            # one process
     extract(config, workdir, shard_index=k, num_shards=n); merge(config, workdir, n)
 
-Rows are the input of block L (see `xcoder_jax.site`) at every position of every document,
-position 0 dropped by default, in raw model units. An interrupted extraction resumes from
-the last shard on disk; a complete store with the same settings is left as it is.
+Rows are the input of block L (see `xcoder_jax.site`) at every position of every document
+but the excluded ones (`exclude.Exclusion`: position 0 by default), in raw model units. An
+interrupted extraction resumes from the last shard on disk; a complete store with the same
+settings is left as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.activations import budget
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import models as pair
+from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.activations.sources import iter_documents
 from xcoder_jax.activations.writer import StoreWriter, merge_parts
 from xcoder_jax.errors import ConfigError
@@ -82,7 +84,9 @@ def _pair_facts(config, workdir: str) -> dict:
     }
 
 
-def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict:
+def _fingerprint(
+    config, facts: dict, shard_index: int, num_shards: int, exclusion: Exclusion
+) -> dict:
     models = [
         {"role": r, "source": p, "revision": rev, "weights": pair.weights_fingerprint(p, rev)}
         for r, (p, rev) in facts["sources"].items()
@@ -91,7 +95,7 @@ def _fingerprint(config, facts: dict, shard_index: int, num_shards: int) -> dict
         "models": models,
         "tokenizer_sha256": facts["tokenizer_sha256"],
         "layer": facts["layer"],
-        "drop_first": bool(config.extract.drop_first),
+        **exclusion.fingerprint(),
         "dtype": config.extract.dtype,
         "shard_rows": int(config.extract.shard_rows),
         "torch_dtype": config.models.torch_dtype,
@@ -124,7 +128,8 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
     if not 0 <= shard_index < num_shards:
         raise ConfigError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     facts = _pair_facts(config, workdir)
-    fingerprint = _fingerprint(config, facts, shard_index, num_shards)
+    exclusion = Exclusion.from_config(config.extract, facts["tokenizer"])
+    fingerprint = _fingerprint(config, facts, shard_index, num_shards, exclusion)
     directory = part_dir(workdir, shard_index, num_shards)
     existing = os.path.join(directory, mf.MANIFEST)
     if os.path.exists(existing):
@@ -180,7 +185,8 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
         meta={
             "layer": facts["layer"],
             "n_layers": facts["n_layers"],
-            "first_position": first_position,
+            "first_position": exclusion.first,
+            "exclude": exclusion.manifest_entry(),
             "tokenizer_sha256": facts["tokenizer_sha256"],
             "models": fingerprint["models"],
         },
@@ -212,13 +218,8 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
             ]
         )
         for i, (doc, ids) in enumerate(batch):
-            pos = np.arange(first_position, len(ids))
-            writer.add(
-                hidden[:, i, first_position : len(ids)].transpose(1, 0, 2),
-                ids[first_position:],
-                doc,
-                pos,
-            )
+            pos = np.flatnonzero(exclusion.keep(ids))
+            writer.add(hidden[:, i, pos].transpose(1, 0, 2), ids[pos], doc, pos)
         bar.set_postfix(rows=writer.rows_written)
     bar.close()
     return writer.close()

@@ -59,6 +59,9 @@ class StoreWriter:
         self._tokens: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
         self._buffered = 0
+        # The document of the last row taken for a shard (-1: none yet): a shard's row starts
+        # a document where its document differs from the row before it.
+        self._last_doc = self.resume_point[0] if self.resume_point else -1
         # One background thread writes shards (conversion, files, fsync, log line) while the
         # caller computes the next rows; at most one shard is in flight, so memory is bounded.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
@@ -122,13 +125,17 @@ class StoreWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The next n buffered rows (acts, tokens, index) and the document of the row before."""
         acts, tokens, index = (np.concatenate(b) for b in (self._acts, self._tokens, self._index))
         self._acts, self._tokens, self._index = [acts[n:]], [tokens[n:]], [index[n:]]
         self._buffered -= n
-        return acts[:n], tokens[:n], index[:n]
+        prev_doc, self._last_doc = self._last_doc, int(index[n - 1, 0])
+        return acts[:n], tokens[:n], index[:n], prev_doc
 
-    def _write_shard(self, acts: np.ndarray, tokens: np.ndarray, index: np.ndarray) -> None:
+    def _write_shard(
+        self, acts: np.ndarray, tokens: np.ndarray, index: np.ndarray, prev_doc: int
+    ) -> None:
         n = len(index)
         k = len(self.shards)
         stored = mf.to_disk(acts, self.dtype)  # [n, n_models, d]
@@ -156,8 +163,9 @@ class StoreWriter:
             "sha256": hashes,
             "first": [int(index[0, 0]), int(index[0, 1])],
             "last": [int(index[-1, 0]), int(index[-1, 1])],
-            # A document's first kept row starts it; summed, these count documents.
-            "docs_started": int(np.sum(index[:, 1] == self.meta["first_position"])),
+            # A document's first stored row starts it (whatever its position: excluded tokens
+            # may come first); summed, these count documents.
+            "docs_started": int(np.sum(np.diff(index[:, 0], prepend=prev_doc) != 0)),
         }
         mf.append_shard_record(self.directory, record)
         self.shards.append(record)

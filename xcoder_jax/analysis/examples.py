@@ -4,8 +4,8 @@ The top-k is kept while streaming over the store (`RunningTopK`), so no more tha
 of latent activations is ever in memory. Contexts are rebuilt afterwards from the store's
 token and (document, position) shards: rows of a document are contiguous in the store, so the
 tokens around row g are rows g - before ... g + after that belong to the same document.
-Position 0 of every document (the attention-sink token) is not in the store; a context that
-reaches the start of its document says so (`doc_start`).
+The positions the store excludes (position 0, the attention sink, by default) are not in it;
+a context that reaches the first stored row of its document says so (`doc_start`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def gather_windows(store, rows: np.ndarray, before: int, after: int) -> dict[str
     reaches the first stored row of the document; position 0 is not stored).
     """
     rows = np.asarray(rows, np.int64)
-    offsets = np.arange(-before, after + 1)
+    # One row more on the left: the window reaches the document's first stored row exactly
+    # when that row is outside the document (whatever its position: excluded tokens may
+    # come first).
+    offsets = np.arange(-before - 1, after + 1)
     window = rows[:, None] + offsets[None, :]
     valid = (window >= 0) & (window < store.n_rows)
     flat = np.where(valid, window, 0).ravel()
@@ -99,16 +102,14 @@ def gather_windows(store, rows: np.ndarray, before: int, after: int) -> dict[str
         docs[sel], positions[sel] = index[:, 0], index[:, 1]
     shape = window.shape
     tokens, docs, positions = tokens.reshape(shape), docs.reshape(shape), positions.reshape(shape)
-    centre = before
+    centre = before + 1
     same_doc = valid & (docs == docs[:, centre : centre + 1])
     tokens = np.where(same_doc, tokens, PAD)
-    first_kept = np.where(same_doc, positions, np.iinfo(np.int64).max).min(1)
-    first_position = int(store.manifest.get("first_position", 1))
     return {
-        "tokens": tokens,
+        "tokens": tokens[:, 1:],
         "doc": docs[:, centre],
         "position": positions[:, centre],
-        "doc_start": first_kept <= first_position,
+        "doc_start": ~same_doc[:, 0],
     }
 
 
@@ -131,7 +132,7 @@ def marker_category_at(
     return out
 
 
-def _decode_pieces(tokenizer, pieces: list[list[int]]) -> list[str]:
+def decode_pieces(tokenizer, pieces: list[list[int]]) -> list[str]:
     if tokenizer is None:
         return [" ".join(f"[{t}]" for t in p) for p in pieces]
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -156,7 +157,7 @@ def render(
     left = [[int(t) for t in w[:before] if t != PAD] for w in tokens]
     mid = [[int(w[before])] for w in tokens]
     right = [[int(t) for t in w[before + 1 :] if t != PAD] for w in tokens]
-    texts = _decode_pieces(tokenizer, left + mid + right)
+    texts = decode_pieces(tokenizer, left + mid + right)
     n = len(tokens)
     out = []
     for i in range(n):

@@ -74,7 +74,8 @@ def _table(header: list[str] | None, rows: list[list[str]]) -> str:
 
 def _context(e: dict, first_position: int = 1) -> str:
     show = lambda s: E(s.replace("\n", "\u21b5 "))
-    note = "[doc start; position 0 not stored] " if first_position > 0 else "[doc start] "
+    notes = {0: "[doc start] ", 1: "[doc start; position 0 not stored] "}
+    note = notes.get(first_position, f"[doc start; positions < {first_position} not stored] ")
     start = f'<span class="doc0">{note}</span>' if e["doc_start"] else ""
     return (
         f'<span class="ctx">{start}{show(e["left"])}<mark>{show(e["token"])}</mark>'

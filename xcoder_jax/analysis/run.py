@@ -10,6 +10,8 @@ records the same export, store and analysis settings is left as it is.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 from xcoder_jax import checkpoint as ckpt
@@ -17,13 +19,15 @@ from xcoder_jax import stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import models as pair
-from xcoder_jax.analysis import report, splice
+from xcoder_jax.activations.exclude import Exclusion
+from xcoder_jax.analysis import browser, report, splice
 from xcoder_jax.analysis.summary import LATENTS, analyze
 from xcoder_jax.exported import ExportedCrosscoder
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
 # with error and reconstruction ratios, category NRN against alive latents, strict JSON.
-ANALYSIS_FORMAT = 2
+# 3: the feature browser (browser.html).
+ANALYSIS_FORMAT = 3
 SUMMARY, REPORT = "summary.json", "report.html"
 
 
@@ -83,7 +87,7 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     out_dir = wd.stage_dir(workdir, "analysis")
     store, tensors, export_config = load_inputs(config, workdir)
     fp = fingerprint(config, workdir, store)
-    done = stage.done(out_dir, SUMMARY, fp, [LATENTS, REPORT])
+    done = stage.done(out_dir, SUMMARY, fp, [LATENTS, REPORT, browser.BROWSER])
     if done is not None:
         return done
     start = time.time()
@@ -92,36 +96,47 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     if pair.tokenizer_fingerprint(tokenizer) != store.manifest.get("tokenizer_sha256"):
         raise pair.PairError(f"the tokenizer of {path} is not the one the store was made with")
     _, heldout = store.split(config.train.eval_shards)
+    hist = browser.ActivationHistogram(int(export_config["n_latents"]))
     summary, kept = analyze(
-        store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress
+        store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress, hist
     )
 
+    # The pair serves splice-in and the browser's promoted tokens (loaded only for them).
+    device = pair.torch_device(config.models.device)
+    roles = ckpt.role_order({"models": store.manifest.get("models")})
+    models = []
+    for role in roles if ac.splice_docs > 0 or ac.browser_promoted > 0 else ():
+        path, rev = pair.model_source(config, workdir, role)  # in the crosscoder's order
+        models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
     if ac.splice_docs > 0:
-        summary["splice"] = _splice(config, workdir, store, tensors, heldout, tokenizer)
+        summary["splice"] = _splice(config, workdir, store, tensors, heldout, tokenizer, models)
     else:
         summary["splice"] = {"skipped": "analysis.splice_docs is 0"}
+    with open(os.path.join(out_dir, LATENTS)) as f:
+        lines = [json.loads(line) for line in f]
+    data = browser.browser_data(
+        lines, store, ExportedCrosscoder(tensors), models, tokenizer, hist, ac, roles
+    )
     summary["fingerprint"] = fp
     summary["seconds"] = round(time.time() - start, 1)
     draw = lambda p: report.write_report(p, summary, kept, wd.metrics_path(workdir), workdir)
-    return stage.commit(out_dir, SUMMARY, summary, {REPORT: draw})
+    outputs = {REPORT: draw, browser.BROWSER: lambda p: browser.write_browser(p, data)}
+    return stage.commit(out_dir, SUMMARY, summary, outputs)
 
 
-def _splice(config, workdir, store, tensors, heldout, tokenizer) -> dict:
+def _splice(config, workdir, store, tensors, heldout, tokenizer, models) -> dict:
     ac = config.analysis
     stored, n_cut = splice.heldout_documents(store, heldout, ac.splice_docs)
     if not stored:
         return {"skipped": "the held-out shards hold no document"}
-    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored)
-    device = pair.torch_device(config.models.device)
+    exclusion = Exclusion.from_manifest(store.manifest)
+    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
     roles = ckpt.role_order({"models": store.manifest.get("models")})
-    models = []
-    for role in roles:  # in the crosscoder's model order
-        path, rev = pair.model_source(config, workdir, role)
-        models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
+    device = next(models[0].parameters()).device
     encoder = ExportedCrosscoder(tensors).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = splice.splice_ce(
-        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles
+        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles, exclusion
     )
     for role in out.values():
         role["docs_partly_trained"] = n_cut

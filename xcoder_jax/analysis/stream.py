@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xcoder_jax.analysis.browser import ActivationHistogram
 from xcoder_jax.analysis.categories import ANCHOR, marker_rows
 from xcoder_jax.analysis.examples import RunningTopK
 from xcoder_jax.analysis.scaling import LatentScaling
@@ -66,6 +67,7 @@ def scan_store(
     batch_rows: int,
     scaling: LatentScaling | None = None,
     progress: bool = True,
+    hist: ActivationHistogram | None = None,
 ) -> ScanResult:
     """Streams every shard of `store` once; see the module docstring.
 
@@ -73,6 +75,7 @@ def scan_store(
     one of its sequences ends (the position at which the whole marker has been read: the
     lexicon's "read" anchor, `categories.ANCHOR`).
     heldout: shard ids of the held-out slice (firing frequency, FVE, latent scaling).
+    hist: filled with every nonzero activation of the whole store, when given.
     """
     h, m = encoder.n_latents, encoder.n_models
     topk = RunningTopK(h, top_k)
@@ -125,6 +128,10 @@ def scan_store(
                 else:
                     topk.update(f_t, rows)
                     fired_per_latent = f_t.sign().sum(1).long()  # f >= 0, so sign is 0/1
+                    if hist is not None:
+                        latent, col = f_t.nonzero(as_tuple=True)
+                if hist is not None:
+                    hist.update(latent, f_t[latent, col])
                 fire_count += fired_per_latent
                 sel = np.flatnonzero(member[:, lo:hi].any(0))
                 if len(sel):

@@ -21,10 +21,19 @@ LATENTS = "latents.jsonl"
 
 
 def analyze(
-    store, tensors, export_config, ac, heldout, tokenizer, out_dir: str, progress: bool = True
+    store,
+    tensors,
+    export_config,
+    ac,
+    heldout,
+    tokenizer,
+    out_dir: str,
+    progress: bool = True,
+    hist=None,
 ) -> tuple[dict, dict[int, dict]]:
     """Everything but splice-in and the report: returns (summary, kept latent lines) and
-    writes latents.jsonl. Usable on any store/export pair (the benchmark calls it)."""
+    writes latents.jsonl. Usable on any store/export pair (the benchmark calls it). `hist`
+    (a `browser.ActivationHistogram`), when given, is filled during the store pass."""
     roles = ckpt.role_order({"models": export_config.get("models") or store.manifest.get("models")})
     base, dist = roles.index("base"), roles.index("distilled")
     w_norm = ckpt.normalised_decoder(tensors, export_config)  # [h, m, d] normalised
@@ -55,6 +64,7 @@ def analyze(
         ac.batch_rows,
         scaling=fitter,
         progress=progress,
+        hist=hist,
     )
     freq_held = scan.fire_heldout / max(scan.heldout_rows, 1)
     freq_store = scan.fire_count / max(store.n_rows, 1)
