@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import micro_config
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, budget, extract
+from xcoder_jax.activations.exclude import Exclusion
 
 
 def test_paper_figures():
@@ -24,9 +25,15 @@ def test_cap_rows_truncates_the_last_document():
     import numpy as np
 
     docs = [(0, np.arange(5)), (1, np.arange(7)), (2, np.arange(4))]  # 4 + 6 + 3 rows
-    capped = list(budget.cap_rows(docs, 7, first_position=1))
+    first = Exclusion(first=1).keep
+    capped = list(budget.cap_rows(docs, 7, first))
     assert [(d, len(ids)) for d, ids in capped] == [(0, 5), (1, 4)]  # 4 + 3 rows
-    assert list(budget.cap_rows(docs, -1, 1)) == docs
+    assert list(budget.cap_rows(docs, -1, first)) == docs
+    # An excluded token is not a row: token 2 is left out, so document 1 needs 5 ids for
+    # its 3 rows (positions 1, 3, 4).
+    no_twos = Exclusion(first=1, token_ids=(2,)).keep
+    capped = list(budget.cap_rows(docs, 6, no_twos))
+    assert [(d, len(ids)) for d, ids in capped] == [(0, 5), (1, 5)]  # 3 + 3 rows
 
 
 def test_too_small_disk_stops_before_any_shard(micro_pair, tmp_path, monkeypatch, capsys):

@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from xcoder_jax.crosscoder import Crosscoder, batch_topk, batchtopk_loss
-from xcoder_jax.crosscoder import top_k_two_stage as batch_top_k
 from xcoder_jax.sparse_topk import batchtopk_loss_sparse, use_sparse
 
 B, M, D, H, K, AUX_K = 24, 2, 8, 64, 3, 5
@@ -140,22 +139,3 @@ def test_sparse_on_eight_devices_equals_one_and_dense():
         timeout=600,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
-
-
-@pytest.mark.parametrize("row_k", [2, 6, 64])
-def test_two_stage_selection_is_lax_top_k(row_k):
-    """Exact in both branches: rows above row_k candidates (the fallback) and below."""
-    rng = np.random.default_rng(0)
-    weighted = np.maximum(rng.normal(size=(16, 64)), 0).astype(np.float32)
-    weighted[3, :40] = 5.0  # one row with 40 tied large entries: forces the fallback at 2, 6
-    weighted[7] = np.round(weighted[7] * 2) / 2  # ties inside a row
-    n_max = 4 * 16
-    want_vals, want_idx = jax.lax.top_k(jnp.asarray(weighted).reshape(-1), n_max)
-    vals, idx = batch_top_k(jnp.asarray(weighted), n_max, row_k)
-    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
-    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
-    without = weighted.copy()
-    without[3] = 0.0  # no crowded row: the two stages alone
-    want = jax.lax.top_k(jnp.asarray(without).reshape(-1), n_max)
-    got = batch_top_k(jnp.asarray(without), n_max, 6)
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

@@ -109,40 +109,13 @@ class Crosscoder(nnx.Module):
         return self.decode(self.encode(x, kind))
 
 
-# Candidates per row for the two-stage batch top-k: a row may hold this many times the
-# average k before the exact one-stage selection has to run.
-ROW_K = 4
-
-
-def top_k_two_stage(weighted: jax.Array, n_max: int, row_k: int):
-    """`lax.top_k(weighted.reshape(-1), n_max)` (values, flat indices), computed in two
-    stages: each row's `row_k` largest, then the n_max largest of those candidates.
-
-    weighted [B, h] >= 0. The result is the same, ties included (both orders are row-major:
-    lower row, then lower latent first), whenever no row holds more than row_k entries
-    above the n_max-th largest value: every row's row_k-th candidate is below it. Where
-    that fails the exact one-stage `top_k` runs instead (`lax.cond`), so the result is
-    always exact; the two stages are cheaper because XLA's CPU top-k grows with k."""
-    b, h = weighted.shape
-    flat_all = weighted.reshape(-1)
-    if row_k >= h or row_k * b < n_max:
-        return jax.lax.top_k(flat_all, n_max)
-    row_vals, row_idx = jax.lax.top_k(weighted, row_k)  # [B, row_k]
-    vals, cand = jax.lax.top_k(row_vals.reshape(-1), n_max)
-    flat = (cand // row_k) * h + row_idx.reshape(-1)[cand]
-    cut = vals[-1]
-    # Zero entries are never kept, so which zeros fill the last slots does not matter.
-    exact = jnp.all(row_vals[:, -1] < cut) | (cut <= 0)
-    return jax.lax.cond(exact, lambda: (vals, flat), lambda: tuple(jax.lax.top_k(flat_all, n_max)))
-
-
 def batch_topk(weighted: jax.Array, k: int, n_valid: jax.Array | None = None) -> jax.Array:
     """Mask [batch, n_latents] keeping the k * n_valid largest positive entries of the whole
     batch. `n_valid` []: the number of rows that count (masked rows are weighted by 0);
     default: every row."""
     flat = weighted.reshape(-1)
     n_max = min(k * weighted.shape[0], flat.shape[0])
-    _, idx = top_k_two_stage(weighted, n_max, ROW_K * k)  # descending
+    _, idx = jax.lax.top_k(flat, n_max)  # descending
     # The slots of masked-out rows are not handed to the valid ones: k per valid row.
     rank_kept = jnp.arange(n_max) < (n_max if n_valid is None else k * n_valid)
     mask = jnp.zeros(flat.shape, bool).at[idx].set(rank_kept)

@@ -6,8 +6,8 @@ latents on average. Here only the encoder's forward GEMM sees all latents (to ch
 everything else touches the K = k * batch kept pairs:
 
     choose      pre = ReLU(x W_enc + b_enc) [B, h] (no gradient); the kept pairs are the
-                K largest decoder-norm-weighted entries (`crosscoder.top_k_two_stage`:
-                the same set, ties included, as `lax.top_k` over the flat batch)
+                K largest decoder-norm-weighted entries (`lax.top_k` over the flat batch:
+                the same set, ties included, as the dense path)
     values      f_j = pre[r_j, c_j]; its gradient goes to W_enc[:, c_j] and b_enc[c_j] as
                 scatter-adds of x[r_j] (`_gathered_pre`), never through a dense GEMM
     decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum)
@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xcoder_jax.crosscoder import ROW_K, Crosscoder, squared_error, top_k_two_stage
+from xcoder_jax.crosscoder import Crosscoder, squared_error
 
 # CPU measurements (bench/train_step.py): the gathers and scatter-adds of the sparse path
 # beat the dense GEMMs once a row keeps fewer than about 1/200 of the latents.
@@ -105,7 +105,7 @@ def batchtopk_loss_sparse(
     norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
     weighted = relu * norms * weights[:, None]  # masked rows claim no slot
     n_max = min(k * n, n * h)
-    vals, flat = top_k_two_stage(weighted, n_max, ROW_K * k)
+    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
     keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
     rows, cols = flat // h, flat % h
     f_kept = _pairs_values(model, x, pre, rows, cols) * keep

@@ -56,23 +56,26 @@ def free_bytes(path: str) -> int:
 
 
 def cap_rows(
-    docs: Iterable[tuple[int, np.ndarray]], max_rows: int, first_position: int
+    docs: Iterable[tuple[int, np.ndarray]], max_rows: int, keep
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """The documents up to `max_rows` rows in all (-1: no cap); the last one is truncated
-    so the total is exactly `max_rows` when the corpus has that many rows."""
+    """The documents up to `max_rows` stored rows in all (-1: no cap); the last one is
+    truncated so the total is exactly `max_rows` when the corpus has that many rows.
+    keep: ids [T] -> bool [T], the positions a store keeps (`exclude.Exclusion.keep`)."""
     left = max_rows
     for doc, ids in docs:
         if max_rows >= 0:
             if left <= 0:
                 return
-            ids = ids[: first_position + left]
-            left -= max(len(ids) - first_position, 0)
+            kept = np.flatnonzero(keep(ids))
+            if len(kept) > left:
+                ids = ids[: kept[left - 1] + 1]
+            left -= min(len(kept), left)
         yield doc, ids
 
 
 def check_disk(
     docs: Iterable[tuple[int, np.ndarray]],
-    first_position: int,
+    keep,
     n_models: int,
     d_model: int,
     dtype: str,
@@ -90,7 +93,7 @@ def check_disk(
     free = free_bytes(directory)
     rows, complete = 0, True
     for _, ids in docs:
-        rows += max(len(ids) - first_position, 0)
+        rows += int(np.count_nonzero(keep(ids)))
         if (rows - rows_on_disk) * per_row > free:
             complete = False
             break

@@ -143,7 +143,6 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
                 "use another workdir"
             )
     tokenizer = facts["tokenizer"]
-    first_position = 1 if config.extract.drop_first else 0
     max_rows = int(config.extract.get("max_rows", -1))
 
     def share():  # this process's documents, capped at extract.max_rows rows
@@ -152,12 +151,12 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
             for d in iter_documents(config.data, workdir, tokenizer)
             if d[0] % num_shards == shard_index
         )
-        return budget.cap_rows(docs, max_rows, first_position)
+        return budget.cap_rows(docs, max_rows, exclusion.keep)
 
     done = mf.read_manifest(directory).get("shards", []) if os.path.exists(existing) else []
     budget.check_disk(
         share(),
-        first_position,
+        exclusion.keep,
         len(facts["sources"]),
         facts["d_model"],
         config.extract.dtype,
