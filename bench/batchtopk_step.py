@@ -1,4 +1,4 @@
-r"""The BatchTopK train step: ours (auto: sparse or dense), ours dense, and a dense PyTorch step.
+r"""The BatchTopK train step: ours (auto, dense, sparse) and a dense PyTorch step.
 
 The PyTorch step is written the way the public PyTorch crosscoder trainers write BatchTopK:
 encode every latent, weight by decoder norms, `topk` over the flattened batch, scatter, a
@@ -162,6 +162,7 @@ def main():
         runners = {
             f"ours auto ({'sparse' if hp.loss.sparse else 'dense'})": auto,
             "ours dense": ours(d, h, k, args.batch, "dense", steps)[0],
+            "ours sparse": ours(d, h, k, args.batch, "sparse", steps)[0],
             "torch dense": torch_step(d, h, k, args.batch, steps, device),
         }
         for run in runners.values():  # compile / warm up
