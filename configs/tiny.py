@@ -134,11 +134,16 @@ def get_config(arg=None):
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by 'model'
     c.mesh.model = 1  # devices sharing the latent axis
+    # False: the latent axis stays within a host and hosts split the batch (only gradients
+    # cross hosts); True: it spans hosts, each holding a share of the latents.
+    c.mesh.model_across_processes = False
     c.distributed = False  # multi-host: call jax.distributed.initialize()
     # Leave empty/-1 where the cluster tells JAX (Cloud TPU, SLURM, Open MPI).
     c.coordinator_address = ""  # "host:port" of process 0
     c.num_processes = -1
     c.process_id = -1
+    # A process silent this long is declared dead and the others stop with an error.
+    c.heartbeat_seconds = 30
 
     # --- Geometry (parallelogram metric on word-pair relations) --------------------------
     c.geometry = ConfigDict()

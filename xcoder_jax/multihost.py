@@ -25,6 +25,8 @@ from xcoder_jax.errors import XcoderError
 class PeerFailure(XcoderError, RuntimeError):
     """Another process of a multi-host run stopped, so this one cannot go on."""
 
+    exit_at_once = True  # a launch script exits without jax.distributed's shutdown
+
 
 def initialize(config) -> None:
     """Joins the processes of a run (`config.distributed`); no-op otherwise or if joined.
@@ -40,7 +42,7 @@ def initialize(config) -> None:
     given = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id")}
     jax.distributed.initialize(
         **{k: v for k, v in given.items() if v not in ("", -1)},
-        heartbeat_timeout_seconds=int(config.get("heartbeat_seconds", 100)),
+        heartbeat_timeout_seconds=int(config.get("heartbeat_seconds", 30)),
     )
 
 

@@ -192,6 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     scan_rows = store.manifest.get("nonfinite_rows", 1) > 0
     all_valid = np.ones(part.stop - part.start, np.float32)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not main)
+    peer_lost = False
     try:
         with multihost.peers_watched("while training"):
             for step in range(start, tc.steps):
@@ -237,10 +238,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     check_finite(state, done)
                     ckpt.save(mngr, done, state, extra_now(), seen, force=done == tc.steps)
                 bar.update(1)
+    except multihost.PeerFailure:
+        peer_lost = True  # a save under way cannot complete without the lost process
+        raise
     finally:
         bar.close()
         stream.close()
-        mngr.wait_until_finished()
+        if not peer_lost:
+            mngr.wait_until_finished()
     check_finite(state, tc.steps)
     with multihost.peers_watched("while exporting"):
         heldout = store.normalised_batches(eval_shards, tc.batch_size)
