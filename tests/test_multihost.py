@@ -23,7 +23,7 @@ from xcoder_jax.activations import ActivationStore, BatchStream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4  # in all, whatever the number of processes
-STEPS, BATCH, EVERY = 20, 64, 5  # steps; rows a step; log and checkpoint every
+STEPS, BATCH, EVERY = 20, 64, 5  # steps; rows a step; log every (checkpoint every 2x)
 LOGGED = list(range(EVERY, STEPS + 1, EVERY))
 SAVED, KILL_AT = 10, 14  # the checkpoint a killed run resumes from; the step it dies in
 
@@ -37,7 +37,7 @@ FLAGS = {
     "train.lr": 0.01,
     "train.log_every": EVERY,
     "train.eval_every": 2 * EVERY,
-    "train.checkpoint_every": EVERY,
+    "train.checkpoint_every": 2 * EVERY,
     "mesh.data": 2,
     "mesh.model": 2,
     "mesh.model_across_processes": True,
@@ -106,6 +106,9 @@ def _launch(workdir, n, i, port, *, wrapped, env=None):
         "PYTHONWARNINGS": "ignore",
         "PYTHONPATH": ROOT,
         "XC_LOG": os.path.join(workdir, f"log{i}"),
+        # Runs of one shape share their compiled programs (the runs here are CPU-bound).
+        "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(workdir), "..", "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         **(env or {}),
     }
     return subprocess.Popen(
@@ -118,11 +121,16 @@ def _launch(workdir, n, i, port, *, wrapped, env=None):
     )
 
 
-def _run(workdir, n, *, wrapped=True, env_of=lambda i: None):
+def _start(workdir, n, *, wrapped=True):
     port = _free_port()
-    procs = [_launch(workdir, n, i, port, wrapped=wrapped, env=env_of(i)) for i in range(n)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+    return [_launch(workdir, n, i, port, wrapped=wrapped) for i in range(n)]
+
+
+def _finish(procs):
+    """(exit status, stderr) of each process; a failed one fails the test."""
+    results = [(p.communicate(timeout=300)[1], p.returncode) for p in procs]
+    assert [rc for _, rc in results] == [0] * len(procs), results
+    return [err for err, _ in results]
 
 
 def _log(workdir, i):
@@ -173,19 +181,19 @@ def store_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(store_dir, tmp_path_factory):
-    w = _new_workdir(tmp_path_factory.mktemp("mh"), store_dir, "one")
-    [(rc, err)] = _run(w, 1)
-    assert rc == 0, err
-    return w
+def runs(store_dir, tmp_path_factory):
+    """The same config trained by 1 process with 4 devices and by 2 with 2 each, side by
+    side (a run often waits on its processes' barriers, leaving the cores to the other)."""
+    root = tmp_path_factory.mktemp("mh")
+    one, two = (_new_workdir(root, store_dir, name) for name in ("one", "two"))
+    procs = _start(one, 1), _start(two, 2)
+    _finish(procs[0])
+    return one, two, _finish(procs[1])
 
 
 @pytest.fixture(scope="module")
-def two_processes(store_dir, tmp_path_factory):
-    w = _new_workdir(tmp_path_factory.mktemp("mh"), store_dir, "two")
-    results = _run(w, 2)
-    assert [rc for rc, _ in results] == [0, 0], results
-    return w, [err for _, err in results]
+def one_process(runs):
+    return runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +220,8 @@ def killed(store_dir, tmp_path_factory):
     return w, procs[0].returncode, procs[1].returncode, err
 
 
-def test_two_processes_train_like_one_with_one_writer(one_process, two_processes, store_dir):
-    w, errs = two_processes
+def test_two_processes_train_like_one_with_one_writer(runs, store_dir):
+    one_process, w, errs = runs
     _assert_same_weights(one_process, w)
     one, two = _metrics(one_process), _metrics(w)
     assert [r["step"] for r in two] == LOGGED  # each line once: one writer
@@ -257,13 +265,24 @@ def _mark_metrics(workdir):
         f.writelines(json.dumps({**r, "before_kill": True}) + "\n" for r in rows)
 
 
+@pytest.fixture(scope="module")
+def reruns(killed, tmp_path_factory):
+    """The killed run rerun on 2 processes and, from a copy, on 1 (4 devices), side by side,
+    each by the launch line itself."""
+    root = tmp_path_factory.mktemp("mh")
+    dirs = {n: str(root / f"rerun{n}") for n in (2, 1)}
+    for w in dirs.values():
+        shutil.copytree(killed[0], w)
+        _mark_metrics(w)
+    procs = {n: _start(w, n, wrapped=False) for n, w in dirs.items()}
+    for p in procs.values():
+        _finish(p)
+    return dirs
+
+
 @pytest.mark.parametrize("processes", [2, 1])
-def test_rerun_after_a_kill_resumes_to_the_same_result(killed, one_process, processes, tmp_path):
-    w = str(tmp_path / "rerun")
-    shutil.copytree(killed[0], w)
-    _mark_metrics(w)
-    results = _run(w, processes, wrapped=False)  # the launch line itself, not wrapped
-    assert [rc for rc, _ in results] == [0] * processes, results
+def test_rerun_after_a_kill_resumes_to_the_same_result(reruns, one_process, processes):
+    w = reruns[processes]
     rows = _metrics(w)
     assert [r["step"] for r in rows] == LOGGED
     assert [r.get("before_kill", False) for r in rows] == [s <= SAVED for s in LOGGED]
