@@ -51,6 +51,12 @@ def get_config(arg=None):
     c.zoo.n_heads = 4
     c.zoo.n_kv_heads = 2
     c.zoo.mlp_mult = 4  # intermediate size = mlp_mult * hidden
+    # Set by dry runs at a real model's shapes (configs/paper.py:<size>,dryrun); 0 keeps the
+    # zoo's own: the MLP width (else mlp_mult * hidden), the embedding rows (else the
+    # tokenizer's), and random_pair: both models random (two seeds), nothing trained.
+    c.zoo.intermediate_size = 0
+    c.zoo.model_vocab_size = 0
+    c.zoo.random_pair = False
     # Upper bound for the byte-level BPE; the corpus saturates at ~830 entries, enough for
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 1024

@@ -83,13 +83,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, n, i, port, *, wrapped, env=None):
+def _launch(workdir, n, i, port, *, wrapped, env=None, flags=None):
     """Process i of n: `python launch/train.py --config=configs/tiny.py --workdir=...
     --config.distributed=True --config.coordinator_address=127.0.0.1:PORT
     --config.num_processes=n --config.process_id=i` (no distributed flags when n == 1)."""
     script = os.path.join(ROOT, "launch", "train.py")
     args = [f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={workdir}"]
-    args += [f"--config.{k}={v}" for k, v in FLAGS.items()]
+    args += [f"--config.{k}={v}" for k, v in {**FLAGS, **(flags or {})}.items()]
     if n > 1:
         args += [
             "--config.distributed=True",
@@ -121,9 +121,9 @@ def _launch(workdir, n, i, port, *, wrapped, env=None):
     )
 
 
-def _start(workdir, n, *, wrapped=True):
+def _start(workdir, n, *, wrapped=True, flags=None):
     port = _free_port()
-    return [_launch(workdir, n, i, port, wrapped=wrapped) for i in range(n)]
+    return [_launch(workdir, n, i, port, wrapped=wrapped, flags=flags) for i in range(n)]
 
 
 def _finish(procs):
@@ -268,13 +268,16 @@ def _mark_metrics(workdir):
 @pytest.fixture(scope="module")
 def reruns(killed, tmp_path_factory):
     """The killed run rerun on 2 processes and, from a copy, on 1 (4 devices), side by side,
-    each by the launch line itself."""
+    each by the launch line itself. The 2 processes rerun with the default layout, the
+    batch split across them (each reads half of every batch), so the restore also moves the
+    state's shards to other devices."""
     root = tmp_path_factory.mktemp("mh")
     dirs = {n: str(root / f"rerun{n}") for n in (2, 1)}
     for w in dirs.values():
         shutil.copytree(killed[0], w)
         _mark_metrics(w)
-    procs = {n: _start(w, n, wrapped=False) for n, w in dirs.items()}
+    default_layout = {"mesh.model_across_processes": False}
+    procs = {n: _start(w, n, wrapped=False, flags=default_layout) for n, w in dirs.items()}
     for p in procs.values():
         _finish(p)
     return dirs
@@ -293,3 +296,17 @@ def test_rerun_after_a_kill_resumes_to_the_same_result(reruns, one_process, proc
     a, b = _export_config(one_process), _export_config(w)
     for key in ("tokens_trained", "distinct_tokens_trained", "skipped_rows"):
         assert a[key] == b[key], key
+
+
+def test_extraction_takes_the_training_launch_lines_process_flags():
+    from configs import tiny
+    from xcoder_jax import multihost
+
+    c = tiny.get_config()
+    assert multihost.process_share(c, 0, 1) == (0, 1)
+    c.num_processes, c.process_id = 3, 2
+    assert multihost.process_share(c, 0, 1) == (2, 3)
+    assert multihost.process_share(c, 1, 2) == (1, 2)  # explicit shard flags win
+    c.process_id = 3
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 3\), got 3"):
+        multihost.process_share(c, 0, 1)

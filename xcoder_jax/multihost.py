@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from xcoder_jax.errors import XcoderError
+from xcoder_jax.errors import ConfigError, XcoderError
 
 
 class PeerFailure(XcoderError, RuntimeError):
@@ -80,3 +80,20 @@ def peers_watched(where: str):
             f"collective failed, most likely because another process of the run died "
             f"({first}). Rerun every process to resume from the last checkpoint."
         ) from e
+
+
+def process_share(config, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """(index, count) of this process's share of the documents in a split extraction.
+
+    `--shard_index/--num_shards` when given (num_shards > 1); else the training launch
+    line's `config.process_id` / `config.num_processes`, so that extraction and training
+    start the same way; else (0, 1).
+    """
+    if num_shards > 1:
+        return shard_index, num_shards
+    n, i = config.get("num_processes", -1), config.get("process_id", -1)
+    if n > 1:
+        if not 0 <= i < n:
+            raise ConfigError(f"config.process_id must be in [0, {n}), got {i}")
+        return i, n
+    return shard_index, num_shards

@@ -46,9 +46,10 @@ def make_mesh(
     axis_types = (AxisType.Auto, AxisType.Auto)
     if not model_across_processes:
         return jax.make_mesh((data, model), (DATA_AXIS, LATENT_AXIS), axis_types=axis_types)
-    # jax.devices() lists each process's devices together: laid out model-major, the
-    # processes follow one another along 'model'.
-    devices = np.array(jax.devices()).reshape(model, data).T
+    # Each process's devices together, laid out model-major: the processes follow one
+    # another along 'model'.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = np.array(devices).reshape(model, data).T
     return jax.sharding.Mesh(devices, (DATA_AXIS, LATENT_AXIS), axis_types=axis_types)
 
 
