@@ -123,4 +123,5 @@ def dryrun(c: ConfigDict, size: str) -> ConfigDict:
     c.train.eval_shards = 1
     c.analysis.batch_rows = 256
     c.geometry.zoo_relations = True
+    c.geometry.template = " {word}"  # the zoo tokenizer's words are single tokens with a space
     return c
