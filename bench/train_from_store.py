@@ -39,6 +39,9 @@ class InMemoryStore(ActivationStore):
     def shard_acts(self, k: int) -> np.ndarray:
         return self._cache[k]
 
+    def shard_rows(self, k: int, idx: np.ndarray) -> np.ndarray:
+        return self._cache[k][idx]
+
 
 def run_steps(trainer, state, store, steps, batch, position):
     with BatchStream(store, batch, seed=0, normalise=True, start=position, prefetch=4) as stream:

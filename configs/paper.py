@@ -12,6 +12,13 @@ Add `,batchtopk` (`--config=configs/paper.py:1.5b,batchtopk`) for the BatchTopK 
 latents, documents and prompts (xcoder_jax.config_util.runlocal); steering needs
 --config.steering.prompts and geometry --config.geometry.relation_files, as in a full run.
 
+Add `,dryrun` (`--config=configs/paper.py:1.5b,dryrun`) for the paper's shapes end to end
+without the hub: a random-init Qwen2 pair with the real architecture (layers, d_model, heads,
+KV heads, MLP width, vocabulary; the zoo's tokenizer stands in), a few short zoo documents,
+the paper's crosscoder (32,768 latents, bf16 compute) for a few steps, then every stage:
+
+    python launch/pipeline.py --config=configs/paper.py:1.5b,dryrun --workdir=runs/dryrun_1p5b
+
 Every field not set here keeps its configs/tiny.py meaning and default.
 """
 
@@ -29,12 +36,22 @@ PAIRS = {
     "14b": ("Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 5120, 24),
 }
 
+# size -> the base model's architecture (Qwen2.5 configs): layers, heads, KV heads, MLP
+# width, vocabulary rows.
+ARCH = {
+    "1.5b": (28, 12, 2, 8960, 151_936),
+    "7b": (28, 28, 4, 18944, 152_064),
+    "14b": (48, 40, 8, 13824, 152_064),
+}
+DRYRUN = "dryrun"
+
 TOKENS = 400_000_000  # training budget in activation vectors
 BATCH = 1024
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
     arg, topk = config_util.split_variant(arg)  # `,batchtopk`: that loss instead of L1
+    arg, dry = config_util.split_variant(arg, DRYRUN)
     size, local = config_util.parse_arg(arg, "configs/paper.py", tuple(PAIRS))
     base, distilled, d_model, layer = PAIRS[size]
     c = tiny.get_config()
@@ -79,4 +96,34 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.geometry.zoo_relations = False
     if topk:  # k = 100 and aux_k = d_model / 2, as the PyTorch crosscoder trainers use
         config_util.batchtopk(c, k=100, aux_k=d_model // 2)
+    if dry:
+        return dryrun(c, size)
     return config_util.runlocal(c) if local else c
+
+
+def dryrun(c: ConfigDict, size: str) -> ConfigDict:
+    """The paper's shapes on a random pair and a few zoo documents: every stage runs."""
+    d_model = c.crosscoder.d_model
+    n_latents = c.crosscoder.n_latents
+    config_util.runlocal(c)  # few documents, prompts, draws; then the paper's shapes back
+    c.models.base = c.models.distilled = "zoo"
+    c.models.torch_dtype = "float32"  # bf16 matmuls are slower than fp32 on CPUs without AMX
+    n_layers, n_heads, n_kv_heads, mlp, vocab = ARCH[size]
+    z = c.zoo
+    z.sizes, z.main_size = (d_model,), d_model
+    z.n_layers, z.n_heads, z.n_kv_heads = n_layers, n_heads, n_kv_heads
+    z.intermediate_size, z.model_vocab_size, z.random_pair = mlp, vocab, True
+    z.n_heldout_problems, z.max_new_tokens, z.eval_batch_size = 4, 16, 4
+    c.data.sources = [ConfigDict(dict(tiny.SOURCE_DEFAULTS))]  # the zoo's documents
+    c.data.min_tokens, c.data.max_tokens, c.data.max_docs = 0, 128, 16
+    c.extract.batch_size, c.extract.shard_rows = 4, 256
+    c.crosscoder.n_latents = n_latents
+    c.crosscoder.aux_k = min(256, n_latents)
+    c.crosscoder.dead_window_tokens = 1000
+    c.train.steps, c.train.batch_size = 4, 256
+    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 2
+    c.train.eval_shards = 1
+    c.analysis.batch_rows = 256
+    c.geometry.zoo_relations = True
+    c.geometry.template = " {word}"  # the zoo tokenizer's words are single tokens with a space
+    return c

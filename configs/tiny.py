@@ -52,6 +52,12 @@ def get_config(arg=None):
     c.zoo.n_heads = 4
     c.zoo.n_kv_heads = 2
     c.zoo.mlp_mult = 4  # intermediate size = mlp_mult * hidden
+    # Set by dry runs at a real model's shapes (configs/paper.py:<size>,dryrun); 0 keeps the
+    # zoo's own: the MLP width (else mlp_mult * hidden), the embedding rows (else the
+    # tokenizer's), and random_pair: both models random (two seeds), nothing trained.
+    c.zoo.intermediate_size = 0
+    c.zoo.model_vocab_size = 0
+    c.zoo.random_pair = False
     # Upper bound for the byte-level BPE; the corpus saturates at ~830 entries, enough for
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 1024
@@ -153,11 +159,16 @@ def get_config(arg=None):
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by 'model'
     c.mesh.model = 1  # devices sharing the latent axis
+    # False: the latent axis stays within a host and hosts split the batch (only gradients
+    # cross hosts); True: it spans hosts, each holding a share of the latents.
+    c.mesh.model_across_processes = False
     c.distributed = False  # multi-host: call jax.distributed.initialize()
     # Leave empty/-1 where the cluster tells JAX (Cloud TPU, SLURM, Open MPI).
     c.coordinator_address = ""  # "host:port" of process 0
     c.num_processes = -1
     c.process_id = -1
+    # A process silent this long is declared dead and the others stop with an error.
+    c.heartbeat_seconds = 30
 
     # --- Geometry (parallelogram metric on word-pair relations) --------------------------
     c.geometry = ConfigDict()

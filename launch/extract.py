@@ -6,12 +6,15 @@ Split across processes or hosts, then merge:
 
     python launch/extract.py --config=... --workdir=... --shard_index=0 --num_shards=3  # x3
     python launch/extract.py --config=... --workdir=... --num_shards=3 --merge
+
+or with the training launch line's flags (`--config.num_processes=3 --config.process_id=i`
+stand for `--num_shards=3 --shard_index=i`).
 """
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import activations, launch_util
+from xcoder_jax import activations, launch_util, multihost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -24,12 +27,11 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = _CONFIG.value
+    index, count = multihost.process_share(config, _SHARD_INDEX.value, _NUM_SHARDS.value)
     if _MERGE.value:
-        manifest = activations.merge(config, _WORKDIR.value, _NUM_SHARDS.value)
+        manifest = activations.merge(config, _WORKDIR.value, count)
     else:
-        manifest = activations.extract(
-            config, _WORKDIR.value, _SHARD_INDEX.value, _NUM_SHARDS.value
-        )
+        manifest = activations.extract(config, _WORKDIR.value, index, count)
     m = manifest
     print(f"store: {m['n_rows']} rows from {m['n_docs']} documents, layer {m['layer']}")
 

@@ -340,3 +340,19 @@ def test_manifest_of_another_format_version(store_copy):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(acts.StoreError, match="format version 99"):
         acts.ActivationStore(store_copy)
+
+
+@pytest.mark.parametrize("part", [slice(0, 8), slice(8, 32), slice(16, 32)])
+def test_batch_stream_part_reads_its_positions_of_the_same_batches(single, part):
+    # A process of a multi-host run reads only some positions of each batch; the batches
+    # themselves (their ids, in order) do not change, across shard groups and epochs.
+    _, _, store = single
+    n_batches = store.n_rows // 32 + 3
+    with acts.BatchStream(store, 32, seed=3, group_shards=2, start=7 * 32) as stream:
+        whole = [next(stream) for _ in range(n_batches)]
+    with acts.BatchStream(store, 32, seed=3, group_shards=2, start=7 * 32, part=part) as stream:
+        for x, ids in whole:
+            y, j = next(stream)
+            np.testing.assert_array_equal(j, ids)
+            assert y.shape == (part.stop - part.start, store.n_models, store.d_model)
+            np.testing.assert_array_equal(y, x[part])

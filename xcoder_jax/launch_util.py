@@ -14,6 +14,7 @@ absl's own report.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -35,6 +36,11 @@ def one_line(error: BaseException) -> str:
 
 def _fail(error: BaseException) -> None:
     print(one_line(error), file=sys.stderr, flush=True)
+    if getattr(error, "exit_at_once", False):
+        # Exit handlers would wait for what cannot come (jax.distributed's shutdown waits
+        # for a process that died, then aborts): leave without them.
+        sys.stdout.flush()
+        os._exit(1)
     sys.exit(1)
 
 

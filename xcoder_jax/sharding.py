@@ -24,9 +24,18 @@ from xcoder_jax.errors import ConfigError
 STATE_LAYOUT = {"step": P(), "since_fired": P(LATENT_AXIS), "first_bad_step": P()}
 
 
-def make_mesh(data: int, model: int, batch_size: int, n_latents: int) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int, model: int, batch_size: int, n_latents: int, model_across_processes: bool = False
+) -> jax.sharding.Mesh:
     """A (data x model) mesh over every device; `data` <= 0 takes the devices `model`
-    leaves. ConfigError when the axes do not fit the devices, the batch or the latents."""
+    leaves. ConfigError when the axes do not fit the devices, the batch or the latents.
+
+    By default neighbouring devices (those of one process first) share the latent axis and
+    processes split the batch, the cheap way round: only gradients cross hosts. With
+    `model_across_processes` the latent axis spans processes instead (each host holds a
+    share of the latents of a crosscoder too large for one), and every process reads all
+    rows of each batch.
+    """
     n_dev = jax.device_count()
     data = data if data > 0 else n_dev // model
     if data * model != n_dev:
@@ -34,9 +43,14 @@ def make_mesh(data: int, model: int, batch_size: int, n_latents: int) -> jax.sha
     if batch_size % data or n_latents % model:
         raise ConfigError("batch_size must divide over 'data' and n_latents over 'model'")
     # Auto axes: shardings are constraints for the compiler (GSPMD), not part of the types.
-    return jax.make_mesh(
-        (data, model), (DATA_AXIS, LATENT_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
-    )
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    if not model_across_processes:
+        return jax.make_mesh((data, model), (DATA_AXIS, LATENT_AXIS), axis_types=axis_types)
+    # Each process's devices together, laid out model-major: the processes follow one
+    # another along 'model'.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = np.array(devices).reshape(model, data).T
+    return jax.sharding.Mesh(devices, (DATA_AXIS, LATENT_AXIS), axis_types=axis_types)
 
 
 def state_specs(abstract: dict) -> dict:
@@ -65,6 +79,7 @@ class ShardedStep:
             state_specs(self._abstract),
             is_leaf=lambda x: isinstance(x, P),
         )
+        self.replicated = NamedSharding(mesh, P())
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         # Two compilations of one step: with every metric (for the steps that log) and with
         # the loss alone (the rest, about 10% faster on a CPU; the state is updated the same).
@@ -72,12 +87,16 @@ class ShardedStep:
             with_metrics: jax.jit(
                 functools.partial(ts.train_step, hp=hp, with_metrics=with_metrics),
                 in_shardings=(self.state_sharding, self.batch_sharding, self.weight_sharding),
-                out_shardings=(self.state_sharding, None),
+                # Metrics replicated: every process can read them.
+                out_shardings=(self.state_sharding, self.replicated),
                 donate_argnums=0,
             )
             for with_metrics in (True, False)
         }
-        self.eval_batch = jax.jit(functools.partial(ts.eval_batch, hp=hp))
+        self.eval_batch = jax.jit(
+            functools.partial(ts.eval_batch, hp=hp), out_shardings=self.replicated
+        )
+        self._gather = jax.jit(lambda x: x, out_shardings=self.replicated)
 
     def init(self, b_dec=None) -> dict:
         """A fresh state; b_dec [n_models, d_model] normalised (default 0)."""
@@ -93,17 +112,42 @@ class ShardedStep:
             self.state_sharding,
         )
 
-    def to_device(self, batch: np.ndarray, weights: np.ndarray):
-        """Host rows [local_batch, m, d] and weights [local_batch] -> global arrays sharded
-        over 'data' (each process passes its own rows)."""
+    def local_rows(self, batch_size: int) -> slice:
+        """The positions of a global batch held by this process's devices (all of them in
+        one process; a contiguous block, or all of them when 'model' spans processes)."""
+        shape = (batch_size, self.hp.n_models, self.hp.d_model)
+        spans = {
+            idx[0].indices(batch_size)[:2]
+            for idx in self.batch_sharding.addressable_devices_indices_map(shape).values()
+        }
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != hi - lo:
+            raise ConfigError(f"this process's rows of the batch are not contiguous: {spans}")
+        return slice(lo, hi)
+
+    def to_device(self, batch: np.ndarray, weights: np.ndarray, batch_size: int | None = None):
+        """Host rows [local_rows, m, d] and weights [local_rows] -> global arrays
+        [batch_size, m, d] and [batch_size] sharded over 'data': each process passes the
+        rows at its `local_rows(batch_size)` (all rows in one process, the default)."""
+        n = len(batch) if batch_size is None else batch_size
         return (
-            jax.make_array_from_process_local_data(self.batch_sharding, batch),
-            jax.make_array_from_process_local_data(self.weight_sharding, weights),
+            jax.make_array_from_process_local_data(
+                self.batch_sharding, batch, (n, *batch.shape[1:])
+            ),
+            jax.make_array_from_process_local_data(self.weight_sharding, weights, (n,)),
         )
+
+    def replicate(self, x):
+        """A global array as a copy on every device (every process can read it whole)."""
+        return self._gather(x)
 
     def step(self, state, batch, weights, with_metrics: bool = True):
         """One training step: (new state, metrics). The input state is donated (consumed)."""
         return self._step[with_metrics](state, batch, weights)
 
     def evaluate(self, state, batches) -> dict:
-        return ts.evaluate(state, batches, hp=self.hp, eval_fn=self.eval_batch)
+        """Held-out metrics; every process evaluates the same `batches` (numpy, normalised)."""
+        on_mesh = (
+            jax.make_array_from_process_local_data(self.replicated, np.asarray(x)) for x in batches
+        )
+        return ts.evaluate(state, on_mesh, hp=self.hp, eval_fn=self.eval_batch)

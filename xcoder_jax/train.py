@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import strict_json
+from xcoder_jax import multihost, strict_json
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
@@ -101,36 +101,36 @@ def _count(bits: np.ndarray) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
 
-def _count_across_hosts(bits: np.ndarray) -> int:
-    """Distinct rows trained on, over all hosts (each host marks the rows it read)."""
-    if jax.process_count() == 1:
-        return _count(bits)
-    from jax.experimental import multihost_utils
-
-    return _count(np.bitwise_or.reduce(multihost_utils.process_allgather(bits), axis=0))
-
-
 # --- The loop ---------------------------------------------------------------------------
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes) the crosscoder of `workdir`; returns the final eval metrics."""
-    if config.get("distributed", False):
-        given = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id")}
-        jax.distributed.initialize(**{k: v for k, v in given.items() if v not in ("", -1)})
+    """Trains (or resumes) the crosscoder of `workdir`; returns the final eval metrics.
+
+    With `config.distributed` every process of the run calls this with the same config and
+    workdir (see `multihost`); the result does not depend on the number of processes.
+    """
+    multihost.initialize(config)
+    main = multihost.is_main()
     store = open_store(config, workdir)
     train_shards, eval_shards = store.split(config.train.eval_shards)
-    # Each host reads its own share of the training shards.
-    host_shards = train_shards[jax.process_index() :: jax.process_count()]
     tc = config.train
     # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
     hp = ts.HParams.from_config(config, store.d_model, store.total_variance * store.scales**2)
-    mesh = make_mesh(config.mesh.data, config.mesh.model, tc.batch_size, hp.n_latents)
+    mesh = make_mesh(
+        config.mesh.data,
+        config.mesh.model,
+        tc.batch_size,
+        hp.n_latents,
+        config.mesh.get("model_across_processes", False),
+    )
     trainer = ShardedStep(hp, mesh)
 
     mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
     metrics_file = wd.metrics_path(workdir)
     latest = mngr.latest_step()
+    # Rows trained on, over all processes: each process marks every row of each global
+    # batch, so the bitmap is the same everywhere (and saved once).
     seen = _new_bitmap(store.n_rows)
     if latest is not None:
         extra = ckpt.restore_extra(mngr, latest)
@@ -146,14 +146,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 return json.load(f)["eval"]  # finished and exported: nothing to do
         state, extra, seen = ckpt.restore(mngr, latest, trainer.abstract_state(), store.n_rows)
         position, tokens, skipped = extra["position"], extra["tokens"], extra["skipped"]
-        _trim_metrics(metrics_file, latest)
+        if main:
+            _trim_metrics(metrics_file, latest)
         start = latest
     else:
         # The decoder bias may start at the store's mean (normalised units).
         start_at_mean = config.crosscoder.get("b_dec_init", "zero") == "mean"
         state = trainer.init(store.mean * store.scales[:, None] if start_at_mean else None)
         position, tokens, skipped, start = 0, 0, 0, 0
-        if os.path.exists(metrics_file):
+        if main and os.path.exists(metrics_file):
             os.remove(metrics_file)
 
     def extra_now():
@@ -162,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "tokens": tokens,
             "skipped": skipped,
             "config": ckpt.config_fields(config),
+            "processes": jax.process_count(),  # informative: a resume may use another count
         }
 
     def check_finite(state, step):
@@ -174,84 +176,107 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"(step {good}) is kept in {wd.checkpoints_dir(workdir)}"
             )
 
-    local_batch = tc.batch_size // jax.process_count()
+    # Every process follows the one global row order and reads the rows its devices hold.
+    part = trainer.local_rows(tc.batch_size)
     stream = BatchStream(
         store,
-        local_batch,
+        tc.batch_size,
         seed=config.seed,
-        shards=host_shards,
+        shards=train_shards,
         group_shards=tc.group_shards,
         normalise=True,
         start=position,
         prefetch=tc.prefetch,
+        part=part,
     )
     # The store counted its NaN/inf rows when it was written; without any, the per-batch
     # scan is skipped (a store from before that count is scanned).
     scan_rows = store.manifest.get("nonfinite_rows", 1) > 0
-    all_valid = np.ones(local_batch, np.float32)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step")
+    all_valid = np.ones(part.stop - part.start, np.float32)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not main)
+    peer_lost = False
     try:
-        for step in range(start, tc.steps):
-            batch, ids = next(stream)
-            if scan_rows:
-                batch, weights, bad = clean_rows(batch, tc.nonfinite_rows)
-            else:
-                weights, bad = all_valid, 0
-            skipped += bad
-            _mark(seen, ids[weights > 0])
-            done = step + 1
-            log_now = done % tc.log_every == 0 or done == tc.steps
-            state, metrics = trainer.step(state, *trainer.to_device(batch, weights), log_now)
-            position = stream.position
-            tokens += int(weights.sum())
-            if log_now:
-                check_finite(state, done)
-                record = {
-                    k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                    for k, v in jax.device_get(metrics).items()
-                }
-                record.update(
-                    step=done, tokens=tokens, distinct_rows=_count(seen), skipped_rows=skipped
-                )
-                if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                    heldout = store.normalised_batches(eval_shards, tc.batch_size)
+        with multihost.peers_watched("while training"):
+            for step in range(start, tc.steps):
+                batch, ids = next(stream)
+                if scan_rows:
+                    batch, weights, _ = clean_rows(batch, tc.nonfinite_rows)
+                else:
+                    weights = all_valid
+                x, w = trainer.to_device(batch, weights, tc.batch_size)
+                if scan_rows:
+                    # The whole batch's valid rows, on every process: counting its own rows
+                    # alone would make the counters depend on the number of processes.
+                    valid = multihost.replicated_to_host(trainer.replicate(w)) > 0
+                    skipped += int((~valid).sum())
+                    tokens += int(valid.sum())
+                    _mark(seen, ids[valid])
+                else:
+                    tokens += len(ids)
+                    _mark(seen, ids)
+                done = step + 1
+                log_now = done % tc.log_every == 0 or done == tc.steps
+                state, metrics = trainer.step(state, x, w, log_now)
+                position = stream.position
+                if log_now:
+                    check_finite(state, done)
+                    record = {
+                        k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                        for k, v in jax.device_get(metrics).items()
+                    }
                     record.update(
-                        {f"eval_{k}": v for k, v in trainer.evaluate(state, heldout).items()}
+                        step=done, tokens=tokens, distinct_rows=_count(seen), skipped_rows=skipped
                     )
-                # check_finite above has already stopped a run whose loss is not finite.
-                _log(metrics_file, record)
-                bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                check_finite(state, done)
-                ckpt.save(mngr, done, state, extra_now(), seen, force=done == tc.steps)
-            bar.update(1)
+                    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                        heldout = store.normalised_batches(eval_shards, tc.batch_size)
+                        record.update(
+                            {f"eval_{k}": v for k, v in trainer.evaluate(state, heldout).items()}
+                        )
+                    # check_finite above has already stopped a run whose loss is not finite.
+                    if main:
+                        _log(metrics_file, record)
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    check_finite(state, done)
+                    ckpt.save(mngr, done, state, extra_now(), seen, force=done == tc.steps)
+                bar.update(1)
+    except multihost.PeerFailure:
+        peer_lost = True  # a save under way cannot complete without the lost process
+        raise
     finally:
         bar.close()
         stream.close()
-        mngr.wait_until_finished()
+        if not peer_lost:
+            mngr.wait_until_finished()
     check_finite(state, tc.steps)
-    heldout = store.normalised_batches(eval_shards, tc.batch_size)
-    final = strict_json.finite_or_none(trainer.evaluate(state, heldout))
+    with multihost.peers_watched("while exporting"):
+        heldout = store.normalised_batches(eval_shards, tc.batch_size)
+        final = strict_json.finite_or_none(trainer.evaluate(state, heldout))
+        # The weights gathered to every process (one copy each), written by process 0.
+        weights = ts.export_weights(
+            multihost.replicated_to_host({k: state[k] for k in ("params", "rest")}), hp
+        )
     m = store.manifest
-    ckpt.export(
-        wd.export_dir(workdir),
-        ts.export_weights(state, hp),
-        store.scales,
-        {
-            "models": m["models"],
-            "layer": m["layer"],
-            "d_model": m["d_model"],
-            "n_models": m["n_models"],
-            "n_latents": hp.n_latents,
-            "loss": hp.loss.name,
-            "tokenizer_sha256": m["tokenizer_sha256"],
-            "store_rows": store.n_rows,
-            "steps": tc.steps,
-            "tokens_trained": tokens,
-            "distinct_tokens_trained": _count_across_hosts(seen),
-            "skipped_rows": skipped,
-            "eval": final,
-        },
-    )
+    if main:
+        ckpt.export(
+            wd.export_dir(workdir),
+            weights,
+            store.scales,
+            {
+                "models": m["models"],
+                "layer": m["layer"],
+                "d_model": m["d_model"],
+                "n_models": m["n_models"],
+                "n_latents": hp.n_latents,
+                "loss": hp.loss.name,
+                "tokenizer_sha256": m["tokenizer_sha256"],
+                "store_rows": store.n_rows,
+                "steps": tc.steps,
+                "tokens_trained": tokens,
+                "distinct_tokens_trained": _count(seen),
+                "skipped_rows": skipped,
+                "eval": final,
+            },
+        )
     mngr.close()
     return final

@@ -1,6 +1,6 @@
 """Reads an activation store: whole shards, chosen rows, and a shuffled batch stream.
 
-The batch stream never holds more than a few shards in memory: each epoch visits the shards
+The batch stream reads only the rows of the batches it yields: each epoch visits the shards
 in a seeded order, `group_shards` at a time, and shuffles rows within the group (a shuffle
 buffer across shards). Its position (rows consumed) fully determines what comes next, so a
 resumed run continues with exactly the batches an uninterrupted one would have seen.
@@ -86,16 +86,25 @@ class ActivationStore:
         except (ValueError, OSError) as e:
             raise mf.StoreError(f"cannot read {path} (truncated or corrupted): {e}") from e
 
+    def _column(self, name: str, rows: int) -> np.ndarray:
+        """One model's activations file of a shard, memory-mapped, 2-byte floats [rows, d]."""
+        col = mf.from_disk(self._load(name), self.manifest["dtype"])
+        if col.shape != (rows, self.d_model):
+            raise mf.StoreError(f"{name} has shape {col.shape}, expected {(rows, self.d_model)}")
+        return col
+
     def shard_acts(self, k: int) -> np.ndarray:
         """Shard k's activations `[rows, n_models, d_model]`, raw units, 2-byte floats."""
         shard = self.shards[k]
-        cols = [mf.from_disk(self._load(name), self.manifest["dtype"]) for name in shard["acts"]]
-        for name, col in zip(shard["acts"], cols):
-            if col.shape != (shard["rows"], self.d_model):
-                raise mf.StoreError(
-                    f"{name} has shape {col.shape}, expected {(shard['rows'], self.d_model)}"
-                )
-        return np.stack(cols, axis=1)
+        return np.stack([self._column(name, shard["rows"]) for name in shard["acts"]], axis=1)
+
+    def shard_rows(self, k: int, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (positions within shard k) of shard k `[len(idx), n_models, d_model]`,
+        raw units, 2-byte floats; only those rows are read from disk."""
+        shard = self.shards[k]
+        if len(idx) == shard["rows"]:  # every row (ids are distinct): one sequential read
+            return self.shard_acts(k)[idx]
+        return np.stack([self._column(n, shard["rows"])[idx] for n in shard["acts"]], axis=1)
 
     def shard_tokens(self, k: int) -> np.ndarray:
         """Shard k's token ids `[rows]`."""
@@ -111,14 +120,17 @@ class ActivationStore:
             for name in (*shard["acts"], shard["tokens"], shard["index"]):
                 self._load(name)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows by global id: `[len(ids), n_models, d_model]` float32, raw units."""
+    def rows(self, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Rows by global id: `[len(ids), n_models, d_model]` in raw units, float32 (or
+        `dtype=None`: the store's 2-byte floats). Only the rows asked for are read."""
         ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), self.n_models, self.d_model), np.float32)
+        value_dtype = mf.DTYPES[self.manifest["dtype"]][0]
+        out = np.empty((len(ids), self.n_models, self.d_model), dtype or value_dtype)
         shard_of = np.searchsorted(self.shard_offsets, ids, side="right") - 1
         for k in np.unique(shard_of):
-            sel = shard_of == k
-            out[sel] = self.shard_acts(int(k))[ids[sel] - self.shard_offsets[k]]
+            where = np.flatnonzero(shard_of == k)
+            where = where[np.argsort(ids[where], kind="stable")]  # file order
+            out[where] = self.shard_rows(int(k), ids[where] - self.shard_offsets[k])
         return out
 
     def iter_shards(self, shards: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -151,11 +163,17 @@ class ActivationStore:
 class BatchStream:
     """An endless stream of shuffled batches `[batch, n_models, d_model]` float32.
 
-    `shards` restricts the stream to some shards (a held-out split, or one host's share).
-    `start` is a position (rows consumed) to resume from; `position` is the current one.
-    With `normalise=True` each model's rows are multiplied by its store scale. Batches are
-    produced by a background thread `prefetch` ahead. Each batch comes with its rows'
-    global ids `[batch]` (int64), so a trainer can count the distinct rows it has seen.
+    `shards` restricts the stream to some shards (e.g. the training split). `start` is a
+    position (rows consumed) to resume from; `position` is the current one. With
+    `normalise=True` each model's rows are multiplied by its store scale. Batches are
+    produced by a background thread `prefetch` ahead. Each batch comes with the global ids
+    `[batch_size]` (int64) of its rows, so a trainer can count the distinct rows trained on.
+
+    `part` selects the positions within each batch that this reader loads (a process of a
+    multi-host run reads only the rows its devices hold): the batch is then
+    `[len(range(batch_size)[part]), n_models, d_model]` while the ids stay those of the whole
+    batch. The rows of batch t, and which positions hold them, depend only on the seed,
+    the shards, `group_shards` and `batch_size`, never on the part or the number of readers.
     """
 
     def __init__(
@@ -169,6 +187,7 @@ class BatchStream:
         normalise: bool = False,
         start: int = 0,
         prefetch: int = 2,
+        part: slice = slice(None),
     ):
         self.store = store
         self.batch_size = batch_size
@@ -179,6 +198,7 @@ class BatchStream:
         self.epoch_rows = sum(store.shards[k]["rows"] for k in self.shard_ids)
         self.group_shards = max(1, group_shards)
         self.scale = store.scales if normalise else None
+        self.part = part
         self.position = start
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
@@ -191,53 +211,50 @@ class BatchStream:
         g = self.group_shards
         return [list(order[i : i + g]) for i in range(0, len(order), g)]
 
-    def _load_group(
-        self, epoch: int, g: int, shards: list[int]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(acts in store order, their global ids shuffled, the shuffling permutation)."""
-        acts = np.concatenate([self.store.shard_acts(int(k)) for k in shards])
-        ids = np.concatenate(
-            [
-                np.arange(self.store.shard_offsets[k], self.store.shard_offsets[k + 1])
-                for k in shards
-            ]
-        )
-        perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(ids))
-        return acts, ids[perm], perm
+    def _group_ids(self, epoch: int, g: int, shards: list[int]) -> np.ndarray:
+        """The global ids of a shard group's rows, shuffled (the group is the shuffle buffer)."""
+        offsets = self.store.shard_offsets
+        ids = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in shards])
+        return ids[np.random.default_rng([self.seed, epoch, g]).permutation(len(ids))]
 
-    def _rows_from(self, position: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-        """Yields (group acts, shuffled ids, permutation, first index to use) per shard group
-        of the endless row sequence starting at `position`."""
+    def _ids_from(self, position: int) -> Iterator[np.ndarray]:
+        """The endless sequence of row ids from `position`, one shard group at a time."""
         epoch, offset = divmod(position, self.epoch_rows)
         while True:
             seen = 0
             for g, shards in enumerate(self._groups(epoch)):
                 size = sum(self.store.shards[k]["rows"] for k in shards)
-                if offset >= seen + size:
-                    seen += size
-                    continue
-                acts, ids, perm = self._load_group(epoch, g, shards)
-                lo = offset - seen
-                yield acts, ids, perm, lo
+                if offset < seen + size:
+                    yield self._group_ids(epoch, g, shards)[offset - seen :]
+                    offset = seen + size
                 seen += size
-                offset = seen
             epoch, offset = epoch + 1, 0
 
     def _produce(self, position: int) -> None:
+        lo, hi, _ = self.part.indices(self.batch_size)
         try:
             pending: list[tuple[np.ndarray, np.ndarray]] = []
-            need = self.batch_size
-            for acts, ids, perm, lo in self._rows_from(position):
-                while lo < len(ids):
-                    take = min(need, len(ids) - lo)
-                    pending.append((acts[perm[lo : lo + take]], ids[lo : lo + take]))
-                    lo += take
-                    need -= take
+            need, row = self.batch_size, position
+            for ids in self._ids_from(position):
+                # The group's rows this reader loads (those at positions lo..hi of their
+                # batch), read once per group in file order, kept as 2-byte floats.
+                mine = (row + np.arange(len(ids))) % self.batch_size
+                mine = (mine >= lo) & (mine < hi)
+                wanted = np.sort(ids[mine])
+                acts = self.store.rows(wanted, dtype=None)
+                row += len(ids)
+                i = 0
+                while i < len(ids):
+                    take = min(need, len(ids) - i)
+                    chunk = ids[i : i + take]
+                    picked = acts[np.searchsorted(wanted, chunk[mine[i : i + take]])]
+                    pending.append((picked, chunk))
+                    i, need = i + take, need - take
                     if need == 0:
                         batch = np.concatenate([a for a, _ in pending]).astype(np.float32)
                         if self.scale is not None:
                             batch *= self.scale[None, :, None]
-                        batch_ids = np.concatenate([i for _, i in pending])
+                        batch_ids = np.concatenate([c for _, c in pending])
                         pending, need = [], self.batch_size
                         if not self._put((batch, batch_ids)):
                             return

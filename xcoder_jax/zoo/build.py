@@ -37,6 +37,7 @@ from xcoder_jax.zoo.training import evaluate_answers, model_config, train_causal
 ZOO_FORMAT = 4  # bump when the corpus or training changes, to invalidate old builds
 _STAMP = "zoo_stamp.json"  # inside each finished model dir: the config hash it was built for
 _EVAL_ONLY = ("max_new_tokens", "eval_batch_size", "num_threads")  # do not change weights
+_DRY_RUN = ("intermediate_size", "model_vocab_size", "random_pair")
 _DATA_FILES = ("train_base.jsonl", "train_distill.jsonl", "extract.jsonl", "heldout.jsonl")
 
 
@@ -65,7 +66,8 @@ def config_hash(config, weights_only: bool = False) -> str:
     `weights_only` leaves out the fields that only change the evaluation, so a finished model
     is reused when only those change.
     """
-    zoo = config.zoo.to_dict()
+    # The dry-run fields enter the hash only when set: existing zoos keep their hashes.
+    zoo = {k: v for k, v in config.zoo.to_dict().items() if not (k in _DRY_RUN and not v)}
     if weights_only:
         zoo = {k: v for k, v in zoo.items() if k not in _EVAL_ONLY}
     blob = json.dumps([ZOO_FORMAT, config.seed, zoo], sort_keys=True)
@@ -123,14 +125,16 @@ def _save_atomic(model, tokenizer, path: str, stamp: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_stamped(path: str, stamp: dict):
+def _is_stamped(path: str, stamp: dict) -> bool:
     try:
         with open(os.path.join(path, _STAMP)) as f:
-            if json.load(f) != stamp:
-                return None
+            return json.load(f) == stamp
     except (OSError, ValueError):
-        return None
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+        return False
+
+
+def _load_stamped(path: str, stamp: dict):
+    return AutoModelForCausalLM.from_pretrained(path).eval() if _is_stamped(path, stamp) else None
 
 
 def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
@@ -146,6 +150,15 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
         warmup_frac=zc.warmup_frac,
     )
     losses = {}
+    if zc.get("random_pair", False):
+        # A dry run of shapes: two random draws stand in for the pair (a copy of the base
+        # would make every crosscoder latent shared); one model in memory at a time.
+        for role, offset in (("base", 0), ("distilled", 1)):
+            if not _is_stamped(dirs[role], stamp):
+                torch.manual_seed(seed + offset)
+                model = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
+                _save_atomic(model, tokenizer, dirs[role], stamp)
+                del model
     base = _load_stamped(dirs["base"], stamp)
     if base is None:
         torch.manual_seed(seed)

@@ -27,9 +27,10 @@ _ANSWER = re.compile(r"The answer is (-?\d+)")
 def model_config(zc, size: int, tokenizer) -> Qwen2Config:
     """The Qwen2 architecture of one zoo size (vocab = the trained tokenizer's)."""
     return Qwen2Config(
-        vocab_size=len(tokenizer),
+        # A real model's vocabulary may be larger than the zoo tokenizer's (rows unused).
+        vocab_size=max(len(tokenizer), zc.get("model_vocab_size", 0)),
         hidden_size=size,
-        intermediate_size=zc.mlp_mult * size,
+        intermediate_size=zc.get("intermediate_size", 0) or zc.mlp_mult * size,
         num_hidden_layers=zc.n_layers,
         num_attention_heads=zc.n_heads,
         num_key_value_heads=zc.n_kv_heads,
