@@ -175,3 +175,27 @@ def test_marker_counts_respect_documents_across_the_carry():
 def test_marker_counts_refuse_a_bad_offset():
     with pytest.raises(ConfigError, match="fire_offset"):
         _fired(_Store([6]), 1, [0, 1])
+
+
+def test_stretches_keep_markers_off_excluded_tokens():
+    """Stored rows of one document with position 3 excluded (e.g. a `<think>` token)."""
+    from xcoder_jax.lexicon import marker_read_rows, stretches
+
+    index = np.array([[0, 1], [0, 2], [0, 4], [0, 5], [1, 1], [1, 2], [1, 3]])
+    np.testing.assert_array_equal(stretches(index), [1, 1, 2, 2, 3, 3, 3])
+    tokens = np.array([5, 7, 9, 8, 7, 9, 8])
+    # Without a gap in positions the stretches are the documents: nothing changes.
+    full = np.array([[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]])
+    np.testing.assert_array_equal(stretches(full), [1, 1, 1, 2, 2])
+    docs = stretches(index)
+    # Marker (9, 8): at rows 2-3 (positions 4-5) and rows 5-6 (document 1).
+    np.testing.assert_array_equal(marker_read_rows(tokens, docs, [(9, 8)], "read"), [3, 6])
+    # "predict": row 1 is position 2, not the token before position 4, so that occurrence is
+    # not read; in document 1 the row before is position 1, really next to it.
+    np.testing.assert_array_equal(marker_read_rows(tokens, docs, [(9, 8)], "predict"), [4])
+    # Read by documents alone, row 1 would wrongly count.
+    np.testing.assert_array_equal(
+        marker_read_rows(tokens, index[:, 0], [(9, 8)], "predict"), [1, 4]
+    )
+    # A marker does not span the gap: (7, 9) at rows 1-2 straddles positions 2 and 4.
+    np.testing.assert_array_equal(marker_read_rows(tokens, docs, [(7, 9)], "read"), [5])

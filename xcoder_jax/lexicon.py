@@ -141,6 +141,20 @@ def marker_carry(seqs: Sequence[Sequence[int]], anchor: str | int) -> int:
     return max([max(len(ids) - 1, anchor_lag(anchor, len(ids))) for ids in seqs] + [0])
 
 
+def stretches(index: np.ndarray) -> np.ndarray:
+    """Stretch ids [T] of stored rows from their (document, position) pairs [T, 2].
+
+    A stretch is a run of consecutive tokens of one document: a new one starts where the
+    document changes or where positions skip (a token the store excluded). Passed to
+    `marker_read_rows` as `docs`, it keeps a marker from spanning an excluded token and makes
+    an anchor row the token really next to the marker, not the stored row before a gap.
+    """
+    index = np.asarray(index).reshape(-1, 2)
+    new = np.ones(len(index), bool)
+    new[1:] = (index[1:, 0] != index[:-1, 0]) | (index[1:, 1] != index[:-1, 1] + 1)
+    return np.cumsum(new)
+
+
 def marker_read_rows(
     tokens: np.ndarray,
     docs: np.ndarray,

@@ -20,7 +20,7 @@ import torch
 
 from xcoder_jax.analysis.stream import to_float32
 from xcoder_jax.errors import ConfigError, XcoderError
-from xcoder_jax.lexicon import CATEGORY_NAMES, marker_carry, marker_read_rows
+from xcoder_jax.lexicon import CATEGORY_NAMES, marker_carry, marker_read_rows, stretches
 
 
 def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, shards) -> np.ndarray:
@@ -43,19 +43,21 @@ def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, sha
         raise ConfigError(f"fire_offset: {e}") from e
     counts = np.zeros((len(categories), xcoder.n_latents), np.int64)
     all_ids = list(range(xcoder.n_latents))
-    prev = None  # (shard id, its last `carry` tokens, docs, float32 activations or None)
+    prev = None  # (shard id, its last `carry` tokens, index rows, float32 activations or None)
     with torch.no_grad():
         for k in shards:
             tokens = np.asarray(store.shard_tokens(k), np.int64)
-            docs = np.asarray(store.shard_index(k)[:, 0], np.int64)
+            index = np.asarray(store.shard_index(k), np.int64)  # (document, position)
             if prev is not None and prev[0] == k - 1:
-                _, prev_tokens, prev_docs, prev_acts = prev
+                _, prev_tokens, prev_index, prev_acts = prev
             else:
-                prev_tokens = prev_docs = np.zeros(0, np.int64)
+                prev_tokens, prev_index = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
                 prev_acts = None
             n_prev = len(prev_tokens)
             ctx_tokens = np.concatenate([prev_tokens, tokens])
-            ctx_docs = np.concatenate([prev_docs, docs])
+            # Runs of consecutive stored tokens: the row read before a marker is the token
+            # really before it, not the stored row before an excluded one.
+            ctx_docs = stretches(np.concatenate([prev_index, index]))
             acts = None
             for c, cat in enumerate(categories):
                 rows = marker_read_rows(ctx_tokens, ctx_docs, forms[cat], anchor, n_prev)
@@ -73,7 +75,7 @@ def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, sha
             tail = slice(len(tokens) - min(carry, len(tokens)), len(tokens))
             # The tail's activations are kept when this shard's were loaded; otherwise the next
             # shard loads them only if it reads one of those rows.
-            prev = (k, tokens[tail], docs[tail], None if acts is None else acts[tail].copy())
+            prev = (k, tokens[tail], index[tail], None if acts is None else acts[tail].copy())
     return counts
 
 

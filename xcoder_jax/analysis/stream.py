@@ -22,7 +22,7 @@ from xcoder_jax.analysis.categories import ANCHOR, marker_rows
 from xcoder_jax.analysis.examples import RunningTopK
 from xcoder_jax.analysis.scaling import LatentScaling
 from xcoder_jax.exported import ExportedCrosscoder
-from xcoder_jax.lexicon import marker_carry
+from xcoder_jax.lexicon import marker_carry, stretches
 
 # Above this share of nonzero latent activations a batch is handled densely.
 SPARSE_DENSITY = 0.05
@@ -89,21 +89,22 @@ def scan_store(
     heldout_rows = l0_sum = skipped = 0
     carry = marker_carry([s for g in groups for s in g], ANCHOR)
     prev_tokens = np.zeros(0, np.int64)
-    prev_docs = np.zeros(0, np.int64)
+    prev_index = np.zeros((0, 2), np.int64)
     bar = tqdm(total=store.n_rows, desc="analysis scan", unit="row", disable=not progress)
     with torch.inference_mode():
         for k, acts in store.iter_shards():
             base_row = int(store.shard_offsets[k])
             tokens = np.asarray(store.shard_tokens(k), np.int64)
-            docs = np.asarray(store.shard_index(k)[:, 0], np.int64)
+            index = np.asarray(store.shard_index(k), np.int64)  # (document, position)
             # Group membership of this shard's rows: [G, rows] bool.
             member = np.zeros((n_groups, len(tokens)), bool)
             ctx_tokens = np.concatenate([prev_tokens, tokens])
-            ctx_docs = np.concatenate([prev_docs, docs])
+            # Runs of consecutive stored tokens: no marker spans an excluded token.
+            ctx_docs = stretches(np.concatenate([prev_index, index]))
             for g, seqs in enumerate(groups):
                 member[g, marker_rows(ctx_tokens, ctx_docs, seqs, len(prev_tokens))] = True
             group_rows += member.sum(1)
-            prev_tokens, prev_docs = tokens[len(tokens) - carry :], docs[len(docs) - carry :]
+            prev_tokens, prev_index = tokens[len(tokens) - carry :], index[len(index) - carry :]
             is_heldout = k in heldout
             acts = to_float32(acts)
             shard_finite = np.isfinite(acts).all((1, 2))
