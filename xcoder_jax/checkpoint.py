@@ -166,6 +166,18 @@ def export(
     mf.atomic_write_json(os.path.join(directory, EXPORT_CONFIG), config)
 
 
+def read_pair(directory: str, weights: str, config: str, error, missing: str):
+    """(weights path, config path, the parsed JSON config) of a directory holding a weights
+    file and a JSON config, as every crosscoder format does; raises `error(missing.format(
+    path=...))` naming the first file that is not there."""
+    wpath, cpath = (os.path.join(directory, n) for n in (weights, config))
+    for p in (wpath, cpath):
+        if not os.path.exists(p):
+            raise error(missing.format(path=p))
+    with open(cpath) as f:
+        return wpath, cpath, json.load(f)
+
+
 class ExportError(XcoderError, ValueError):
     """An export directory that is missing, incomplete or inconsistent."""
 
@@ -176,12 +188,8 @@ def load_export(directory: str, backend: str = "numpy"):
     backend "numpy": dict of arrays; "torch": dict of float32 tensors; "jax": a
     `Crosscoder` module in RAW units (its scales are 1).
     """
-    wpath, cpath = (os.path.join(directory, n) for n in (EXPORT_WEIGHTS, EXPORT_CONFIG))
-    for p in (wpath, cpath):
-        if not os.path.exists(p):
-            raise ExportError(f"export file missing: {p}")
-    with open(cpath) as f:
-        config = json.load(f)
+    missing = "export file missing: {path}"
+    wpath, _, config = read_pair(directory, EXPORT_WEIGHTS, EXPORT_CONFIG, ExportError, missing)
     tensors = load_file(wpath)
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:

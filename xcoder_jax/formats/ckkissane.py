@@ -17,13 +17,13 @@ Their encoder is a plain ReLU: a BatchTopK crosscoder (a JumpReLU) has no form h
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
 import torch
 
+from xcoder_jax import checkpoint as ckpt
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.formats import common
 from xcoder_jax.formats.common import FormatError
@@ -74,12 +74,8 @@ def read(directory: str) -> tuple[dict, dict]:
     """(view, facts): normalised-unit tensors (A = base first) with `scales` from the
     sidecar (None without one), and the facts the sidecar and cfg.json state (layer from
     `hook_point`, d_model from `d_in`)."""
-    wpath, cpath = (os.path.join(directory, n) for n in (WEIGHTS, CONFIG))
-    for p in (wpath, cpath):
-        if not os.path.exists(p):
-            raise FormatError(f"not a ckkissane crosscoder directory: {p} missing")
-    with open(cpath) as f:
-        cfg = json.load(f)
+    missing = "not a ckkissane crosscoder directory: {path} missing"
+    wpath, _, cfg = ckpt.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
     state = torch.load(wpath, map_location="cpu", weights_only=True)
     missing = [n for n in TENSORS if n not in state]
     if missing:

@@ -21,13 +21,13 @@ express our encoder. The 1e-8 in their denormalisation moves x_hat by a relative
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from xcoder_jax import checkpoint as ckpt
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.formats import common
 from xcoder_jax.formats.common import FormatError
@@ -95,12 +95,8 @@ def read(directory: str) -> tuple[dict, dict]:
     An activation mean is folded into the biases (b_enc -= sum_m s_m mean_m W_enc[m],
     b_dec[m] += s_m mean_m), so the encoder stays a linear map of x_n = raw * s.
     """
-    wpath, cpath = (os.path.join(directory, n) for n in (WEIGHTS, CONFIG))
-    for p in (wpath, cpath):
-        if not os.path.exists(p):
-            raise FormatError(f"not a dictionary_learning save_pretrained directory: {p} missing")
-    with open(cpath) as f:
-        config = json.load(f)
+    missing = "not a dictionary_learning save_pretrained directory: {path} missing"
+    wpath, cpath, config = ckpt.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
     cls = config.get("dict_class")
     if cls not in CLASSES:
         raise FormatError(f"{cpath}: dict_class {cls!r} is not a crosscoder ({', '.join(CLASSES)})")
