@@ -195,6 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     all_valid = np.ones(part.stop - part.start, np.float32)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not main)
     peer_lost = False
+    final_eval = None  # held-out metrics of the final state, once computed
     try:
         with multihost.peers_watched("while training"):
             for step in range(start, tc.steps):
@@ -229,9 +230,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     )
                     if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
                         heldout = store.normalised_batches(eval_shards, tc.batch_size)
-                        record.update(
-                            {f"eval_{k}": v for k, v in trainer.evaluate(state, heldout).items()}
-                        )
+                        evaluation = trainer.evaluate(state, heldout)
+                        if done == tc.steps:
+                            final_eval = evaluation  # the export's: not computed again
+                        record.update({f"eval_{k}": v for k, v in evaluation.items()})
                     # check_finite above has already stopped a run whose loss is not finite.
                     if main:
                         _log(metrics_file, record)
@@ -250,8 +252,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             mngr.wait_until_finished()
     check_finite(state, tc.steps)
     with multihost.peers_watched("while exporting"):
-        heldout = store.normalised_batches(eval_shards, tc.batch_size)
-        final = strict_json.finite_or_none(trainer.evaluate(state, heldout))
+        if final_eval is None:  # no evaluation at the last step (or nothing left to train)
+            heldout = store.normalised_batches(eval_shards, tc.batch_size)
+            final_eval = trainer.evaluate(state, heldout)
+        final = strict_json.finite_or_none(final_eval)
         # The weights gathered to every process (one copy each), written by process 0.
         weights = ts.export_weights(
             multihost.replicated_to_host({k: state[k] for k in ("params", "rest")}), hp
