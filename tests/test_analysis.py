@@ -717,23 +717,30 @@ def test_report_shows_alive_baseline_and_scaling_per_side(analysed):
     assert "reconstruction ratio" in page and "alive baseline" in page
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium is not installed")
-def test_report_renders_in_headless_chromium(analysed, tmp_path):
-    _, workdir, _ = analysed
-    report = os.path.join(wd.stage_dir(workdir, "analysis"), "report.html")
-    shot = str(tmp_path / "report.png")
+def _chromium(*args: str) -> str:
+    """Runs headless Chromium with a fresh profile and `args`; returns its stdout. Fails on
+    a non-zero exit or on any console message (a script error in the page)."""
     profile = tempfile.mkdtemp()
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-        f"--screenshot={shot}", "--window-size=1280,2000", f"file://{report}",
+        *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     shutil.rmtree(profile, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln]
     assert not console, console
+    return proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium(analysed, tmp_path):
+    _, workdir, _ = analysed
+    report = os.path.join(wd.stage_dir(workdir, "analysis"), "report.html")
+    shot = str(tmp_path / "report.png")
+    _chromium(f"--screenshot={shot}", "--window-size=1280,2000", f"file://{report}")
     assert os.path.getsize(shot) > 50_000
 
 
@@ -804,19 +811,7 @@ def test_browser_data_against_brute_force(analysed):
 def _dump_dom(url: str) -> str:
     """The page's DOM after its scripts ran, from headless Chromium; fails on a console
     message (a script error)."""
-    profile = tempfile.mkdtemp()
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-        "--dump-dom", url,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln]
-    assert not console, console
-    return proc.stdout
+    return _chromium("--dump-dom", url)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium is not installed")
