@@ -27,32 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench.train_step import step_runner
 from configs import tiny
-from xcoder_jax import sharding
-from xcoder_jax import train_step as ts
 from xcoder_jax.sparse_topk import use_sparse
 
 SHAPES = ("256x4096x32", "256x16384x32", "1536x32768x100")
 
 
 def ours(d, h, k, batch, path, steps):
-    c = tiny.get_config()
+    c = tiny.get_config("batchtopk")
     c.crosscoder.d_model, c.crosscoder.n_latents, c.crosscoder.k = d, h, k
-    c.crosscoder.loss, c.crosscoder.topk_path = "batchtopk", path
-    c.train.batch_size, c.train.steps = batch, 10**6
-    hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
-    step = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
-    state = step.init()
-    x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
-    xb, wb = step.to_device(x, np.ones(batch, np.float32))
-
-    def run():
-        nonlocal state
-        for _ in range(steps):
-            state, metrics = step.step(state, xb, wb, with_metrics=False)
-        jax.block_until_ready(metrics["loss"])
-
-    return run, hp
+    c.crosscoder.topk_path = path
+    return step_runner(c, batch, steps)
 
 
 def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):

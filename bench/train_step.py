@@ -30,10 +30,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def jax_runner(d, h, batch, dtype, steps_per_round):
-    c = tiny.get_config()
-    c.crosscoder.d_model, c.crosscoder.n_latents = d, h
-    c.crosscoder.dtype = dtype
+def step_runner(c, batch, steps_per_round):
+    """A timed round of the jitted step of config `c` on one device, on a fixed random
+    batch [batch, 2, c.crosscoder.d_model]: (run, hparams). Each step is the one training
+    runs between logged steps: no metrics beyond the loss, like the PyTorch steps."""
+    d, h = c.crosscoder.d_model, c.crosscoder.n_latents
     c.train.batch_size, c.train.steps = batch, 10**6
     hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
     trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
@@ -44,12 +45,17 @@ def jax_runner(d, h, batch, dtype, steps_per_round):
     def run():
         nonlocal state
         for _ in range(steps_per_round):
-            # The step as training runs it between logged steps: no metrics beyond the loss,
-            # like the PyTorch step.
             state, metrics = trainer.step(state, xb, wb, with_metrics=False)
         jax.block_until_ready(metrics["loss"])
 
-    return run
+    return run, hp
+
+
+def jax_runner(d, h, batch, dtype, steps_per_round):
+    c = tiny.get_config()
+    c.crosscoder.d_model, c.crosscoder.n_latents = d, h
+    c.crosscoder.dtype = dtype
+    return step_runner(c, batch, steps_per_round)[0]
 
 
 def torch_runner(d, h, batch, dtype, steps_per_round, device):
