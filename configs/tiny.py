@@ -10,6 +10,7 @@ stage in about a minute: `--config=configs/tiny.py:runlocal` (see xcoder_jax.con
 from ml_collections import ConfigDict, config_dict
 
 from xcoder_jax import config_util
+from xcoder_jax.lexicon import CATEGORY_NAMES
 
 # Fields of one text source; every source of `data.sources` has all of them.
 SOURCE_DEFAULTS = dict(
@@ -225,45 +226,77 @@ def get_config(arg=None):
     c.analysis.browser_examples = 5
     c.analysis.browser_promoted = 10  # 0: none (with splice_docs 0, the pair is not loaded)
 
+    # --- Latent selection (xcoder_jax.selection: steering's and the ablation's rules) -----
+    c.selection = ConfigDict()
+    # Latents are scored at this offset from the marker's first token
+    # (lexicon.marker_read_rows): -1 is the "predict" anchor, the token whose output predicts
+    # the marker, where steering acts and the ablation measures; 0 the marker's first token.
+    # The analysis reads the marker's last token instead ("read").
+    c.selection.fire_offset = -1
+    # Specificity: control rows per preceding token (a seeded subsample of frequent tokens).
+    c.selection.max_controls = 2000
+    # Attribution: training documents whose marker log-probabilities are differentiated.
+    c.selection.n_docs = 256
+    c.selection.batch_size = 64  # documents per forward and backward pass
+    c.selection.seed = c.get_ref("seed")  # the control subsample
+
     # --- Steering (decoder rows added at block L during generation) --------------------
     c.steering = ConfigDict()
-    # Latent sets, each steered on its own: "<category>:<k>" = the k most marker-specific
-    # latents of the category with NRN > min_nrn (needs the analysis), or ids "17" / "17+230".
-    c.steering.latents = ("self_reflection:1", "deductive:1")
+    # Latent sets, each steered on its own: "<category>:<k>" = the k latents of the category
+    # with NRN > min_nrn most specific to its markers (selection.py; ":attribution" appended
+    # ranks by attribution instead), or ids "17" / "17+230".
+    c.steering.latents = ("self_reflection:1", "deductive:1", "self_reflection:1:attribution")
     c.steering.min_nrn = 0.5  # distilled-leaning; analysis.distilled_only_min: distilled-only
-    # Category latents are ranked by firing at this offset from the marker's first token
-    # (lexicon.marker_read_rows): -1 is the "predict" anchor, the token whose output predicts
-    # the marker (they steer what comes next); 0 the marker's first token. The analysis reads
-    # the marker's last token instead ("read"), the same row only for one-token markers.
-    c.steering.fire_offset = -1
     c.steering.models = ("distilled",)  # roles steered, each with its own decoder rows
     # What alpha multiplies (steering.hooks.CONVENTIONS): "norm", the model's mean activation
     # norm at block L (sqrt(d) / scale) times each latent's unit decoder row, summed over the
     # set; "raw" (the paper's), the latents' exported decoder rows in raw units, summed.
     c.steering.convention = "norm"
-    # 0 is the clean model, always run: each steered alpha is paired with it.
-    c.steering.alphas = (-0.4, -0.2, 0.0, 0.2, 0.4)
+    # 0 is the clean model, always run: each steered alpha is paired with it. Every other
+    # alpha costs 1 + 2 x n_control_draws generations per set, so the demo steers at the two
+    # ends only (the stage takes ~1.5 minutes on 2 CPU cores); add -0.2, 0.2 for a dose curve.
+    c.steering.alphas = (-0.4, 0.0, 0.4)
     c.steering.prompts = ""  # JSONL of {"prompt", optional "answer"}; "": the zoo's held-out set
     c.steering.n_prompts = 50  # -1: all
     c.steering.samples = 4  # seeded samples per prompt and condition
     c.steering.temperature = 0.8  # 0: greedy
+    # The clean model's cap; it is sampled first with it, then every condition of a model
+    # (the clean one again if any of its samples hit max_new_tokens) with max(max_new_tokens,
+    # ceil(cap_factor x the clean mean tokens)): a cap near the clean length would censor
+    # exactly the length increases steering is meant to show. Samples that still hit it are
+    # recorded as truncated.
     c.steering.max_new_tokens = 192
+    c.steering.cap_factor = 4.0
+    # Controls at every alpha != 0, on the same prompts and seeds (steering.controls): a
+    # random direction of the steered vector's norm and a random latent matched on NRN and
+    # firing frequency. A large push costs accuracy whatever it encodes; only the difference
+    # from these says what the latent does. Draws of each control per set (more: a steadier
+    # control, one more generation per draw and alpha).
+    c.steering.n_control_draws = 1
+    # The matched latent is drawn among this many alive latents nearest to each steered one
+    # in (NRN, log10 firing frequency): close enough to match, many enough to be random.
+    c.steering.match_pool = 10
     c.steering.batch_size = 100  # rows decoded together (left-padded)
     c.steering.stop = "Question:"  # text is cut where this begins ("": keep all)
     c.steering.seed = c.get_ref("seed")  # sampling seeds follow the run's seed
 
     # --- Ablation (marker logits with category latents removed at block L) -------------
     c.ablation = ConfigDict()
-    c.ablation.categories = ("self_reflection", "deductive", "alternative", "contrastive")
-    c.ablation.fracs = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)  # top share of latents by marker firing
-    c.ablation.min_nrn = 0.5  # of those, the ones with NRN above this are ablated (the paper's)
-    # Where a latent's firing on a marker is read, as an offset from the marker's first token
-    # (lexicon.marker_read_rows): -1 is the "predict" anchor, where the marker's logit is
-    # measured; 0 the marker's first token.
-    c.ablation.fire_offset = -1
-    # Seeded draws of each random control (activity-matched and uniform), resampled in the CIs.
-    c.ablation.n_random = 20
-    c.ablation.n_docs = 256  # held-out documents whose marker logits are measured (at most)
+    c.ablation.categories = CATEGORY_NAMES  # every category of the lexicon
+    # Rules that choose the targeted latents on the training shards (c.selection):
+    # "specificity" (firing before the markers against the same token elsewhere; the declared
+    # headline rule) and "attribution" (gradient x activation of the markers' log-probability).
+    c.ablation.rules = ("specificity", "attribution")
+    # Top share of the latents that pass a rule with NRN > min_nrn, best first: a dose-response.
+    c.ablation.fracs = (0.5, 0.2, 0.1)
+    c.ablation.headline_frac = 0.1  # the paper's fraction; the declared test of each category
+    c.ablation.min_nrn = 0.5  # latents with NRN above this are ablated (the paper's)
+    # Random sets at these multiples of the targeted set's activity: the dose-response the
+    # random effect at matched activity is read off.
+    c.ablation.dose_levels = (0.5, 1.0, 2.0)
+    # Seeded draws per dose level and of random directions, resampled in the CIs.
+    c.ablation.n_random = 10
+    c.ablation.n_docs = 256  # held-out documents whose marker log-probabilities are measured
     c.ablation.batch_size = 64  # documents per forward pass
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 

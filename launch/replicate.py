@@ -1,9 +1,11 @@
-r"""The whole embedded study once per seed, and which findings hold in how many seeds.
+r"""The whole embedded study once per seed, and which declared findings the seeds confirm.
 
     python launch/replicate.py --config=configs/tiny.py --workdir=runs/replicate --seeds=0,1,2,3,4
 
 Each seed runs in <workdir>/seed<s> (resumable); the table goes to <workdir>/replication.json
-and <workdir>/replication.md.
+and <workdir>/replication.md. The findings are the family declared in xcoder_jax/family.py;
+seed 0 is exploratory (shown, not pooled), the others are pooled by random effects and the
+family is Holm-corrected (see xcoder_jax/replicate.py).
 """
 
 from absl import flags, logging

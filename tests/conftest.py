@@ -209,4 +209,7 @@ def micro_pipeline_config():
     c.train.steps, c.train.batch_size = 30, 64
     c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 10
     c.train.lr = 1e-2
+    # Steering: the micro models rarely end a trace, so the cap (4 x the clean length) and
+    # the controls (3 generations per alpha) would make this stage the slowest.
+    c.steering.samples, c.steering.max_new_tokens = 2, 24
     return c

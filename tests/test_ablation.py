@@ -17,7 +17,6 @@ from xcoder_jax.ablation import (
     marker_positions,
     run_ablation,
     summarize_ablation,
-    targeted_latents,
 )
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.exclude import Exclusion
@@ -33,46 +32,55 @@ def test_marker_positions_point_before_the_marker():
     assert marker_positions(docs, [(7,)], Exclusion(0)) == [(0, 1, 7), (0, 3, 7)]
 
 
-def test_targeted_latents_keep_top_firing_with_high_nrn():
-    counts = np.array([0, 9, 8, 7, 1, 0, 0, 0, 0, 0])
-    nrn = np.array([0.9, 0.9, 0.2, 0.6, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5])
-    assert targeted_latents(counts, nrn, 0.3, 0.5).tolist() == [1, 3]
-    assert targeted_latents(counts, nrn, 0.1, 0.5).tolist() == [1]
-    assert steering.select_latents("4+1", nrn, None, 0.5) == [4, 1]
-
-
 def test_activity_is_summed_activation_times_decoder_norm():
     f = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, 0.5]])
     np.testing.assert_allclose(controls.activity(f, [2.0, 5.0, 0.5]), [8.0, 0.0, 1.25])
 
 
-def test_matched_draw_comes_closest_to_the_targeted_activity():
-    act = np.array([10.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0])
-    targeted = np.array([0])
-    pool = np.arange(8)
-    for seed in range(20):
-        s = controls.matched_draw(np.random.default_rng(seed), act, targeted, pool)
-        assert 0 not in s and 5 not in s  # never targeted, never silent
-        # The draw stops at whichever prefix of its random order is closer to the goal, so it
-        # lands within half the largest pool activity (6) of it.
-        assert abs(act[s].sum() - 10.0) <= 3.0 + 1e-12
-    short = controls.matched_draw(np.random.default_rng(0), act, targeted, np.array([1, 2]))
-    assert short.tolist() == [1, 2]  # the pool falls short: all of its active latents
+def test_active_pool_is_active_distilled_leaning_and_not_targeted():
+    act = np.array([4.0, 1.0, 3.0, 2.0, 0.0, 2.0])
+    nrn = np.array([0.9, 0.8, 0.7, 0.2, 0.9, 0.6])
+    assert controls.active_pool(act, np.array([0]), nrn, 0.5).tolist() == [1, 2, 5]
 
 
-def test_matched_draw_hits_the_goal_when_the_pool_allows():
-    act = np.full(50, 1.0)
-    act[:3] = [4.0, 4.0, 4.0]  # targeted, summed activity 12
-    s = controls.matched_draw(np.random.default_rng(0), act, np.arange(3), np.arange(50))
-    assert len(s) == 12 and act[s].sum() == pytest.approx(12.0)
-
-
-def test_uniform_draw_has_the_targeted_size_and_avoids_it():
+def test_matched_draws_are_random_and_come_closest_to_the_goal():
+    act = np.concatenate([[10.0], np.arange(1.0, 13.0)])  # latent 0 targeted
+    pool = np.arange(1, 13)
     rng = np.random.default_rng(0)
-    targeted = np.array([1, 4, 7])
-    for _ in range(20):
-        s = controls.uniform_draw(rng, 10, targeted)
-        assert len(s) == 3 and not set(s) & {1, 4, 7} and len(set(s)) == 3
+    draws = [controls.matched_draw(rng, act, 10.0, pool) for _ in range(20)]
+    for s in draws:
+        assert 0 not in s
+        # The draw stops at whichever prefix of its random order is closer to the goal, so it
+        # lands within half the largest pool activity (12) of it.
+        assert abs(act[s].sum() - 10.0) <= 6.0 + 1e-12
+    assert controls.distinct(draws) > 10  # random draws, not one set repeated
+
+
+def test_an_unreachable_level_is_not_drawn():
+    act = np.array([10.0, 1.0, 2.0, 0.0])
+    pool = np.array([1, 2])  # all of it: 3.0
+    rng = np.random.default_rng(0)
+    assert controls.matched_draw(rng, act, 10.0, pool) is None
+    got = controls.dose_draws(rng, act, 4.0, pool, (0.5, 1.0, 2.0), 3)
+    assert sorted(got) == [0.5]  # 2.0 reachable; 4.0 and 8.0 are not
+    assert all(act[s].sum() <= 3.0 for s in got[0.5])
+
+
+def test_dose_response_interpolation_matches_a_hand_computation():
+    values = np.array([[[1.0, 2.0]], [[3.0, 6.0]], [[5.0, 7.0]]])  # [L=3, r=1, n=2]
+    achieved = [2.0, 4.0, 8.0]
+    # goal 5: between levels 1 and 2, weight (5 - 4) / (8 - 4) = 0.25 on the upper one.
+    np.testing.assert_allclose(controls.interpolate(5.0, achieved, values), [[3.5, 6.25]])
+    np.testing.assert_allclose(controls.interpolate(4.0, achieved, values), [[3.0, 6.0]])
+    np.testing.assert_allclose(controls.interpolate(2.0, achieved, values), [[1.0, 2.0]])
+    assert controls.interpolate(9.0, achieved, values) is None  # never extrapolated
+    assert controls.interpolate(1.0, achieved, values) is None
+
+
+def test_random_directions_are_unit_and_distinct():
+    u = controls.random_directions(np.random.default_rng(0), 16, 4)
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0)
+    assert np.abs(u @ u.T - np.eye(4)).max() < 0.99  # no two draws the same
 
 
 # --- The stage on a micro pair ------------------------------------------------------------------
@@ -85,6 +93,7 @@ def run(tmp_path_factory):
     c.train.eval_shards = 3  # enough held-out documents to hold markers
     a = c.ablation
     a.fracs, a.n_random, a.n_docs, a.batch_size = (0.5, 0.1), 3, 8, 8
+    a.headline_frac = 0.1
     pipeline.run(c, workdir)
     return c, workdir, run_ablation(c, workdir)
 
@@ -109,27 +118,52 @@ def test_selection_and_measurement_documents_are_disjoint(run):
     assert measured <= held
 
 
+def _rows(res, rule="specificity"):
+    return [r for e in res["categories"].values() for r in e["rules"][rule]["by_frac"]]
+
+
 def test_every_effect_has_a_ci_and_the_difference_is_consistent(run):
     _, _, res = run
-    rows = [r for e in res["categories"].values() for r in e["by_frac"] if r["n_latents"]]
+    rows = [r for r in _rows(res) if r["set"]["n"] and "reason" not in r]
     assert rows, "no category had a targeted set on the micro pair"
     computed = 0
     for row in rows:
         for role in res["roles"]:
             e = row[role]
-            for key in ("targeted", "matched_random", "uniform_random", "targeted_minus_matched"):
+            for key in ("targeted", "random_direction", "targeted_minus_direction"):
                 ci = e[key]
                 if ci["lo"] is None:  # e.g. every occurrence in one document
                     assert ci["reason"] and ci["mean"] is not None, (key, ci)
                 else:
                     computed += 1
                     assert ci["lo"] <= ci["mean"] <= ci["hi"], (key, ci)
-            diff = e["targeted"]["mean"] - e["matched_random"]["mean"]
-            assert e["targeted_minus_matched"]["mean"] == pytest.approx(diff, abs=1e-9)
-            assert len(e["matched_sizes"]) == len(e["uniform_sizes"]) == 3
-            assert e["uniform_sizes"] == [row["n_latents"]] * 3
+            diff = e["targeted"]["mean"] - e["random_direction"]["mean"]
+            assert e["targeted_minus_direction"]["mean"] == pytest.approx(diff, abs=1e-9)
+            if e["random_at_matched"]["mean"] is None:  # unreachable: said so, with the curve
+                assert "bracket" in e["random_at_matched"]["reason"]
+            else:
+                diff = e["targeted"]["mean"] - e["random_at_matched"]["mean"]
+                assert e["targeted_minus_random"]["mean"] == pytest.approx(diff, abs=1e-9)
+            for point in e["dose_response"]["curve"]:
+                assert point["distinct_draws"] >= 1 and point["activity_ratio"] > 0
         assert "distilled_minus_base" in row
     assert computed, "no interval could be computed on the micro pair"
+
+
+def test_results_name_each_set_and_its_headline(run):
+    _, _, res = run
+    for cat, entry in res["categories"].items():
+        head = entry["headline"]
+        assert head["rule"] == "specificity" and head["frac"] == 0.1
+        for rule in ("specificity", "attribution"):
+            block = entry["rules"][rule]
+            n_pool = block["pool"]["n_pool"]
+            for row in block["by_frac"]:
+                want = min(n_pool, max(1, int(np.ceil(row["frac"] * n_pool)))) if n_pool else 0
+                assert row["set"]["n"] == want == len(row["set"]["latents"]), (cat, rule, row)
+                assert all(lat["nrn"] > 0.5 for lat in row["set"]["latents"])
+        if "matrix" in head:
+            assert set(head["matrix"]["distilled"]) == set(res["categories"])
 
 
 def test_results_are_strict_json(run):
@@ -152,10 +186,10 @@ def test_an_empty_targeted_set_is_null_with_a_reason(run):
     c = config.copy_and_resolve_references()
     c.ablation.min_nrn = 1.0  # no NRN exceeds 1: nothing is targeted
     res = run_ablation(c, workdir)
-    rows = [r for e in res["categories"].values() for r in e["by_frac"]]
-    assert rows and all(r["n_latents"] == 0 and "NRN > 1.0" in r["reason"] for r in rows)
+    rows = _rows(res) + _rows(res, "attribution")
+    assert rows and all(r["set"]["n"] == 0 and "NRN > 1.0" in r["reason"] for r in rows)
     assert all(role not in r for r in rows for role in res["roles"])
-    assert "no category had targeted latents" in summarize_ablation(res)
+    assert "below 0 (95% CI) in 0/0" in summarize_ablation(res)
 
 
 def test_no_heldout_documents_is_a_clear_error(run):
@@ -206,14 +240,3 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     clean, ablated = probe.logits(1, [], where), probe.logits(1, [0, 3, 5], where)
     assert np.abs(clean - ablated).max() > 1e-3  # the ablation does change them
-
-
-def test_matched_pool_widens_only_when_the_nrn_pool_falls_short():
-    nrn = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.6])
-    targeted = np.array([0])
-    act = np.array([4.0, 1.0, 3.0, 2.0, 2.0, 0.0])  # NRN pool {1, 2, 5}: 4.0 reaches 4.0
-    pool, name = controls.matched_pool(act, targeted, nrn, 0.5)
-    assert name == "nrn" and pool.tolist() == [1, 2, 5]
-    act[2] = 2.0  # NRN pool now 3.0 < 4.0
-    pool, name = controls.matched_pool(act, targeted, nrn, 0.5)
-    assert name == "all" and pool.tolist() == [1, 2, 3, 4, 5]

@@ -40,6 +40,7 @@ from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis.browser import ActivationHistogram
 from xcoder_jax.analysis.report import render_html
 from xcoder_jax.analysis.splice import pad_documents
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.lexicon import CATEGORIES, CATEGORY_NAMES, find_marker, marker_token_ids
 
@@ -570,6 +571,19 @@ def test_export_with_missing_tensors(analysed, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "W_dec"}, path)
     with pytest.raises(ckpt.ExportError, match="W_dec"):
         run_analysis(config, broken, progress=False)
+
+
+def test_no_heldout_shards_is_a_clear_error(analysed, tmp_path):
+    """Without held-out shards the analysis stops instead of reporting training rows as
+    held-out ones."""
+    config, workdir, _ = analysed
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
+    c = config.copy_and_resolve_references()
+    c.train.eval_shards = 0
+    with pytest.raises(ConfigError, match=r"no held-out shards \(train.eval_shards = 0\)"):
+        run_analysis(c, copy, progress=False)
+    assert not os.path.exists(os.path.join(wd.stage_dir(copy, "analysis"), "summary.json"))
 
 
 # --- End to end on the micro pair ------------------------------------------------------------

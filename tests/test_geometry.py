@@ -170,6 +170,7 @@ def test_pooled_is_the_mean_of_per_relation_means_with_averaged_resamples():
     roles = ("base", "distilled")
     stats_of = [lambda t: t["base_minus_distilled"]]
     stats_of += [lambda t, role=role: t["true_minus_shuffled"][role] for role in roles]
+    stats_of.append(lambda t: t["structure_gain"])
     for k, p in pooled.items():
         assert p["n_relations"] == 2
         for get in stats_of:
@@ -180,6 +181,119 @@ def test_pooled_is_the_mean_of_per_relation_means_with_averaged_resamples():
             assert ci["n"] == 14 and "relations" in ci["method"]
     json.dumps(pooled, allow_nan=False)
     assert geometry.pooled(reps[2:], 400)["2"]["n_relations"] == 0
+
+
+def _fixed_raw():
+    """4 word pairs (6 comparisons), one PCA size, hand-chosen losses and controls: base
+    true 0.5 vs control 0.8 (gap -0.3), distilled true 0.2 on average vs control 0.7 (gap
+    -0.5), so structure gain -0.2 and base - distilled +0.3."""
+
+    def entry(losses, control_means):
+        control = np.stack([np.full(6, c) for c in control_means])  # [2 shuffles, 6]
+        return {"2": {"n_pairs": 4, "losses": np.asarray(losses, float), "control": control}}
+
+    return {
+        "base": entry(np.full(6, 0.5), (0.9, 0.7)),
+        "distilled": entry([0.1, 0.2, 0.3, 0.1, 0.2, 0.3], (0.8, 0.6)),
+    }
+
+
+def test_structure_gain_is_the_difference_of_differences_on_one_resample():
+    raw = _fixed_raw()
+    reps = geometry.relation_replicates(raw, 300, 11)["2"]
+    gain, gap = reps["structure_gain"], reps["base_minus_distilled"]
+    assert abs(gain["mean"] - (-0.2)) < 1e-12 and abs(gap["mean"] - 0.3) < 1e-12
+    # The base's losses are constant, so on every resample its gap is -0.3 and the distilled
+    # control 0.7: gain = mean(distilled) - 0.4 = 0.1 - (base - distilled), resample by resample,
+    # which holds only if the four means of a replicate come from one draw of word pairs.
+    np.testing.assert_allclose(gain["boot"], 0.1 - gap["boot"], rtol=0, atol=1e-12)
+    counts = geometry.pair_counts(4, 300, np.random.default_rng(11))
+    true_minus = {
+        role: geometry.resampled_means(r["2"]["losses"] - r["2"]["control"].mean(0), counts)
+        for role, r in raw.items()
+    }
+    np.testing.assert_allclose(
+        gain["boot"], true_minus["distilled"] - true_minus["base"], atol=1e-12
+    )
+    assert np.ptp(gain["boot"]) > 0.01  # the resamples do move it
+    ci = geometry.intervals({"2": reps}, 300)["2"]["structure_gain"]
+    want = np.quantile(0.1 - gap["boot"], [0.025, 0.975])
+    np.testing.assert_allclose([ci["lo"], ci["hi"]], want, rtol=0, atol=1e-12)
+    assert ci["mean"] == gain["mean"] and ci["n"] == 4 and ci["hi"] < 0
+    # On a real relation: the per-relation means of `loss_scores` give the same number.
+    raw = _relation(n=9, seed=2)
+    reps = geometry.relation_replicates(raw, 50, 0)
+    for k in ("2", "5"):
+        s = {role: geometry.loss_scores(raw[role][k]) for role in raw}
+        want = (s["distilled"]["mean"] - s["distilled"]["control_mean"]) - (
+            s["base"]["mean"] - s["base"]["control_mean"]
+        )
+        assert abs(reps[k]["structure_gain"]["mean"] - want) < 1e-12
+
+
+def _trend_inputs(gains, params, noise, n_boot=400, seed=0):
+    """results' "pairs" and pooled replicates of sizes with the given pooled structure gains
+    (base - distilled: twice them) and parameter counts, replicates = gain + N(0, noise)."""
+    rng = np.random.default_rng(seed)
+    pairs, pools = {}, {}
+    for i, (g, p) in enumerate(zip(gains, params)):
+        name = f"h{16 << i}"
+        pairs[name] = {"size": 16 << i, "n_params": {"base": p, "distilled": p}}
+
+        def rep(m):
+            return {"mean": m, "boot": m + noise * rng.normal(size=n_boot), "n": 20, "reason": None}
+
+        pools[name] = {"2": {"structure_gain": rep(g), "base_minus_distilled": rep(2 * g)}}
+    return pairs, pools
+
+
+def test_trend_recovers_an_exactly_linear_slope_in_log10_params():
+    params = [2e4, 1e5, 7e5, 3e6]
+    gains = [0.05 - 0.04 * np.log10(p) for p in params]  # -0.04 per decade
+    pairs, pools = _trend_inputs(gains, params, noise=0.003)
+    t = geometry.size_trend(pairs, pools, "2", 400)
+    slope = t["slope"]
+    assert abs(slope["mean"] - (-0.04)) < 1e-12 and slope["n"] == 4
+    assert slope["lo"] < -0.04 < slope["hi"] < 0 and stats.sign(slope) == -1
+    assert abs(t["base_minus_distilled_slope"]["mean"] - (-0.08)) < 1e-12
+    assert t["pairs"] == list(pairs) and t["sizes"] == [16, 32, 64, 128] and t["params"] == params
+    np.testing.assert_allclose(t["log10_params"], np.log10(params), rtol=1e-12)
+    np.testing.assert_allclose(t["structure_gain"], gains, rtol=1e-12)
+    assert t["k"] == 2 and t["x"] == "log10 parameters of the pair's models" and not t["excluded"]
+    # The interval is that of the slope refitted on each replicate of every size.
+    boots = np.stack([pools[n]["2"]["structure_gain"]["boot"] for n in pairs])  # [sizes, boot]
+    refit = [np.polyfit(np.log10(params), boots[:, b], 1)[0] for b in range(400)]
+    np.testing.assert_allclose([slope["lo"], slope["hi"]], np.quantile(refit, [0.025, 0.975]))
+    json.dumps(t, allow_nan=False)
+    # results.json stores pairs in text order ("h128" before "h32"): the trend sorts them.
+    shuffled = {n: pairs[n] for n in ("h64", "h128", "h16", "h32")}
+    assert geometry.size_trend(shuffled, pools, "2", 400) == t
+    assert geometry.ordered_pairs(shuffled) == list(pairs)
+    # No trend, noisy sizes: the interval covers 0.
+    pairs, pools = _trend_inputs([-0.1, -0.1, -0.1], params[:3], noise=0.05, seed=1)
+    flat = geometry.size_trend(pairs, pools, "2", 400)["slope"]
+    assert abs(flat["mean"]) < 1e-12 and flat["lo"] < 0 < flat["hi"]
+
+
+def test_trend_needs_two_sizes_and_reports_why_not():
+    pairs, pools = _trend_inputs([-0.1], [1e5], noise=0.01)
+    t = geometry.size_trend(pairs, pools, "2", 400)
+    assert t["slope"] is None and t["base_minus_distilled_slope"] is None
+    assert "1 size(s)" in t["reason"] and "needs 2" in t["reason"]
+    json.dumps(t, allow_nan=False)
+    # A size with no pooled statistic (no relation with 3+ pairs) is left out, with why.
+    pairs, pools = _trend_inputs([-0.1, -0.2], [1e5, 1e6], noise=0.01)
+    none = {"mean": None, "boot": None, "n": 0, "reason": "no relation with 3+ word pairs"}
+    pools["h32"]["2"] = {"structure_gain": none, "base_minus_distilled": none}
+    t = geometry.size_trend(pairs, pools, "2", 400)
+    assert t["slope"] is None and t["pairs"] == ["h16"] and "1 size(s)" in t["reason"]
+    assert t["excluded"] == {"h32": "no relation with 3+ word pairs"}
+    pairs, pools = _trend_inputs([-0.1, -0.2], [1e5, 1e5], noise=0.01)
+    assert "same parameter count" in geometry.size_trend(pairs, pools, "2", 400)["reason"]
+    # Real pairs (no zoo size) make a trend of their own; zoo sizes exclude them.
+    pairs = {"main": {"size": None}, "r1_7b": {"size": None}}
+    assert geometry.trend_pairs(pairs) == ["main", "r1_7b"]
+    assert geometry.trend_pairs({**pairs, "h16": {"size": 16}}) == ["h16"]
 
 
 def test_non_finite_losses_become_none_with_a_reason():
@@ -206,16 +320,24 @@ def test_counts_and_summary_follow_the_intervals():
     rels["junk"] = {"kept": 0, "total": 2, "skipped": "none of its 2 pairs"}
     counts = geometry.verdicts(rels)
     below = {"above": 0, "below": 3, "undecided": 0}
+    # The two models' random offsets differ, and so do their controls: in "lower" the
+    # distilled model's true loss is below the base's, but so is its control, by more.
     assert counts["2"] == {
         "n_relations": 3,
         "distilled_vs_base": {"below": 1, "above": 1, "undecided": 1},
         "true_vs_shuffled": {"base": below, "distilled": below},
+        "structure_gain": {"below": 0, "above": 2, "undecided": 1},
     }
     pair = {"relations": rels, "pooled": geometry.pooled(reps, 500), "counts": counts}
     line = geometry.summarize({"plot_n_components": 2, "pairs": {"h128": pair}})
     want = "distilled below base (CI excludes 0) on 1/3 relations at h128, above on 1/3, "
     assert want + "undecided 1/3" in line
     assert "below shuffled control (CI excludes 0): base 3/3 & distilled 3/3 at h128" in line
+    gain = pair["pooled"]["2"]["structure_gain"]
+    assert (
+        f"structure gain ((true - shuffled) distilled - base): h128 {gain['mean']:+.3g} [" in line
+    )
+    assert "(below 0 on 0/3 relations)" in line and "per decade" not in line  # no trend here
     assert line.endswith("skipped (< 2 single-token pairs): junk@h128")
 
 
@@ -395,9 +517,33 @@ def test_run_geometry_on_the_micro_zoo(zoo, tmp_path, monkeypatch):
             assert pooled["n_relations"] == sum(r["kept"] >= 3 for r in scored)
             gaps = [r["by_k"][k]["base_minus_distilled"]["mean"] for r in scored if r["kept"] >= 3]
             assert abs(pooled["base_minus_distilled"]["mean"] - np.mean(gaps)) <= 1e-12
+            gains = []
+            for r in (r for r in scored if r["kept"] >= 3):
+                m = {role: r["models"][role][k] for role in ("base", "distilled")}
+                gains.append(
+                    m["distilled"]["mean"] - m["distilled"]["control_mean"]
+                    - (m["base"]["mean"] - m["base"]["control_mean"])
+                )  # fmt: skip
+                assert abs(r["by_k"][k]["structure_gain"]["mean"] - gains[-1]) <= 1e-12
+            gain = pooled["structure_gain"]
+            assert abs(gain["mean"] - np.mean(gains)) <= 1e-12 and gain["lo"] <= gain["hi"]
             assert counts["n_relations"] == len(scored) == sum(counts["distilled_vs_base"].values())
+    sizes = [p["size"] for p in results["pairs"].values()]
+    params = [p["n_params"]["base"] for p in results["pairs"].values()]
+    assert params == sorted(params) and params[0] > 1000
+    assert all(
+        p["n_params"]["base"] == p["n_params"]["distilled"] for p in results["pairs"].values()
+    )
+    trend = results["trend"]
+    assert trend == results["trend_by_k"]["2"] and list(results["trend_by_k"]) == ["2", "5", "64"]
+    assert trend["pairs"] == list(results["pairs"]) and trend["sizes"] == sizes
+    assert trend["params"] == [float(p) for p in params] and trend["slope"]["n"] == 2
+    gains = [p["pooled"]["2"]["structure_gain"]["mean"] for p in results["pairs"].values()]
+    want = (gains[1] - gains[0]) / np.log10(params[1] / params[0])  # 2 sizes: the chord
+    assert trend["structure_gain"] == gains and abs(trend["slope"]["mean"] - want) < 1e-12
     line = geometry.summarize(results)
     assert results["summary"] == line and "junk@h32" in line
+    assert "structure gain per decade of parameters over 2 sizes: " in line
     assert "distilled below base (CI excludes 0) on " in line and "relations at h16" in line
 
     # Complete and with the same key: reused without touching a model.

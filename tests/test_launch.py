@@ -68,7 +68,7 @@ EARLY_ERRORS = {
     "convert": (("--to=ckkissane",), "export file missing"),
     "build_zoo": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "pipeline": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
-    "replicate": (("--seeds=0", "--config.zoo.main_size=7"), "seeds ['0'] failed"),
+    "replicate": (("--seeds=0", "--config.zoo.main_size=7"), "seeds ['0'] are not counted"),
 }
 
 
@@ -194,6 +194,7 @@ def _error_classes():
         (relations.RelationError, ValueError),
         (pipeline.PipelineError, RuntimeError),
         (replicate.ReplicationError, RuntimeError),
+        (replicate.StaleResultError, RuntimeError),
         (errors.ConfigError, ValueError),
         (errors.MissingInputError, FileNotFoundError),
         (FormatError, ValueError),

@@ -1,4 +1,5 @@
-"""Where a marker occurrence is read: the lexicon's one rule, and the counts built on it."""
+"""The lexicon's rules: where a marker occurrence is read in a token stream (and the counts
+built on it), and when a marker in text is used as a reasoning move."""
 
 from __future__ import annotations
 
@@ -6,10 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from xcoder_jax import selection
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.lexicon import ANCHORS, anchor_lag, marker_carry, marker_read_rows
+from xcoder_jax.lexicon import (
+    ANCHORS,
+    CATEGORY_NAMES,
+    anchor_lag,
+    count_everyday_markers,
+    count_markers,
+    count_reasoning_markers,
+    marker_carry,
+    marker_read_rows,
+)
+from xcoder_jax.specificity import specificity_scores
 
 WAIT, ALT = (7,), (5, 6)  # a one-token and a two-token marker form
 FORMS = [WAIT, ALT]
@@ -38,7 +48,7 @@ def test_the_configs_fire_offset_is_the_predict_anchor():
     from configs import tiny
 
     c = tiny.get_config()
-    for offset in (c.steering.fire_offset, c.ablation.fire_offset):
+    for offset in (c.selection.fire_offset,):
         assert [anchor_lag(offset, n) for n in (1, 2, 3)] == [1, 2, 3]
         assert [anchor_lag("predict", n) for n in (1, 2, 3)] == [1, 2, 3]
 
@@ -108,7 +118,7 @@ def test_unknown_anchors_and_offsets_inside_the_marker_are_refused(bad):
         marker_carry([], bad)
 
 
-# --- marker_counts on a store -------------------------------------------------------------
+# --- Marker rows of a store, as latent selection reads them (specificity) ----------------
 
 
 class _Store:
@@ -129,35 +139,37 @@ class _Store:
         rows = np.arange(len(STREAM))[self._rows(k)]
         return np.stack([self.docs[rows], rows], 1)
 
-    def shard_acts(self, k):
-        return self.acts[self._rows(k)]
+    def shard_rows(self, k, idx):
+        return self.acts[self._rows(k)][idx]
 
 
 class _Identity:
     """A crosscoder whose latent j is the activation's coordinate j."""
 
     n_latents = len(STREAM)
-    W_enc = torch.zeros(1)
+    W_dec = torch.zeros(1)
 
-    def latent_acts(self, x, ids):
-        return x[:, 0, ids]
+    def encode_t(self, x):
+        return torch.as_tensor(x)[:, 0, :].T
 
 
 def _fired(store, anchor, shards):
-    counts = selection.marker_counts(store, _Identity(), {"c": FORMS}, ["c"], anchor, shards)
-    assert counts.shape == (1, len(STREAM)) and counts.max() <= 1
-    return np.flatnonzero(counts[0]).tolist()  # rows at which an occurrence is read
+    spec = specificity_scores(store, _Identity(), {"c": FORMS}, ["c"], anchor, shards)
+    counts = np.rint(spec.marker_rate[0] * spec.n_marker[0])
+    assert counts.shape == (len(STREAM),) and counts.max() <= 1
+    assert counts.sum() == spec.n_marker[0]
+    return np.flatnonzero(counts).tolist()  # rows at which an occurrence is read
 
 
 @pytest.mark.parametrize("cuts", [[6], [7], [3, 6], [5, 7]])
 @pytest.mark.parametrize("anchor", ["read", "predict", -1])
-def test_marker_counts_read_every_occurrence_once_across_shards(cuts, anchor):
+def test_marker_rows_read_every_occurrence_once_across_shards(cuts, anchor):
     name = "predict" if anchor == -1 else anchor
     store = _Store(cuts)
     assert _fired(store, anchor, range(len(cuts) + 1)) == STREAM_ROWS[name]
 
 
-def test_marker_counts_never_read_a_shard_not_listed():
+def test_marker_rows_never_read_a_shard_not_listed():
     # Cut at 6 and 7: the middle shard is row 6 alone. Without it, ALT at 5-6 (ends in it) and
     # WAIT at 7 (predicted by it) are not counted.
     store = _Store([6, 7])
@@ -165,14 +177,14 @@ def test_marker_counts_never_read_a_shard_not_listed():
     assert _fired(store, "predict", [2]) == [8]
 
 
-def test_marker_counts_respect_documents_across_the_carry():
+def test_marker_rows_respect_documents_across_the_carry():
     # A new document starts at row 5: ALT there is read at "predict" only inside it (never).
     store = _Store([6], docs=[0] * 5 + [1] * 5)
     assert _fired(store, "predict", [0, 1]) == [0, 3, 6, 8]
     assert _fired(store, "read", [0, 1]) == [2, 4, 6, 7, 9]
 
 
-def test_marker_counts_refuse_a_bad_offset():
+def test_marker_rows_refuse_a_bad_offset():
     with pytest.raises(ConfigError, match="fire_offset"):
         _fired(_Store([6]), 1, [0, 1])
 
@@ -199,3 +211,84 @@ def test_stretches_keep_markers_off_excluded_tokens():
     )
     # A marker does not span the gap: (7, 9) at rows 1-2 straddles positions 2 and 4.
     np.testing.assert_array_equal(marker_read_rows(tokens, docs, [(7, 9)], "read"), [5])
+
+
+# --- Markers used as reasoning moves ---------------------------------------------------------
+
+
+def _only(**n) -> dict[str, int]:
+    return {c: n.get(c, 0) for c in CATEGORY_NAMES}
+
+
+def test_wait_for_me_is_no_self_reflection_but_wait_comma_is():
+    everyday, move = "Wait for me, said Tom.", "Wait, let me check."
+    assert count_markers(everyday)["self_reflection"] == 1  # the bare word is there
+    assert count_reasoning_markers(everyday) == _only()
+    assert count_everyday_markers(everyday) == _only(self_reflection=1)
+    assert count_reasoning_markers(move) == _only(self_reflection=1, verification=1)
+    assert count_everyday_markers(move) == _only()
+
+
+@pytest.mark.parametrize(
+    "text, moves, everyday",
+    [
+        # Sentence-initial after . ! ? : or a newline, then whitespace; not mid-sentence.
+        ("3 + 4 = 7. Wait, no. Is it? Wait: yes!\nWait... 7", {"self_reflection": 3}, {}),
+        ("I said wait, then Wait here, said Ann. Wait! Wait.", {}, {"self_reflection": 3}),
+        ("x = 3.Wait, no", {}, {}),  # no space after the full stop: neither
+        (
+            "Therefore, 7. Thus, 7. It was late. Therefore Ann went home.",
+            {"deductive": 2},
+            {"deductive": 1},
+        ),
+        (
+            "Alternatively, swap. However, not 8. But the answer is 7. ok, But then",
+            {"alternative": 1, "contrastive": 2},
+            {"contrastive": 1},
+        ),
+        (
+            "Let me verify: 4. I can check the result. To check it, 3. LET ME CHECK.",
+            {"verification": 4},
+            {},
+        ),
+        ("Bo will check the box. Ann asked Bo to verify the list.", {}, {"verification": 2}),
+        ("Let me double-check the sum.", {"verification": 1}, {}),
+    ],
+)
+def test_reasoning_and_everyday_uses(text, moves, everyday):
+    assert count_reasoning_markers(text) == _only(**moves)
+    assert count_everyday_markers(text) == _only(**everyday)
+
+
+def test_every_marker_the_teacher_writes_is_a_reasoning_move():
+    import random
+
+    from xcoder_jax.zoo import teacher_trace
+    from xcoder_jax.zoo.corpus import make_problems
+
+    rng = random.Random(0)
+    traces = [teacher_trace(p, rng) for p in make_problems(rng, 300)]
+    bare = {c: sum(count_markers(t)[c] for t in traces) for c in CATEGORY_NAMES}
+    moves = {c: sum(count_reasoning_markers(t)[c] for t in traces) for c in CATEGORY_NAMES}
+    assert all(bare[c] > 50 for c in CATEGORY_NAMES)
+    # Verification also has the form "To check it," and "I can check", so every form counts.
+    assert moves == bare
+    assert not any(sum(count_everyday_markers(t).values()) for t in traces)
+
+
+def test_everyday_sentences_of_the_zoo_are_mostly_not_moves():
+    import random
+
+    from xcoder_jax.zoo.corpus import everyday_sentence
+
+    rng = random.Random(1)
+    sentences = [everyday_sentence(rng) for _ in range(400)]
+    moves = {c: sum(count_reasoning_markers(s)[c] for s in sentences) for c in CATEGORY_NAMES}
+    everyday = {c: sum(count_everyday_markers(s)[c] for s in sentences) for c in CATEGORY_NAMES}
+    # "Wait for me" / "Wait here", "Therefore Ann went home", "will check", "to verify":
+    # never a move. "However, ...", "Alternatively, ..." and "But ..." open sentences in the
+    # form reasoning uses, so form alone cannot tell them apart; they count as moves.
+    for c in ("self_reflection", "deductive", "verification"):
+        assert moves[c] == 0 and everyday[c] > 20
+    for c in ("alternative", "contrastive"):
+        assert moves[c] > 20 and everyday[c] == 0

@@ -1,113 +1,258 @@
-"""Replication across seeds: findings read from each seed's results, held counts, pooling."""
+"""Replication across seeds: the declared family, per-seed counts, random-effects pooling over
+the confirmatory seeds, Holm over the family, and stale results refused."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import numpy as np
 import pytest
 
 from tests.conftest import micro_pipeline_config
-from xcoder_jax import replicate, stats
+from xcoder_jax import family, replicate, stats
 from xcoder_jax import workdir as wd
+from xcoder_jax.lexicon import CATEGORY_NAMES
+
+FIVE = ("self_reflection", "deductive", "alternative", "contrastive", "verification")
 
 
 def _ci(mean, half=0.1):
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": 10, "method": "test"}
 
 
-def _results(effect: float) -> dict:
-    """One seed's results in the stages' layouts, every finding's effect = +-effect."""
-    cats = ("self_reflection", "deductive", "alternative", "contrastive", "verification")
+def _results(effect: float, half: float = 0.1) -> dict:
+    """One seed's results in the stages' own layouts (written out by hand, with decoys at
+    keys the family must not read); every finding's effect is expected sign x `effect`."""
+    e = lambda sign: _ci(sign * effect, half)
     analysis = {
         "categories": {
-            c: {"nrn_minus_alive": _ci(effect), "top_distilled_only": {"excess": _ci(effect)}}
-            for c in cats
+            c: {"nrn_minus_alive": e(1), "top_distilled_only": {"excess": e(1), "n_top": 5}}
+            for c in FIVE
         }
     }
+    ablation = {
+        "categories": {
+            c: {
+                "headline": {
+                    "distilled": {"targeted_minus_random": e(-1),
+                                  "targeted_minus_direction": e(-1)},
+                    "base": {"targeted_minus_random": _ci(9.0)},  # decoy
+                    "distilled_minus_base": e(-1),
+                },
+                "rules": {"attribution": {"by_frac": []}},
+            }
+            for c in FIVE
+        }
+    }  # fmt: skip
+    sr = {"self_reflection_per_100": e(1), "reflection_rounds": e(1), "tokens": _ci(9.0)}
     steering = {
-        "conditions": [
-            {"model": "distilled", "set": s, "alpha": a, "vs_clean": v}
-            for s, metric, sign in (
-                ("self_reflection:1", "self_reflection_per_100", 1),
-                ("deductive:1", "tokens", -1),
-            )
-            for a, v in (
-                (0.0, None),
-                (0.2, {metric: _ci(0.0)}),  # a smaller alpha: not the one read
-                (0.4, {metric: _ci(sign * effect)}),
-            )
-        ]
-    }
-    row = {
-        "frac": 0.1,
-        "distilled": {"targeted_minus_matched": _ci(-effect)},
-        "distilled_minus_base": _ci(-effect),
-    }
-    ablation = {"categories": {c: {"by_frac": [{"frac": 0.5}, row]} for c in cats[:4]}}
-    pooled = {
-        "base_minus_distilled": _ci(effect),
-        "true_minus_shuffled": {"base": _ci(-effect), "distilled": _ci(-effect)},
-    }
+        "headline": {
+            "self_reflection:1": {"vs_clean": {"self_reflection_per_100": _ci(9.0)},
+                                  "vs_random_direction": sr, "vs_random_latent": dict(sr)},
+            "deductive:1": {"vs_random_direction": {"tokens": e(-1)},
+                            "vs_random_latent": {"tokens": e(-1)}},
+        }
+    }  # fmt: skip
     geometry = {
         "largest": "h128",
         "plot_n_components": 2,
-        "pairs": {"h128": {"pooled": {"2": pooled}}},
+        "pairs": {
+            "h64": {"pooled": {"2": {"structure_gain": _ci(9.0)}}},  # not the largest
+            "h128": {"pooled": {"2": {"structure_gain": e(-1)}, "3": {"structure_gain": _ci(9.0)}}},
+        },
+        "trend": {"slope": e(-1)},
     }
     return {"analysis": analysis, "steering": steering, "ablation": ablation, "geometry": geometry}
 
 
-def test_every_finding_is_read_and_held_counts_follow_the_cis():
-    # Effects 0.5 (holds), 0.05 (CI includes 0), 0.3 (holds), and a seed without results.
-    per_seed = {0: _results(0.5), 1: _results(0.05), 2: _results(0.3), 3: {}}
+# --- The declared family ------------------------------------------------------------------
+
+
+def test_the_family_is_pinned_and_tests_every_category_in_every_per_category_test():
+    assert CATEGORY_NAMES == FIVE
+    assert family.digest() == family.FAMILY_SHA256 and family.FAMILY_VERSION == 1
+    assert family.EXPLORATORY_SEEDS == (0,)
+    names = [f.name for f in family.FAMILY]
+    assert len(set(names)) == len(names) == 5 * 5 + 6 + 2
+    per_category = [
+        ("analysis", ("nrn_minus_alive",)),
+        ("analysis", ("top_distilled_only", "excess")),
+        ("ablation", ("headline", "distilled", "targeted_minus_random")),
+        ("ablation", ("headline", "distilled", "targeted_minus_direction")),
+        ("ablation", ("headline", "distilled_minus_base")),
+    ]
+    for stage, tail in per_category:
+        cats = [f.path[1] for f in family.FAMILY if f.stage == stage and f.path[2:] == tail]
+        assert cats == list(FIVE), (stage, tail)
+    keys = {f.key: f.sign for f in family.FAMILY if f.stage in ("steering", "geometry")}
+    assert keys == {
+        "steering: headline.self_reflection:1.vs_random_direction.self_reflection_per_100": 1,
+        "steering: headline.self_reflection:1.vs_random_latent.self_reflection_per_100": 1,
+        "steering: headline.self_reflection:1.vs_random_direction.reflection_rounds": 1,
+        "steering: headline.self_reflection:1.vs_random_latent.reflection_rounds": 1,
+        "steering: headline.deductive:1.vs_random_direction.tokens": -1,
+        "steering: headline.deductive:1.vs_random_latent.tokens": -1,
+        "geometry: pairs.<largest>.pooled.<k>.structure_gain": -1,
+        "geometry: trend.slope": -1,
+    }
+    # An edit to the family (here: one sign) changes its digest.
+    flipped = (family.FAMILY[0].__class__(**{**family.FAMILY[0].__dict__, "sign": -1}),)
+    assert family.digest(flipped + family.FAMILY[1:]) != family.FAMILY_SHA256
+
+
+def test_every_finding_reads_its_own_key_of_the_stage_layouts():
+    results = _results(0.5)
+    for f in family.FAMILY:
+        assert f.read(results) == _ci(f.sign * 0.5), f.name
+        assert f.read({}) is None
+    del results["geometry"]["largest"]
+    assert family.FAMILY[-2].read(results) is None  # no largest pair: not measured
+
+
+# --- The table ------------------------------------------------------------------------------
+
+
+def test_counts_and_pooling_use_the_confirmatory_seeds_only():
+    # Seed 0 is exploratory (any value); 1: excludes 0; 2: right sign, CI includes 0;
+    # 3: wrong sign; 4: failed (nothing counted).
+    per_seed = {0: _results(-3.0), 1: _results(0.5), 2: _results(0.05), 3: _results(-0.02), 4: {}}
     table = replicate.tabulate(per_seed)
-    assert table["seeds"] == [0, 1, 2, 3]
-    assert len(table["findings"]) == len(replicate.findings())
+    assert table["exploratory_seeds"] == [0] and table["confirmatory_seeds"] == [1, 2, 3, 4]
+    assert len(table["findings"]) == len(family.FAMILY)
+    se = 0.2 / (2 * 1.959963984540054)
     for row in table["findings"]:
-        assert row["seeds_run"] == 4 and row["seeds_measured"] == 3, row["name"]
-        assert row["seeds_held"] == 2, row["name"]
         sign = row["expected_sign"]
-        expected = sign * np.mean([0.5, 0.05, 0.3])
-        assert row["pooled"]["mean"] == pytest.approx(expected, abs=1e-12)
-        assert row["pooled_holds"] == (stats.sign(row["pooled"]) == sign)
-        assert row["per_seed"]["3"] == {"ci": None, "holds": False}
+        assert row["seeds_confirmatory"] == 4 and row["seeds_measured"] == 3, row["name"]
+        assert row["seeds_expected_sign"] == 2 and row["seeds_ci_excludes_zero"] == 1
+        assert row["seeds_pooled"] == 3
+        expected = stats.random_effects([sign * 0.5, sign * 0.05, sign * -0.02], [se] * 3)
+        assert row["pooled"] == pytest.approx(expected)
+        assert row["exploratory"] == {"0": _ci(sign * -3.0)}
+        assert set(row["per_seed"]) == {"1", "2", "3", "4"} and row["per_seed"]["4"] is None
+    # The exploratory seed never moves the confirmatory statistics.
+    other = replicate.tabulate({**per_seed, 0: _results(+7.0)})
+    for a, b in zip(table["findings"], other["findings"], strict=True):
+        assert a["pooled"] == b["pooled"] and a["holm_p"] == b["holm_p"]
     json.dumps(table, allow_nan=False)
 
 
-def test_pooled_effect_holds_only_on_the_expected_side():
-    right = replicate.tabulate({0: _results(0.5), 1: _results(0.52), 2: _results(0.48)})
-    for row in right["findings"]:
-        assert row["seeds_held"] == 3 and row["pooled_holds"], row["name"]
-        assert stats.sign(row["pooled"]) == row["expected_sign"]
-    wrong = replicate.tabulate({0: _results(-0.5), 1: _results(-0.52), 2: _results(-0.48)})
-    for row in wrong["findings"]:
-        # The pooled CI excludes 0, but on the other side: the finding does not hold.
-        assert stats.sign(row["pooled"]) == -row["expected_sign"]
-        assert row["seeds_held"] == 0 and not row["pooled_holds"], row["name"]
+def test_holm_runs_over_the_whole_family():
+    effects = {1: 0.5, 2: 0.6, 3: 0.55, 4: 0.45}
+    per_seed = {s: _results(e) for s, e in effects.items()}
+    for s, r in per_seed.items():
+        r["analysis"]["categories"]["alternative"]["nrn_minus_alive"] = _ci(-effects[s])
+        del r["geometry"]["trend"]  # the slope is never measured
+    table = replicate.tabulate(per_seed)
+    rows = {row["name"]: row for row in table["findings"]}
+    m = len(family.FAMILY)
+    p = [row["pooled"]["p"] for row in table["findings"]]
+    assert p.count(None) == 1
+    assert [row["holm_p"] for row in table["findings"]] == stats.holm_adjusted(p)
+    # Every measured finding has the same |effects|, hence the same p: Holm multiplies it by
+    # the whole family's size, the unmeasured finding included.
+    p0 = rows["self_reflection_latents_lean_distilled"]["pooled"]["p"]
+    assert 0 < p0 and m * p0 < family.ALPHA
+    for row in table["findings"]:
+        if row["pooled"]["p"] is not None:
+            assert row["holm_p"] == pytest.approx(m * p0) and row["holm_rejects"]
+    assert rows["alternative_latents_lean_distilled"]["verdict"] == "reversed"
+    assert rows["geometry_structure_gain_grows_with_size"]["verdict"] == "not measured"
+    assert rows["geometry_structure_gain_grows_with_size"]["holm_rejects"] is False
+    verdicts = [row["verdict"] for row in table["findings"]]
+    assert verdicts.count("confirmed") == m - 2
+    # Seeds that disagree: nothing is confirmed.
+    mixed = replicate.tabulate({1: _results(0.5), 2: _results(-0.5), 3: _results(0.1)})
+    assert all(row["verdict"] == "not confirmed" for row in mixed["findings"])
 
 
-def test_a_failed_seed_is_recorded_and_the_table_still_written(tmp_path, monkeypatch):
+def test_markdown_has_one_row_per_finding_and_the_exploratory_column():
+    table = replicate.tabulate({0: _results(0.9), 1: _results(0.5), 2: _results(0.4), 3: {}})
+    text = replicate.markdown(table)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(family.FAMILY)
+    assert "seed 0 (exploratory)" in rows[0] and "expected sign (of 3 seeds)" in rows[0]
+    first = rows[1].split(" | ")
+    assert first[1] == "+0.9 [+0.8, +1]" and first[2] == "2 (of 2 measured)" and first[3] == "2"
+    assert "confirmatory seeds: 1, 2, 3" in text and f"Family v{family.FAMILY_VERSION}" in text
+
+
+# --- Stale results ---------------------------------------------------------------------------
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+@pytest.fixture()
+def fake_fingerprints(monkeypatch):
+    """Each stage's expected fingerprint is {"format": 1, "seed": config.seed}."""
+    monkeypatch.setattr(
+        replicate, "_expected_fingerprint", lambda name, c, w: {"format": 1, "seed": c.seed}
+    )
+
+
+def test_a_stale_stage_result_is_refused(tmp_path, fake_fingerprints):
+    c = micro_pipeline_config()
+    c.seed = 1
+    w = str(tmp_path)
+    _write(os.path.join(wd.stage_dir(w, "steering"), "results.json"),
+           {"fingerprint": {"format": 1, "seed": 1}, "headline": {}})  # fmt: skip
+    assert set(replicate.read_results(w, c)) == {"steering"}
+    c.seed = 2  # the file was written by the run of seed 1
+    with pytest.raises(replicate.StaleResultError, match=r"steering.*differs in: seed"):
+        replicate.read_results(w, c)
+    c.seed = 1
+    _write(os.path.join(wd.stage_dir(w, "ablation"), "results.json"), {"categories": {}})
+    with pytest.raises(replicate.StaleResultError, match=r"ablation.*differs in: format, seed"):
+        replicate.read_results(w, c)
+
+
+def test_a_result_whose_inputs_are_gone_is_refused(tmp_path, monkeypatch):
+    def gone(name, c, w):
+        raise FileNotFoundError("no store")
+
+    monkeypatch.setattr(replicate, "_expected_fingerprint", gone)
+    _write(os.path.join(wd.stage_dir(str(tmp_path), "analysis"), "summary.json"), {})
+    with pytest.raises(replicate.StaleResultError, match="cannot be checked.*no store"):
+        replicate.read_results(str(tmp_path), micro_pipeline_config())
+
+
+def test_a_rerun_that_leaves_older_results_counts_nothing(tmp_path, monkeypatch, fake_fingerprints):
+    """Seed 1's files come from a run with another config; its rerun "succeeds" without
+    replacing them (a skipped stage), seed 2's rerun fails: neither is counted."""
+
     def run(config, workdir):
-        if config.seed == 1:
+        if config.seed == 2:
             raise RuntimeError("boom")
 
     monkeypatch.setattr(replicate.pipeline, "run", run)
-    c = micro_pipeline_config()
-    with pytest.raises(replicate.ReplicationError, match=r"seeds \['1'\] failed"):
-        replicate.run_replication(c, str(tmp_path), [0, 1], log=lambda *_: None)
+    for seed in (1, 2):
+        path = os.path.join(wd.stage_dir(str(tmp_path / f"seed{seed}"), "analysis"))
+        summary = _results(0.5)["analysis"] | {"fingerprint": {"format": 0, "seed": seed}}
+        _write(os.path.join(path, "summary.json"), summary)
+    with pytest.raises(replicate.ReplicationError, match=r"seeds \['1', '2'\] are not counted"):
+        replicate.run_replication(micro_pipeline_config(), str(tmp_path), [1, 2], log=print)
     with open(tmp_path / replicate.JSON) as f:
         table = json.load(f)
-    assert table["errors"] == {"1": "RuntimeError: boom"} and table["seeds"] == [0, 1]
-    assert "Seed 1 failed (RuntimeError: boom)" in (tmp_path / replicate.MARKDOWN).read_text()
+    assert (
+        table["errors"]["1"].startswith("StaleResultError: ") and "format" in table["errors"]["1"]
+    )
+    assert table["errors"]["2"] == "RuntimeError: boom"
+    for row in table["findings"]:
+        assert row["seeds_measured"] == 0 and row["verdict"] == "not measured"
+    text = (tmp_path / replicate.MARKDOWN).read_text()
+    assert "Seed 2 is not counted: RuntimeError: boom" in text
 
 
-def test_markdown_has_one_row_per_finding():
-    table = replicate.tabulate({0: _results(0.5), 1: _results(0.4)})
-    text = replicate.markdown(table)
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + len(table["findings"])
-    assert "| 2 |" in text and "of 2 seeds" in text
+def test_an_edited_family_refuses_to_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(family, "FAMILY_SHA256", "0" * 64)
+    with pytest.raises(replicate.ConfigError, match="FAMILY_VERSION"):
+        replicate.run_replication(micro_pipeline_config(), str(tmp_path), [1], log=print)
+
+
+# --- End to end --------------------------------------------------------------------------------
 
 
 def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
@@ -116,7 +261,7 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     c.steering.n_prompts, c.steering.samples, c.steering.max_new_tokens = 4, 2, 8
     c.ablation.fracs, c.ablation.n_random, c.ablation.n_docs = (0.1,), 2, 8
     table = replicate.run_replication(c, str(tmp_path), [3, 4], log=lambda *_: None)
-    assert table["seeds"] == [3, 4]
+    assert table["seeds"] == table["confirmatory_seeds"] == [3, 4] and table["errors"] == {}
     for seed in (3, 4):
         with open(wd.zoo_report_path(str(tmp_path / f"seed{seed}"))) as f:
             assert json.load(f)["seed"] == seed
@@ -129,5 +274,13 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     with open(tmp_path / replicate.JSON) as f:
         assert json.load(f) == json.loads(json.dumps(table))
     assert os.path.exists(tmp_path / replicate.MARKDOWN)
-    measured = [row["seeds_measured"] for row in table["findings"]]
-    assert max(measured) == 2  # findings are read from the real results files
+    rows = {row["name"]: row for row in table["findings"]}
+    # Findings are read from the real results files, each accepted by its fingerprint.
+    assert rows["self_reflection_latents_lean_distilled"]["seeds_measured"] == 2
+    seed3 = str(tmp_path / "seed3")
+    assert set(replicate.read_results(seed3, replicate._with_seed(c, 3))) == {
+        "analysis", "steering", "ablation", "geometry"
+    }  # fmt: skip
+    # Seed 3's files are not seed 4's results.
+    with pytest.raises(replicate.StaleResultError, match="another run"):
+        replicate.read_results(seed3, replicate._with_seed(c, 4))

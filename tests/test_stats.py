@@ -115,3 +115,98 @@ def test_format_ci_shows_the_interval_or_why_it_is_missing():
     assert stats.format_ci(stats.t_ci([2.0])) == "+2.00 (no CI: one value: no spread to estimate)"
     assert stats.format_ci(None) == "n/a (not measured)"
     assert stats.format_ci(stats.t_ci([]), "{:.1f}") == "n/a (no values)"
+
+
+# --- Zero-width intervals --------------------------------------------------------------------
+
+
+def test_a_zero_width_interval_is_never_decisive():
+    point = {"mean": 0.3, "lo": 0.3, "hi": 0.3, "n": 5, "method": "test"}
+    assert not stats.excludes_zero(point) and stats.sign(point) == 0
+    assert stats.se_from_ci(point) is None
+    narrow = {"mean": 0.3, "lo": 0.29, "hi": 0.31, "n": 5, "method": "test"}
+    assert stats.excludes_zero(narrow) and stats.sign(narrow) == 1
+
+
+def test_welch_ci_of_two_constant_groups_has_no_interval():
+    ci = stats.welch_ci([2.0, 2.0, 2.0], [1.0, 1.0])
+    assert ci["mean"] == pytest.approx(1.0)
+    assert ci["lo"] is None and ci["hi"] is None and "no spread" in ci["reason"]
+    assert not stats.excludes_zero(ci) and stats.sign(ci) == 0
+    json.dumps(ci, allow_nan=False)
+
+
+# --- Across seeds: standard errors, random effects, Holm ----------------------------------
+
+
+def test_se_from_ci_inverts_a_normal_interval():
+    ci = {"mean": 1.0, "lo": 1.0 - 1.959963984540054 * 0.25, "hi": 1.0 + 1.959963984540054 * 0.25}
+    assert stats.se_from_ci(ci) == pytest.approx(0.25)
+    assert stats.se_from_ci(stats.t_ci([2.0])) is None  # no interval
+
+
+def test_random_effects_matches_a_hand_computation():
+    y, s = [1.0, 2.0, 6.0], [0.5, 1.0, 1.0]
+    # Fixed-effect weights 4, 1, 1: fixed mean (4 + 2 + 6) / 6 = 2, Q = 4 * 1 + 0 + 16 = 20,
+    # C = 6 - (16 + 1 + 1) / 6 = 3, tau^2 = (20 - 2 dof) / 3 = 6.
+    w = [4.0, 1.0, 1.0]
+    fixed = (4 * 1 + 1 * 2 + 1 * 6) / 6
+    q = 4 * (1 - fixed) ** 2 + (2 - fixed) ** 2 + (6 - fixed) ** 2
+    assert (fixed, q) == pytest.approx((2.0, 20.0))
+    tau2 = (q - 2) / (sum(w) - sum(x * x for x in w) / sum(w))
+    assert tau2 == pytest.approx(6.0)
+    ws = [1 / (0.25 + 6), 1 / (1 + 6), 1 / (1 + 6)]
+    mean = (ws[0] * 1 + ws[1] * 2 + ws[2] * 6) / sum(ws)
+    hk = (ws[0] * (1 - mean) ** 2 + ws[1] * (2 - mean) ** 2 + ws[2] * (6 - mean) ** 2) / 2
+    assert hk > 1  # the Hartung-Knapp spread is used as it is (above its floor)
+    se = math.sqrt(hk / sum(ws))
+    half = 4.302652729911275 * se  # t quantile, 2 dof, 97.5%
+    ci = stats.random_effects(y, s)
+    assert ci["mean"] == pytest.approx(mean) and ci["k"] == ci["n"] == 3 and ci["dof"] == 2
+    assert ci["lo"] == pytest.approx(mean - half) and ci["hi"] == pytest.approx(mean + half)
+    assert ci["tau2"] == pytest.approx(6.0) and ci["tau"] == pytest.approx(math.sqrt(6.0))
+    assert ci["Q"] == pytest.approx(20.0) and ci["I2"] == pytest.approx(18 / 20)
+    assert ci["p"] == pytest.approx(2 * sps.t.sf(mean / se, 2))
+    assert set(ci) >= {"mean", "lo", "hi", "n", "method"}
+    json.dumps(ci, allow_nan=False)
+
+
+def test_random_effects_of_agreeing_seeds_has_no_tau_and_the_floored_variance():
+    y, s = [1.0, 1.1, 0.9], [1.0, 1.0, 1.0]
+    # Q = 0.02 < 2 dof: tau^2 = 0, weights 1: the plain mean; the Hartung-Knapp spread
+    # (0.01) is below 1, so the variance is the DerSimonian-Laird one, 1 / 3.
+    ci = stats.random_effects(y, s)
+    assert ci["tau"] == 0.0 and ci["I2"] == 0.0 and ci["Q"] == pytest.approx(0.02)
+    assert ci["mean"] == pytest.approx(1.0)
+    half = 4.302652729911275 * math.sqrt(1 / 3)
+    assert (ci["lo"], ci["hi"]) == pytest.approx((1.0 - half, 1.0 + half))
+    assert ci["p"] == pytest.approx(2 * sps.t.sf(1.0 / math.sqrt(1 / 3), 2))
+
+
+def test_random_effects_needs_two_replications_with_positive_errors():
+    one = stats.random_effects([0.7], [0.1])
+    assert one["mean"] == 0.7 and one["lo"] is None and one["p"] is None and one["k"] == 1
+    assert stats.random_effects([], [])["reason"] == "no replications"
+    assert stats.random_effects([1.0, 2.0], [0.1, 0.0])["lo"] is None
+    with pytest.raises(ValueError, match="one standard error per effect"):
+        stats.random_effects([1.0, 2.0], [0.1])
+
+
+def test_holm_matches_a_hand_computation():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Sorted: 0.005 <= 0.05/4 yes; 0.01 <= 0.05/3 yes; 0.03 <= 0.05/2 no: stop.
+    assert stats.holm(p, 0.05) == [True, False, False, True]
+    # Adjusted: 4 * 0.005, max(that, 3 * 0.01), max(.., 2 * 0.03), max(.., 1 * 0.04).
+    assert stats.holm_adjusted(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm(p, 0.1) == [True, True, True, True]
+    assert stats.holm([0.2, 0.001], 0.05) == [False, True]
+
+
+def test_holm_counts_an_unmeasured_finding_in_the_family():
+    # With the None counted, m = 2: 0.03 > 0.05 / 2. (Dropping it would reject at 0.05 / 1.)
+    assert stats.holm([0.03, None]) == [False, False]
+    assert stats.holm_adjusted([0.03, None]) == [pytest.approx(0.06), None]
+    assert stats.holm([0.01, None, 0.005]) == [True, False, True]
+    assert stats.holm([]) == []
+    with pytest.raises(ValueError, match="p-values"):
+        stats.holm([1.5])

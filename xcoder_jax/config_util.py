@@ -53,6 +53,7 @@ RUNLOCAL_CAPS = {
     "steering.max_new_tokens": 32,
     "ablation.n_random": 2,
     "ablation.n_docs": 16,
+    "selection.n_docs": 16,
     "geometry.max_pairs": 100,
     "geometry.n_shuffles": 2,
     "geometry.n_boot": 100,

@@ -1,9 +1,10 @@
 """The reasoning lexicon: categories and their marker strings, in one place.
 
 The zoo's teacher writes these markers, the analysis maps them to token ids, and steering
-counts them in generations. Markers are written as they appear inside text, with the
-leading space that makes them one BPE token (" Wait"); counting in free text also accepts a
-marker at the very start of the text.
+counts them in generations where they are used as reasoning moves (`REASONING_FORMS`,
+`count_reasoning_markers`: "Wait," opening a sentence, not "Wait for me"). Markers are
+written as they appear inside text, with the leading space that makes them one BPE token
+(" Wait"); counting bare words in free text also accepts a marker at the very start of it.
 
 Where in a token stream a marker occurrence is read (`ANCHORS`, `marker_read_rows`) is also
 defined here, once, for the analysis and for the latent selection of steering and ablation.
@@ -46,6 +47,79 @@ def count_markers(text: str) -> dict[str, int]:
 def has_marker(text: str) -> bool:
     """Whether `text` contains any reasoning marker of any category."""
     return any(p.search(text) for pats in _PATTERNS.values() for p in pats)
+
+
+# --- Markers used as reasoning moves --------------------------------------------------------
+# `count_markers` counts bare words: "Wait for me, said Tom." holds a " Wait". In generated
+# text that matters, so generations are scored with the one rule below. A marker is a
+# reasoning move when it opens a sentence (start of the text, or after . ! ? : followed by
+# whitespace, or after a newline) and is followed by the clause boundary its form takes:
+#
+#   "Wait", "Therefore", "Thus", "Alternatively", "However": a comma ("Wait," "Thus,"); Wait
+#       also takes the other boundaries of an interjection ("Wait:" "Wait;" "Wait..."
+#       "Wait -"), never "Wait." / "Wait!" / "Wait for" (the everyday imperative);
+#   "But": opens the clause itself, so a comma or the next word ("But the answer is not 8.");
+#   verification (" check", " verify"): the speaker announces it, "let me check" / "I can
+#       verify" (after "let me", "I can", "I will", "I'll", "I should", any case, an optional
+#       "double-"), or a sentence-initial "To check" / "To verify".
+#
+# The teacher (`zoo.teacher`) writes every marker in such a form; the zoo's everyday
+# sentences ("Wait here, said Ann.", "Therefore Ben went home.", "Cy will check the box.")
+# mostly do not. Everyday occurrences are the bare words left over.
+
+SENTENCE_START = r"(?:\A\s*|(?<=[.!?:])\s+|(?<=\n)[ \t]*)"
+_AFTER = {  # what must follow a sentence-initial marker word (a lookahead)
+    "Wait": r"(?=\s*(?:[,;:]|\.\.\.|\u2026)|\s+[-\u2013\u2014]\s)",
+    "But": r"(?=,|\s+[A-Za-z0-9])",
+}
+_COMMA = r"(?=,)"
+_ANNOUNCE = r"(?i:\b(?:let\s+me|I\s+can|I\s+will|I'll|I\s+should)\s+(?:double-)?)"
+
+
+def _move_patterns(category: str) -> list[re.Pattern]:
+    words = [m.strip() for m in CATEGORIES[category]]
+    if category == "verification":
+        # The marker word itself is the group "m": everyday counts subtract these spans.
+        alt = "|".join(map(re.escape, words))
+        return [
+            re.compile(rf"{_ANNOUNCE}(?P<m>(?i:{alt}))\b"),
+            re.compile(rf"{SENTENCE_START}To\s+(?P<m>{alt})\b"),
+        ]
+    return [
+        re.compile(rf"{SENTENCE_START}(?P<m>{re.escape(w)}){_AFTER.get(w, _COMMA)}") for w in words
+    ]
+
+
+_MOVES = {cat: _move_patterns(cat) for cat in CATEGORIES}
+
+REASONING_FORMS: Mapping[str, str] = {
+    "self_reflection": "sentence-initial 'Wait' followed by a comma, colon, semicolon, "
+    "ellipsis or dash",
+    "deductive": "sentence-initial 'Therefore,' / 'Thus,' (with the comma)",
+    "alternative": "sentence-initial 'Alternatively,' (with the comma)",
+    "contrastive": "sentence-initial 'However,' (with the comma) or 'But' opening a clause",
+    "verification": "'let me / I can / I will / I'll / I should (double-)check|verify' in any "
+    "case, or a sentence-initial 'To check' / 'To verify'",
+}
+
+
+def _move_starts(text: str, category: str) -> set[int]:
+    """Character offsets where a marker word of `category` is used as a reasoning move."""
+    return {m.start("m") for p in _MOVES[category] for m in p.finditer(text)}
+
+
+def count_reasoning_markers(text: str) -> dict[str, int]:
+    """Markers used as reasoning moves (`REASONING_FORMS`), per category."""
+    return {cat: len(_move_starts(text, cat)) for cat in CATEGORIES}
+
+
+def count_everyday_markers(text: str) -> dict[str, int]:
+    """Bare marker words (as `count_markers` finds them) NOT used as reasoning moves."""
+    out = {}
+    for cat, pats in _PATTERNS.items():
+        moves = _move_starts(text, cat)
+        out[cat] = sum(1 for p in pats for m in p.finditer(text) if m.start() not in moves)
+    return out
 
 
 # --- Markers as token ids ----------------------------------------------------------------
@@ -174,7 +248,7 @@ def marker_read_rows(
       uses it to describe the latents active on a marker.
     - "predict", the token before its first token: the position whose output predicts the
       marker, where steering and ablation measure the marker's logit. Their latent
-      selection (`selection.marker_counts`, `fire_offset = -1`) uses it.
+      selection (`specificity.specificity_scores`, `selection.fire_offset = -1`) uses it.
 
     For a one-token marker "read" and "first" are the same row; for longer markers they are
     not, so the anchor has to be stated, not assumed.

@@ -1,133 +1,45 @@
-"""Replication: the whole study once per seed, and which findings hold in how many seeds.
+"""Replication: the whole study once per seed, and which declared findings it confirms.
 
 Each seed runs every stage of the pipeline in its own workdir, `<workdir>/seed<s>` (zoo,
 activations, crosscoder, analyses: nothing is shared between seeds, and `config.seed`
 drives every random choice of a run). Each seed's stages are resumable, so a killed
 replication continues where it stopped.
 
-A finding is read from one seed's results as an effect with its 95% CI and an expected sign;
-it *holds* in that seed when the CI excludes 0 on the expected side. Across seeds, the pooled
-effect is the mean of the per-seed effects with a Student-t 95% CI over seeds (seeds are the
-independent units). Writes `<workdir>/replication.json` and `<workdir>/replication.md`.
+What is tested is the declared family (`xcoder_jax.family`: written before any seed was run,
+never edited after). A finding is read from one seed's results as an effect with its 95% CI
+and an expected sign. Seeds in `family.EXPLORATORY_SEEDS` are shown but not counted; over
+the other (confirmatory) seeds each finding gets
+
+- how many have a point estimate of the expected sign, and how many a CI that excludes 0 on
+  the expected side (per-seed power, not replication);
+- a random-effects pooled effect (`stats.random_effects`: DerSimonian-Laird, Hartung-Knapp
+  t interval) with the between-seed SD tau, each seed's standard error read off its CI
+  (`stats.se_from_ci`); and its two-sided p-value;
+- the Holm-Bonferroni decision over the whole family (`stats.holm`, family-wise alpha
+  `family.ALPHA`). A finding is *confirmed* when Holm rejects and the pooled effect has the
+  expected sign, *reversed* when Holm rejects with the other sign.
+
+No result is read on trust: `read_results` accepts a stage's results file only when its
+recorded fingerprint is the one the stage itself would accept for this seed's config
+(`stage.done`), and refuses it otherwise (`StaleResultError`). A seed whose run fails
+contributes nothing: the files alone cannot tell which of its stages this run wrote (a stage
+that failed, or one after it, may have left an older run's file), so none is counted; the
+failure is recorded and `ReplicationError` raised once the table is written.
+
+Writes `<workdir>/replication.json` and `<workdir>/replication.md`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from xcoder_jax import pipeline, stats
+from xcoder_jax import family, pipeline, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations.manifest import atomic_write_bytes, atomic_write_json
 from xcoder_jax.errors import ConfigError, XcoderError
 
 JSON, MARKDOWN = "replication.json", "replication.md"
-ABLATION_FRAC = 0.1  # the paper's headline fraction
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A claim of the study: `read(results)` gives its effect as a CI dict (or None)."""
-
-    name: str
-    claim: str
-    sign: int  # +1: holds when the CI lies above 0; -1: below 0
-    read: Callable[[dict], dict | None]
-
-
-def _get(obj, *path):
-    """obj[path[0]][path[1]]... or None where a step is missing."""
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
-
-
-def _steered(results: dict, spec: str, metric: str) -> dict | None:
-    """Paired change of `metric` at the largest positive alpha of set `spec` (distilled)."""
-    conds = [
-        c
-        for c in _get(results, "steering", "conditions") or []
-        if c["set"] == spec and c["model"] == "distilled" and c["alpha"] > 0
-    ]
-    if not conds:
-        return None
-    return _get(max(conds, key=lambda c: c["alpha"]), "vs_clean", metric)
-
-
-def _ablated(results: dict, cat: str, *path) -> dict | None:
-    rows = _get(results, "ablation", "categories", cat, "by_frac") or []
-    row = next((r for r in rows if abs(r["frac"] - ABLATION_FRAC) < 1e-9), None)
-    return _get(row, *path)
-
-
-def _geometry(results: dict, *path) -> dict | None:
-    g = results.get("geometry") or {}
-    largest, k = g.get("largest"), g.get("plot_n_components")
-    return _get(g, "pairs", largest, "pooled", str(k), *path)
-
-
-def findings() -> list[Finding]:
-    """The headline findings, in the order the report lists them."""
-    out = []
-    for cat in ("self_reflection", "deductive", "verification"):
-        out.append(Finding(
-            f"{cat}_latents_lean_distilled",
-            f"latents firing on {cat} markers have a higher mean NRN than the other alive "
-            "latents",
-            +1, lambda r, c=cat: _get(r, "analysis", "categories", c, "nrn_minus_alive"),
-        ))  # fmt: skip
-    for cat in ("self_reflection", "deductive", "alternative", "contrastive", "verification"):
-        out.append(Finding(
-            f"{cat}_top_latents_distilled_only",
-            f"distilled-only latents are over-represented among the top {cat} latents "
-            "(share minus their share of alive latents)",
-            +1, lambda r, c=cat: _get(r, "analysis", "categories", c, "top_distilled_only",
-                                      "excess"),
-        ))  # fmt: skip
-    out.append(Finding(
-        "steer_self_reflection_raises_wait",
-        "steering the distilled model along its top self-reflection latent raises the rate "
-        "of self-reflection markers (per 100 tokens, paired against alpha = 0)",
-        +1, lambda r: _steered(r, "self_reflection:1", "self_reflection_per_100"),
-    ))  # fmt: skip
-    out.append(Finding(
-        "steer_deductive_shortens_traces",
-        "steering the distilled model along its top deductive latent shortens its traces "
-        "(tokens, paired against alpha = 0)",
-        -1, lambda r: _steered(r, "deductive:1", "tokens"),
-    ))  # fmt: skip
-    for cat in ("self_reflection", "deductive", "alternative", "contrastive"):
-        out.append(Finding(
-            f"ablate_{cat}_targeted_below_matched",
-            f"ablating the {cat} latents (frac {ABLATION_FRAC}) lowers the marker logit in the "
-            "distilled model more than activity-matched random latents",
-            -1, lambda r, c=cat: _ablated(r, c, "distilled", "targeted_minus_matched"),
-        ))  # fmt: skip
-        out.append(Finding(
-            f"ablate_{cat}_distilled_more_than_base",
-            f"ablating the {cat} latents lowers the marker logit more in the distilled model "
-            "than in the base (distilled minus base, of targeted minus matched)",
-            -1, lambda r, c=cat: _ablated(r, c, "distilled_minus_base"),
-        ))  # fmt: skip
-    out.append(Finding(
-        "geometry_distilled_below_base_at_largest_size",
-        "at the largest size, the distilled model's parallelogram loss is below the base's "
-        "(base minus distilled, mean over relations)",
-        +1, lambda r: _geometry(r, "base_minus_distilled"),
-    ))  # fmt: skip
-    for role in wd.ROLES:
-        out.append(Finding(
-            f"geometry_true_below_shuffled_{role}",
-            f"at the largest size, true relations have a lower parallelogram loss than "
-            f"shuffled pairings in the {role} model (mean over relations)",
-            -1, lambda r, m=role: _geometry(r, "true_minus_shuffled", m),
-        ))  # fmt: skip
-    return out
-
 
 STAGE_RESULTS = {
     "analysis": ("analysis", "summary.json"),
@@ -137,14 +49,60 @@ STAGE_RESULTS = {
 }
 
 
-def read_results(workdir: str) -> dict:
-    """{stage: its results file} of one finished run (absent stages are missing keys)."""
+class StaleResultError(XcoderError, RuntimeError):
+    """A stage's results file on disk does not belong to the run being tabulated."""
+
+
+class ReplicationError(XcoderError, RuntimeError):
+    """Some seeds' runs failed or left stale results; the table of the others was written."""
+
+
+def _expected_fingerprint(name: str, config, workdir: str) -> dict:
+    """The fingerprint stage `name` compares with `stage.done` for `config` in `workdir`."""
+    if name == "analysis":
+        from xcoder_jax.activations import ActivationStore
+        from xcoder_jax.analysis.run import fingerprint
+
+        store = ActivationStore(wd.activations_dir(workdir), verify=False)
+        return fingerprint(config, workdir, store)
+    if name == "steering":
+        from xcoder_jax.steering.sweep import fingerprint
+    elif name == "ablation":
+        from xcoder_jax.ablation.experiment import fingerprint
+    else:
+        from xcoder_jax.geometry.study import fingerprint
+    return fingerprint(config, workdir)
+
+
+def read_results(workdir: str, config) -> dict:
+    """{stage: its results} of one run of `config` in `workdir`; an absent file is an absent
+    key (not measured). Raises StaleResultError for a file whose fingerprint is not the one
+    the stage would accept now (another config, other inputs, an older format), or whose
+    inputs are gone so that it cannot be checked."""
     out = {}
-    for name, (stage, filename) in STAGE_RESULTS.items():
-        path = os.path.join(wd.stage_dir(workdir, stage), filename)
-        if os.path.exists(path):
-            with open(path) as f:
-                out[name] = json.load(f)
+    for name, (stage_name, filename) in STAGE_RESULTS.items():
+        path = os.path.join(wd.stage_dir(workdir, stage_name), filename)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            stored = json.load(f)
+        try:
+            expected = stage.canonical(_expected_fingerprint(name, config, workdir))
+        except (XcoderError, OSError, ValueError, KeyError) as e:
+            raise StaleResultError(
+                f"{path} cannot be checked against this run ({type(e).__name__}: {e}); rerun "
+                "the seed or remove the file"
+            ) from e
+        have = stored.get("fingerprint") if isinstance(stored, dict) else None
+        if have != expected:
+            have = have if isinstance(have, dict) else {}
+            differ = sorted(k for k in set(have) | set(expected) if have.get(k) != expected.get(k))
+            raise StaleResultError(
+                f"{path} was written by another run (its fingerprint differs in: "
+                f"{', '.join(differ) or 'everything'}); rerun the seed so the stage replaces "
+                "it, or remove it"
+            )
+        out[name] = stored
     return out
 
 
@@ -152,91 +110,155 @@ def seed_workdir(workdir: str, seed: int) -> str:
     return os.path.join(workdir, f"seed{seed}")
 
 
+def _mean(ci: dict | None) -> float | None:
+    return ci.get("mean") if isinstance(ci, dict) else None
+
+
+def _direction(ci: dict | None) -> int:
+    """The sign of an effect's point estimate (0 when it is 0 or missing)."""
+    mean = _mean(ci)
+    return 0 if mean is None or mean == 0 else (1 if mean > 0 else -1)
+
+
 def tabulate(per_seed: dict[int, dict]) -> dict:
-    """replication.json's content from {seed: read_results(...)}."""
+    """replication.json's content from {seed: read_results(...)} ({} for a seed that
+    counts for nothing)."""
+    explore = sorted(s for s in per_seed if s in family.EXPLORATORY_SEEDS)
+    confirm = sorted(s for s in per_seed if s not in family.EXPLORATORY_SEEDS)
     rows = []
-    for f in findings():
-        seeds = {}
-        for seed, results in per_seed.items():
-            ci = f.read(results)
-            held = stats.sign(ci) == f.sign
-            seeds[str(seed)] = {"ci": ci, "holds": held}
-        effects = [s["ci"]["mean"] for s in seeds.values() if _get(s, "ci", "mean") is not None]
-        pooled = stats.t_ci(effects)
-        pooled["method"] = "mean of the per-seed effects; Student-t 95% CI over seeds"
+    for f in family.FAMILY:
+        cis = {s: f.read(per_seed[s]) for s in sorted(per_seed)}
+        measured = [cis[s] for s in confirm if _mean(cis[s]) is not None]
+        pool = [(ci["mean"], se) for ci in measured if (se := stats.se_from_ci(ci)) is not None]
+        pooled = stats.random_effects([m for m, _ in pool], [se for _, se in pool])
         rows.append({
             "name": f.name,
             "claim": f.claim,
             "expected_sign": f.sign,
-            "seeds_run": len(seeds),
-            "seeds_measured": len(effects),
-            "seeds_held": sum(s["holds"] for s in seeds.values()),
+            "reads": f.key,
+            "seeds_confirmatory": len(confirm),
+            "seeds_measured": len(measured),
+            "seeds_expected_sign": sum(_direction(ci) == f.sign for ci in measured),
+            "seeds_ci_excludes_zero": sum(stats.sign(ci) == f.sign for ci in measured),
+            "seeds_pooled": len(pool),
             "pooled": pooled,
-            "pooled_holds": stats.sign(pooled) == f.sign,
-            "per_seed": seeds,
+            "exploratory": {str(s): cis[s] for s in explore},
+            "per_seed": {str(s): cis[s] for s in confirm},
         })  # fmt: skip
+    p_values = [row["pooled"]["p"] for row in rows]
+    adjusted = stats.holm_adjusted(p_values)
+    rejected = stats.holm(p_values, family.ALPHA)
+    for row, q, reject in zip(rows, adjusted, rejected, strict=True):
+        row["holm_p"], row["holm_rejects"] = q, reject
+        pooled_sign = _direction(row["pooled"])
+        if reject:
+            row["verdict"] = "confirmed" if pooled_sign == row["expected_sign"] else "reversed"
+        else:
+            row["verdict"] = "not confirmed" if row["seeds_measured"] else "not measured"
     return {
+        "family_version": family.FAMILY_VERSION,
+        "family_sha256": family.digest(),
         "seeds": sorted(per_seed),
-        "holds": "a finding holds in a seed when its 95% CI excludes 0 on the expected side",
+        "exploratory_seeds": explore,
+        "confirmatory_seeds": confirm,
+        "alpha": family.ALPHA,
+        "test": (
+            f"per finding, the two-sided p-value of its random-effects pooled effect over the "
+            f"confirmatory seeds; Holm-Bonferroni over the family of {len(rows)} findings at "
+            f"family-wise alpha {family.ALPHA} (an unmeasured finding counts in the family and "
+            "is never rejected); confirmed = rejected with the pooled effect on the expected "
+            "side, reversed = rejected on the other side"
+        ),
+        "standard_errors": "each seed's se = (hi - lo) / (2 * 1.96) of its 95% CI (exact for a "
+        "normal interval, approximate for t and bootstrap ones); a seed without an interval "
+        "of positive width is counted in the sign columns but not pooled",
         "findings": rows,
     }
 
 
+def _p(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2g}" if value >= 0.001 else f"{value:.0e}"
+
+
 def markdown(table: dict) -> str:
     """The replication table as Markdown (the README's results section)."""
-    lines = [
-        f"| finding | holds in (of {len(table['seeds'])} seeds) | pooled effect [95% CI] |",
-        "|---|---|---|",
-    ]
+    explore = table["exploratory_seeds"]
+    n = len(table["confirmatory_seeds"])
+    head = ["finding (expected sign)"]
+    head += [f"seed {s} (exploratory)" for s in explore]
+    head += [f"expected sign (of {n} seeds)", "CI excludes 0", "pooled, random effects "
+             "[95% CI]", "tau", "Holm p", "verdict"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["findings"]:
-        ci = stats.format_ci(row["pooled"], "{:+.3g}")
-        mark = " *" if row["pooled_holds"] else ""
         measured = row["seeds_measured"]
-        held = str(row["seeds_held"])
-        if measured < row["seeds_run"]:
-            held += f" (measured in {measured})"
-        lines.append(f"| {row['claim']} | {held} | {ci}{mark} |")
+        of = "" if measured == n else f" (of {measured} measured)"
+        tau = row["pooled"].get("tau")
+        cells = [f"{row['claim']} ({'+' if row['expected_sign'] > 0 else '-'})"]
+        cells += [stats.format_ci(row["exploratory"].get(str(s)), "{:+.3g}") for s in explore]
+        cells += [
+            f"{row['seeds_expected_sign']}{of}",
+            str(row["seeds_ci_excludes_zero"]),
+            stats.format_ci(row["pooled"], "{:+.3g}"),
+            "n/a" if tau is None else f"{tau:.3g}",
+            _p(row["holm_p"]),
+            f"**{row['verdict']}**" if row["verdict"] == "confirmed" else row["verdict"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for seed, why in sorted((table.get("errors") or {}).items()):
-        lines.append(f"Seed {seed} failed ({why}); its finished stages are counted.\n")
+        lines.append(f"Seed {seed} is not counted: {why}\n")
+    confirm = ", ".join(map(str, table["confirmatory_seeds"])) or "none"
     lines.append(
-        "A finding holds in a seed when its 95% CI in that seed excludes 0 on the expected "
-        "side. Pooled: mean of the per-seed effects, Student-t CI over seeds; * marks a pooled "
-        "CI that excludes 0 on the expected side."
+        f"Family v{table['family_version']}: {len(table['findings'])} findings declared in "
+        "`xcoder_jax/family.py` before any seed was run. Exploratory seeds (shown, never "
+        f"pooled): {', '.join(map(str, explore)) or 'none run'}; confirmatory seeds: {confirm}. "
+        "Expected sign / CI excludes 0: confirmatory seeds whose point estimate has the "
+        "expected sign / whose 95% CI excludes 0 on the expected side. Pooled: "
+        "DerSimonian-Laird random effects over the confirmatory seeds (each seed's se = its "
+        "CI width / 3.92), Hartung-Knapp t interval; tau: between-seed SD. Holm p: the pooled "
+        "effect's two-sided p-value, Holm-adjusted over the whole family; confirmed when it is "
+        f"<= {table['alpha']} and the pooled effect has the expected sign."
     )
     return "\n".join(lines) + "\n"
-
-
-class ReplicationError(XcoderError, RuntimeError):
-    """Some seeds' runs failed; the table of the others was still written."""
 
 
 def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
     """Runs the pipeline for every seed (resumable), then writes and returns the table.
 
-    A seed whose run fails is recorded in the table's "errors" (its finished stages still
-    count) and the other seeds go on; ReplicationError is raised after the table is written.
+    A seed whose run fails, or whose results are refused as stale, is recorded in the
+    table's "errors" and counts for nothing; the other seeds go on, and ReplicationError is
+    raised after the table is written.
     """
     if not seeds:
         raise ConfigError("no seeds to replicate over")
+    if family.digest() != family.FAMILY_SHA256:
+        raise ConfigError(
+            "the declared family (xcoder_jax/family.py) was changed without a new "
+            "FAMILY_VERSION and FAMILY_SHA256: a changed family is a new replication"
+        )
     per_seed, errors = {}, {}
     for n, seed in enumerate(seeds, 1):
         log(f"=== seed {seed} ({n}/{len(seeds)})")
+        c, w = _with_seed(config, seed), seed_workdir(workdir, seed)
+        per_seed[seed] = {}
         try:
-            pipeline.run(_with_seed(config, seed), seed_workdir(workdir, seed))
+            pipeline.run(c, w)
+            per_seed[seed] = read_results(w, c)
         except pipeline.PipelineError:
             raise  # the workdir is locked, unwritable or full: no seed can run
         except Exception as e:  # one seed's failure must not hide the others' results
             errors[str(seed)] = f"{type(e).__name__}: {e}"
-            log(f"=== seed {seed} failed: {errors[str(seed)]}")
-        per_seed[seed] = read_results(seed_workdir(workdir, seed))
+            log(f"=== seed {seed} not counted: {errors[str(seed)]}")
     table = tabulate(per_seed) | {"errors": errors}
     atomic_write_json(os.path.join(workdir, JSON), table)
     text = markdown(table).encode()
     atomic_write_bytes(os.path.join(workdir, MARKDOWN), lambda f: f.write(text))
     if errors:
         raise ReplicationError(
-            f"seeds {sorted(errors)} failed (see {JSON}); the table counts their finished stages"
+            f"seeds {sorted(errors)} are not counted (see {JSON}): their runs failed or left "
+            "stale results"
         )
     return table
 

@@ -1,82 +1,66 @@
-"""Which latents steering and ablation act on: NRN, marker firing counts, latent specs.
+"""Which latents steering and the ablation act on: selection rules and latent specs.
 
 Latent sets are named by specs: "17" or "17+230" (ids), or "<category>:<k>", the k latents
 with NRN above `min_nrn` (distilled-leaning; `analysis.distilled_only_min` allows only
-distilled-only latents) that fire on most of the category's marker occurrences in the
-store (`marker_counts`). An occurrence is read where the config's `fire_offset` places it,
-an offset from the marker's first token (`lexicon.marker_read_rows`); the default -1 is the
-lexicon's "predict" anchor, the token whose output predicts the marker. Steering and
-ablation act on what comes next and measure the marker's logit at that very position, so
-the latents they pick are the ones active there. The analysis reads latents at the "read"
-anchor instead (the marker's last token: a marker that was just read), which for a
-multi-token marker is a different row, so its per-category counts are not these; hence they
-are computed here from the store.
+distilled-only latents) most *specific* to the category's markers, among those that pass
+the 95% screen (`xcoder_jax.specificity`: firing on the rows that predict a marker against
+rows holding the same token that do not); "<category>:<k>:attribution" ranks by gradient x
+activation instead (`xcoder_jax.attribution`). `score_rules` computes both on the training
+shards, reading each occurrence at `selection.fire_offset` from the marker's first token (-1,
+the lexicon's "predict" anchor: steering acts on what comes next). Raw counts of the marker
+occurrences a latent fires on are not used: they rank sentence-boundary latents first (the
+token before a marker is nearly always "." or "?").
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
-import torch
 
-from xcoder_jax.analysis.stream import to_float32
+from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, XcoderError
-from xcoder_jax.lexicon import CATEGORY_NAMES, marker_carry, marker_read_rows, stretches
+from xcoder_jax.lexicon import CATEGORY_NAMES
+
+RULES = ("specificity", "attribution")
 
 
-def marker_counts(store, xcoder, forms: dict, categories, anchor: str | int, shards) -> np.ndarray:
-    """[n_categories, h]: marker occurrences in the store's `shards` on which each latent fires.
+def score_rules(rules, config, workdir, store, train, xcoder, models, roles, tokenizer, forms,
+                categories):  # fmt: skip
+    """{rule: scores} of `rules` (names in RULES) on the TRAINING shards `train`.
 
-    Latents are selected with these counts, so `shards` are the training shards: the
-    documents an effect is then measured on must not be among them.
-
-    forms: {category: [token-id sequence of each marker form]}; anchor: where an occurrence
-    is read, a `lexicon.ANCHORS` name or an offset <= 0 from the marker's first token (the
-    configs' `fire_offset`; -1 is "predict"). Positions follow `lexicon.marker_read_rows`: an
-    occurrence counts in the shard holding its last token, read inside its own document. A
-    shard listed right after its predecessor gets the predecessor's last rows as a carry, so
-    an occurrence split across the boundary, or read on the predecessor's last row, is
-    counted once; rows of shards not in `shards` are never read.
+    Each scores object has `.score` [C, h] and `.passes()` [C, h] (rows in `categories`
+    order): `specificity.Specificity` (from the store alone) or `attribution.Attribution`
+    (gradient x activation in the distilled model, on up to `selection.n_docs` training
+    documents re-tokenised from the sources); settings from the config's `selection`.
     """
-    try:
-        carry = marker_carry([ids for cat in categories for ids in forms[cat]], anchor)
-    except ValueError as e:
-        raise ConfigError(f"fire_offset: {e}") from e
-    counts = np.zeros((len(categories), xcoder.n_latents), np.int64)
-    all_ids = list(range(xcoder.n_latents))
-    prev = None  # (shard id, its last `carry` tokens, index rows, float32 activations or None)
-    with torch.no_grad():
-        for k in shards:
-            tokens = np.asarray(store.shard_tokens(k), np.int64)
-            index = np.asarray(store.shard_index(k), np.int64)  # (document, position)
-            if prev is not None and prev[0] == k - 1:
-                _, prev_tokens, prev_index, prev_acts = prev
-            else:
-                prev_tokens, prev_index = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
-                prev_acts = None
-            n_prev = len(prev_tokens)
-            ctx_tokens = np.concatenate([prev_tokens, tokens])
-            # Runs of consecutive stored tokens: the row read before a marker is the token
-            # really before it, not the stored row before an excluded one.
-            ctx_docs = stretches(np.concatenate([prev_index, index]))
-            acts = None
-            for c, cat in enumerate(categories):
-                rows = marker_read_rows(ctx_tokens, ctx_docs, forms[cat], anchor, n_prev)
-                if not len(rows):
-                    continue
-                if acts is None:
-                    acts = to_float32(store.shard_acts(k))
-                x = acts[rows[rows >= 0]]
-                if (rows < 0).any():  # read on the previous shard's last rows
-                    if prev_acts is None:
-                        prev_acts = to_float32(store.shard_acts(k - 1))[-n_prev:]
-                    x = np.concatenate([prev_acts[rows[rows < 0] + n_prev], x])
-                x = torch.from_numpy(x).to(xcoder.W_enc.device)
-                counts[c] += (xcoder.latent_acts(x, all_ids) > 0).sum(0).cpu().numpy()
-            tail = slice(len(tokens) - min(carry, len(tokens)), len(tokens))
-            # The tail's activations are kept when this shard's were loaded; otherwise the next
-            # shard loads them only if it reads one of those rows.
-            prev = (k, tokens[tail], index[tail], None if acts is None else acts[tail].copy())
-    return counts
+    from xcoder_jax.activations.exclude import Exclusion
+    from xcoder_jax.analysis import splice
+    from xcoder_jax.attribution import marker_attribution
+    from xcoder_jax.specificity import specificity_scores
+
+    bad = [r for r in rules if r not in RULES]
+    if bad:
+        raise ConfigError(f"unknown selection rules {bad}; one of {RULES}")
+    out, section = {}, config.selection
+    if "specificity" in rules:
+        out["specificity"] = specificity_scores(
+            store, xcoder, forms, categories, section.fire_offset, train,
+            section.max_controls, section.seed,
+        )  # fmt: skip
+    if "attribution" in rules:
+        if "distilled" not in roles:
+            raise ConfigError("the attribution rule needs a distilled model among the roles")
+        stored, _ = splice.heldout_documents(store, train, section.n_docs)
+        exclusion = Exclusion.from_manifest(store.manifest)
+        docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
+        docs = [d[: config.data.max_tokens] for d in docs]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out["attribution"] = marker_attribution(
+            models, roles, xcoder, docs, forms, categories, exclusion, section.batch_size, pad_id
+        )
+    return out
 
 
 class TooFewLatents(XcoderError, ValueError):
@@ -86,8 +70,8 @@ class TooFewLatents(XcoderError, ValueError):
 def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: float) -> list[int]:
     """Latent ids of one spec (see the module docstring).
 
-    nrn: [h]; counts: {category: [h] marker firing counts} (from `marker_counts`), needed by
-    "<category>:<k>" specs only.
+    nrn: [h]; counts: {(category, rule): [h] scores, > 0 where a latent qualifies} (from
+    `score_rules`: `scores.score` where `scores.passes()`), needed by category specs only.
     """
     spec = str(spec).strip()
     h = len(nrn)
@@ -100,11 +84,84 @@ def select_latents(spec: str, nrn: np.ndarray, counts: dict | None, min_nrn: flo
         if bad:
             raise ConfigError(f"latent ids {bad} out of range: the export has {h} latents")
         return ids
-    cat, k = spec.split(":", 1)
+    cat, k, rule = parse_spec(spec)
+    c = np.asarray(counts[(cat, rule)])
+    order = [int(i) for i in np.argsort(-c, kind="stable") if c[i] > 0 and nrn[i] > min_nrn]
+    if len(order) < k:
+        raise TooFewLatents(
+            f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} pass the {rule} rule"
+        )
+    return order[:k]
+
+
+def parse_spec(spec: str) -> tuple[str, int, str] | None:
+    """(category, k, rule) of a "<category>:<k>[:<rule>]" spec (rule "specificity" by
+    default); None for an id spec ("17+230")."""
+    spec = str(spec).strip()
+    if ":" not in spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise ConfigError(f"bad latent spec {spec!r}: '<category>:<k>' or '<category>:<k>:<rule>'")
+    cat, k = parts[0], int(parts[1])
+    rule = parts[2] if len(parts) == 3 else "specificity"
     if cat not in CATEGORY_NAMES:
         raise ConfigError(f"unknown category {cat!r} in {spec!r}; one of {CATEGORY_NAMES}")
-    c = np.asarray(counts[cat])
-    order = [int(i) for i in np.argsort(-c, kind="stable") if c[i] > 0 and nrn[i] > min_nrn]
-    if len(order) < int(k):
-        raise TooFewLatents(f"{spec!r}: only {len(order)} latents with NRN > {min_nrn} fire on it")
-    return order[: int(k)]
+    if rule not in RULES:
+        raise ConfigError(f"unknown rule {rule!r} in {spec!r}; one of {RULES}")
+    return cat, k, rule
+
+
+# --- What a chosen set is ----------------------------------------------------------------
+
+
+def read_labels(workdir: str) -> dict[int, dict]:
+    """{latent id: {"token", "token_share"}} from the analysis' latents.jsonl ({} if absent)."""
+    path = os.path.join(wd.stage_dir(workdir, "analysis"), "latents.jsonl")
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            detail = row.get("label_detail") or {}
+            out[int(row["id"])] = {
+                "token": detail.get("token"),
+                "token_share": detail.get("token_share"),
+            }
+    return out
+
+
+def describe(ids, nrn, score, distilled_min: float, labels: dict[int, dict]) -> dict:
+    """What a latent set is: size, NRN summary, distilled-only count, per-latent facts."""
+    ids = [int(i) for i in ids]
+    v = np.asarray(nrn)[ids] if ids else np.zeros(0)
+    tokens = [labels.get(i, {}).get("token") for i in ids]
+    common = {}
+    for t in tokens:
+        common[t] = common.get(t, 0) + 1
+    return {
+        "n": len(ids),
+        "nrn": None
+        if not ids
+        else {
+            "mean": round(float(v.mean()), 4),
+            "min": round(float(v.min()), 4),
+            "median": round(float(np.median(v)), 4),
+            "max": round(float(v.max()), 4),
+        },
+        "n_distilled_only": int((v > distilled_min).sum()),
+        "top_tokens": sorted(
+            ([t, n] for t, n in common.items() if t is not None), key=lambda p: -p[1]
+        )[:5],
+        "latents": [
+            {
+                "id": i,
+                "nrn": round(float(nrn[i]), 4),
+                "score": round(float(score[i]), 5),
+                "top_token": labels.get(i, {}).get("token"),
+                "token_share": labels.get(i, {}).get("token_share"),
+            }
+            for i in ids
+        ],
+    }

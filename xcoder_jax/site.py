@@ -141,6 +141,10 @@ class SiteReplay:
     def logits(self, hidden: torch.Tensor, rows, positions) -> torch.Tensor:
         """[n, vocab] logits at (rows[i], positions[i]) with block L's input set to `hidden`
         ([batch, seq, d], raw, the recorded batch's shape)."""
+        return self.forward(hidden, rows, positions)
+
+    def forward(self, hidden: torch.Tensor, rows, positions) -> torch.Tensor:
+        """`logits` with autograd left as the caller set it (gradients w.r.t. `hidden`)."""
         h = hidden.to(self.hidden.dtype)
         for block, (args, kwargs) in zip(decoder_layers(self.model)[self.layer :], self.calls):
             out = block(h, *args, **kwargs)

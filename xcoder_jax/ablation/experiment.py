@@ -2,56 +2,50 @@
 
 Selection and measurement use disjoint documents of the store:
 
-- selection, on the TRAINING shards: per reasoning category C, every latent's count of C's
-  marker occurrences it fires on (read at `fire_offset` from the marker: by default at the
-  position that predicts it, where the logit is measured); the top `frac` share of latents
-  (with at least one firing) whose NRN > `ablation.min_nrn` is the targeted set S;
-- measurement, on HELD-OUT documents wholly inside the held-out shards (re-tokenised from
-  the sources): S is ablated at block L in each model at every position >= 1
-  (`hooks.ablate`, reconstruction error kept), and the logit of the marker's first token at
-  the position before each occurrence of one of C's markers is compared with the clean
-  model's (ablated - clean).
+- selection, on the TRAINING shards, by two rules (`sets`): *specificity* (firing before the
+  category's markers against the same preceding token elsewhere, `xcoder_jax.specificity`)
+  and *attribution* (gradient x activation of the markers' log-probability in the distilled
+  model, `xcoder_jax.attribution`). The top `frac` of the latents that pass a rule with NRN >
+  `ablation.min_nrn` is the targeted set S;
+- measurement, on HELD-OUT documents wholly inside the held-out shards (re-tokenised from the
+  sources): S is removed at block L in each model at every stored position (reconstruction
+  error kept), and the log-probability of the marker's first token at the position before
+  each occurrence is compared with the clean model's (`effects`).
 
-Controls (`controls`): `n_random` activity-matched random sets (same NRN pool, comparable
-summed activity at the measured positions) and `n_random` uniform random sets of |S|
-latents. Every effect is a mean over marker occurrences with a 95% bootstrap CI that
-resamples documents (occurrences in one document are not independent) and, for the
-controls, the random draws; the targeted - matched difference gets its own CI, and so does
-the distilled - base difference of (targeted - matched). An empty targeted set is `null`
-with its reason.
+Controls (`controls`): random latents at the targeted set's activity, read off a
+dose-response curve of random sets (NRN pool), and norm-matched random directions. Each
+effect is a mean over occurrences with a 95% bootstrap CI resampling documents and random
+draws; targeted minus each control and the distilled - base difference get their own CIs.
+Per category, the `headline` entry is the declared test: the specificity rule at
+`ablation.headline_frac`, with its specificity matrix (the set's effect on every category's
+markers and on the ordinary continuations, at the same positions).
 
 Writes ablation/results.json and ablation/ablation.png.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import selection, stage, stats
 from xcoder_jax import workdir as wd
-from xcoder_jax.ablation import controls
+from xcoder_jax.ablation import controls, sets
+from xcoder_jax.ablation.effects import Measurer, set_effects, unmeasured
 from xcoder_jax.ablation.probe import LogitProbe, marker_positions
 from xcoder_jax.ablation.report import plot_ablation
+from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.activations.models import load_pair
 from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.exported import ExportedCrosscoder
 
-ABLATION_FORMAT = 3  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 4  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
-
-
-def targeted_latents(counts: np.ndarray, nrn: np.ndarray, frac: float, min_nrn: float):
-    """Ids in the top `frac` of latents by marker firing count (count > 0) with NRN > min_nrn."""
-    top = np.argsort(-counts, kind="stable")[: max(1, math.ceil(frac * len(counts)))]
-    top = top[counts[top] > 0]
-    return np.sort(top[nrn[top] > min_nrn])
+HEADLINE_RULE = "specificity"
 
 
 def _id_ranges(ids) -> list[list[int]]:
@@ -68,7 +62,9 @@ def _fingerprint(config, workdir: str, store) -> dict:
         "format": ABLATION_FORMAT,
         "export": stage.export_hash(workdir),
         "ablation": config.ablation.to_dict(),
+        "selection": config.selection.to_dict(),
         "norm": config.analysis.norm,
+        "distilled_only_min": config.analysis.distilled_only_min,
         "bare_markers": config.analysis.bare_markers,
         "store": store.manifest.get("fingerprint"),
         "eval_shards": int(config.train.eval_shards),
@@ -77,12 +73,17 @@ def _fingerprint(config, workdir: str, store) -> dict:
     }
 
 
-def measurement_documents(store, config, heldout: list[int]):
-    """{doc id: (first stored position, tokens)} of held-out documents never trained on.
+def fingerprint(config, workdir: str) -> dict:
+    """The fingerprint `run_ablation` compares with `stage.done` for this config and workdir."""
+    return _fingerprint(config, workdir, ActivationStore(wd.activations_dir(workdir), False))
 
-    Raises AblationError when the store holds none (no held-out shards, or held-out shards
-    shorter than one document).
-    """
+
+class AblationError(XcoderError, ValueError):
+    """The ablation cannot be measured on held-out documents of this store."""
+
+
+def measurement_documents(store, config, heldout: list[int]):
+    """{doc id: (first stored position, tokens)} of held-out documents never trained on."""
     if not heldout:
         raise AblationError(
             "the store has no held-out shards (train.eval_shards = 0): the ablation measures on "
@@ -97,37 +98,27 @@ def measurement_documents(store, config, heldout: list[int]):
     return stored
 
 
-class AblationError(XcoderError, ValueError):
-    """The ablation cannot be measured on held-out documents of this store."""
+def _check_config(ac) -> None:
+    if ac.n_random < 2:
+        raise ConfigError(f"ablation.n_random must be >= 2 for a CI, got {ac.n_random}")
+    if not ac.dose_levels or min(ac.dose_levels) <= 0:
+        raise ConfigError(f"ablation.dose_levels must be positive multiples, got {ac.dose_levels}")
+    if ac.headline_frac not in tuple(ac.fracs):
+        raise ConfigError(f"ablation.headline_frac {ac.headline_frac} is not in ablation.fracs")
+    bad = [r for r in ac.rules if r not in ("specificity", "attribution")]
+    if bad or HEADLINE_RULE not in ac.rules:
+        raise ConfigError(f"ablation.rules must include 'specificity', got {tuple(ac.rules)}")
 
 
-def _effects(probe, m: int, ids, act, nrn, where, clean, clusters, ac, rng) -> dict:
-    """Ablating `ids` in model m against its controls, each effect with its 95% CI.
-
-    act: [h] activity of every latent in model m at `where` (`controls.activity`); nrn: [h].
-    The per-occurrence arrays (keys ending in "_values") feed the distilled - base
-    comparison and are not written out.
-    """
-    pool, pool_name = controls.matched_pool(act, ids, nrn, ac.min_nrn)
-    draws = {
-        "matched": [controls.matched_draw(rng, act, ids, pool) for _ in range(ac.n_random)],
-        "uniform": [controls.uniform_draw(rng, len(act), ids) for _ in range(ac.n_random)],
-    }
-    t = probe.logits(m, ids, where) - clean
-    out = {"targeted": stats.cluster_bootstrap_ci(t, clusters, seed=ac.seed)}
-    out["matched_pool"] = pool_name
-    out["targeted_values"] = t
-    for name, sets in draws.items():
-        r = np.stack([probe.logits(m, s, where) - clean for s in sets])  # [n_random, n]
-        out[f"{name}_random"] = stats.cluster_bootstrap_ci(r, clusters, seed=ac.seed)
-        diff = t[None] - r
-        out[f"targeted_minus_{name}"] = stats.cluster_bootstrap_ci(diff, clusters, seed=ac.seed)
-        out[f"{name}_sizes"] = [len(s) for s in sets]
-        out[f"{name}_values"] = r
-    goal = float(act[ids].sum())
-    ratios = [float(act[s].sum()) / goal for s in draws["matched"]] if goal > 0 else []
-    # How well the matched sets reach the targeted set's activity (1 = exactly).
-    out["matched_activity_ratio"] = stats.t_ci(ratios)
+def _rule_summary(rule, c: int, cat: str) -> dict:
+    passes = rule.passes()[c]
+    out = {"n_pass": int(passes.sum())}
+    for key in ("n_marker", "n_control", "n_occurrences", "n_documents"):
+        if hasattr(rule, key):
+            out[key] = int(getattr(rule, key)[c])
+    if hasattr(rule, "coverage"):
+        out["coverage"] = round(float(rule.coverage[c]), 4)
+        out["preceding_tokens"] = rule.preceding[cat]
     return out
 
 
@@ -140,101 +131,175 @@ def run_ablation(config, workdir: str) -> dict:
     old = stage.done(out_dir, RESULTS, fp, [FIGURE])
     if old is not None:
         return old
-    if ac.n_random < 2:
-        raise ConfigError(
-            f"ablation.n_random must be >= 2 for a confidence interval, got {ac.n_random}"
-        )
+    _check_config(ac)
     start = time.time()
-    roles = ckpt.role_order(export_config)
     train, heldout = store.split(config.train.eval_shards)
     stored = measurement_documents(store, config, heldout)
+    xcoder = ExportedCrosscoder(tensors, export_config)
+    roles = xcoder.roles
     models, tokenizer = load_pair(config, workdir, roles)
-    device = next(models[0].parameters()).device
-    xcoder = ExportedCrosscoder(tensors, export_config, device)
+    xcoder.to(next(models[0].parameters()).device)
     nrn = xcoder.nrn(config.analysis.norm)
     dec_norms = np.linalg.norm(np.asarray(tensors["W_dec"], np.float64), axis=-1)  # [h, m] raw
     cats = list(ac.categories)
-
-    doc_ids = sorted(stored)
-    exclusion = Exclusion.from_manifest(store.manifest)
-    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
-    docs = [d[: config.data.max_tokens] for d in docs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forms = marker_groups(tokenizer, bare=config.analysis.bare_markers).forms
-    counts = selection.marker_counts(store, xcoder, forms, cats, ac.fire_offset, shards=train)
+    doc_ids = sorted(stored)
     selection_docs = np.unique(np.concatenate([store.shard_index(k)[:, 0] for k in train]))
     overlap = np.intersect1d(selection_docs, doc_ids)
     if len(overlap):  # a document cut by the train/held-out border; never measured on
         raise AblationError(f"documents {overlap[:5].tolist()} are both selected and measured on")
+    rules = selection.score_rules(
+        ac.rules, config, workdir, store, train, xcoder, models, roles, tokenizer, forms, cats
+    )
+    labels = selection.read_labels(workdir)
+
+    exclusion = Exclusion.from_manifest(store.manifest)
+    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
+    docs = [d[: config.data.max_tokens] for d in docs]
+    per_cat = {cat: marker_positions(docs, forms[cat], exclusion) for cat in cats}
+    held = sorted({d for w in per_cat.values() for d, _, _ in w})  # documents holding a marker
+    where, cat_of = [], []
+    for c, cat in enumerate(cats):
+        where += [(held.index(d), p, t) for d, p, t in per_cat[cat]]
+        cat_of += [c] * len(per_cat[cat])
+    cat_of = np.asarray(cat_of, np.int64)
+    marker_ids = sorted({int(f[0]) for cat in cats for f in forms[cat]})
+    cat_cols = {cat: [marker_ids.index(int(f[0])) for f in forms[cat]] for cat in cats}
+    clusters_all = np.array([doc_ids[held[d]] for d, _, _ in where], np.int64)
 
     results = {
         "fingerprint": fp,
         "roles": roles,
         "fracs": [float(f) for f in ac.fracs],
+        "headline": {"rule": HEADLINE_RULE, "frac": float(ac.headline_frac)},
         "n_random": ac.n_random,
+        "dose_levels": [float(v) for v in ac.dose_levels],
         "selection": {"shards": train, "documents": _id_ranges(selection_docs)},
-        "measurement": {"shards": heldout, "documents": doc_ids},
-        "measure": "mean change of the marker's first-token logit at the position before "
-        "each marker occurrence (ablated - clean), over held-out occurrences",
-        "controls": {
-            "matched": controls.MATCHED,
-            "matched_pool": controls.POOLS,
-            "uniform": controls.UNIFORM,
+        "measurement": {
+            "shards": heldout,
+            "documents": doc_ids,
+            "documents_with_markers": len(held),
         },
+        "measure": "mean change of the log-probability of the marker's first token at the "
+        "position before each occurrence (ablated - clean), over held-out occurrences; "
+        "'margin': the same for log p(marker) - log p(best non-marker token)",
+        "controls": {"random_at_matched": controls.DOSE, "random_direction": controls.DIRECTION},
         "ci": "95% bootstrap percentile CI resampling documents (and random draws)",
         "categories": {},
     }
-    bar = tqdm(total=len(cats) * len(results["fracs"]), desc="ablation", unit="set")
+    results["selection"]["rules"] = {
+        "specificity": "token-matched firing difference before the markers, 95% lower bound > 0",
+        "attribution": "gradient x activation of the markers' log-probability (distilled model),"
+        " 95% lower bound > 0",
+    }
+    meas = None  # with no occurrence at all, every category says so
+    if where:
+        docs_held = [docs[d] for d in held]
+        probe = LogitProbe(models, xcoder, docs_held, ac.batch_size, pad_id, exclusion)
+        meas = Measurer(probe, len(models), where, marker_ids, cat_cols, ac.seed)
+    n_sets = len(cats) * len(ac.rules) * len(ac.fracs)
+    bar = tqdm(total=n_sets, desc="ablation", unit="set")
     for c, cat in enumerate(cats):
-        where = marker_positions(docs, forms[cat], exclusion)
-        # Only documents holding a marker are run: the others add no measurement.
-        held = sorted({d for d, _, _ in where})
-        where = [(held.index(d), p, t) for d, p, t in where]
-        entry = {"occurrences": len(where), "documents": len(held), "by_frac": []}
+        idx = np.flatnonzero(cat_of == c)
+        entry = {"occurrences": len(idx), "documents": len(set(clusters_all[idx].tolist()))}
         results["categories"][cat] = entry
-        if not where:
-            entry["reason"] = "no marker occurrence in the held-out documents"
-            bar.update(len(results["fracs"]))
-            continue
-        clusters = np.array([doc_ids[held[d]] for d, _, _ in where])
-        probe = LogitProbe(
-            models, xcoder, [docs[d] for d in held], ac.batch_size, pad_id, exclusion
-        )
-        clean = [probe.logits(m, [], where) for m in range(len(models))]
-        f = probe.latent_acts(where)  # [n, h]
-        entry["clean_logit"] = {r: float(clean[m].mean()) for m, r in enumerate(roles)}
-        memo: dict = {}
-        for frac in results["fracs"]:
-            bar.update()
-            ids = targeted_latents(counts[c], nrn, frac, ac.min_nrn)
-            row = {"frac": frac, "n_latents": len(ids), "latents": ids.tolist()}
-            entry["by_frac"].append(row)
-            if not len(ids):
-                row["reason"] = (
-                    f"no latent in the top {frac:g} by marker firing has NRN > {ac.min_nrn}"
-                )
+        entry["clean_log_prob"] = {
+            r: float(meas.clean[m]["own"][idx].mean()) if len(idx) else None
+            for m, r in enumerate(roles)
+        }
+        entry["rules"] = {}
+        for r_i, rule_name in enumerate(ac.rules):
+            bar.update(len(ac.fracs))
+            rule = rules.get(rule_name)
+            block = {"by_frac": []}
+            entry["rules"][rule_name] = block
+            if rule is None:
+                block["reason"] = "needs a distilled model"
                 continue
-            per_model = []
-            for m, role in enumerate(roles):
-                key = (m, tuple(ids.tolist()))
-                if key not in memo:  # fracs often select the same set
-                    rng = np.random.default_rng([ac.seed, c, m, len(ids)])
-                    act = controls.activity(f, dec_norms[:, m])
-                    memo[key] = _effects(
-                        probe, m, ids, act, nrn, where, clean[m], clusters, ac, rng
+            block["pool"] = _rule_summary(rule, c, cat) | {
+                "n_pool": sets.pool_size(rule.passes()[c], nrn, ac.min_nrn)
+            }
+            memo: dict = {}
+            for frac in ac.fracs:
+                ids = sets.targeted_latents(rule.score[c], rule.passes()[c], nrn, frac, ac.min_nrn)
+                row = {
+                    "frac": float(frac),
+                    "set": selection.describe(
+                        ids, nrn, rule.score[c], config.analysis.distilled_only_min, labels
+                    ),
+                }
+                block["by_frac"].append(row)
+                if not len(ids):
+                    row["reason"] = f"no latent passes the {rule_name} rule with NRN > {ac.min_nrn}"
+                    continue
+                if not len(idx):
+                    row["reason"] = "no marker occurrence in the held-out documents"
+                    continue
+                key = tuple(ids.tolist())
+                if key not in memo:
+                    memo[key] = _measure_set(
+                        meas,
+                        idx,
+                        ids,
+                        nrn,
+                        dec_norms,
+                        ac,
+                        roles,
+                        clusters_all[idx],
+                        [ac.seed, c, r_i, len(ids)],
                     )
-                eff = memo[key]
-                # [n_random, n]: targeted minus each matched draw, per occurrence.
-                per_model.append(eff["targeted_values"][None] - eff["matched_values"])
-                row[role] = {k: v for k, v in eff.items() if not k.endswith("_values")}
-            if "base" in roles and "distilled" in roles:
-                # Does the distilled model lose more of the marker than the base does? The two
-                # models' draws are independent, so draw k of one pairs with draw k of the
-                # other, and the bootstrap resamples draws as well as documents.
-                diff = per_model[roles.index("distilled")] - per_model[roles.index("base")]
-                row["distilled_minus_base"] = stats.cluster_bootstrap_ci(
-                    diff, clusters, seed=ac.seed
-                )
+                row.update(memo[key])
+        _headline(entry, c, meas, cats, cat_of, clusters_all, ac, roles)
     bar.close()
     results["seconds"] = round(time.time() - start, 1)
     return stage.commit(out_dir, RESULTS, results, {FIGURE: lambda p: plot_ablation(results, p)})
+
+
+def _measure_set(meas, idx, ids, nrn, dec_norms, ac, roles, clusters, seed) -> dict:
+    """Per model: `effects.set_effects`; and distilled - base of targeted - random."""
+    row, diffs = {}, {}
+    for m, role in enumerate(roles):
+        rng = np.random.default_rng([*seed, m])
+        eff = set_effects(meas, m, idx, ids, nrn, dec_norms[:, m], ac, clusters, rng)
+        diffs[role] = eff.pop("targeted_minus_random_values")
+        row[role] = eff
+    if "base" in roles and "distilled" in roles:
+        if diffs["base"] is None or diffs["distilled"] is None:
+            row["distilled_minus_base"] = unmeasured(
+                len(idx), "a model's random control at matched activity is unreachable"
+            )
+        else:  # draws of the two models are independent: draw k pairs with draw k
+            row["distilled_minus_base"] = stats.cluster_bootstrap_ci(
+                diffs["distilled"] - diffs["base"], clusters, seed=ac.seed
+            )
+    return row
+
+
+def _headline(entry, c: int, meas, cats, cat_of, clusters_all, ac, roles) -> None:
+    """The declared test of category `c` (HEADLINE_RULE at headline_frac) and its specificity
+    matrix: the set's effect on every category's markers, each at its own held-out positions,
+    and on the clean model's top non-marker tokens at this category's positions."""
+    rows = entry["rules"][HEADLINE_RULE]["by_frac"]
+    row = next(r for r in rows if abs(r["frac"] - ac.headline_frac) < 1e-12)
+    head = {"rule": HEADLINE_RULE, "frac": row["frac"], "set": row["set"]}
+    for key in (*roles, "distilled_minus_base", "reason"):
+        if key in row:
+            head[key] = row[key]
+    entry["headline"] = head
+    ids = [lat["id"] for lat in row["set"]["latents"]]
+    if not ids or "reason" in row:
+        return
+    boot = lambda v, sel: stats.cluster_bootstrap_ci(v[sel], clusters_all[sel], seed=ac.seed)
+    all_idx = np.arange(len(meas.where))
+    own = np.flatnonzero(cat_of == c)
+    head["matrix"], head["others"] = {}, {}
+    for m, role in enumerate(roles):
+        ch = meas.change(m, all_idx, ids)
+        head["matrix"][role] = {
+            cat_b: boot(ch["categories"][b], np.flatnonzero(cat_of == b))
+            if np.any(cat_of == b)
+            else unmeasured(0, "no held-out occurrence")
+            for b, cat_b in enumerate(cats)
+        }
+        head["others"][role] = boot(ch["others"], own)

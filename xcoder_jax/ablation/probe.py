@@ -59,18 +59,57 @@ class LogitProbe:
                 d, p, t = (torch.tensor([where[k][i] for k in sel]) for i in range(3))
                 yield replays, x, kept, sel, d - lo, p, t
 
+    def _hidden(self, target, x, kept, replays, latents, direction):
+        """Block-L input of model `target` with `latents` removed, or with `direction` [d]
+        (unit) subtracted at each stored position with the length of what removing `latents`
+        would subtract there (a norm-matched random-direction control)."""
+        hidden = replays[target].hidden
+        if not len(latents):
+            return hidden
+        delta = self.xcoder.ablation_delta(x, latents, target)  # [b, s, d] raw
+        if direction is not None:
+            delta = delta.norm(dim=-1, keepdim=True) * direction.to(delta)
+        return hidden - torch.where(kept[..., None], delta, 0.0).to(hidden.dtype)
+
+    @torch.no_grad()
+    def log_probs(self, target: int, where, columns, masked, latents=(), direction=None):
+        """Log-probabilities at `where` [(doc, position, token)] under an intervention.
+
+        columns: [n, k] token ids read at each position; masked: token ids left out of the
+        "best other token" (the reasoning markers). Returns (log p at `columns` [n, k],
+        log p of the most likely token outside `masked` [n]), float64.
+        """
+        cols = torch.as_tensor(np.asarray(columns, np.int64))
+        out = np.zeros(cols.shape)
+        best = np.zeros(len(where))
+        masked = torch.as_tensor(sorted(set(int(t) for t in masked)), dtype=torch.long)
+        for replays, x, kept, sel, d, p, _ in self._in_batches(where):
+            hidden = self._hidden(target, x, kept, replays, latents, direction)
+            logp = torch.log_softmax(replays[target].logits(hidden, d, p).float(), -1)
+            out[sel] = logp.gather(1, cols[sel].to(logp.device)).double().cpu().numpy()
+            logp[:, masked.to(logp.device)] = -torch.inf
+            best[sel] = logp.max(-1).values.double().cpu().numpy()
+        return out, best
+
     @torch.no_grad()
     def logits(self, target: int, latents, where) -> np.ndarray:
         """Logits [n] at `where` [(doc, position, token)] with `latents` ablated in `target`."""
         out = np.zeros(len(where))
         for replays, x, kept, sel, d, p, t in self._in_batches(where):
-            hidden = replays[target].hidden
-            if len(latents):
-                delta = self.xcoder.ablation_delta(x, latents, target)
-                hidden = hidden.clone()
-                hidden -= torch.where(kept[..., None], delta, 0.0).to(hidden.dtype)
+            hidden = self._hidden(target, x, kept, replays, latents, None)
             logits = replays[target].logits(hidden, d, p)
             out[sel] = logits[torch.arange(len(sel)), t].float().cpu().numpy()
+        return out
+
+    def top_others(self, target: int, where, masked, k: int) -> np.ndarray:
+        """[n, k] the clean model's k most likely tokens outside `masked` at `where`."""
+        out = np.zeros((len(where), k), np.int64)
+        masked = torch.as_tensor(sorted(set(int(t) for t in masked)), dtype=torch.long)
+        with torch.no_grad():
+            for replays, _, _, sel, d, p, _ in self._in_batches(where):
+                logits = replays[target].logits(replays[target].hidden, d, p).float()
+                logits[:, masked.to(logits.device)] = -torch.inf
+                out[sel] = logits.topk(k, -1).indices.cpu().numpy()
         return out
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
-"""The ablation's results as a reader sees them: ablation/ablation.png (logit change against
-frac per category and model) and the pipeline's one-line summary.
+"""The ablation's results as a reader sees them: ablation/ablation.png (log-probability change
+against frac per category and model, headline rule) and the pipeline's one-line summary.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def plot_ablation(results: dict, path: str) -> None:
         len(roles), max(len(cats), 1), figsize=(3.2 * max(len(cats), 1), 2.8 * len(roles)),
         squeeze=False,
     )  # fmt: skip
-    styles = [("targeted", "o-"), ("matched_random", "s--"), ("uniform_random", "^:")]
+    styles = [("targeted", "o-"), ("random_at_matched", "s--"), ("random_direction", "^:")]
     for j, cat in enumerate(cats):
-        rows = results["categories"][cat]["by_frac"]
+        rule = results["headline"]["rule"]
+        rows = results["categories"][cat]["rules"][rule]["by_frac"]
         for i, role in enumerate(roles):
             ax = axes[i, j]
             for key, fmt in styles:
@@ -45,7 +46,7 @@ def plot_ablation(results: dict, path: str) -> None:
             ax.set_title(f"{cat} ({role})", fontsize=9)
             ax.set_xlabel("frac")
             if j == 0:
-                ax.set_ylabel("marker logit change")
+                ax.set_ylabel("marker log-prob change")
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=7)
     fig.suptitle("Ablation on held-out documents: mean and 95% CI", fontsize=10)
@@ -54,25 +55,24 @@ def plot_ablation(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def summarize_ablation(results: dict, frac: float = 0.1) -> str:
-    """One line: per category at `frac` (distilled model), targeted vs matched random logit
-    change and how many categories have targeted - matched below 0 with its CI excluding 0."""
+def summarize_ablation(results: dict) -> str:
+    """One line: per category, the headline set (distilled model) against random latents at
+    matched activity, and how many categories have targeted - random below 0 (95% CI)."""
     role = "distilled" if "distilled" in results["roles"] else results["roles"][-1]
     parts, wins, n = [], 0, 0
     for cat, entry in results["categories"].items():
-        row = next((r for r in entry["by_frac"] if abs(r["frac"] - frac) < 1e-9), None)
-        if row is None or role not in row:
+        head = entry.get("headline") or {}
+        if role not in head:
+            parts.append(f"{cat} n/a ({head.get('reason', 'no targeted set')})")
             continue
-        e = row[role]
-        diff = e["targeted_minus_matched"]
+        e = head[role]
+        diff = e["targeted_minus_random"]
         wins, n = wins + (stats.sign(diff) < 0), n + 1
-        t, m = stats.format_ci(e["targeted"]), stats.format_ci(e["matched_random"])
-        parts.append(f"{cat} {t} vs matched {m}")
-    if not parts:
-        return f"ablation: no category had targeted latents at frac {frac}"
+        size = head["set"]["n"]
+        parts.append(f"{cat} ({size} latents) {stats.format_ci(diff)}")
     return (
-        f"ablation at frac {frac} ({role}, held-out marker logit change, targeted vs "
-        "activity-matched random): "
+        f"ablation ({role}, held-out marker log-prob change, {results['headline']['rule']} "
+        f"sets at frac {results['headline']['frac']:g}, targeted - random at matched activity): "
         + "; ".join(parts)
-        + f"; targeted below matched (95% CI) in {wins}/{n}"
+        + f"; below 0 (95% CI) in {wins}/{n}"
     )

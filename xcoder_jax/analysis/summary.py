@@ -15,6 +15,7 @@ from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis import norms, scaling
 from xcoder_jax.analysis.latents import LatentTable, write_latents
 from xcoder_jax.analysis.stream import scan_store
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.exported import ExportedCrosscoder
 
 LATENTS = "latents.jsonl"
@@ -33,7 +34,17 @@ def analyze(
 ) -> tuple[dict, dict[int, dict]]:
     """Everything but splice-in and the report: returns (summary, kept latent lines) and
     writes latents.jsonl. Usable on any store/export pair (the benchmark calls it). `hist`
-    (a `browser.ActivationHistogram`), when given, is filled during the store pass."""
+    (a `browser.ActivationHistogram`), when given, is filled during the store pass.
+
+    Raises ConfigError without held-out shards (`train.eval_shards = 0`): FVE, L0, the dead
+    fraction and the firing frequencies are measured on held-out rows, and training rows
+    are never reported as held-out ones."""
+    if not list(heldout):
+        raise ConfigError(
+            "the store has no held-out shards (train.eval_shards = 0): the analysis measures "
+            "FVE, L0, dead latents and firing frequencies on rows the crosscoder was not "
+            "trained on; set train.eval_shards >= 1 (and retrain)"
+        )
     roles = ckpt.role_order({"models": export_config.get("models") or store.manifest.get("models")})
     base, dist = roles.index("base"), roles.index("distilled")
     w_norm = ckpt.normalised_decoder(tensors, export_config)  # [h, m, d] normalised
@@ -53,8 +64,7 @@ def analyze(
     fitter = scaling.LatentScaling(
         exclusive, owner, w_norm, tensors["b_dec"] * scales[:, None], scales
     )
-    # Without a held-out slice (train.eval_shards = 0) frequencies come from the whole store.
-    heldout = list(heldout) or list(range(len(store.shards)))
+    heldout = list(heldout)
     scan = scan_store(
         store,
         encoder,

@@ -10,21 +10,28 @@ and for every two pairs i < j the "parallelogram" loss is
 
 on the PCA coordinates: 0 when the relation is one shared offset, and unchanged by a global
 rescaling. A lower mean loss is a more structured relation. The control scores the same words
-paired at random (shuffled b's): a relation the model encodes should score below it. Both
-comparisons (base - distilled, true - shuffled) come with 95% bootstrap intervals over word
-pairs, per relation and pooled over relations, and count only where those exclude 0.
+paired at random (shuffled b's): a relation the model encodes should score below it. The
+control moves between the models too, so the test of "the distilled model is more
+structured" is the difference of differences, the structure gain
+(true - shuffled)_distilled - (true - shuffled)_base (below 0: more structured). Every
+comparison (base - distilled, true - shuffled, structure gain) comes with a 95% bootstrap
+interval over word pairs, per relation and pooled over relations, and counts only where it
+excludes 0; the pooled ones are fitted against log10(parameters) over the sizes, the slope
+with an interval from the same resamples.
 
     run_geometry(config, workdir)  # geometry/results.json, cdf.png, loss_vs_size.png
 
 Modules: `relations` (pair sets, single-token filtering, block-L word vectors), `metric`
-(PCA, loss, control), `bootstrap` (intervals over word pairs), `study` (every model pair,
-results, skip-when-complete), `plots`.
+(PCA, loss, control), `bootstrap` (intervals over word pairs), `trend` (slope over sizes),
+`study` (every model pair, results, skip-when-complete), `plots`.
 """
 
 from xcoder_jax.geometry.bootstrap import (
     intervals,
     pair_counts,
     pooled,
+    pooled_intervals,
+    pooled_replicates,
     relation_replicates,
     resampled_means,
 )
@@ -46,6 +53,7 @@ from xcoder_jax.geometry.relations import (
     word_vectors,
 )
 from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair, summarize, verdicts
+from xcoder_jax.geometry.trend import ordered_pairs, size_trend, slope_ci, slopes, trend_pairs
 
 __all__ = [
     "Relation",
@@ -56,18 +64,25 @@ __all__ = [
     "load_pair_file",
     "loss_scores",
     "model_pairs",
+    "ordered_pairs",
     "pair_counts",
     "parallelogram_losses",
     "pca_coordinates",
     "pooled",
+    "pooled_intervals",
+    "pooled_replicates",
     "relation_losses",
     "relation_replicates",
     "relation_scores",
     "relation_sets",
     "resampled_means",
     "run_geometry",
+    "size_trend",
+    "slope_ci",
+    "slopes",
     "study_pair",
     "summarize",
+    "trend_pairs",
     "verdicts",
     "word_prompt",
     "word_vectors",

@@ -18,7 +18,14 @@ pairs for an interval.
 The PCA is fitted once on the full relation (`metric.relation_losses`) and not refitted per
 resample: the interval treats the projection as fixed, the variability is the choice of
 word pairs scored in it. The same counts score both models and the shuffled control, so
-each interval is of a paired difference (base - distilled, true - shuffled). Intervals are
+each interval is of a paired difference (base - distilled, true - shuffled), and the
+difference of differences
+
+    structure_gain = (true - shuffled)_distilled - (true - shuffled)_base
+
+is one statistic of one resample too (negative: the distilled model's true pairings beat
+its shuffled control by more than the base's do). The mean over pairs of pairs is linear in
+the losses, so its replicate is exactly the difference of the four resampled means. Intervals are
 two-sided percentile intervals (`stats.percentile_ci`), as dicts in the form of `xcoder_jax.stats`:
 {"mean", "lo", "hi", "n" (word pairs), "method"[, "reason" when lo/hi are None]}.
 """
@@ -80,22 +87,23 @@ def relation_replicates(raw: dict[str, dict], n_boot: int, seed) -> dict:
     raw: {"base": ..., "distilled": ...}, each `metric.relation_losses` of the same word
     pairs and shuffles. seed: anything `np.random.default_rng` takes; one set of counts
     `[n_boot, n]` serves every PCA size, both models and the control (paired throughout).
-    Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled": {role: rep}}},
-    rep = {"mean", "boot", "n", "reason"}; "true_minus_shuffled" compares each pairing with
-    the mean over shuffles of the same resampled pairs' words (pair i as (a_i, b_p(i))).
+    Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled": {role: rep},
+    "structure_gain": rep}}, rep = {"mean", "boot", "n", "reason"}; "true_minus_shuffled"
+    compares each pairing with the mean over shuffles of the same resampled pairs' words
+    (pair i as (a_i, b_p(i))), "structure_gain" is its distilled minus its base value.
     """
     base, distilled = raw["base"], raw["distilled"]
     n = next(iter(base.values()))["n_pairs"]
     counts = pair_counts(n, n_boot, np.random.default_rng(seed)) if n >= MIN_PAIRS else None
     out = {}
     for k in base:
-        diff = base[k]["losses"] - distilled[k]["losses"]
+        gap = {role: r[k]["losses"] - r[k]["control"].mean(0) for role, r in raw.items()}
         out[k] = {
-            "base_minus_distilled": _replicate(diff, counts, n),
-            "true_minus_shuffled": {
-                role: _replicate(r[k]["losses"] - r[k]["control"].mean(0), counts, n)
-                for role, r in raw.items()
-            },
+            "base_minus_distilled": _replicate(
+                base[k]["losses"] - distilled[k]["losses"], counts, n
+            ),
+            "true_minus_shuffled": {role: _replicate(g, counts, n) for role, g in gap.items()},
+            "structure_gain": _replicate(gap["distilled"] - gap["base"], counts, n),
         }
     return out
 
@@ -132,24 +140,38 @@ def _pool(reps: list[dict]) -> dict:
             "n": sum(x["n"] for x in reps), "reason": None}  # fmt: skip
 
 
-def pooled(replicates: list[dict], n_boot: int) -> dict:
-    """Per str(k): the mean over relations of each per-relation statistic, with its interval
-    from the per-relation resamples (independent across relations) averaged replicate by
-    replicate, and "n_relations". A relation enters at k when every statistic of it has
-    replicates there (>= `MIN_PAIRS` pairs, finite losses); "n" is their summed word pairs.
+def pooled_replicates(replicates: list[dict]) -> dict:
+    """Per str(k): the mean over relations of each per-relation statistic, its replicates
+    (independent across relations) averaged replicate by replicate, and "n_relations". A
+    relation enters at k when every statistic of it has replicates there (>= `MIN_PAIRS`
+    pairs, finite losses); "n" is their summed word pairs.
 
     replicates: `relation_replicates` of each relation of one model pair (same PCA sizes).
+    Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled": {role: rep},
+    "structure_gain": rep, "n_relations"}}, rep as in `relation_replicates`.
     """
-    method = POOLED_METHOD.format(n_boot)
     out = {}
     for k in replicates[0] if replicates else ():
         used = [r[k] for r in replicates if all(x["boot"] is not None for x in _leaves(r[k]))]
         roles = replicates[0][k]["true_minus_shuffled"]
-        stats = {
+        out[k] = {
             "base_minus_distilled": _pool([r["base_minus_distilled"] for r in used]),
             "true_minus_shuffled": {
                 role: _pool([r["true_minus_shuffled"][role] for r in used]) for role in roles
             },
+            "structure_gain": _pool([r["structure_gain"] for r in used]),
+            "n_relations": len(used),
         }
-        out[k] = {**_map(stats, lambda rep: _interval(rep, method)), "n_relations": len(used)}
     return out
+
+
+def pooled_intervals(pool: dict, n_boot: int) -> dict:
+    """`pooled_replicates` with every replicate turned into its interval dict (the
+    percentile interval of the averaged resamples)."""
+    method = POOLED_METHOD.format(n_boot)
+    return _map(pool, lambda rep: _interval(rep, method))
+
+
+def pooled(replicates: list[dict], n_boot: int) -> dict:
+    """Per str(k): the intervals of `pooled_replicates(replicates)`."""
+    return pooled_intervals(pooled_replicates(replicates), n_boot)

@@ -11,8 +11,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from xcoder_jax.geometry.metric import QUANTILES
+from xcoder_jax.geometry.trend import ordered_pairs
 
 COLORS = {"base": "tab:blue", "distilled": "tab:orange"}
+GAIN = "tab:purple"  # the structure gain: (true - shuffled) distilled - base
 
 
 def _legend() -> list[Line2D]:
@@ -30,7 +32,7 @@ def _relations(results: dict) -> list[str]:
 def plot_cdfs(results: dict, path: str) -> None:
     """A grid (model pair x relation) of loss CDFs, base vs distilled, controls dashed."""
     k = str(results["plot_n_components"])
-    pairs, rels = list(results["pairs"]), _relations(results)
+    pairs, rels = ordered_pairs(results["pairs"]), _relations(results)
     fig = Figure(figsize=(2.6 * len(rels) + 0.5, 2.2 * len(pairs) + 0.6), layout="constrained")
     axes = fig.subplots(len(pairs), len(rels), squeeze=False)
     for row, name in enumerate(pairs):
@@ -66,25 +68,53 @@ def _ci_points(ax, xs, cis, color, marker) -> None:
     ax.axhline(0.0, color="gray", lw=0.6)
 
 
+def _plot_trend(ax, results: dict, k: str) -> None:
+    """The pooled structure gain against log10 parameters with its intervals and the
+    least-squares line of `results["trend"]` (through the means' centroid)."""
+    trend = results.get("trend") or {}
+    x, y = trend.get("log10_params", []), trend.get("structure_gain", [])
+    if not x:
+        ax.set_axis_off()
+        ax.set_title(f"trend: n/a ({trend.get('reason', 'no sizes')})", fontsize=8)
+        return
+    cis = [results["pairs"][n]["pooled"][k]["structure_gain"] for n in trend["pairs"]]
+    _ci_points(ax, x, cis, GAIN, "o")
+    slope = trend.get("slope")
+    if slope is not None:
+        xs = np.array([min(x), max(x)])
+        ax.plot(xs, np.mean(y) + slope["mean"] * (xs - np.mean(x)), color=GAIN, lw=1)
+        text = f"slope {slope['mean']:+.3f} [{slope['lo']:+.3f}, {slope['hi']:+.3f}] / decade"
+    else:
+        text = "no slope"
+    ax.set_title(f"pooled structure gain vs size\n{text}", fontsize=8)
+    ax.set_xlabel("log10 parameters", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def plot_loss_vs_size(results: dict, path: str) -> None:
     """Per model pair (hidden size for the zoo), one column per relation and one pooled:
-    mean loss with its control (top), base - distilled (middle) and true - shuffled per
-    model (bottom), the differences with their 95% bootstrap intervals as bars."""
+    mean loss with its control (top), base - distilled, true - shuffled per model and the
+    structure gain ((true - shuffled) distilled - base; below 0: the distilled model more
+    structured), the differences with their 95% bootstrap intervals as bars. The pooled
+    column's top panel is the trend: the pooled structure gain against log10 parameters
+    with its least-squares line and the slope's interval."""
     k = str(results["plot_n_components"])
-    pairs, rels = list(results["pairs"]), _relations(results)
+    pairs, rels = ordered_pairs(results["pairs"]), _relations(results)
     entries = [results["pairs"][n] for n in pairs]
     sizes = [e["size"] for e in entries]
     numeric = all(s is not None for s in sizes)
     x = np.array(sizes if numeric else range(len(pairs)), float)
     nudge = 0.02 * (np.ptp(x) if len(x) > 1 else 1.0)  # keeps the two models' bars apart
     cols = [*rels, "pooled"]
-    fig = Figure(figsize=(2.8 * len(cols) + 0.5, 7.5), layout="constrained")
-    axes = fig.subplots(3, len(cols), squeeze=False, sharex=True)
+    fig = Figure(figsize=(2.8 * len(cols) + 0.5, 10), layout="constrained")
+    axes = fig.subplots(4, len(cols), squeeze=False, sharex=True)
     for col, rel in enumerate(cols):
         if rel == "pooled":
             have = [(xi, pair["pooled"].get(k)) for xi, pair in zip(x, entries)]
             have = [(xi, v) for xi, v in have if v is not None]
-            axes[0, col].set_axis_off()
+            spec = axes[0, col].get_subplotspec()  # its own x axis: log10 parameters
+            axes[0, col].remove()
+            _plot_trend(fig.add_subplot(spec), results, k)
         else:
             have = [(xi, pair["relations"][rel]) for xi, pair in zip(x, entries)
                     if "by_k" in pair["relations"].get(rel, {})]  # fmt: skip
@@ -95,24 +125,31 @@ def plot_loss_vs_size(results: dict, path: str) -> None:
                 axes[0, col].plot([xi for xi, _ in have], nan, "o-", color=color)
                 axes[0, col].plot([xi for xi, _ in have], ctl, "x--", color=color, lw=0.8)
             have = [(xi, r["by_k"][k]) for xi, r in have]
-        axes[0, col].set_title(rel, fontsize=9)
+        if rel != "pooled":
+            axes[0, col].set_title(rel, fontsize=9)
         if not have:  # skipped in every pair: nothing to draw in the column
-            for ax in axes[:, col]:
+            for ax in axes[1:, col] if rel == "pooled" else axes[:, col]:
                 ax.set_axis_off()
-            axes[0, col].set_title(f"{rel}: skipped", fontsize=9)
+            if rel != "pooled":
+                axes[0, col].set_title(f"{rel}: skipped", fontsize=9)
             continue
         xs = [xi for xi, _ in have]
         _ci_points(axes[1, col], xs, [v["base_minus_distilled"] for _, v in have], "k", "o")
         for shift, (role, color) in zip((-nudge, nudge), COLORS.items()):
             cis = [v["true_minus_shuffled"][role] for _, v in have]
             _ci_points(axes[2, col], [xi + shift for xi in xs], cis, color, "o")
+        _ci_points(axes[3, col], xs, [v["structure_gain"] for _, v in have], GAIN, "o")
         axes[1, col].set_title(f"{rel}: base - distilled", fontsize=8)
         axes[2, col].set_title(f"{rel}: true - shuffled", fontsize=8)
-        axes[2, col].set_xticks(x, [str(s) for s in sizes] if numeric else pairs, fontsize=7)
-        axes[2, col].set_xlabel("hidden size" if numeric else "model pair")
+        axes[3, col].set_title(f"{rel}: structure gain", fontsize=8)
+        axes[3, col].set_xticks(x, [str(s) for s in sizes] if numeric else pairs, fontsize=7)
+        axes[3, col].set_xlabel("hidden size" if numeric else "model pair")
     axes[0, 0].set_ylabel("mean loss", fontsize=9)
     axes[1, 0].set_ylabel("difference of mean loss", fontsize=9)
+    axes[3, 0].set_ylabel("difference of differences", fontsize=9)
     gap = Line2D([], [], color="k", marker="o", ms=4, label="base - distilled (95% CI)")
-    fig.legend(handles=[*_legend(), gap], loc="outside lower center", ncols=4, fontsize=8)
+    gain = Line2D([], [], color=GAIN, marker="o", ms=4,
+                  label="structure gain: (true - shuffled) distilled - base (95% CI)")  # fmt: skip
+    fig.legend(handles=[*_legend(), gap, gain], loc="outside lower center", ncols=3, fontsize=8)
     fig.suptitle(f"Parallelogram loss vs size, PCA k={k} (bars: 95% bootstrap CI)")
     fig.savefig(path, format="png", dpi=100)

@@ -1,9 +1,11 @@
 """The geometry study: every relation in every model pair, written to geometry/.
 
 Pairs are every size of the zoo (when the models are the zoo) or the configured pair, plus
-`geometry.pairs`. Every comparison (base vs distilled, true pairing vs shuffled control) is
-a paired difference with a bootstrap interval over word pairs (`bootstrap`), per relation
-and pooled over relations; a difference counts only where its interval excludes 0.
+`geometry.pairs`. Every comparison (base vs distilled, true pairing vs shuffled control, and
+the difference of the two models' true - shuffled gaps, "structure_gain") is a paired
+difference with a bootstrap interval over word pairs (`bootstrap`), per relation and pooled
+over relations; a difference counts only where its interval excludes 0. The pooled
+statistics are fitted against log10(parameters) over the sizes (`trend`).
 
 Results whose fingerprint matches (geometry config, seed, layer, zoo config hash or model
 ids) are reused; the figures and results.json are committed by `stage.commit`, results last.
@@ -21,7 +23,12 @@ from tqdm import tqdm
 from xcoder_jax import site, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, MissingInputError
-from xcoder_jax.geometry.bootstrap import intervals, pooled, relation_replicates
+from xcoder_jax.geometry.bootstrap import (
+    intervals,
+    pooled_intervals,
+    pooled_replicates,
+    relation_replicates,
+)
 from xcoder_jax.geometry.metric import derangements, loss_scores, relation_losses
 from xcoder_jax.geometry.relations import (
     Pair,
@@ -31,9 +38,10 @@ from xcoder_jax.geometry.relations import (
     split_template,
     word_vectors,
 )
+from xcoder_jax.geometry.trend import ordered_pairs, size_trend
 from xcoder_jax.stats import format_ci, sign
 
-FORMAT = 2  # bump when the metric or the results layout changes, to invalidate old results
+FORMAT = 3  # bump when the metric or the results layout changes, to invalidate old results
 RESULTS = "results.json"
 FIGURES = ("cdf.png", "loss_vs_size.png")
 
@@ -83,13 +91,18 @@ def _load_pair(config, workdir: str, entry: dict):
     return toks["base"], loaders
 
 
-def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair]]) -> dict:
-    """One model pair: {"layer", "n_layers", "d_model", "relations": {name: {"kept",
-    "total", "models": {role: {str(k): metric.loss_scores}}, "by_k": {str(k):
-    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}}}}}, "pooled": {str(k):
-    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}, "n_relations"}},
-    "counts": `verdicts`}, CI the interval dicts of `bootstrap`. A relation keeping fewer
-    than 2 single-token pairs has "skipped" (the reason) instead of "models" and "by_k"."""
+def study_pair(
+    config, workdir: str, entry: dict, relations: dict[str, list[Pair]]
+) -> tuple[dict, dict]:
+    """One model pair: (result, `bootstrap.pooled_replicates` of its relations).
+
+    result: {"layer", "n_layers", "d_model", "n_params": {role: int}, "relations": {name:
+    {"kept", "total", "models": {role: {str(k): metric.loss_scores}}, "by_k": {str(k):
+    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}, "structure_gain":
+    CI}}}}, "pooled": {str(k): {the same three, "n_relations"}}, "counts": `verdicts`}, CI
+    the interval dicts of `bootstrap`. A relation keeping fewer than 2 single-token pairs
+    has "skipped" (the reason) instead of "models" and "by_k". The replicates (arrays, not
+    stored) feed the trend over sizes."""
     gc = config.geometry
     tokenizer, loaders = _load_pair(config, workdir, entry)
     rels, out = [], {"relations": {}}
@@ -113,18 +126,22 @@ def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair
             raise ConfigError(f"{entry['name']}: the two models have different depths")
         vectors[role] = word_vectors(model, [prompts[w] for w in words], layer, gc.batch_size)
         out.update(layer=layer, n_layers=n_layers, d_model=int(vectors[role].shape[1]))
+        out.setdefault("n_params", {})[role] = int(sum(p.numel() for p in model.parameters()))
         del model
     replicates = []
     for r in rels:
         ia, ib = [row[a] for a, _ in r.pairs], [row[b] for _, b in r.pairs]
         # Seeded per relation, so every pair and both models see the same shuffles, and
-        # the resampled word pairs (a stream of their own) are the same for every statistic.
+        # the resampled word pairs (a stream of their own) are the same for every statistic
+        # and for every model pair scoring the same word pairs (resampled jointly in the
+        # trend over sizes); other word pairs get another stream.
         crc = zlib.crc32(r.name.encode())
         rng = np.random.default_rng([config.seed, crc])
         shuffles = derangements(len(r.pairs), gc.n_shuffles, rng)
         ks = tuple(gc.n_components)
         raw = {role: relation_losses(v[ia], v[ib], ks, shuffles) for role, v in vectors.items()}
-        replicates.append(relation_replicates(raw, gc.n_boot, [config.seed, crc, 1]))
+        words = zlib.crc32(json.dumps(r.pairs).encode())
+        replicates.append(relation_replicates(raw, gc.n_boot, [config.seed, crc, 1, words]))
         out["relations"][r.name] = {
             "kept": r.kept,
             "total": r.total,
@@ -132,9 +149,10 @@ def study_pair(config, workdir: str, entry: dict, relations: dict[str, list[Pair
             "by_k": intervals(replicates[-1], gc.n_boot),
         }
     out["relations"] = {name: out["relations"][name] for name in relations}  # set order
-    out["pooled"] = pooled(replicates, gc.n_boot)
+    pool = pooled_replicates(replicates)
+    out["pooled"] = pooled_intervals(pool, gc.n_boot)
     out["counts"] = verdicts(out["relations"])
-    return out
+    return out, pool
 
 
 def _tally(cis) -> dict:
@@ -145,9 +163,11 @@ def _tally(cis) -> dict:
 def verdicts(relations: dict) -> dict:
     """Per str(k), over the scored relations of one pair: {"n_relations", "distilled_vs_base":
     {"below", "above", "undecided"}, "true_vs_shuffled": {role: {"below", "above",
-    "undecided"}}}. Distilled is below base where the base - distilled interval lies above 0,
-    a pairing below its control where true - shuffled lies below 0; an interval including 0
-    or missing (< 3 pairs) is undecided."""
+    "undecided"}}, "structure_gain": {"below", "above", "undecided"}}. Distilled is below
+    base where the base - distilled interval lies above 0, a pairing below its control where
+    true - shuffled lies below 0, the distilled model more structured than the base where the
+    structure gain lies below 0; an interval including 0 or missing (< 3 pairs) is
+    undecided."""
     scored = [r["by_k"] for r in relations.values() if "by_k" in r]
     out = {}
     for k in scored[0] if scored else ():
@@ -163,6 +183,7 @@ def verdicts(relations: dict) -> dict:
             "true_vs_shuffled": {
                 role: _tally(s[k]["true_minus_shuffled"][role] for s in scored) for role in roles
             },
+            "structure_gain": _tally(s[k]["structure_gain"] for s in scored),
         }
     return out
 
@@ -206,14 +227,22 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
     return stage.canonical(key)  # tuples become lists, as they come back from disk
 
 
+def fingerprint(config, workdir: str) -> dict:
+    """The fingerprint `run_geometry` compares with `stage.done` for this config and workdir."""
+    return _key(config, workdir, model_pairs(config))
+
+
 def run_geometry(config, workdir: str) -> dict:
     """Scores every relation in every model pair; writes and returns geometry/results.json.
 
     {"format", "fingerprint" (what the results depend on), "n_components",
     "plot_n_components", "n_boot", "summary", "largest" (the zoo pair of the largest hidden
-    size, or None), "pairs": {name: {"size", ... `study_pair`}}}. Figures: cdf.png (loss
-    CDFs, base vs distilled, per pair and relation) and loss_vs_size.png (mean loss, base -
-    distilled and true - shuffled with their intervals, per pair and relation, and pooled).
+    size, or None), "pairs": {name: {"size", ... `study_pair`}}, "trend" (`trend.size_trend`
+    at plot_n_components: the pooled structure gain and base - distilled against log10
+    parameters over the sizes, slopes with intervals), "trend_by_k" ({str(k): the same})}.
+    Figures: cdf.png (loss CDFs, base vs distilled, per pair and relation) and
+    loss_vs_size.png (mean loss, base - distilled, true - shuffled and the structure gain
+    with their intervals, per pair and relation, and pooled; the trend's fit).
     """
     from xcoder_jax.geometry import plots
 
@@ -234,11 +263,16 @@ def run_geometry(config, workdir: str) -> dict:
         "n_boot": gc.n_boot,
         "pairs": {},
     }
+    pools = {}
     for entry in tqdm(entries, desc="geometry", unit="pair"):
-        res = study_pair(config, workdir, entry, relations)
+        res, pools[entry["name"]] = study_pair(config, workdir, entry, relations)
         results["pairs"][entry["name"]] = {"size": entry["size"], **res}
     sized = [e for e in entries if e["size"] is not None]
     results["largest"] = max(sized, key=lambda e: e["size"])["name"] if sized else None
+    results["trend_by_k"] = {
+        str(k): size_trend(results["pairs"], pools, str(k), gc.n_boot) for k in gc.n_components
+    }
+    results["trend"] = results["trend_by_k"][str(gc.plot_n_components)]
     results["summary"] = summarize(results)
     draw = zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True)
     outputs = {name: lambda p, plot=plot: plot(results, p) for name, plot in draw}
@@ -248,10 +282,12 @@ def run_geometry(config, workdir: str) -> dict:
 def summarize(results: dict) -> str:
     """One line at `plot_n_components`: per pair, on how many relations the distilled model
     is below / above the base (mean loss, 95% CI excluding 0) or undecided, on how many each
-    model's true pairing is below its shuffled control, and the pooled base - distilled."""
+    model's true pairing is below its shuffled control, the pooled base - distilled and
+    structure gain, and the structure gain's slope over sizes (when there is a trend)."""
     k = str(results["plot_n_components"])
-    gap, control, pool, skipped = [], [], [], []
-    for name, p in results["pairs"].items():
+    gap, control, pool, gain, skipped = [], [], [], [], []
+    for name in ordered_pairs(results["pairs"]):
+        p = results["pairs"][name]
         skipped += [f"{rel}@{name}" for rel, r in p["relations"].items() if "by_k" not in r]
         c = p["counts"].get(k)
         if c is None:  # no relation scored
@@ -264,9 +300,21 @@ def summarize(results: dict) -> str:
         control.append(" & ".join(f"{role} {v['below']}/{n}" for role, v in t.items()))
         control[-1] += f" at {name}"
         pool.append(f"{name} {format_ci(p['pooled'][k]['base_minus_distilled'], '{:+.3g}')}")
+        g = c.get("structure_gain", {})
+        gain.append(
+            f"{name} {format_ci(p['pooled'][k].get('structure_gain'), '{:+.3g}')} "
+            f"(below 0 on {g.get('below', 0)}/{n} relations)"
+        )
     line = (
         f"geometry (k={k}, 95% bootstrap CIs over word pairs): " + "; ".join(gap)
         + "; below shuffled control (CI excludes 0): " + ", ".join(control)
         + "; pooled base - distilled mean loss: " + ", ".join(pool)
+        + "; pooled structure gain ((true - shuffled) distilled - base): " + ", ".join(gain)
     )  # fmt: skip
+    trend = results.get("trend")
+    if trend is not None:
+        slope = trend["slope"]
+        text = format_ci(slope, "{:+.3g}") if slope else f"n/a ({trend['reason']})"
+        n = len(trend["pairs"])
+        line += f"; structure gain per decade of parameters over {n} sizes: {text}"
     return line + (f"; skipped (< 2 single-token pairs): {', '.join(skipped)}" if skipped else "")

@@ -44,8 +44,11 @@ def prompt_path(config, workdir: str) -> str:
     raise ConfigError("steering.prompts must name a JSONL file of prompts for real models")
 
 
-def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int) -> None:
-    """Raises ValueError when a prompt plus the generation exceeds the model's context."""
+def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int, why: str = "") -> None:
+    """Raises ValueError when a prompt plus the generation exceeds the model's context.
+
+    `why`: how the generation cap was set, for the message (default: steering.max_new_tokens).
+    """
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is None:
         return
@@ -54,18 +57,25 @@ def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int) -> 
         if n + max_new_tokens > limit:
             raise ConfigError(
                 f"prompt {i} has {n} tokens; with {max_new_tokens} new tokens it exceeds the "
-                f"model's context of {limit} (shorten it or lower steering.max_new_tokens)"
+                f"model's context of {limit} (shorten it or lower "
+                f"{why or 'steering.max_new_tokens'})"
             )
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str, int]]:
-    """`sc.samples` continuations of every prompt: [(prompt id, sample, text, tokens)].
+def sample(
+    model, tokenizer, prompts: list[str], sc, max_new_tokens: int | None = None
+) -> list[tuple[int, int, str, int, bool]]:
+    """`sc.samples` continuations of every prompt: [(prompt id, sample, text, tokens,
+    truncated)].
 
     Prompts are left-padded and decoded `sc.batch_size` rows at a time; batch b draws with
-    a seed derived from (`sc.seed`, b) whatever the intervention. Text is cut where
-    `sc.stop` begins.
+    a seed derived from (`sc.seed`, b) whatever the intervention. At most `max_new_tokens`
+    (default `sc.max_new_tokens`) tokens are drawn. Text is cut where `sc.stop` begins.
+    A sample is truncated when it hit that cap: it drew `max_new_tokens` tokens without an
+    end-of-text token and without reaching `sc.stop`, so its length is censored there.
     """
+    cap = int(sc.max_new_tokens if max_new_tokens is None else max_new_tokens)
     rows = [(i, s) for i in range(len(prompts)) for s in range(sc.samples)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -85,7 +95,7 @@ def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str
                     torch.cuda.manual_seed_all(seed)
                 gen = model.generate(
                     **enc,
-                    max_new_tokens=sc.max_new_tokens,
+                    max_new_tokens=cap,
                     do_sample=not greedy,
                     temperature=None if greedy else sc.temperature,
                     # Plain temperature sampling, whatever the model's generation_config says.
@@ -94,14 +104,18 @@ def sample(model, tokenizer, prompts: list[str], sc) -> list[tuple[int, int, str
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            texts = tokenizer.batch_decode(
-                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            for (i, s), text in zip(chunk, texts, strict=True):
+            new = gen[:, enc["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            # Finished rows hold the end-of-text token (padding comes after it).
+            eos_id = tokenizer.eos_token_id
+            ended = [False] * len(chunk) if eos_id is None else (new == eos_id).any(1).tolist()
+            for (i, s), text, eos in zip(chunk, texts, ended, strict=True):
+                stopped = bool(sc.stop) and sc.stop in text
                 if sc.stop:
                     text = text.split(sc.stop)[0]
                 n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                out.append((i, s, text, n))
+                hit_cap = new.shape[1] >= cap and not eos and not stopped
+                out.append((i, s, text, n, bool(hit_cap)))
     finally:
         tokenizer.padding_side = side
     return out
