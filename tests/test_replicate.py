@@ -284,3 +284,17 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     # Seed 3's files are not seed 4's results.
     with pytest.raises(replicate.StaleResultError, match="another run"):
         replicate.read_results(seed3, replicate._with_seed(c, 4))
+
+
+def test_a_seed_reaches_every_section_that_follows_the_run_seed():
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.geometry.seed = 11  # set on purpose: kept
+    seeded = [name for name, sec in c.items() if hasattr(sec, "keys") and "seed" in sec]
+    assert {"selection", "steering", "ablation"} <= set(seeded)
+    for config in (c, c.copy_and_resolve_references()):
+        s = replicate._with_seed(config, 7)
+        assert s.seed == 7
+        for name in seeded:
+            assert s[name].seed == (11 if name == "geometry" else 7), name

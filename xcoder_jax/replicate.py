@@ -31,8 +31,11 @@ Writes `<workdir>/replication.json` and `<workdir>/replication.md`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+
+from ml_collections import ConfigDict
 
 from xcoder_jax import family, pipeline, stage, stats
 from xcoder_jax import workdir as wd
@@ -264,10 +267,16 @@ def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
 
 
 def _with_seed(config, seed: int):
-    """A copy of `config` whose seed (and every field referring to it) is `seed`."""
-    c = config.copy_and_resolve_references()
+    """A copy of `config` whose seed, and every section's seed that follows it, is `seed`.
+
+    Fields referring to `config.seed` follow it; a section seed that equals the run's seed
+    but lost its reference (e.g. a config resolved before) is set too. A section seed set to
+    another value on purpose is kept.
+    """
+    old = config.seed
+    c = copy.deepcopy(config)
     c.seed = seed
-    for section in ("steering", "ablation"):
-        if section in c and "seed" in c[section]:
-            c[section].seed = seed
-    return c
+    for section in c.values():
+        if isinstance(section, ConfigDict) and "seed" in section and section.seed == old:
+            section.seed = seed
+    return c.copy_and_resolve_references()
