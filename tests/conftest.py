@@ -213,3 +213,23 @@ def micro_pipeline_config():
     # the controls (3 generations per alpha) would make this stage the slowest.
     c.steering.samples, c.steering.max_new_tokens = 2, 24
     return c
+
+
+def random_export(path, d: int, h: int, layer: int, scale: float, b_enc: float = 0.0):
+    """An export of a random 2-model crosscoder (seeded, raw scales 1), loaded back as an
+    `ExportedCrosscoder`: for tests of interventions that need no trained dictionary."""
+    import numpy as np
+
+    from xcoder_jax import checkpoint as ckpt
+    from xcoder_jax.exported import ExportedCrosscoder
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "W_enc": rng.normal(size=(2, d, h)).astype(np.float32) * scale,
+        "b_enc": np.full(h, b_enc, np.float32),
+        "W_dec": rng.normal(size=(h, 2, d)).astype(np.float32) * scale,
+        "b_dec": np.zeros((2, d), np.float32),
+    }
+    meta = {"layer": layer, "d_model": d, "n_latents": h, "models": []}
+    ckpt.export(str(path), weights, np.array([1.0, 1.0]), meta)
+    return ExportedCrosscoder.load(str(path))

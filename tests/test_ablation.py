@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import micro_pipeline_config, strict_loads
+from tests.conftest import micro_pipeline_config, random_export, strict_loads
 from xcoder_jax import pipeline, steering
 from xcoder_jax import workdir as wd
 from xcoder_jax.ablation import (
@@ -140,7 +140,7 @@ def test_every_effect_has_a_ci_and_the_difference_is_consistent(run):
             diff = e["targeted"]["mean"] - e["random_direction"]["mean"]
             assert e["targeted_minus_direction"]["mean"] == pytest.approx(diff, abs=1e-9)
             if e["random_at_matched"]["mean"] is None:  # unreachable: said so, with the curve
-                assert "bracket" in e["random_at_matched"]["reason"]
+                assert "not both sides" in e["random_at_matched"]["reason"]
             else:
                 diff = e["targeted"]["mean"] - e["random_at_matched"]["mean"]
                 assert e["targeted_minus_random"]["mean"] == pytest.approx(diff, abs=1e-9)
@@ -209,22 +209,12 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xcoder_jax import checkpoint as ckpt
     from xcoder_jax.analysis.splice import pad_documents
 
     models = [AutoModelForCausalLM.from_pretrained(micro_pair[r]).eval() for r in wd.ROLES]
     tok = AutoTokenizer.from_pretrained(micro_pair["base"])
     d, h, layer = models[0].config.hidden_size, 8, 1
-    rng = np.random.default_rng(0)
-    weights = {
-        "W_enc": rng.normal(size=(2, d, h)).astype(np.float32) * 0.3,
-        "b_enc": np.zeros(h, np.float32),
-        "W_dec": rng.normal(size=(h, 2, d)).astype(np.float32) * 0.3,
-        "b_dec": np.zeros((2, d), np.float32),
-    }
-    ckpt.export(str(tmp_path), weights, np.array([1.0, 1.0]), {"layer": layer, "d_model": d,
-                "n_latents": h, "models": []})  # fmt: skip
-    xcoder = steering.ExportedCrosscoder.load(str(tmp_path))
+    xcoder = random_export(tmp_path, d, h, layer, scale=0.3)
     texts = ["Question: Tom has 3 apples. Wait, let me check.", "Thus the answer is 4. But no"]
     docs = [np.asarray(tok(t)["input_ids"], np.int64) for t in texts]
     where = [(0, 3, 7), (0, len(docs[0]) - 1, 11), (1, 2, 5)]  # (doc, position, token)

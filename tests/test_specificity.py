@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import random_export
 from xcoder_jax import selection
 from xcoder_jax.ablation import sets
 from xcoder_jax.specificity import specificity_scores
@@ -128,27 +129,16 @@ def test_attribution_is_the_first_order_change_of_the_marker_log_prob(micro_pair
     is removed from block L's input at every stored position, by a central difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xcoder_jax import checkpoint as ckpt
     from xcoder_jax import site
     from xcoder_jax import workdir as wd
     from xcoder_jax.activations.exclude import Exclusion
     from xcoder_jax.attribution import marker_attribution
-    from xcoder_jax.exported import ExportedCrosscoder
 
     torch.manual_seed(0)
     models = [AutoModelForCausalLM.from_pretrained(micro_pair[r]).eval() for r in wd.ROLES]
     tok = AutoTokenizer.from_pretrained(micro_pair["base"])
     d, h, layer = models[0].config.hidden_size, 6, 1
-    rng = np.random.default_rng(0)
-    weights = {
-        "W_enc": rng.normal(size=(2, d, h)).astype(np.float32) * 0.5,
-        "b_enc": np.full(h, 0.1, np.float32),
-        "W_dec": rng.normal(size=(h, 2, d)).astype(np.float32) * 0.5,
-        "b_dec": np.zeros((2, d), np.float32),
-    }
-    ckpt.export(str(tmp_path), weights, np.array([1.0, 1.0]), {"layer": layer, "d_model": d,
-                "n_latents": h, "models": []})  # fmt: skip
-    xcoder = ExportedCrosscoder.load(str(tmp_path))
+    xcoder = random_export(tmp_path, d, h, layer, scale=0.5, b_enc=0.1)
     doc = np.asarray(tok("Tom has 3 apples. Wait, let me check.")["input_ids"], np.int64)
     wait = tuple(tok(" Wait", add_special_tokens=False)["input_ids"])
     exclusion = Exclusion(first=1)

@@ -109,10 +109,15 @@ def set_effects(meas: Measurer, m: int, idx, ids, nrn, dec_norms, ac, clusters, 
     if values:
         interp = controls.interpolate(goal, np.asarray(achieved)[order], np.stack(values)[order])
     if interp is None:
+        ratios = ", ".join(f"{a / goal:.2f}" for a in sorted(achieved)) or "none"
+        side = (
+            "all remove more than it (one pool latent outweighs the targeted set)"
+            if achieved and min(achieved) > goal
+            else f"levels {unreached} are beyond the {len(pool)} active pool latents"
+        )
         why = (
-            f"the random sets' activity ({', '.join(f'{a / goal:.2f}' for a in achieved) or 'none'}"
-            f" x the targeted set's, levels {unreached} unreachable from a pool of {len(pool)}"
-            " active latents) does not bracket the targeted set's"
+            f"random sets reach {ratios} x the targeted set's activity, not both sides of "
+            f"it: {side}"
         )
         out["random_at_matched"] = unmeasured(len(idx), why)
         out["targeted_minus_random"] = unmeasured(len(idx), why)
