@@ -108,6 +108,12 @@ def _move_starts(text: str, category: str) -> set[int]:
     return {m.start("m") for p in _MOVES[category] for m in p.finditer(text)}
 
 
+def reasoning_move_starts(text: str, category: str) -> list[int]:
+    """Character offsets (ascending) of the marker words of `category` used as reasoning
+    moves (`REASONING_FORMS`): where a trace's reflection rounds begin, for "self_reflection"."""
+    return sorted(_move_starts(text, category))
+
+
 def count_reasoning_markers(text: str) -> dict[str, int]:
     """Markers used as reasoning moves (`REASONING_FORMS`), per category."""
     return {cat: len(_move_starts(text, cat)) for cat in CATEGORIES}
