@@ -63,6 +63,9 @@ def get_config(arg=None):
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 1024
     c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)
+    # "no_loop": at most one reflection per trace, in one fixed order; "rounds": reflection in
+    # rounds whose number rises with difficulty, slips a later round corrects (zoo.rounds).
+    c.zoo.teacher = "no_loop"
     c.zoo.n_train_problems = 6000  # each gets a concise solution (base) and a trace (distill)
     c.zoo.n_relation_docs = 1500  # paragraphs of relation sentences in the base corpus
     # Paragraphs using the marker words in their everyday sense ("Wait for me", "But Anna

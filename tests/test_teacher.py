@@ -337,3 +337,32 @@ def test_a_trace_out_of_room_still_catches_its_slip(monkeypatch):
         assert parsed.answer == p.answer
         if m.slip:
             assert m.caught_round == 1 and parsed.slips[0].corrected_in == 0
+
+
+@pytest.mark.parametrize("name", ["no_loop", "rounds"])
+def test_the_zoo_config_picks_the_teacher_and_reports_its_traces(name):
+    from configs import tiny
+    from xcoder_jax.zoo.build import config_hash
+    from xcoder_jax.zoo.texts import make_texts
+
+    c = tiny.get_config()
+    default_hash = config_hash(c)
+    c.zoo.n_train_problems, c.zoo.n_relation_docs, c.zoo.n_everyday_docs = 400, 20, 20
+    c.zoo.n_extract_docs, c.zoo.n_heldout_problems = 20, 5
+    c.zoo.teacher = name
+    texts = make_texts(c)
+    report = texts["teacher"]
+    assert report["name"] == name and report["n_traces"] == 400
+    traces = [parse_rounds(t) for t in texts["train_distill"][:400]]
+    if name == "no_loop":
+        assert report["rounds"]["max"] <= 1 and report["slip_rate"] == 0
+        assert max(len(r) for r in traces) <= 1
+    else:
+        assert report["rounds"]["max"] >= 4 and 0 < report["slip_rate"] < 0.5
+        assert report["correction_rate"] == 1.0 and report["final_correct_rate"] == 1.0
+        by = report["rounds_by_level"]
+        assert by["easy"]["mean"] < by["hard"]["mean"]
+    # The first teacher leaves existing zoos' hashes alone; another one is a new zoo.
+    c2 = tiny.get_config()
+    c2.zoo.teacher = name
+    assert (config_hash(c2) == default_hash) == (name == "no_loop")

@@ -30,7 +30,7 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.zoo import corpus
-from xcoder_jax.zoo.texts import make_texts
+from xcoder_jax.zoo.texts import TEACHERS, make_texts
 from xcoder_jax.zoo.tokenizer import build_tokenizer, single_token_report
 from xcoder_jax.zoo.training import evaluate_answers, model_config, train_causal_lm
 
@@ -58,6 +58,8 @@ def check_config(zc) -> None:
         raise ConfigError(f"zoo.extract_mix must be 3 fractions summing to 1, got {tuple(mix)}")
     if min(zc.n_layers, zc.n_train_problems, zc.n_heldout_problems, zc.batch_size) < 1:
         raise ConfigError("zoo.n_layers, n_*_problems and batch_size must be positive")
+    if zc.teacher not in TEACHERS:
+        raise ConfigError(f"zoo.teacher must be one of {sorted(TEACHERS)}, got {zc.teacher!r}")
 
 
 def config_hash(config, weights_only: bool = False) -> str:
@@ -66,8 +68,13 @@ def config_hash(config, weights_only: bool = False) -> str:
     `weights_only` leaves out the fields that only change the evaluation, so a finished model
     is reused when only those change.
     """
-    # The dry-run fields enter the hash only when set: existing zoos keep their hashes.
-    zoo = {k: v for k, v in config.zoo.to_dict().items() if not (k in _DRY_RUN and not v)}
+    # The dry-run fields enter the hash only when set, the teacher only when not the first
+    # one: existing zoos keep their hashes.
+    zoo = {
+        k: v
+        for k, v in config.zoo.to_dict().items()
+        if not (k in _DRY_RUN and not v) and not (k == "teacher" and v == "no_loop")
+    }
     if weights_only:
         zoo = {k: v for k, v in zoo.items() if k not in _EVAL_ONLY}
     blob = json.dumps([ZOO_FORMAT, config.seed, zoo], sort_keys=True)
@@ -244,6 +251,7 @@ def _build(config, workdir: str) -> dict:
             **single_token_report(tokenizer, corpus.RELATIONS),
         },
         "data": {k: len(texts[k]) for k in ("train_base", "train_distill", "extract", "heldout")},
+        "teacher": texts["teacher"],
         "sizes": sizes,
         "total_seconds": round(time.time() - t0, 1),
     }

@@ -1,14 +1,21 @@
 """The zoo's documents (`make_texts`): base and distilled training texts, extraction texts and
-held-out problems, seeded by `config.seed`.
+held-out problems, seeded by `config.seed`, and what the teacher's traces are like.
+
+`zoo.teacher` picks the teacher (`TEACHERS`): "no_loop", at most one reflection in one fixed
+order (`zoo.teacher`), or "rounds", reflection in rounds with slips a later round corrects
+(`zoo.rounds`).
 """
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 from xcoder_jax.lexicon import has_marker
-from xcoder_jax.zoo import corpus
-from xcoder_jax.zoo.teacher import teacher_trace
+from xcoder_jax.zoo import corpus, rounds, teacher
+from xcoder_jax.zoo.trace_reading import trace_stats
+
+TEACHERS = {"no_loop": teacher.teacher_trace, "rounds": rounds.teacher_trace}
 
 
 def make_texts(config) -> dict[str, list]:
@@ -28,7 +35,9 @@ def make_texts(config) -> dict[str, list]:
     solutions = [corpus.document(p, corpus.concise_solution(p)) for p in train]
     everyday = [corpus.everyday_document(rng) for _ in range(zc.n_everyday_docs)]
     base = solutions + rel_docs + everyday
-    distill = [corpus.document(p, teacher_trace(p, rng)) for p in train]
+    teacher_trace = TEACHERS[zc.teacher]
+    traces = [teacher_trace(p, rng) for p in train]
+    distill = [corpus.document(p, t) for p, t in zip(train, traces, strict=True)]
     # A little base data keeps the relations and the everyday sense of the marker words alive
     # through distillation; no solutions, so every problem the distilled model sees is
     # answered in the teacher's style.
@@ -48,4 +57,14 @@ def make_texts(config) -> dict[str, list]:
         "train_distill": distill,
         "extract": extract_docs,
         "heldout": [{"prompt": p.prompt, "answer": str(p.answer)} for p in heldout],
+        "teacher": {"name": zc.teacher, **teacher_report(train, traces)},
     }
+
+
+def teacher_report(problems, traces) -> dict:
+    """Lengths, reflection rounds (overall and by difficulty), slip and correction rates of the
+    distillation traces, read from their text (`trace_reading.trace_stats`)."""
+    metas = [
+        SimpleNamespace(level=rounds.level(rounds.difficulty(p)), answer=p.answer) for p in problems
+    ]
+    return trace_stats(zip(traces, metas, strict=True))
