@@ -204,8 +204,8 @@ def test_no_heldout_documents_is_a_clear_error(run):
 
 
 def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_path):
-    """The probe reruns blocks L.. from a recorded input; it must give the logits of the HF
-    model's own forward pass with `hooks.ablate` installed."""
+    """The probe reruns blocks L.. from a recorded input; it must give the log-probabilities
+    of the HF model's own forward pass with `hooks.ablate` installed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,13 +220,22 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
     where = [(0, 3, 7), (0, len(docs[0]) - 1, 11), (1, 2, 5)]  # (doc, position, token)
     probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, exclusion=Exclusion())
     ids, mask = pad_documents(docs, pad_id=0)
+    columns = [[t] for _, _, t in where]
+    masked = [7, 11]  # left out of the best other token
     for target in (0, 1):
         for latents in ([], [0, 3, 5]):
-            got = probe.logits(target, latents, where)
+            got, best = probe.log_probs(target, where, columns, masked, latents)
             with steering.ablate(models, target, xcoder, latents, ids, mask, 1):
                 with torch.no_grad():
                     full = models[target](input_ids=ids, attention_mask=mask).logits
-            want = np.array([float(full[dd, p, t]) for dd, p, t in where])
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    clean, ablated = probe.logits(1, [], where), probe.logits(1, [0, 3, 5], where)
+            logp = torch.log_softmax(full.float(), -1)
+            want = np.array([float(logp[dd, p, t]) for dd, p, t in where])
+            np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            logp[..., masked] = -torch.inf
+            want_best = np.array([float(logp[dd, p].max()) for dd, p, _ in where])
+            np.testing.assert_allclose(
+                best, want_best, rtol=1e-4, atol=1e-4 * np.abs(want_best).max()
+            )
+    clean = probe.log_probs(1, where, columns, masked)[0]
+    ablated = probe.log_probs(1, where, columns, masked, [0, 3, 5])[0]
     assert np.abs(clean - ablated).max() > 1e-3  # the ablation does change them

@@ -24,26 +24,18 @@ from tqdm import tqdm
 from xcoder_jax import site
 from xcoder_jax.ablation.probe import marker_positions
 from xcoder_jax.analysis import splice
-from xcoder_jax.specificity import Z
+from xcoder_jax.specificity import Screened
 
 
 @dataclass
-class Attribution:
+class Attribution(Screened):
     """score, se: [C, h] mean attribution per occurrence (log-probability units) and its
     standard error; n_occurrences, n_documents: [C]; model: the role attributed in."""
 
     categories: list[str]
-    score: np.ndarray
-    se: np.ndarray
     n_occurrences: np.ndarray
     n_documents: np.ndarray
     model: str
-
-    def passes(self) -> np.ndarray:
-        return self.score - Z * self.se > 0
-
-    def qualifying(self) -> np.ndarray:
-        return np.where(self.passes(), self.score, 0.0)
 
 
 def _ratio(per_doc: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,23 +35,14 @@ Z = 1.959963984540054  # two-sided 95%
 
 
 @dataclass
-class Specificity:
-    """Per category (rows, in `categories` order) and latent (columns, h).
+class Screened:
+    """Per-latent scores with standard errors and the 95% screen both selection rules use.
 
-    score, se: [C, h] token-matched firing difference and its standard error; marker_rate
-    [C, h]: firing share on the predicting rows; n_marker, n_control: [C] rows compared;
-    coverage [C]: share of predicting rows whose token has controls; preceding: {category:
-    [[token id, rows]] most common tokens of the predicting rows}.
+    score, se: [C, h] (categories x latents).
     """
 
-    categories: list[str]
     score: np.ndarray
     se: np.ndarray
-    marker_rate: np.ndarray
-    n_marker: np.ndarray
-    n_control: np.ndarray
-    coverage: np.ndarray
-    preceding: dict[str, list[list[int]]]
 
     def passes(self) -> np.ndarray:
         """[C, h] bool: the lower end of the 95% interval is above 0."""
@@ -61,8 +52,23 @@ class Specificity:
         """[C, h]: the score where a latent passes, 0 elsewhere (ranks for `select_latents`)."""
         return np.where(self.passes(), self.score, 0.0)
 
-    def row(self, category: str) -> int:
-        return self.categories.index(category)
+
+@dataclass
+class Specificity(Screened):
+    """Per category (rows, in `categories` order) and latent (columns, h).
+
+    score, se: [C, h] token-matched firing difference and its standard error; marker_rate
+    [C, h]: firing share on the predicting rows; n_marker, n_control: [C] rows compared;
+    coverage [C]: share of predicting rows whose token has controls; preceding: {category:
+    [[token id, rows]] most common tokens of the predicting rows}.
+    """
+
+    categories: list[str]
+    marker_rate: np.ndarray
+    n_marker: np.ndarray
+    n_control: np.ndarray
+    coverage: np.ndarray
+    preceding: dict[str, list[list[int]]]
 
 
 def _predict_rows(store, shards, forms, categories, anchor):

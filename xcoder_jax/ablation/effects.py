@@ -35,10 +35,10 @@ class Measurer:
     """Clean and intervened log-probabilities at the occurrences `where` [(doc, pos, token)].
 
     marker_ids: [M] every category's marker first tokens; cat_cols: {category: column
-    indices into marker_ids}; cat_of: [n] category index of each occurrence.
+    indices into marker_ids}.
     """
 
-    def __init__(self, probe, n_models: int, where, marker_ids, cat_cols: dict, seed: int):
+    def __init__(self, probe, n_models: int, where, marker_ids, cat_cols: dict):
         self.probe, self.where = probe, where
         self.marker_ids = list(marker_ids)
         self.cat_cols = cat_cols
@@ -52,7 +52,6 @@ class Measurer:
             logp, best = probe.log_probs(m, where, cols, self.marker_ids)
             self.clean.append(self._summary(logp, best, self.own_col))
         self.f = probe.latent_acts(where)  # [n, h] clean latent activity
-        self.seed = seed
 
     def _summary(self, logp: np.ndarray, best: np.ndarray, own_col: np.ndarray) -> dict:
         n_m = len(self.marker_ids)
@@ -75,8 +74,8 @@ class Measurer:
 
 
 def unmeasured(n: int, reason: str) -> dict:
-    """A CI dict with no numbers and the reason (strict JSON, never NaN)."""
-    return {"mean": None, "lo": None, "hi": None, "n": int(n), "method": None, "reason": reason}
+    """An interval dict without numbers, giving the reason (strict JSON, never NaN)."""
+    return stats.percentile_ci(None, None, n, "not measured", reason)
 
 
 def set_effects(meas: Measurer, m: int, idx, ids, nrn, dec_norms, ac, clusters, rng) -> dict:

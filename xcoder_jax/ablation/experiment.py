@@ -105,9 +105,12 @@ def _check_config(ac) -> None:
         raise ConfigError(f"ablation.dose_levels must be positive multiples, got {ac.dose_levels}")
     if ac.headline_frac not in tuple(ac.fracs):
         raise ConfigError(f"ablation.headline_frac {ac.headline_frac} is not in ablation.fracs")
-    bad = [r for r in ac.rules if r not in ("specificity", "attribution")]
+    bad = [r for r in ac.rules if r not in selection.RULES]
     if bad or HEADLINE_RULE not in ac.rules:
-        raise ConfigError(f"ablation.rules must include 'specificity', got {tuple(ac.rules)}")
+        raise ConfigError(
+            f"ablation.rules must be among {selection.RULES} and include {HEADLINE_RULE!r}, "
+            f"got {tuple(ac.rules)}"
+        )
 
 
 def _rule_summary(rule, c: int, cat: str) -> dict:
@@ -159,9 +162,10 @@ def run_ablation(config, workdir: str) -> dict:
     docs = [d[: config.data.max_tokens] for d in docs]
     per_cat = {cat: marker_positions(docs, forms[cat], exclusion) for cat in cats}
     held = sorted({d for w in per_cat.values() for d, _, _ in w})  # documents holding a marker
+    probe_row = {d: i for i, d in enumerate(held)}
     where, cat_of = [], []
     for c, cat in enumerate(cats):
-        where += [(held.index(d), p, t) for d, p, t in per_cat[cat]]
+        where += [(probe_row[d], p, t) for d, p, t in per_cat[cat]]
         cat_of += [c] * len(per_cat[cat])
     cat_of = np.asarray(cat_of, np.int64)
     marker_ids = sorted({int(f[0]) for cat in cats for f in forms[cat]})
@@ -175,7 +179,16 @@ def run_ablation(config, workdir: str) -> dict:
         "headline": {"rule": HEADLINE_RULE, "frac": float(ac.headline_frac)},
         "n_random": ac.n_random,
         "dose_levels": [float(v) for v in ac.dose_levels],
-        "selection": {"shards": train, "documents": _id_ranges(selection_docs)},
+        "selection": {
+            "shards": train,
+            "documents": _id_ranges(selection_docs),
+            "rules": {
+                "specificity": "token-matched firing difference before the markers, 95% lower "
+                "bound > 0",
+                "attribution": "gradient x activation of the markers' log-probability "
+                "(distilled model), 95% lower bound > 0",
+            },
+        },
         "measurement": {
             "shards": heldout,
             "documents": doc_ids,
@@ -188,16 +201,11 @@ def run_ablation(config, workdir: str) -> dict:
         "ci": "95% bootstrap percentile CI resampling documents (and random draws)",
         "categories": {},
     }
-    results["selection"]["rules"] = {
-        "specificity": "token-matched firing difference before the markers, 95% lower bound > 0",
-        "attribution": "gradient x activation of the markers' log-probability (distilled model),"
-        " 95% lower bound > 0",
-    }
     meas = None  # with no occurrence at all, every category says so
     if where:
         docs_held = [docs[d] for d in held]
         probe = LogitProbe(models, xcoder, docs_held, ac.batch_size, pad_id, exclusion)
-        meas = Measurer(probe, len(models), where, marker_ids, cat_cols, ac.seed)
+        meas = Measurer(probe, len(models), where, marker_ids, cat_cols)
     n_sets = len(cats) * len(ac.rules) * len(ac.fracs)
     bar = tqdm(total=n_sets, desc="ablation", unit="set")
     for c, cat in enumerate(cats):
@@ -211,12 +219,9 @@ def run_ablation(config, workdir: str) -> dict:
         entry["rules"] = {}
         for r_i, rule_name in enumerate(ac.rules):
             bar.update(len(ac.fracs))
-            rule = rules.get(rule_name)
+            rule = rules[rule_name]
             block = {"by_frac": []}
             entry["rules"][rule_name] = block
-            if rule is None:
-                block["reason"] = "needs a distilled model"
-                continue
             block["pool"] = _rule_summary(rule, c, cat) | {
                 "n_pool": sets.pool_size(rule.passes()[c], nrn, ac.min_nrn)
             }

@@ -1,5 +1,5 @@
-"""Where and how the ablation reads marker logits: the positions before each marker
-occurrence in the measured documents, and `LogitProbe`, which reads both models' logits
+"""Where and how the ablation reads markers: the positions before each marker occurrence in
+the measured documents, and `LogitProbe`, which reads both models' log-probabilities
 there, clean and with latents ablated at block L.
 """
 
@@ -30,7 +30,7 @@ def marker_positions(docs: list[np.ndarray], forms, exclusion: Exclusion):
 
 
 class LogitProbe:
-    """Marker logits of both models on fixed documents, clean and under ablation.
+    """Marker log-probabilities of both models on fixed documents, clean and under ablation.
 
     Each batch is run once per model (`site.SiteReplay`); an ablation then reruns only the
     blocks from L on, from the recorded block-L input less the ablated latents' contribution
@@ -90,16 +90,6 @@ class LogitProbe:
             logp[:, masked.to(logp.device)] = -torch.inf
             best[sel] = logp.max(-1).values.double().cpu().numpy()
         return out, best
-
-    @torch.no_grad()
-    def logits(self, target: int, latents, where) -> np.ndarray:
-        """Logits [n] at `where` [(doc, position, token)] with `latents` ablated in `target`."""
-        out = np.zeros(len(where))
-        for replays, x, kept, sel, d, p, t in self._in_batches(where):
-            hidden = self._hidden(target, x, kept, replays, latents, None)
-            logits = replays[target].logits(hidden, d, p)
-            out[sel] = logits[torch.arange(len(sel)), t].float().cpu().numpy()
-        return out
 
     def top_others(self, target: int, where, masked, k: int) -> np.ndarray:
         """[n, k] the clean model's k most likely tokens outside `masked` at `where`."""

@@ -17,13 +17,18 @@ import math
 import numpy as np
 
 
+def qualifying_pool(passes, nrn, min_nrn: float) -> np.ndarray:
+    """Ids of the latents that pass a rule (passes [h] bool) with NRN (nrn [h]) > min_nrn."""
+    return np.flatnonzero(np.asarray(passes, bool) & (np.asarray(nrn) > min_nrn))
+
+
 def targeted_latents(score, passes, nrn, frac: float, min_nrn: float) -> np.ndarray:
-    """Ids (by descending score) of the top `frac` of the latents that pass with NRN > min_nrn.
+    """Ids (by descending score) of the top `frac` of `qualifying_pool`.
 
     score, passes, nrn: [h]. Empty when none qualifies.
     """
-    score, passes, nrn = np.asarray(score), np.asarray(passes, bool), np.asarray(nrn)
-    pool = np.flatnonzero(passes & (nrn > min_nrn))
+    score = np.asarray(score)
+    pool = qualifying_pool(passes, nrn, min_nrn)
     if not len(pool):
         return np.zeros(0, np.int64)
     ranked = pool[np.argsort(-score[pool], kind="stable")]
@@ -31,4 +36,4 @@ def targeted_latents(score, passes, nrn, frac: float, min_nrn: float) -> np.ndar
 
 
 def pool_size(passes, nrn, min_nrn: float) -> int:
-    return int((np.asarray(passes, bool) & (np.asarray(nrn) > min_nrn)).sum())
+    return len(qualifying_pool(passes, nrn, min_nrn))

@@ -115,7 +115,7 @@ def choose_sets(config, xcoder: ExportedCrosscoder, models, roles, tokenizer, st
             rules, config, workdir, store, train, xcoder, models, roles, tokenizer, forms, cats
         )
         counts = {
-            (cat, rule): scores[rule].score[c] * scores[rule].passes()[c]
+            (cat, rule): scores[rule].qualifying()[c]
             for rule in rules
             for c, cat in enumerate(cats)
         }
@@ -223,7 +223,7 @@ def run_steering(config, workdir: str) -> dict:
                        | {"text": text, "metrics": metrics})  # fmt: skip
         return stats.per_prompt(samples), out
 
-    conditions, generation, control_sets = [], {}, {}
+    conditions, generation, control_sets, steered_once = [], {}, {}, {}
     for role in sc.models:
         m = roles.index(role)
         zero = torch.zeros(xcoder.d_model)
@@ -259,7 +259,15 @@ def run_steering(config, workdir: str) -> dict:
                     conditions.append(base | {"alpha": 0.0} | stats.condition(clean, clean, 0.0))
                     continue
                 v = xcoder.steering_vector(ids, m, alpha, sc.convention)
-                means, out = run(role, spec, "steered", alpha, v, cap)
+                # Two specs may pick the same latents (e.g. both rules' top latent): the same
+                # vector and seeds draw the same samples, so they are generated once.
+                key = (role, tuple(ids), alpha)
+                if key in steered_once:
+                    means, out = steered_once[key]
+                    out = [line | {"set": spec} for line in out]
+                    bar.update(1)
+                else:
+                    means, out = steered_once[key] = run(role, spec, "steered", alpha, v, cap)
                 lines += out
                 draws = {"random_direction": [], "random_latent": []}
                 for j, u in enumerate(plan["units"]):
