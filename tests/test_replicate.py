@@ -38,13 +38,14 @@ def _results(effect: float, half: float = 0.1) -> dict:
                                   "targeted_minus_direction": e(-1)},
                     "base": {"targeted_minus_random": _ci(9.0)},  # decoy
                     "distilled_minus_base": e(-1),
+                    "own_minus_others": {"distilled": e(-1), "base": _ci(9.0)},
                 },
                 "rules": {"attribution": {"by_frac": []}},
             }
             for c in FIVE
         }
     }  # fmt: skip
-    sr = {"self_reflection_per_100": e(1), "reflection_rounds": e(1), "tokens": _ci(9.0)}
+    sr = {"self_reflection_per_100": e(1), "reflection_rounds": e(1), "tokens": e(1)}
     steering = {
         "headline": {
             "self_reflection:1": {"vs_clean": {"self_reflection_per_100": _ci(9.0)},
@@ -53,16 +54,24 @@ def _results(effect: float, half: float = 0.1) -> dict:
                             "vs_random_latent": {"tokens": e(-1)}},
         }
     }  # fmt: skip
+    # The no-loop pair: no effect, so the loop pair's minus it is the loop pair's effect.
+    zero = {"reflection_rounds": _ci(0.0, half), "tokens": _ci(0.0, half)}
+    steering_no_loop = {
+        "headline": {"self_reflection:1": {"vs_random_direction": zero},
+                     "deductive:1": {"vs_random_direction": {"tokens": _ci(0.0, half)}}}
+    }  # fmt: skip
     geometry = {
         "largest": "h128",
         "plot_n_components": 2,
         "pairs": {
             "h64": {"pooled": {"2": {"structure_gain": _ci(9.0)}}},  # not the largest
-            "h128": {"pooled": {"2": {"structure_gain": e(-1)}, "3": {"structure_gain": _ci(9.0)}}},
+            "h128": {"pooled": {"2": {"structure_gain": e(-1), "sham_gain": e(-1)},
+                                "3": {"structure_gain": _ci(9.0)}}},
         },
-        "trend": {"slope": e(-1)},
-    }
-    return {"analysis": analysis, "steering": steering, "ablation": ablation, "geometry": geometry}
+        "trend": {"slope": e(-1), "sham_gain_slope": e(-1)},
+    }  # fmt: skip
+    return {"analysis": analysis, "steering": steering, "ablation": ablation, "geometry": geometry,
+            "steering_no_loop": steering_no_loop}  # fmt: skip
 
 
 # --- The declared family ------------------------------------------------------------------
@@ -70,10 +79,10 @@ def _results(effect: float, half: float = 0.1) -> dict:
 
 def test_the_family_is_pinned_and_tests_every_category_in_every_per_category_test():
     assert CATEGORY_NAMES == FIVE
-    assert family.digest() == family.FAMILY_SHA256 and family.FAMILY_VERSION == 1
+    assert family.digest() == family.FAMILY_SHA256 and family.FAMILY_VERSION == 2
     assert family.EXPLORATORY_SEEDS == (0,)
     names = [f.name for f in family.FAMILY]
-    assert len(set(names)) == len(names) == 5 * 5 + 6 + 2
+    assert len(set(names)) == len(names) == 5 * 5 + 8 + 3 + 1 + 4
     per_category = [
         ("analysis", ("nrn_minus_alive",)),
         ("analysis", ("top_distilled_only", "excess")),
@@ -90,10 +99,20 @@ def test_the_family_is_pinned_and_tests_every_category_in_every_per_category_tes
         "steering: headline.self_reflection:1.vs_random_latent.self_reflection_per_100": 1,
         "steering: headline.self_reflection:1.vs_random_direction.reflection_rounds": 1,
         "steering: headline.self_reflection:1.vs_random_latent.reflection_rounds": 1,
+        "steering: headline.self_reflection:1.vs_random_direction.tokens": 1,
+        "steering: headline.self_reflection:1.vs_random_latent.tokens": 1,
         "steering: headline.deductive:1.vs_random_direction.tokens": -1,
         "steering: headline.deductive:1.vs_random_latent.tokens": -1,
+        "steering: headline.self_reflection:1.vs_random_direction.reflection_rounds - "
+        "steering_no_loop: headline.self_reflection:1.vs_random_direction.reflection_rounds": 1,
+        "steering: headline.self_reflection:1.vs_random_direction.tokens - "
+        "steering_no_loop: headline.self_reflection:1.vs_random_direction.tokens": 1,
+        "steering: headline.deductive:1.vs_random_direction.tokens - "
+        "steering_no_loop: headline.deductive:1.vs_random_direction.tokens": -1,
         "geometry: pairs.<largest>.pooled.<k>.structure_gain": -1,
         "geometry: trend.slope": -1,
+        "geometry: pairs.<largest>.pooled.<k>.sham_gain": -1,
+        "geometry: trend.sham_gain_slope": -1,
     }
     # An edit to the family (here: one sign) changes its digest.
     flipped = (family.FAMILY[0].__class__(**{**family.FAMILY[0].__dict__, "sign": -1}),)
@@ -103,10 +122,18 @@ def test_the_family_is_pinned_and_tests_every_category_in_every_per_category_tes
 def test_every_finding_reads_its_own_key_of_the_stage_layouts():
     results = _results(0.5)
     for f in family.FAMILY:
-        assert f.read(results) == _ci(f.sign * 0.5), f.name
+        if f.minus is None:
+            assert f.read(results) == _ci(f.sign * 0.5), f.name
+        else:  # two independent intervals of half-width 0.1: the difference's is 0.1 sqrt 2
+            got = f.read(results)
+            assert got["mean"] == pytest.approx(f.sign * 0.5), f.name
+            assert got["hi"] - got["mean"] == pytest.approx(0.1 * 2**0.5)
+            del_no_loop = {k: v for k, v in results.items() if k != "steering_no_loop"}
+            assert f.read(del_no_loop) is None  # one side unmeasured: not measured
         assert f.read({}) is None
     del results["geometry"]["largest"]
-    assert family.FAMILY[-2].read(results) is None  # no largest pair: not measured
+    largest = [f for f in family.FAMILY if "<largest>" in f.path]
+    assert len(largest) == 2 and all(f.read(results) is None for f in largest)
 
 
 # --- The table ------------------------------------------------------------------------------
@@ -119,15 +146,18 @@ def test_counts_and_pooling_use_the_confirmatory_seeds_only():
     table = replicate.tabulate(per_seed)
     assert table["exploratory_seeds"] == [0] and table["confirmatory_seeds"] == [1, 2, 3, 4]
     assert len(table["findings"]) == len(family.FAMILY)
-    se = 0.2 / (2 * 1.959963984540054)
+    minus = {f.name for f in family.FAMILY if f.minus is not None}
     for row in table["findings"]:
         sign = row["expected_sign"]
         assert row["seeds_confirmatory"] == 4 and row["seeds_measured"] == 3, row["name"]
         assert row["seeds_expected_sign"] == 2 and row["seeds_ci_excludes_zero"] == 1
         assert row["seeds_pooled"] == 3
+        # A difference of two independent intervals is sqrt 2 wider.
+        se = 0.2 / (2 * 1.959963984540054) * (2**0.5 if row["name"] in minus else 1)
         expected = stats.random_effects([sign * 0.5, sign * 0.05, sign * -0.02], [se] * 3)
         assert row["pooled"] == pytest.approx(expected)
-        assert row["exploratory"] == {"0": _ci(sign * -3.0)}
+        if row["name"] not in minus:
+            assert row["exploratory"] == {"0": _ci(sign * -3.0)}
         assert set(row["per_seed"]) == {"1", "2", "3", "4"} and row["per_seed"]["4"] is None
     # The exploratory seed never moves the confirmatory statistics.
     other = replicate.tabulate({**per_seed, 0: _results(+7.0)})
@@ -141,12 +171,13 @@ def test_holm_runs_over_the_whole_family():
     per_seed = {s: _results(e) for s, e in effects.items()}
     for s, r in per_seed.items():
         r["analysis"]["categories"]["alternative"]["nrn_minus_alive"] = _ci(-effects[s])
-        del r["geometry"]["trend"]  # the slope is never measured
+        del r["geometry"]["trend"]["slope"]  # the slope is never measured
+        del r["steering_no_loop"]  # nor is the no-loop pair (its three contrasts)
     table = replicate.tabulate(per_seed)
     rows = {row["name"]: row for row in table["findings"]}
     m = len(family.FAMILY)
     p = [row["pooled"]["p"] for row in table["findings"]]
-    assert p.count(None) == 1
+    assert p.count(None) == 1 + 3
     assert [row["holm_p"] for row in table["findings"]] == stats.holm_adjusted(p)
     # Every measured finding has the same |effects|, hence the same p: Holm multiplies it by
     # the whole family's size, the unmeasured finding included.
@@ -159,7 +190,7 @@ def test_holm_runs_over_the_whole_family():
     assert rows["geometry_structure_gain_grows_with_size"]["verdict"] == "not measured"
     assert rows["geometry_structure_gain_grows_with_size"]["holm_rejects"] is False
     verdicts = [row["verdict"] for row in table["findings"]]
-    assert verdicts.count("confirmed") == m - 2
+    assert verdicts.count("confirmed") == m - 1 - 4
     # Seeds that disagree: nothing is confirmed.
     mixed = replicate.tabulate({1: _results(0.5), 2: _results(-0.5), 3: _results(0.1)})
     assert all(row["verdict"] == "not confirmed" for row in mixed["findings"])

@@ -14,7 +14,19 @@ What it holds, regardless of which way any run leaned:
 - every causal test with each of its controls: ablation against activity-matched random
   latents and against a random direction of the same norm, and distilled against base;
   steering against a random direction and against a random latent;
-- geometry: the structure gain at the largest size and its trend over sizes.
+- geometry: the structure gain at the largest size and its trend over sizes, against the base
+  and against the sham-distilled model (same steps on replay and concise solutions, no traces);
+- the negative-control pair (version 2): the same base distilled on the no-loop teacher. Steering
+  its self-reflection set must not lengthen traces or add rounds as the loop pair's does
+  (`Finding.minus`: the loop pair's effect minus the no-loop pair's, both over the same control).
+
+Version 2 (declared before any run of the reflective zoo, `zoo.teacher = "rounds"`) predicts, on
+the loop pair: steering the self-reflection set raises self-reflection markers, reflection
+rounds and trace length over a random direction and a random latent; steering the deductive set
+shortens traces; both effects exceed the no-loop pair's; ablating the self-reflection set lowers
+the reasoning-form " Wait" log-probability more than random latents, a random direction, and
+the clean model's other likely tokens at the same positions; the distilled model's relations are
+more structured than the sham's at the largest size, increasingly so with size.
 
 Seeds in `EXPLORATORY_SEEDS` (seed 0, the `make demo` seed that was looked at while the study
 was built) are run and shown, but never enter the confirmatory statistics.
@@ -29,10 +41,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from xcoder_jax import stats
 from xcoder_jax.lexicon import CATEGORY_NAMES
 
-FAMILY_VERSION = 1
-FAMILY_SHA256 = "5c23d226aa31d427e4ad0b01aecde19cc7f47fee1104b24a410c3f04857b33de"
+FAMILY_VERSION = 2
+FAMILY_SHA256 = "b155fc68f46a525a1254d51c698b3c719e603163ed10e7e135efc1ca3775eb3c"
 EXPLORATORY_SEEDS: tuple[int, ...] = (0,)
 ALPHA = 0.05  # family-wise error rate of the Holm correction
 
@@ -42,30 +55,47 @@ LARGEST, PCA_K = "<largest>", "<k>"
 
 @dataclass(frozen=True)
 class Finding:
-    """A claim: the effect at `path` of stage `stage`'s results has sign `sign`."""
+    """A claim: the effect at `path` of stage `stage`'s results has sign `sign`; with `minus`
+    (another (stage, path)), the effect is the difference of the two."""
 
     name: str
     claim: str
     sign: int  # +1: the effect is expected above 0; -1: below 0
-    stage: str  # "analysis", "ablation", "steering" or "geometry"
+    stage: str  # a key of `replicate.STAGE_RESULTS`
     path: tuple[str, ...]
+    minus: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.stage}: {'.'.join(self.path)}"
+        key = f"{self.stage}: {'.'.join(self.path)}"
+        if self.minus is not None:
+            key += f" - {self.minus[0]}: {'.'.join(self.minus[1])}"
+        return key
 
     def read(self, results: dict) -> dict | None:
-        """This finding's interval dict in one seed's {stage: results}, None if absent."""
-        obj = results.get(self.stage)
-        if not isinstance(obj, dict):
+        """This finding's interval dict in one seed's {stage: results}, None if absent.
+
+        A difference of two effects measured on independent models (two crosscoders, two
+        sets of steering samples) gets the interval of independent estimates: mean a - b,
+        SE sqrt(SE_a^2 + SE_b^2) from their 95% intervals (`stats.se_from_ci`)."""
+        a = _read(results, self.stage, self.path)
+        if self.minus is None or a is None:
+            return a
+        b = _read(results, *self.minus)
+        return None if b is None else stats.difference_ci(a, b)
+
+
+def _read(results: dict, stage: str, path: tuple[str, ...]) -> dict | None:
+    obj = results.get(stage)
+    if not isinstance(obj, dict):
+        return None
+    resolve = {LARGEST: obj.get("largest"), PCA_K: obj.get("plot_n_components")}
+    for step in path:
+        step = resolve.get(step, step)
+        if not isinstance(obj, dict) or step is None or str(step) not in obj:
             return None
-        resolve = {LARGEST: obj.get("largest"), PCA_K: obj.get("plot_n_components")}
-        for step in self.path:
-            step = resolve.get(step, step)
-            if not isinstance(obj, dict) or step is None or str(step) not in obj:
-                return None
-            obj = obj[str(step)]
-        return obj if isinstance(obj, dict) else None
+        obj = obj[str(step)]
+    return obj if isinstance(obj, dict) else None
 
 
 def _declare() -> tuple[Finding, ...]:
@@ -108,6 +138,7 @@ def _declare() -> tuple[Finding, ...]:
     steered = (
         ("self_reflection:1", "self_reflection_per_100", +1, "raises self-reflection markers"),
         ("self_reflection:1", "reflection_rounds", +1, "adds reflection rounds"),
+        ("self_reflection:1", "tokens", +1, "lengthens traces"),
         ("deductive:1", "tokens", -1, "shortens traces"),
     )
     for spec, metric, sign, what in steered:
@@ -118,6 +149,23 @@ def _declare() -> tuple[Finding, ...]:
                 f"steering along {spec} {what}, against {against}",
                 sign, "steering", ("headline", spec, f"vs_random_{control}", metric),
             ))  # fmt: skip
+    # The negative control: the loop pair's effect over a random direction minus the no-loop
+    # pair's, for the set and metrics that should loop only where the teacher looped.
+    for spec, metric, sign, what in steered[1:]:
+        path = ("headline", spec, "vs_random_direction", metric)
+        out.append(Finding(
+            f"steer_{spec.split(':')[0]}_{metric}_loop_pair_minus_no_loop_pair",
+            f"steering along {spec} {what} (over a random direction) more on the loop pair "
+            "than on the no-loop pair",
+            sign, "steering", path, minus=("steering_no_loop", path),
+        ))  # fmt: skip
+    out.append(Finding(
+        "ablate_self_reflection_lowers_marker_more_than_other_tokens",
+        "ablating self_reflection latents lowers the reasoning-form marker's log-prob more "
+        "than the clean model's likely non-marker tokens at the same positions (distilled)",
+        -1, "ablation", ("categories", "self_reflection", "headline", "own_minus_others",
+                         "distilled"),
+    ))  # fmt: skip
     out += [
         Finding(
             "geometry_distilled_more_structured_at_largest_size",
@@ -130,6 +178,17 @@ def _declare() -> tuple[Finding, ...]:
             "the structure gain grows with size (slope against log10 parameters)",
             -1, "geometry", ("trend", "slope"),
         ),
+        Finding(
+            "geometry_distilled_more_structured_than_sham_at_largest_size",
+            "largest size: the distilled model's relations beat shuffled pairings by more "
+            "than the sham-distilled model's (structure gain over sham)",
+            -1, "geometry", ("pairs", LARGEST, "pooled", PCA_K, "sham_gain"),
+        ),
+        Finding(
+            "geometry_gain_over_sham_grows_with_size",
+            "the structure gain over sham grows with size (slope against log10 parameters)",
+            -1, "geometry", ("trend", "sham_gain_slope"),
+        ),
     ]  # fmt: skip
     return tuple(out)
 
@@ -140,5 +199,7 @@ FAMILY: tuple[Finding, ...] = _declare()
 def digest(family=FAMILY) -> str:
     """sha256 of what the family tests: names, expected signs, stages and paths (not the
     claims' wording)."""
-    text = json.dumps([[f.name, f.sign, f.stage, list(f.path)] for f in family])
+    rows = [[f.name, f.sign, f.stage, list(f.path)] for f in family]
+    rows = [r + ([f.minus[0], list(f.minus[1])] if f.minus else []) for r, f in zip(rows, family)]
+    text = json.dumps(rows)
     return hashlib.sha256(text.encode()).hexdigest()

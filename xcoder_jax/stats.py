@@ -200,6 +200,24 @@ def se_from_ci(ci: dict | None, level: float = LEVEL) -> float | None:
     return (ci["hi"] - ci["lo"]) / (2 * float(sps.norm.ppf(0.5 + level / 2)))
 
 
+DIFFERENCE = "difference of two independent estimates; normal 95% CI, SE from their intervals"
+
+
+def difference_ci(a: dict, b: dict, level: float = LEVEL) -> dict:
+    """The interval dict of a - b for two independent estimates given as interval dicts:
+    mean a - b, SE sqrt(se_a^2 + se_b^2) (`se_from_ci`), a normal interval. Without an
+    interval on either side, only the mean (None when either mean is missing)."""
+    n = min(a.get("n") or 0, b.get("n") or 0)
+    if a.get("mean") is None or b.get("mean") is None:
+        return _none(n, DIFFERENCE, "an estimate without a mean")
+    mean = float(a["mean"] - b["mean"])
+    se_a, se_b = se_from_ci(a, level), se_from_ci(b, level)
+    if se_a is None or se_b is None:
+        return _none(n, DIFFERENCE, "an estimate without an interval of positive width", mean)
+    half = float(sps.norm.ppf(0.5 + level / 2)) * math.hypot(se_a, se_b)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "method": DIFFERENCE}
+
+
 RANDOM_EFFECTS = (
     "DerSimonian-Laird random-effects pooled effect; Hartung-Knapp t 95% CI with k - 1 dof "
     "(its variance never below the DerSimonian-Laird one); two-sided p-value"

@@ -43,7 +43,7 @@ from xcoder_jax.analysis import load_inputs, marker_groups, splice
 from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.exported import ExportedCrosscoder
 
-ABLATION_FORMAT = 4  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 5  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
 HEADLINE_RULE = "specificity"
 
@@ -298,7 +298,7 @@ def _headline(entry, c: int, meas, cats, cat_of, clusters_all, ac, roles) -> Non
     boot = lambda v, sel: stats.cluster_bootstrap_ci(v[sel], clusters_all[sel], seed=ac.seed)
     all_idx = np.arange(len(meas.where))
     own = np.flatnonzero(cat_of == c)
-    head["matrix"], head["others"] = {}, {}
+    head["matrix"], head["others"], head["own_minus_others"] = {}, {}, {}
     for m, role in enumerate(roles):
         ch = meas.change(m, all_idx, ids)
         head["matrix"][role] = {
@@ -308,3 +308,5 @@ def _headline(entry, c: int, meas, cats, cat_of, clusters_all, ac, roles) -> Non
             for b, cat_b in enumerate(cats)
         }
         head["others"][role] = boot(ch["others"], own)
+        # Paired per position: the own marker token's change minus the other likely tokens'.
+        head["own_minus_others"][role] = boot(ch["own"] - ch["others"], own)
