@@ -110,7 +110,7 @@ def dryrun(c: ConfigDict, size: str) -> ConfigDict:
     c.models.torch_dtype = "float32"  # bf16 matmuls are slower than fp32 on CPUs without AMX
     n_layers, n_heads, n_kv_heads, mlp, vocab = ARCH[size]
     z = c.zoo
-    z.sizes, z.main_size = (d_model,), d_model
+    z.sizes, z.depths, z.main_size = (d_model,), (), d_model
     z.n_layers, z.n_heads, z.n_kv_heads = n_layers, n_heads, n_kv_heads
     z.intermediate_size, z.model_vocab_size, z.random_pair = mlp, vocab, True
     z.n_heldout_problems, z.max_new_tokens, z.eval_batch_size = 4, 16, 4

@@ -47,8 +47,11 @@ def get_config(arg=None):
 
     # --- The embedded zoo ----------------------------------------------------------------
     c.zoo = ConfigDict()
-    c.zoo.sizes = (32, 64, 128)  # hidden sizes built for the geometry-vs-size study (x2 apart)
-    c.zoo.main_size = 128  # the pair the crosscoder is trained on
+    # Hidden sizes built for the geometry-vs-size study, with their depths (width and depth
+    # grow together, as across Qwen2.5 sizes); () for depths: n_layers at every size.
+    c.zoo.sizes = (32, 48, 64, 96)
+    c.zoo.depths = (2, 2, 3, 4)
+    c.zoo.main_size = 96  # the pair the crosscoder is trained on
     c.zoo.n_layers = 4
     c.zoo.n_heads = 4
     c.zoo.n_kv_heads = 2
@@ -62,10 +65,14 @@ def get_config(arg=None):
     # Upper bound for the byte-level BPE; the corpus saturates at ~830 entries, enough for
     # every marker and relation word to be one token (numbers split into digits, as in Qwen2).
     c.zoo.vocab_size = 1024
-    c.zoo.max_len = 128  # tokens per packed training row (documents run to ~140 and may span rows)
-    # "no_loop": at most one reflection per trace, in one fixed order; "rounds": reflection in
-    # rounds whose number rises with difficulty, slips a later round corrects (zoo.rounds).
-    c.zoo.teacher = "no_loop"
+    # Tokens per packed training row; traces run to ~630 tokens (median ~115) and may span rows.
+    c.zoo.max_len = 256
+    # "rounds": reflection in rounds whose number rises with difficulty, slips a later round
+    # corrects (zoo.rounds); "no_loop": at most one reflection per trace, in one fixed order.
+    c.zoo.teacher = "rounds"
+    # The negative-control pair: the main size's base distilled on this teacher instead
+    # (models/no_loop; the study runs on it too, in <workdir>/no_loop/); "" builds none.
+    c.zoo.control_teacher = "no_loop"
     c.zoo.n_train_problems = 6000  # each gets a concise solution (base) and a trace (distill)
     c.zoo.n_relation_docs = 1500  # paragraphs of relation sentences in the base corpus
     # Paragraphs using the marker words in their everyday sense ("Wait for me", "But Anna
@@ -73,16 +80,31 @@ def get_config(arg=None):
     c.zoo.n_everyday_docs = 500
     c.zoo.distill_base_frac = 0.1  # relation/everyday docs mixed into distillation, per trace
     c.zoo.n_heldout_problems = 100  # held out from training; used to evaluate the pair
+    c.zoo.n_val_problems = 100  # held out; their documents' loss says when training converged
     c.zoo.n_extract_docs = 600  # documents written for activation extraction
     c.zoo.extract_mix = (0.4, 0.4, 0.2)  # extraction docs: traces, concise, relation paragraphs
-    c.zoo.pretrain_steps = 200
-    c.zoo.distill_steps = 180  # the style takes ~150 steps to stick at hidden 64
+    # Every size trains to convergence of its held-out loss (zoo.training.Schedule): the peak
+    # lr until the loss on the val documents improves by less than `converge_tol` (relative)
+    # over `converge_patience` evaluations `converge_every` steps apart, then a decay over
+    # `decay_frac` of the steps so far. The step counts are caps (decay included); zoo.json
+    # records each run's steps and whether it converged. The sham arm repeats the distilled
+    # arm's schedule step for step.
+    c.zoo.pretrain_steps = 500
+    c.zoo.distill_steps = 300
+    c.zoo.converge_every = 50
+    c.zoo.converge_patience = 2
+    c.zoo.converge_tol = 0.02
+    c.zoo.decay_frac = 0.2
     c.zoo.batch_size = 32
     c.zoo.lr = 3e-3
     c.zoo.distill_lr = 2e-3
-    c.zoo.warmup_frac = 0.05  # linear warmup, then cosine decay to 10% of the peak
+    c.zoo.warmup_frac = 0.05  # of the step cap: linear warmup
     c.zoo.weight_decay = 0.01
-    c.zoo.max_new_tokens = 128  # greedy answer length when evaluating the pair
+    # A size's distillation counts as taken when, on the held-out prompts, the distilled
+    # model's greedy answers hold a reasoning marker and read as a trace (work, then a
+    # conclusion with the final line; zoo.trace_reading) at least this often.
+    c.zoo.criterion_min_rate = 0.8
+    c.zoo.max_new_tokens = 448  # greedy answer length when evaluating (traces run long)
     c.zoo.eval_batch_size = 50  # prompts decoded together (left-padded)
     # torch CPU threads while building; with another busy process on a 2-core machine, run
     # with OMP_WAIT_POLICY=PASSIVE (launch/build_zoo.py sets it) or steps slow down ~5x.

@@ -15,7 +15,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from xcoder_jax import launch_util  # noqa: E402
-from xcoder_jax.zoo import build_zoo  # noqa: E402
+from xcoder_jax.zoo import build_zoo, summarize_zoo  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory the zoo is written into.", required=True)
@@ -25,13 +25,8 @@ def main(argv):
     del argv
     report = build_zoo(_CONFIG.value, _WORKDIR.value)
     print(f"zoo in {_WORKDIR.value}/models (built in {report['total_seconds']} s)")
-    for size, r in report["sizes"].items():
-        for role in ("base", "distilled"):
-            e = r[role]
-            print(
-                f"  h{size:<4} {role:<9} marker_rate={e['marker_rate']:.2f} "
-                f"accuracy={e['accuracy']:.2f}  params={r['n_params']}"
-            )
+    for line in summarize_zoo(report):
+        print(f"  {line}")
     print(json.dumps({k: v for k, v in report.items() if k != "sizes"}, indent=1))
 
 

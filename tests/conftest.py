@@ -183,15 +183,16 @@ def train_config(**train):
 
 
 def micro_zoo_config(**zoo_overrides):
-    """configs/tiny.py shrunk to a zoo that builds in seconds (2 sizes, 2 layers)."""
+    """configs/tiny.py shrunk to a zoo that builds in seconds (2 sizes, 1 and 2 layers)."""
     from configs import tiny
 
     c = tiny.get_config()
     z = c.zoo
-    z.sizes, z.main_size = (16, 32), 32
+    z.sizes, z.depths, z.main_size = (16, 32), (1, 2), 32
     z.n_layers, z.n_heads, z.n_kv_heads = 2, 2, 1
     z.n_train_problems, z.n_relation_docs, z.n_everyday_docs = 200, 40, 15
-    z.n_heldout_problems, z.n_extract_docs = 8, 30
+    z.n_heldout_problems, z.n_extract_docs, z.n_val_problems = 8, 30, 8
+    z.converge_every = 5
     z.pretrain_steps, z.distill_steps = 15, 10
     z.batch_size, z.max_len, z.max_new_tokens = 4, 64, 16
     for k, v in zoo_overrides.items():

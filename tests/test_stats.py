@@ -210,3 +210,22 @@ def test_holm_counts_an_unmeasured_finding_in_the_family():
     assert stats.holm([]) == []
     with pytest.raises(ValueError, match="p-values"):
         stats.holm([1.5])
+
+
+def test_difference_ci_combines_two_independent_intervals():
+    z = 1.959963984540054
+    a = {"mean": 2.0, "lo": 2.0 - 3 * z, "hi": 2.0 + 3 * z, "n": 10}  # SE 3
+    b = {"mean": 0.5, "lo": 0.5 - 4 * z, "hi": 0.5 + 4 * z, "n": 8}  # SE 4
+    d = stats.difference_ci(a, b)
+    assert d["mean"] == pytest.approx(1.5) and d["n"] == 8
+    assert d["hi"] - d["mean"] == pytest.approx(5 * z)  # SE sqrt(3^2 + 4^2) = 5
+    assert d["mean"] - d["lo"] == pytest.approx(5 * z)
+    # A zero-width side (every paired difference equal) adds no variance.
+    exact = {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 10}
+    d = stats.difference_ci(exact, b)
+    assert d["mean"] == pytest.approx(0.5) and d["hi"] - d["mean"] == pytest.approx(4 * z)
+    # Two zero-width sides, or a side without an interval: the mean, no interval, a reason.
+    for other in (exact, {"mean": 1.0, "lo": None, "hi": None, "n": 3}):
+        d = stats.difference_ci(exact, other)
+        assert d["mean"] == pytest.approx(0.0) and d["lo"] is None and d["reason"]
+    assert stats.difference_ci({"mean": None, "n": 0}, b)["mean"] is None

@@ -348,8 +348,9 @@ def test_the_zoo_config_picks_the_teacher_and_reports_its_traces(name):
     c = tiny.get_config()
     default_hash = config_hash(c)
     c.zoo.n_train_problems, c.zoo.n_relation_docs, c.zoo.n_everyday_docs = 400, 20, 20
-    c.zoo.n_extract_docs, c.zoo.n_heldout_problems = 20, 5
+    c.zoo.n_extract_docs, c.zoo.n_heldout_problems, c.zoo.n_val_problems = 20, 5, 10
     c.zoo.teacher = name
+    c.zoo.control_teacher = "no_loop"
     texts = make_texts(c)
     report = texts["teacher"]
     assert report["name"] == name and report["n_traces"] == 400
@@ -362,7 +363,33 @@ def test_the_zoo_config_picks_the_teacher_and_reports_its_traces(name):
         assert report["correction_rate"] == 1.0 and report["final_correct_rate"] == 1.0
         by = report["rounds_by_level"]
         assert by["easy"]["mean"] < by["hard"]["mean"]
-    # The first teacher leaves existing zoos' hashes alone; another one is a new zoo.
+    # The negative-control pair's teacher writes at most one reflection per trace, on the
+    # same problems (the documents' questions match one for one).
+    control = [parse_rounds(t) for t in texts["train_no_loop"][:400]]
+    assert max(len(r) for r in control) <= 1 and texts["control_teacher"]["rounds"]["max"] <= 1
+    question = lambda doc: doc.split("\nAnswer:")[0]
+    assert list(map(question, texts["train_no_loop"][:400])) == list(
+        map(question, texts["train_distill"][:400])
+    )
+    # The sham arm sees no trace text: its problems are the base's concise solutions (no
+    # marker used to reason), and the rest is the replay every distilled arm also gets.
+    sham, base = texts["train_sham"], set(texts["train_base"])
+    problems = [d for d in sham if d.startswith("Question:")]
+    assert len(problems) == 400 and all(d in base for d in problems)
+    assert not any(sum(count_reasoning_markers(d).values()) for d in problems)
+    replay = sorted(d for d in sham if not d.startswith("Question:"))
+    assert replay == sorted(d for d in texts["train_distill"] if not d.startswith("Question:"))
+    assert replay == sorted(d for d in texts["train_no_loop"] if not d.startswith("Question:"))
+    assert not any(count_reasoning_markers(d)["self_reflection"] for d in replay)
+    # Held-out problems for the convergence check are none of the training ones.
+    val_q = {question(d) for d in texts["val_base"] if d.startswith("Question:")}
+    assert val_q and not val_q & set(map(question, texts["train_base"]))
+    if name == "rounds":  # re-reading retells the question's events in words
+        retold = [m for d in texts["train_distill"] for m in re.findall(r"again\. ([^.]*)", d)]
+        retold = [t for t in retold if t.startswith(("There were", *corpus.NAMES))]
+        spelled = [t for t in retold if set(t.split()) & set(corpus.NUMBER_WORDS)]
+        assert len(retold) >= 20 and len(spelled) >= 0.8 * len(retold)
+    # The default teacher is the reflective one; another one is a new zoo.
     c2 = tiny.get_config()
     c2.zoo.teacher = name
-    assert (config_hash(c2) == default_hash) == (name == "no_loop")
+    assert (config_hash(c2) == default_hash) == (name == "rounds")

@@ -31,7 +31,7 @@ from xcoder_jax.zoo import (
     teacher_trace,
 )
 from xcoder_jax.zoo.corpus import SHARED_WORDS, everyday_document, everyday_sentence
-from xcoder_jax.zoo.training import evaluate_answers, packed_batches, train_causal_lm
+from xcoder_jax.zoo.training import Schedule, evaluate_answers, packed_batches, train_causal_lm
 
 
 def _read_jsonl(path):
@@ -146,7 +146,7 @@ def test_relation_sentences_teach_every_pair():
         for a, b in pairs:
             assert any(a in w and b in w for w in words), (a, b)
     # Both words of a pair also appear with what they share (a noun's deed, a verb's object,
-    # an antonym pair's scale), which ties the two forms to one identity.
+    # antonyms have none), which ties the two forms to one identity.
     for rel, shared in SHARED_WORDS.items():
         for a, b in RELATIONS[rel]:
             assert any({a, b, shared[a]} <= w for w in words), (rel, a, b)
@@ -173,10 +173,13 @@ def test_tokenizer(zoo, tokenizer):
 def test_models_reload_with_configured_sizes(zoo, tokenizer, size):
     config, workdir, report = zoo
     key = None if size == config.zoo.main_size else size
-    for role in wd.ROLES:
+    depth = dict(zip(config.zoo.sizes, config.zoo.depths))[size]
+    arms = (*wd.ROLES, "sham") + (("no_loop",) if key is None else ())
+    assert set(report["sizes"][str(size)]["dirs"]) == set(arms)
+    for role in arms:
         model = AutoModelForCausalLM.from_pretrained(wd.model_dir(workdir, role, key))
         assert model.config.hidden_size == size
-        assert model.config.num_hidden_layers == config.zoo.n_layers
+        assert model.config.num_hidden_layers == depth
         assert model.config.vocab_size == len(tokenizer)
         ids = tokenizer(["Question: Tom has 3 apples."], return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -217,10 +220,10 @@ def test_outputs_are_strict_json(zoo):
     model = AutoModelForCausalLM.from_pretrained(wd.model_dir(workdir, "base"))
     docs = [np.arange(1, 40, dtype=np.int64)] * 8
     losses = train_causal_lm(
-        model, docs, steps=0, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0,
-        warmup_frac=0.1, seed=0, desc="none",
+        model, docs, schedule=Schedule(max_steps=10, stable_steps=0), batch_size=2, seq_len=8,
+        lr=1e-3, weight_decay=0.0, seed=0, desc="none",
     )  # fmt: skip
-    assert losses == {"first_loss": None, "final_loss": None}
+    assert losses["steps"] == 0 and losses["first_loss"] is None and losses["final_loss"] is None
 
 
 def test_skips_when_complete(zoo):
@@ -245,7 +248,8 @@ def test_eval_only_change_reevaluates_without_retraining(zoo, tmp_path):
     changed = build_zoo(micro_zoo_config(max_new_tokens=8), str(tmp_path))
     assert changed["config_hash"] != report["config_hash"]
     assert os.stat(weights).st_mtime_ns == before
-    assert changed["sizes"]["32"]["train_losses"] == {}  # reused, not retrained
+    # Reused, not retrained: the training record comes back from the models' stamps.
+    assert changed["sizes"]["32"]["training"] == report["sizes"]["32"]["training"]
 
 
 @pytest.mark.parametrize(
@@ -255,6 +259,9 @@ def test_eval_only_change_reevaluates_without_retraining(zoo, tmp_path):
         (dict(sizes=(16, 30), main_size=16), "heads"),
         (dict(n_kv_heads=3), "n_kv_heads"),
         (dict(extract_mix=(0.5, 0.5, 0.5)), "extract_mix"),
+        (dict(depths=(1, 2, 3)), "one depth per size"),
+        (dict(control_teacher="loops"), "control_teacher"),
+        (dict(converge_every=0), "converge_every"),
     ],
 )
 def test_bad_config_raises(tmp_path, overrides, message):

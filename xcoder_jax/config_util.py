@@ -26,6 +26,8 @@ RUNLOCAL_CAPS = {
     "zoo.n_relation_docs": 40,
     "zoo.n_everyday_docs": 15,
     "zoo.n_heldout_problems": 16,
+    "zoo.n_val_problems": 16,
+    "zoo.converge_every": 10,
     "zoo.n_extract_docs": 64,
     "zoo.pretrain_steps": 20,
     "zoo.distill_steps": 15,

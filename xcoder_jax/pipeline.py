@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from xcoder_jax import workdir as wd
 from xcoder_jax.errors import XcoderError
 
 LOCK_FILE = ".pipeline.lock"
@@ -57,10 +58,12 @@ def _zoo(config, workdir: str) -> str:
 
     report = build_zoo(config, workdir)
     main = report["sizes"][str(config.zoo.main_size)]
+    accuracy = " / ".join(f"{arm} {main[arm]['accuracy']:.0%}" for arm in wd.ARMS if arm in main)
+    met = sum(bool(r.get("criterion", {}).get("met")) for r in report["sizes"].values())
     return (
-        f"marker rate base {main['base']['marker_rate']:.0%} / distilled "
-        f"{main['distilled']['marker_rate']:.0%}; accuracy base {main['base']['accuracy']:.0%} / "
-        f"distilled {main['distilled']['accuracy']:.0%}"
+        f"main size h{config.zoo.main_size}: accuracy {accuracy}; marker rate distilled "
+        f"{main['distilled']['marker_rate']:.0%}; distillation criterion met at {met}/"
+        f"{len(report['sizes'])} sizes (models/zoo.json)"
     )
 
 
@@ -118,6 +121,23 @@ def _geometry(config, workdir: str) -> str:
     return summarize(run_geometry(config, workdir))
 
 
+def _no_loop_pair(config, workdir: str) -> str:
+    """The negative-control pair's stages (`control_pair.STAGES`) in its own workdir."""
+    from xcoder_jax import control_pair
+
+    if not control_pair.applies(config):
+        return "skipped (no no-loop arm: real models or zoo.control_teacher is empty)"
+    sub, c = wd.control_pair_dir(workdir), control_pair.config_for(config, workdir)
+    os.makedirs(sub, exist_ok=True)
+    stages = dict(STAGES)
+    for name in control_pair.STAGES:
+        start = time.time()
+        print(f"== no_loop pair: {name}", flush=True)
+        line = stages[name](c, sub)
+        print(f"== no_loop pair: {name}: {line} ({time.time() - start:.0f}s)", flush=True)
+    return f"{', '.join(control_pair.STAGES)} done in {sub} (each stage's summary above)"
+
+
 STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("zoo", _zoo),
     ("extract", _extract),
@@ -127,6 +147,7 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("steer", _steer),
     ("ablate", _ablate),
     ("geometry", _geometry),
+    ("no_loop_pair", _no_loop_pair),
 ]
 
 

@@ -37,18 +37,21 @@ import os
 
 from ml_collections import ConfigDict
 
-from xcoder_jax import family, pipeline, stage, stats
+from xcoder_jax import control_pair, family, pipeline, stage, stats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations.manifest import atomic_write_bytes, atomic_write_json
 from xcoder_jax.errors import ConfigError, XcoderError
 
 JSON, MARKDOWN = "replication.json", "replication.md"
 
+# name -> (stage dir, results file, the pair it was run on: "main" or "no_loop", the
+# negative-control pair of `control_pair`).
 STAGE_RESULTS = {
-    "analysis": ("analysis", "summary.json"),
-    "steering": ("steering", "results.json"),
-    "ablation": ("ablation", "results.json"),
-    "geometry": ("geometry", "results.json"),
+    "analysis": ("analysis", "summary.json", "main"),
+    "steering": ("steering", "results.json", "main"),
+    "ablation": ("ablation", "results.json", "main"),
+    "geometry": ("geometry", "results.json", "main"),
+    "steering_no_loop": ("steering", "results.json", "no_loop"),
 }
 
 
@@ -62,6 +65,7 @@ class ReplicationError(XcoderError, RuntimeError):
 
 def _expected_fingerprint(name: str, config, workdir: str) -> dict:
     """The fingerprint stage `name` compares with `stage.done` for `config` in `workdir`."""
+    name = name.removesuffix("_no_loop")
     if name == "analysis":
         from xcoder_jax.activations import ActivationStore
         from xcoder_jax.analysis.run import fingerprint
@@ -83,14 +87,20 @@ def read_results(workdir: str, config) -> dict:
     the stage would accept now (another config, other inputs, an older format), or whose
     inputs are gone so that it cannot be checked."""
     out = {}
-    for name, (stage_name, filename) in STAGE_RESULTS.items():
-        path = os.path.join(wd.stage_dir(workdir, stage_name), filename)
+    pairs = {"main": (config, workdir)}
+    if control_pair.applies(config):
+        pairs["no_loop"] = (control_pair.config_for(config, workdir), wd.control_pair_dir(workdir))
+    for name, (stage_name, filename, pair) in STAGE_RESULTS.items():
+        if pair not in pairs:
+            continue
+        cfg, pair_dir = pairs[pair]
+        path = os.path.join(wd.stage_dir(pair_dir, stage_name), filename)
         if not os.path.exists(path):
             continue
         with open(path) as f:
             stored = json.load(f)
         try:
-            expected = stage.canonical(_expected_fingerprint(name, config, workdir))
+            expected = stage.canonical(_expected_fingerprint(name, cfg, pair_dir))
         except (XcoderError, OSError, ValueError, KeyError) as e:
             raise StaleResultError(
                 f"{path} cannot be checked against this run ({type(e).__name__}: {e}); rerun "

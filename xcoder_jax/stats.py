@@ -203,6 +203,10 @@ def se_from_ci(ci: dict | None, level: float = LEVEL) -> float | None:
 DIFFERENCE = "difference of two independent estimates; normal 95% CI, SE from their intervals"
 
 
+def _has_interval(ci: dict) -> bool:
+    return ci.get("lo") is not None and ci.get("hi") is not None and ci["lo"] <= ci["hi"]
+
+
 def difference_ci(a: dict, b: dict, level: float = LEVEL) -> dict:
     """The interval dict of a - b for two independent estimates given as interval dicts:
     mean a - b, SE sqrt(se_a^2 + se_b^2) (`se_from_ci`), a normal interval. Without an
@@ -211,9 +215,12 @@ def difference_ci(a: dict, b: dict, level: float = LEVEL) -> dict:
     if a.get("mean") is None or b.get("mean") is None:
         return _none(n, DIFFERENCE, "an estimate without a mean")
     mean = float(a["mean"] - b["mean"])
-    se_a, se_b = se_from_ci(a, level), se_from_ci(b, level)
+    # An interval of zero width (every paired difference the same) is an SE of 0.
+    se_a, se_b = ((se_from_ci(x, level) or 0.0) if _has_interval(x) else None for x in (a, b))
     if se_a is None or se_b is None:
-        return _none(n, DIFFERENCE, "an estimate without an interval of positive width", mean)
+        return _none(n, DIFFERENCE, "an estimate without an interval", mean)
+    if se_a == se_b == 0.0:
+        return _none(n, DIFFERENCE, "both intervals have zero width: no spread to use", mean)
     half = float(sps.norm.ppf(0.5 + level / 2)) * math.hypot(se_a, se_b)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "method": DIFFERENCE}
 

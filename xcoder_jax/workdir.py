@@ -11,7 +11,11 @@ import os
 
 from xcoder_jax.errors import ConfigError
 
-ROLES = ("base", "distilled")
+ROLES = ("base", "distilled")  # the pair a crosscoder is trained on
+# Every model the zoo builds per size: the pair, the sham-distilled base (same steps on the
+# replay and concise solutions, no traces) and the base distilled on the no-loop teacher (the
+# negative-control pair's distilled model; main size only).
+ARMS = (*ROLES, "sham", "no_loop")
 
 
 def models_dir(workdir: str) -> str:
@@ -19,13 +23,13 @@ def models_dir(workdir: str) -> str:
 
 
 def model_dir(workdir: str, role: str, size: int | None = None) -> str:
-    """Where the zoo saves one model of the pair.
+    """Where the zoo saves one of its models (`role` one of `ARMS`).
 
-    The main pair (size None) lives in `models/{role}`; other sizes of the zoo, used by the
+    The main size (size None) lives in `models/{role}`; other sizes of the zoo, used by the
     geometry study, live in `models/h{size}/{role}`.
     """
-    if role not in ROLES:
-        raise ConfigError(f"unknown model role {role!r}; expected one of {ROLES}")
+    if role not in ARMS:
+        raise ConfigError(f"unknown model role {role!r}; expected one of {ARMS}")
     if size is None:
         return os.path.join(models_dir(workdir), role)
     return os.path.join(models_dir(workdir), f"h{size}", role)
@@ -63,6 +67,12 @@ def format_dir(workdir: str, fmt: str) -> str:
 
 def metrics_path(workdir: str) -> str:
     return os.path.join(workdir, "metrics.jsonl")
+
+
+def control_pair_dir(workdir: str) -> str:
+    """The negative-control pair's own workdir (`control_pair`): its store, crosscoder,
+    analysis and steering, beside the main pair's."""
+    return os.path.join(workdir, "no_loop")
 
 
 def stage_dir(workdir: str, stage: str) -> str:

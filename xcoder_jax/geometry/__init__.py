@@ -13,11 +13,14 @@ rescaling. A lower mean loss is a more structured relation. The control scores t
 paired at random (shuffled b's): a relation the model encodes should score below it. The
 control moves between the models too, so the test of "the distilled model is more
 structured" is the difference of differences, the structure gain
-(true - shuffled)_distilled - (true - shuffled)_base (below 0: more structured). Every
-comparison (base - distilled, true - shuffled, structure gain) comes with a 95% bootstrap
-interval over word pairs, per relation and pooled over relations, and counts only where it
-excludes 0; the pooled ones are fitted against log10(parameters) over the sizes, the slope
-with an interval from the same resamples.
+(true - shuffled)_distilled - (true - shuffled)_base (below 0: more structured). Where the
+zoo built a sham model (the base fine-tuned for as many steps as the distillation, on replay
+text and concise solutions but no reasoning traces), the sham gain
+(true - shuffled)_distilled - (true - shuffled)_sham separates what the traces taught from
+further training. Every comparison (base - distilled, true - shuffled, the gains) comes with
+a 95% bootstrap interval over word pairs, per relation and pooled over relations, and counts
+only where it excludes 0; the pooled ones are fitted against log10(parameters) over the
+sizes, the slopes with intervals from the same resamples.
 
     run_geometry(config, workdir)  # geometry/results.json, cdf.png, loss_vs_size.png
 

@@ -17,16 +17,23 @@ pairs for an interval.
 
 The PCA is fitted once on the full relation (`metric.relation_losses`) and not refitted per
 resample: the interval treats the projection as fixed, the variability is the choice of
-word pairs scored in it. The same counts score both models and the shuffled control, so
+word pairs scored in it. The same counts score every model and the shuffled control, so
 each interval is of a paired difference (base - distilled, true - shuffled), and the
 difference of differences
 
     structure_gain = (true - shuffled)_distilled - (true - shuffled)_base
 
 is one statistic of one resample too (negative: the distilled model's true pairings beat
-its shuffled control by more than the base's do). The mean over pairs of pairs is linear in
-the losses, so its replicate is exactly the difference of the four resampled means. Intervals are
-two-sided percentile intervals (`stats.percentile_ci`), as dicts in the form of `xcoder_jax.stats`:
+its shuffled control by more than the base's do). With a sham model (the base fine-tuned
+for as many steps as the distillation, on replay text and concise solutions but no reasoning
+traces) the same difference against it,
+
+    sham_gain = (true - shuffled)_distilled - (true - shuffled)_sham,
+
+separates what the traces taught from what any further training does (`GAINS`). The mean
+over pairs of pairs is linear in the losses, so a gain's replicate is exactly the difference
+of the four resampled means. Intervals are two-sided percentile intervals
+(`stats.percentile_ci`), as dicts in the form of `xcoder_jax.stats`:
 {"mean", "lo", "hi", "n" (word pairs), "method"[, "reason" when lo/hi are None]}.
 """
 
@@ -36,6 +43,8 @@ import numpy as np
 
 from xcoder_jax.stats import percentile_ci
 
+# Each gain: the distilled model's true - shuffled gap minus that of this comparison model.
+GAINS = {"structure_gain": "base", "sham_gain": "sham"}
 MIN_PAIRS = 3  # 2 pairs make one comparison: every resample would score the same value
 METHOD = (
     "mean over pairs of word pairs; 95% percentile bootstrap ({} resamples of word pairs, "
@@ -84,13 +93,14 @@ def _replicate(diff: np.ndarray, counts: np.ndarray | None, n: int) -> dict:
 def relation_replicates(raw: dict[str, dict], n_boot: int, seed) -> dict:
     """Bootstrap replicates of one relation, per PCA size.
 
-    raw: {"base": ..., "distilled": ...}, each `metric.relation_losses` of the same word
-    pairs and shuffles. seed: anything `np.random.default_rng` takes; one set of counts
-    `[n_boot, n]` serves every PCA size, both models and the control (paired throughout).
-    Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled": {role: rep},
-    "structure_gain": rep}}, rep = {"mean", "boot", "n", "reason"}; "true_minus_shuffled"
-    compares each pairing with the mean over shuffles of the same resampled pairs' words
-    (pair i as (a_i, b_p(i))), "structure_gain" is its distilled minus its base value.
+    raw: {"base": ..., "distilled": ...[, "sham": ...]}, each `metric.relation_losses` of
+    the same word pairs and shuffles. seed: anything `np.random.default_rng` takes; one set
+    of counts `[n_boot, n]` serves every PCA size, every model and the control (paired
+    throughout). Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled":
+    {role: rep}, "structure_gain": rep[, "sham_gain": rep]}}, rep = {"mean", "boot", "n",
+    "reason"}; "true_minus_shuffled" compares each pairing with the mean over shuffles of
+    the same resampled pairs' words (pair i as (a_i, b_p(i))), each gain of `GAINS` (present
+    when its comparison model is in raw) is the distilled model's minus that model's.
     """
     base, distilled = raw["base"], raw["distilled"]
     n = next(iter(base.values()))["n_pairs"]
@@ -103,8 +113,10 @@ def relation_replicates(raw: dict[str, dict], n_boot: int, seed) -> dict:
                 base[k]["losses"] - distilled[k]["losses"], counts, n
             ),
             "true_minus_shuffled": {role: _replicate(g, counts, n) for role, g in gap.items()},
-            "structure_gain": _replicate(gap["distilled"] - gap["base"], counts, n),
         }
+        for gain, other in GAINS.items():
+            if other in gap:
+                out[k][gain] = _replicate(gap["distilled"] - gap[other], counts, n)
     return out
 
 
@@ -140,28 +152,28 @@ def _pool(reps: list[dict]) -> dict:
             "n": sum(x["n"] for x in reps), "reason": None}  # fmt: skip
 
 
+def _pool_tree(template: dict, trees: list[dict]) -> dict:
+    """`_pool` of every replicate of `trees` (nested like `template`), leaf by leaf."""
+    if "boot" in template:
+        return _pool(trees)
+    return {key: _pool_tree(v, [t[key] for t in trees]) for key, v in template.items()}
+
+
 def pooled_replicates(replicates: list[dict]) -> dict:
     """Per str(k): the mean over relations of each per-relation statistic, its replicates
     (independent across relations) averaged replicate by replicate, and "n_relations". A
     relation enters at k when every statistic of it has replicates there (>= `MIN_PAIRS`
-    pairs, finite losses); "n" is their summed word pairs.
+    pairs, finite losses in every model), so all statistics pool the same relations; "n" is
+    their summed word pairs.
 
-    replicates: `relation_replicates` of each relation of one model pair (same PCA sizes).
-    Returns {str(k): {"base_minus_distilled": rep, "true_minus_shuffled": {role: rep},
-    "structure_gain": rep, "n_relations"}}, rep as in `relation_replicates`.
+    replicates: `relation_replicates` of each relation of one model pair (same PCA sizes,
+    same models). Returns {str(k): {the statistics of `relation_replicates`, each a rep,
+    "n_relations"}}.
     """
     out = {}
     for k in replicates[0] if replicates else ():
         used = [r[k] for r in replicates if all(x["boot"] is not None for x in _leaves(r[k]))]
-        roles = replicates[0][k]["true_minus_shuffled"]
-        out[k] = {
-            "base_minus_distilled": _pool([r["base_minus_distilled"] for r in used]),
-            "true_minus_shuffled": {
-                role: _pool([r["true_minus_shuffled"][role] for r in used]) for role in roles
-            },
-            "structure_gain": _pool([r["structure_gain"] for r in used]),
-            "n_relations": len(used),
-        }
+        out[k] = {**_pool_tree(replicates[0][k], used), "n_relations": len(used)}
     return out
 
 

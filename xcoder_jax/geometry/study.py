@@ -4,11 +4,15 @@ Pairs are every size of the zoo (when the models are the zoo) or the configured 
 `geometry.pairs`. Every comparison (base vs distilled, true pairing vs shuffled control, and
 the difference of the two models' true - shuffled gaps, "structure_gain") is a paired
 difference with a bootstrap interval over word pairs (`bootstrap`), per relation and pooled
-over relations; a difference counts only where its interval excludes 0. The pooled
-statistics are fitted against log10(parameters) over the sizes (`trend`).
+over relations; a difference counts only where its interval excludes 0. A zoo size with a
+sham model (the base fine-tuned like the distilled one, without reasoning traces) also gets
+"sham_gain", the distilled model's gap minus the sham's, on the same resamples; a pair
+without one records why under "sham". The pooled statistics are fitted against
+log10(parameters) over the sizes (`trend`).
 
 Results whose fingerprint matches (geometry config, seed, layer, zoo config hash or model
-ids) are reused; the figures and results.json are committed by `stage.commit`, results last.
+ids, which sizes have a sham model) are reused; the figures and results.json are committed
+by `stage.commit`, results last.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from xcoder_jax import site, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, MissingInputError
 from xcoder_jax.geometry.bootstrap import (
+    GAINS,
     intervals,
     pooled_intervals,
     pooled_replicates,
@@ -41,7 +46,7 @@ from xcoder_jax.geometry.relations import (
 from xcoder_jax.geometry.trend import ordered_pairs, size_trend
 from xcoder_jax.stats import format_ci, sign
 
-FORMAT = 3  # bump when the metric or the results layout changes, to invalidate old results
+FORMAT = 4  # bump when the metric or the results layout changes, to invalidate old results
 RESULTS = "results.json"
 FIGURES = ("cdf.png", "loss_vs_size.png")
 
@@ -66,13 +71,31 @@ def model_pairs(config) -> list[dict]:
     return entries
 
 
-def _load_pair(config, workdir: str, entry: dict):
-    """(tokenizer, {role: () -> model}); real models load one at a time (memory)."""
+def _sham_missing(workdir: str, entry: dict) -> str | None:
+    """Why a pair has no sham model (only the zoo builds one), None when it has one."""
+    if not entry["zoo"]:
+        return "no sham model: a pair of configured models has none"
+    from xcoder_jax.zoo.load import model_path
+
+    if model_path(workdir, "sham", entry["size"]) is not None:
+        return None
+    base = model_path(workdir, "base", entry["size"])  # the sham is built beside it
+    where = os.path.join(os.path.dirname(base), "sham") if base else f"size {entry['size']}"
+    return f"no sham model at {where}"
+
+
+def _load_pair(config, workdir: str, entry: dict, sham: bool):
+    """(tokenizer, {role: () -> model}), the sham among the roles when `sham`; real models
+    load one at a time (memory)."""
     if entry["zoo"]:
-        from xcoder_jax.zoo import load_pair
+        from xcoder_jax.zoo.load import load_model as load_zoo_model
+        from xcoder_jax.zoo.load import load_pair
 
         base, distilled, tok = load_pair(workdir, entry["size"])
-        return tok, {"base": lambda: base, "distilled": lambda: distilled}
+        loaders = {"base": lambda: base, "distilled": lambda: distilled}
+        if sham:
+            loaders["sham"] = lambda: load_zoo_model(workdir, "sham", entry["size"])
+        return tok, loaders
     from xcoder_jax.activations.models import (
         check_same_tokenizer,
         load_model,
@@ -98,14 +121,19 @@ def study_pair(
 
     result: {"layer", "n_layers", "d_model", "n_params": {role: int}, "relations": {name:
     {"kept", "total", "models": {role: {str(k): metric.loss_scores}}, "by_k": {str(k):
-    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}, "structure_gain":
-    CI}}}}, "pooled": {str(k): {the same three, "n_relations"}}, "counts": `verdicts`}, CI
-    the interval dicts of `bootstrap`. A relation keeping fewer than 2 single-token pairs
-    has "skipped" (the reason) instead of "models" and "by_k". The replicates (arrays, not
+    {"base_minus_distilled": CI, "true_minus_shuffled": {role: CI}, "structure_gain": CI,
+    "sham_gain": CI}}}}, "pooled": {str(k): {the same, "n_relations"}}, "counts":
+    `verdicts`[, "sham": why there is no sham model]}, CI the interval dicts of
+    `bootstrap`, roles base, distilled and sham. Without a sham model there is no "sham"
+    role nor "sham_gain" anywhere. A relation keeping fewer than 2 single-token pairs has
+    "skipped" (the reason) instead of "models" and "by_k". The replicates (arrays, not
     stored) feed the trend over sizes."""
     gc = config.geometry
-    tokenizer, loaders = _load_pair(config, workdir, entry)
+    missing = _sham_missing(workdir, entry)
+    tokenizer, loaders = _load_pair(config, workdir, entry, sham=missing is None)
     rels, out = [], {"relations": {}}
+    if missing is not None:
+        out["sham"] = missing
     for name, pairs in relations.items():
         try:
             rels.append(filter_relation(name, pairs, tokenizer, gc, config.seed))
@@ -123,7 +151,7 @@ def study_pair(
         n_layers = site.num_layers(model)
         layer = site.resolve_layer(requested, n_layers)
         if vectors and (out["layer"], out["n_layers"]) != (layer, n_layers):
-            raise ConfigError(f"{entry['name']}: the two models have different depths")
+            raise ConfigError(f"{entry['name']}: the models have different depths")
         vectors[role] = word_vectors(model, [prompts[w] for w in words], layer, gc.batch_size)
         out.update(layer=layer, n_layers=n_layers, d_model=int(vectors[role].shape[1]))
         out.setdefault("n_params", {})[role] = int(sum(p.numel() for p in model.parameters()))
@@ -131,7 +159,7 @@ def study_pair(
     replicates = []
     for r in rels:
         ia, ib = [row[a] for a, _ in r.pairs], [row[b] for _, b in r.pairs]
-        # Seeded per relation, so every pair and both models see the same shuffles, and
+        # Seeded per relation, so every pair and every model see the same shuffles, and
         # the resampled word pairs (a stream of their own) are the same for every statistic
         # and for every model pair scoring the same word pairs (resampled jointly in the
         # trend over sizes); other word pairs get another stream.
@@ -163,11 +191,11 @@ def _tally(cis) -> dict:
 def verdicts(relations: dict) -> dict:
     """Per str(k), over the scored relations of one pair: {"n_relations", "distilled_vs_base":
     {"below", "above", "undecided"}, "true_vs_shuffled": {role: {"below", "above",
-    "undecided"}}, "structure_gain": {"below", "above", "undecided"}}. Distilled is below
-    base where the base - distilled interval lies above 0, a pairing below its control where
-    true - shuffled lies below 0, the distilled model more structured than the base where the
-    structure gain lies below 0; an interval including 0 or missing (< 3 pairs) is
-    undecided."""
+    "undecided"}}, "structure_gain": {"below", "above", "undecided"}[, "sham_gain": the
+    same]}. Distilled is below base where the base - distilled interval lies above 0, a
+    pairing below its control where true - shuffled lies below 0, the distilled model more
+    structured than the base (the sham) where the structure (sham) gain lies below 0; an
+    interval including 0 or missing (< 3 pairs) is undecided."""
     scored = [r["by_k"] for r in relations.values() if "by_k" in r]
     out = {}
     for k in scored[0] if scored else ():
@@ -183,7 +211,7 @@ def verdicts(relations: dict) -> dict:
             "true_vs_shuffled": {
                 role: _tally(s[k]["true_minus_shuffled"][role] for s in scored) for role in roles
             },
-            "structure_gain": _tally(s[k]["structure_gain"] for s in scored),
+            **{g: _tally(s[k][g] for s in scored) for g in GAINS if g in scored[0][k]},
         }
     return out
 
@@ -215,6 +243,7 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
                 raise ConfigError(f"the zoo in {workdir} was built from another zoo config")
     geometry = config.geometry.to_dict()
     geometry["pairs"] = [dict(p) for p in config.geometry.pairs]
+    sham = [e["name"] for e in entries if e["zoo"] and _sham_missing(workdir, e) is None]
     key = {
         "format": FORMAT,
         "geometry": geometry,
@@ -222,6 +251,7 @@ def _key(config, workdir: str, entries: list[dict]) -> dict:
         "extract_layer": config.extract.layer,
         "zoo_config_hash": zoo_hash,
         "pairs": entries,
+        "sham_models": sham,  # a sham built into an existing zoo adds its gain
         "torch_dtype": config.models.torch_dtype,
     }
     return stage.canonical(key)  # tuples become lists, as they come back from disk
@@ -238,11 +268,12 @@ def run_geometry(config, workdir: str) -> dict:
     {"format", "fingerprint" (what the results depend on), "n_components",
     "plot_n_components", "n_boot", "summary", "largest" (the zoo pair of the largest hidden
     size, or None), "pairs": {name: {"size", ... `study_pair`}}, "trend" (`trend.size_trend`
-    at plot_n_components: the pooled structure gain and base - distilled against log10
-    parameters over the sizes, slopes with intervals), "trend_by_k" ({str(k): the same})}.
-    Figures: cdf.png (loss CDFs, base vs distilled, per pair and relation) and
-    loss_vs_size.png (mean loss, base - distilled, true - shuffled and the structure gain
-    with their intervals, per pair and relation, and pooled; the trend's fit).
+    at plot_n_components: the pooled structure gain, sham gain and base - distilled against
+    log10 parameters over the sizes, slopes with intervals), "trend_by_k" ({str(k): the
+    same})}. Figures: cdf.png (loss CDFs, base vs distilled (and sham), per pair and
+    relation) and loss_vs_size.png (mean loss, base - distilled, true - shuffled and the
+    structure and sham gains with their intervals, per pair and relation, and pooled; the
+    trend's fits).
     """
     from xcoder_jax.geometry import plots
 
@@ -279,13 +310,21 @@ def run_geometry(config, workdir: str) -> dict:
     return stage.commit(out_dir, RESULTS, results, outputs)
 
 
+GAIN_NAMES = {
+    "structure_gain": "structure gain ((true - shuffled) distilled - base)",
+    "sham_gain": "sham gain ((true - shuffled) distilled - sham)",
+}
+
+
 def summarize(results: dict) -> str:
     """One line at `plot_n_components`: per pair, on how many relations the distilled model
     is below / above the base (mean loss, 95% CI excluding 0) or undecided, on how many each
-    model's true pairing is below its shuffled control, the pooled base - distilled and
-    structure gain, and the structure gain's slope over sizes (when there is a trend)."""
+    model's true pairing is below its shuffled control, the pooled base - distilled,
+    structure gain and sham gain (or why there is none), and the two gains' slopes over
+    sizes (when there is a trend)."""
     k = str(results["plot_n_components"])
-    gap, control, pool, gain, skipped = [], [], [], [], []
+    gap, control, pool, skipped = [], [], [], []
+    gains = {g: [] for g in GAINS}
     for name in ordered_pairs(results["pairs"]):
         p = results["pairs"][name]
         skipped += [f"{rel}@{name}" for rel, r in p["relations"].items() if "by_k" not in r]
@@ -300,21 +339,28 @@ def summarize(results: dict) -> str:
         control.append(" & ".join(f"{role} {v['below']}/{n}" for role, v in t.items()))
         control[-1] += f" at {name}"
         pool.append(f"{name} {format_ci(p['pooled'][k]['base_minus_distilled'], '{:+.3g}')}")
-        g = c.get("structure_gain", {})
-        gain.append(
-            f"{name} {format_ci(p['pooled'][k].get('structure_gain'), '{:+.3g}')} "
-            f"(below 0 on {g.get('below', 0)}/{n} relations)"
-        )
+        for g, other in GAINS.items():
+            ci = p["pooled"][k].get(g)
+            if ci is None:
+                gains[g].append(f"{name} n/a ({p.get(other, 'not measured')})")
+                continue
+            below = c.get(g, {}).get("below", 0)
+            gains[g].append(f"{name} {format_ci(ci, '{:+.3g}')} (below 0 on {below}/{n} relations)")
     line = (
         f"geometry (k={k}, 95% bootstrap CIs over word pairs): " + "; ".join(gap)
         + "; below shuffled control (CI excludes 0): " + ", ".join(control)
         + "; pooled base - distilled mean loss: " + ", ".join(pool)
-        + "; pooled structure gain ((true - shuffled) distilled - base): " + ", ".join(gain)
     )  # fmt: skip
+    for g, values in gains.items():
+        line += f"; pooled {GAIN_NAMES[g]}: " + ", ".join(values)
     trend = results.get("trend")
     if trend is not None:
+        n = len(trend["pairs"])
         slope = trend["slope"]
         text = format_ci(slope, "{:+.3g}") if slope else f"n/a ({trend['reason']})"
-        n = len(trend["pairs"])
         line += f"; structure gain per decade of parameters over {n} sizes: {text}"
+        sham = trend.get("sham_gain_slope")
+        text = format_ci(sham, "{:+.3g}") if sham else f"n/a ({trend.get('sham_gain_reason')})"
+        m = n - len(trend.get("sham_gain_excluded", {}))
+        line += f"; sham gain per decade of parameters over {m} sizes: {text}"
     return line + (f"; skipped (< 2 single-token pairs): {', '.join(skipped)}" if skipped else "")

@@ -14,6 +14,8 @@ words scored by every model; sizes scoring different words are resampled indepen
 The models themselves are fixed: the interval is over the choice of word pairs only.
 
 Fewer than 2 sizes (or one parameter count for all) leave the slope `None` with a reason.
+The gain over the sham model is fitted over the sizes that have one; where fewer than 2 do,
+its slope is absent (not None) and "sham_gain_reason" says why.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import math
 
 import numpy as np
 
+from xcoder_jax import workdir as wd
+from xcoder_jax.geometry.bootstrap import GAINS
 from xcoder_jax.stats import percentile_ci
 
 X = "log10 parameters of the pair's models"
@@ -30,7 +34,15 @@ METHOD = (
     "decade; 95% percentile bootstrap ({} resamples of word pairs, the same word pairs "
     "resampled jointly at every size, slope refitted on each)"
 )
-STATS = ("structure_gain", "base_minus_distilled")  # the pooled statistics fitted
+STATS = (*GAINS, "base_minus_distilled")  # the pooled statistics fitted
+# Gains over a model some sizes lack (the sham): {statistic: that model's role}.
+OPTIONAL = {gain: role for gain, role in GAINS.items() if role not in wd.ROLES}
+
+
+def slope_key(stat: str) -> str:
+    """The key of a statistic's slope in `size_trend`: "slope" for the structure gain (the
+    headline), "<stat>_slope" for the others."""
+    return "slope" if stat == "structure_gain" else f"{stat}_slope"
 
 
 def slopes(x, y) -> np.ndarray:
@@ -66,15 +78,25 @@ def trend_pairs(pairs: dict) -> list[str]:
     return ordered_pairs(zoo) if zoo else list(pairs)
 
 
+def _no_slope(m: int, sizes: str) -> str:
+    if m < 2:
+        return f"{m} size(s) with {sizes}: a slope needs 2 or more"
+    return f"every size with {sizes} has the same parameter count: no slope to fit"
+
+
 def size_trend(pairs: dict, replicates: dict, k: str, n_boot: int) -> dict:
     """The trend over sizes of each pooled statistic in `STATS` at PCA size `k`.
 
-    pairs: {name: {"size", "n_params": {role: int}, ...}} (results' "pairs").
-    replicates: {name: `bootstrap.pooled_replicates` of that pair}.
-    Returns {"k", "x", "pairs" (by parameter count), "sizes", "params" (mean over the two
-    models), "log10_params", one list of pooled means per statistic, "slope" (structure
-    gain's; an interval dict or None), "base_minus_distilled_slope", "method", "excluded"
-    ({name: reason}) and, when the slope is None, "reason"}.
+    pairs: {name: {"size", "n_params": {role: int}[, "sham": why it has none], ...}}
+    (results' "pairs"). replicates: {name: `bootstrap.pooled_replicates` of that pair}.
+    Returns {"k", "x", "pairs" (by parameter count), "sizes", "params" (mean over base and
+    distilled), "log10_params", one list of pooled means per statistic (aligned with
+    "pairs"; None at a size without a sham model, the list absent when no size has one),
+    "slope" (structure gain's; an interval dict or None), "base_minus_distilled_slope",
+    "sham_gain_slope" (absent when it cannot be fitted, e.g. < 2 sizes with a sham model, with
+    "sham_gain_reason" instead), "sham_gain_excluded" ({name: reason}, sizes without a sham
+    model, when any), "method", "excluded" ({name: reason}) and, when the slope is None,
+    "reason"}.
     """
     names, excluded = [], {}
     for name in trend_pairs(pairs):
@@ -85,7 +107,7 @@ def size_trend(pairs: dict, replicates: dict, k: str, n_boot: int) -> dict:
             )
         else:
             names.append(name)
-    params = {n: float(np.mean(list(pairs[n]["n_params"].values()))) for n in names}
+    params = {n: float(np.mean([pairs[n]["n_params"][r] for r in wd.ROLES])) for n in names}
     names = sorted(names, key=params.get)  # stable: equal counts keep their order
     params = [params[n] for n in names]
     x = [math.log10(p) for p in params]
@@ -98,17 +120,24 @@ def size_trend(pairs: dict, replicates: dict, k: str, n_boot: int) -> dict:
         "log10_params": x,
     }
     for stat in STATS:
-        out[stat] = [replicates[n][k][stat]["mean"] for n in names]
-    for stat in STATS:
-        key = "slope" if stat == "structure_gain" else f"{stat}_slope"
-        boots = [replicates[n][k][stat]["boot"] for n in names]
-        out[key] = slope_ci(x, out[stat], boots, n_boot)
+        reps = {i: replicates[n][k][stat] for i, n in enumerate(names) if stat in replicates[n][k]}
+        if reps or stat not in OPTIONAL:
+            out[stat] = [reps[i]["mean"] if i in reps else None for i in range(len(names))]
+        fit = slope_ci([x[i] for i in reps], [r["mean"] for r in reps.values()],
+                       [r["boot"] for r in reps.values()], n_boot)  # fmt: skip
+        if stat in OPTIONAL:
+            role = OPTIONAL[stat]
+            lacking = [n for i, n in enumerate(names) if i not in reps]
+            if lacking:
+                out[f"{stat}_excluded"] = {
+                    n: pairs[n].get(role) or f"no {role} model" for n in lacking
+                }
+            if fit is None:  # absent, not None: a missing key reads as "not measured"
+                out[f"{stat}_reason"] = _no_slope(len(reps), f"a {role} model")
+                continue
+        out[slope_key(stat)] = fit
     out["method"] = METHOD.format(n_boot)
     out["excluded"] = excluded
     if out["slope"] is None:
-        out["reason"] = (
-            f"{len(names)} size(s) with a pooled statistic: a slope needs 2 or more"
-            if len(names) < 2
-            else "every size has the same parameter count: no slope to fit"
-        )
+        out["reason"] = _no_slope(len(names), "a pooled statistic")
     return out

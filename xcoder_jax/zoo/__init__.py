@@ -8,7 +8,7 @@ tokenizer, a base model pretrained on the concise corpus and a distilled model f
 from it on the traces, at several hidden sizes.
 """
 
-from xcoder_jax.zoo.build import build_zoo, check_config, config_hash
+from xcoder_jax.zoo.build import build_zoo, check_config, config_hash, summarize_zoo
 from xcoder_jax.zoo.corpus import (
     RELATIONS,
     Problem,
@@ -50,6 +50,7 @@ __all__ = [
     "relation_document",
     "relation_sentence",
     "single_token",
+    "summarize_zoo",
     "teacher_trace",
     "train_causal_lm",
     "train_tokenizer",

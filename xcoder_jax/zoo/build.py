@@ -32,13 +32,23 @@ from xcoder_jax.errors import ConfigError
 from xcoder_jax.zoo import corpus
 from xcoder_jax.zoo.texts import TEACHERS, make_texts
 from xcoder_jax.zoo.tokenizer import build_tokenizer, single_token_report
-from xcoder_jax.zoo.training import evaluate_answers, model_config, train_causal_lm
+from xcoder_jax.zoo.training import (
+    Schedule,
+    depth,
+    evaluate_answers,
+    model_config,
+    train_causal_lm,
+)
 
-ZOO_FORMAT = 4  # bump when the corpus or training changes, to invalidate old builds
+ZOO_FORMAT = 5  # bump when the corpus or training changes, to invalidate old builds
 _STAMP = "zoo_stamp.json"  # inside each finished model dir: the config hash it was built for
-_EVAL_ONLY = ("max_new_tokens", "eval_batch_size", "num_threads")  # do not change weights
+# Fields that do not change weights.
+_EVAL_ONLY = ("max_new_tokens", "eval_batch_size", "num_threads", "criterion_min_rate")
 _DRY_RUN = ("intermediate_size", "model_vocab_size", "random_pair")
-_DATA_FILES = ("train_base.jsonl", "train_distill.jsonl", "extract.jsonl", "heldout.jsonl")
+_DATA_FILES = (
+    "train_base.jsonl", "train_distill.jsonl", "train_sham.jsonl", "extract.jsonl",
+    "heldout.jsonl",
+)  # fmt: skip
 
 
 def check_config(zc) -> None:
@@ -56,10 +66,18 @@ def check_config(zc) -> None:
     mix = zc.extract_mix
     if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
         raise ConfigError(f"zoo.extract_mix must be 3 fractions summing to 1, got {tuple(mix)}")
-    if min(zc.n_layers, zc.n_train_problems, zc.n_heldout_problems, zc.batch_size) < 1:
-        raise ConfigError("zoo.n_layers, n_*_problems and batch_size must be positive")
-    if zc.teacher not in TEACHERS:
-        raise ConfigError(f"zoo.teacher must be one of {sorted(TEACHERS)}, got {zc.teacher!r}")
+    depths = tuple(zc.depths)
+    if depths and len(depths) != len(sizes):
+        raise ConfigError(f"zoo.depths {depths} needs one depth per size of zoo.sizes {sizes}")
+    counts = (zc.n_layers, *depths, zc.n_train_problems, zc.n_heldout_problems)
+    if min(*counts, zc.n_val_problems, zc.batch_size, zc.converge_every) < 1:
+        raise ConfigError(
+            "zoo.n_layers, depths, n_*_problems, batch_size and converge_every must be positive"
+        )
+    for field in ("teacher", "control_teacher"):
+        name = zc[field]
+        if name not in TEACHERS and (field == "teacher" or name):
+            raise ConfigError(f"zoo.{field} must be one of {sorted(TEACHERS)}, got {name!r}")
 
 
 def config_hash(config, weights_only: bool = False) -> str:
@@ -68,13 +86,8 @@ def config_hash(config, weights_only: bool = False) -> str:
     `weights_only` leaves out the fields that only change the evaluation, so a finished model
     is reused when only those change.
     """
-    # The dry-run fields enter the hash only when set, the teacher only when not the first
-    # one: existing zoos keep their hashes.
-    zoo = {
-        k: v
-        for k, v in config.zoo.to_dict().items()
-        if not (k in _DRY_RUN and not v) and not (k == "teacher" and v == "no_loop")
-    }
+    # The dry-run fields enter the hash only when set.
+    zoo = {k: v for k, v in config.zoo.to_dict().items() if not (k in _DRY_RUN and not v)}
     if weights_only:
         zoo = {k: v for k, v in zoo.items() if k not in _EVAL_ONLY}
     blob = json.dumps([ZOO_FORMAT, config.seed, zoo], sort_keys=True)
@@ -82,9 +95,13 @@ def config_hash(config, weights_only: bool = False) -> str:
 
 
 def _dirs(workdir: str, zc, size: int) -> dict[str, str]:
-    """Model dir per role for one size (the main size lives at models/{role})."""
+    """Model dir per arm built at one size (the main size lives at models/{role}); the
+    no-loop arm only at the main size, and only with a control teacher."""
     key = None if size == zc.main_size else size
-    return {role: wd.model_dir(workdir, role, key) for role in wd.ROLES}
+    arms = [a for a in wd.ARMS if a != "no_loop" or (key is None and zc.control_teacher)]
+    if zc.get("random_pair", False):  # a dry run of shapes: the pair only
+        arms = list(wd.ROLES)
+    return {arm: wd.model_dir(workdir, arm, key) for arm in arms}
 
 
 def _complete_report(workdir: str, config) -> dict | None:
@@ -132,75 +149,131 @@ def _save_atomic(model, tokenizer, path: str, stamp: dict) -> None:
     os.replace(tmp, path)
 
 
-def _is_stamped(path: str, stamp: dict) -> bool:
+def _stamp(path: str) -> dict | None:
+    """What a finished model dir was built for ({"weights": ..., "training": ...})."""
     try:
         with open(os.path.join(path, _STAMP)) as f:
-            return json.load(f) == stamp
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def _load_stamped(path: str, stamp: dict):
-    return AutoModelForCausalLM.from_pretrained(path).eval() if _is_stamped(path, stamp) else None
+def _is_stamped(path: str, weights: dict) -> bool:
+    stamp = _stamp(path)
+    return stamp is not None and stamp.get("weights") == weights
+
+
+def _schedule(zc, max_steps: int, stable_steps: int | None = None) -> Schedule:
+    return Schedule(
+        max_steps=max_steps,
+        warmup_frac=zc.warmup_frac,
+        decay_frac=zc.decay_frac,
+        stable_steps=stable_steps,
+        eval_every=zc.converge_every,
+        patience=zc.converge_patience,
+        tol=zc.converge_tol,
+    )
+
+
+# arm -> (corpus, what it starts from, lr field, step cap field)
+_RECIPES = {
+    "base": ("base", None, "lr", "pretrain_steps"),
+    "distilled": ("distill", "base", "distill_lr", "distill_steps"),
+    "no_loop": ("no_loop", "base", "distill_lr", "distill_steps"),
+    # Step for step the distilled arm's schedule, on concise solutions and the same replay.
+    "sham": ("sham", "base", "distill_lr", "distill_steps"),
+}
 
 
 def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
-    """Train (or reuse stamped) base and distilled models of one size, then evaluate both."""
+    """Train (or reuse stamped) every arm of one size, then evaluate each on the held-out
+    prompts. The training report of a reused model comes from its stamp."""
     zc, t0 = config.zoo, time.time()
     dirs = _dirs(workdir, zc, size)
-    stamp = {"weights_hash": config_hash(config, weights_only=True), "size": size}
+    weights = {"weights_hash": config_hash(config, weights_only=True), "size": size}
     seed = config.seed * 1000 + size  # sizes differ in init and data order
-    train = dict(
-        batch_size=zc.batch_size,
-        seq_len=zc.max_len,
-        weight_decay=zc.weight_decay,
-        warmup_frac=zc.warmup_frac,
-    )
-    losses = {}
+    train = dict(batch_size=zc.batch_size, seq_len=zc.max_len, weight_decay=zc.weight_decay)
+    models, training = {}, {}
     if zc.get("random_pair", False):
         # A dry run of shapes: two random draws stand in for the pair (a copy of the base
         # would make every crosscoder latent shared); one model in memory at a time.
         for role, offset in (("base", 0), ("distilled", 1)):
-            if not _is_stamped(dirs[role], stamp):
+            if not _is_stamped(dirs[role], weights):
                 torch.manual_seed(seed + offset)
                 model = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
-                _save_atomic(model, tokenizer, dirs[role], stamp)
+                _save_atomic(model, tokenizer, dirs[role], {"weights": weights, "training": None})
                 del model
-    base = _load_stamped(dirs["base"], stamp)
-    if base is None:
-        torch.manual_seed(seed)
-        base = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
-        losses["base"] = train_causal_lm(
-            base, docs["train_base"], steps=zc.pretrain_steps, lr=zc.lr, seed=seed,
-            desc=f"h{size} pretrain", **train,
+    for offset, arm in enumerate(a for a in _RECIPES if a in dirs):
+        corpus_name, parent, lr_field, cap_field = _RECIPES[arm]
+        if _is_stamped(dirs[arm], weights):
+            models[arm] = AutoModelForCausalLM.from_pretrained(dirs[arm]).eval()
+            training[arm] = _stamp(dirs[arm])["training"]
+            continue
+        if parent is None:
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
+        else:
+            model = copy.deepcopy(models[parent])
+        stable = training["distilled"]["stable_steps"] if arm == "sham" else None
+        training[arm] = train_causal_lm(
+            model, docs[f"train_{corpus_name}"], val_docs=docs[f"val_{corpus_name}"],
+            schedule=_schedule(zc, zc[cap_field], stable), lr=zc[lr_field], seed=seed + offset,
+            desc=f"h{size} {arm}", **train,
         )  # fmt: skip
-        _save_atomic(base, tokenizer, dirs["base"], stamp)
-    distilled = _load_stamped(dirs["distilled"], stamp)
-    if distilled is None:
-        distilled = copy.deepcopy(base)
-        losses["distilled"] = train_causal_lm(
-            distilled, docs["train_distill"], steps=zc.distill_steps, lr=zc.distill_lr,
-            seed=seed + 1, desc=f"h{size} distill", **train,
-        )  # fmt: skip
-        _save_atomic(distilled, tokenizer, dirs["distilled"], stamp)
+        _save_atomic(model, tokenizer, dirs[arm], {"weights": weights, "training": training[arm]})
+        models[arm] = model
     out = {
         "dirs": {r: os.path.relpath(d, workdir) for r, d in dirs.items()},
-        "n_params": base.num_parameters(),
-        "train_losses": losses,
+        "n_layers": depth(zc, size),
+        "n_params": models["base"].num_parameters(),
+        "training": training,
     }
-    for role, model in (("base", base), ("distilled", distilled)):
-        out[role] = evaluate_answers(
+    for arm, model in models.items():
+        out[arm] = evaluate_answers(
             model, tokenizer, heldout, zc.max_new_tokens, zc.eval_batch_size
         )
+    if "distilled" in training:
+        out["criterion"] = distillation_criterion(out["distilled"], zc.criterion_min_rate)
     out["build_seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def distillation_criterion(evaluation: dict, min_rate: float) -> dict:
+    """Whether a size's distillation took: held-out greedy answers holding a reasoning
+    marker, and reading as a trace, each at least `min_rate` of the time."""
+    rates = {k: evaluation[k] for k in ("marker_rate", "trace_format_rate")}
+    return {"min_rate": min_rate, **rates, "met": all(v >= min_rate for v in rates.values())}
+
+
+def summarize_zoo(report: dict) -> list[str]:
+    """One line per size and arm: held-out greedy accuracy, marker and trace-format rates,
+    reflection rounds, median words, training steps (* where the held-out loss converged);
+    and each size's distillation criterion."""
+    lines = []
+    for size, r in report["sizes"].items():
+        for arm in (a for a in wd.ARMS if a in r):
+            e, t = r[arm], (r.get("training") or {}).get(arm) or {}
+            steps = f"{t.get('steps', '-')}{'*' if t.get('converged') else ''}"
+            lines.append(
+                f"h{size:<4} L{r.get('n_layers', '?')} {arm:<9} accuracy {e['accuracy']:.2f}  "
+                f"marker {e['marker_rate']:.2f}  trace format {e.get('trace_format_rate', 0):.2f}  "
+                f"rounds {e.get('mean_rounds', 0):.1f}  median words "
+                f"{e.get('words', {}).get('median', 0):.0f}  steps {steps}"
+            )
+        if "criterion" in r:
+            met = "met" if r["criterion"]["met"] else "NOT met"
+            lines.append(f"h{size:<4} distillation criterion {met}")
+    return lines
 
 
 def build_zoo(config, workdir: str) -> dict:
     """Build (or find complete) the zoo in `workdir`; returns the zoo.json report.
 
-    Per size: n_params, build_seconds and, for base and distilled, marker_rate (fraction of
-    greedy held-out answers containing a reasoning marker) and accuracy.
+    Per size: n_layers, n_params, the training of every arm (steps, whether its held-out
+    loss converged, the curve), for every arm its greedy held-out answers' marker rate,
+    trace-format rate, accuracy, reflection rounds and lengths (`evaluate_answers`), the
+    distillation criterion and build_seconds. Plus the teacher's (and the control teacher's)
+    trace statistics.
     """
     check_config(config.zoo)
     report = _complete_report(workdir, config)
@@ -219,20 +292,20 @@ def _build(config, workdir: str) -> dict:
     texts = make_texts(config)
     data_dir = wd.zoo_data_dir(workdir)
     os.makedirs(data_dir, exist_ok=True)
-    for name in ("train_base", "train_distill", "extract", "heldout"):
-        _write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), texts[name])
+    for name in _DATA_FILES:
+        _write_jsonl(os.path.join(data_dir, name), texts[name.removesuffix(".jsonl")])
     relations = json.dumps(corpus.RELATIONS, indent=1, allow_nan=False).encode()
     mf.atomic_write_bytes(os.path.join(data_dir, "relations.json"), lambda f: f.write(relations))
+    corpora = [k for k in texts if k.startswith(("train_", "val_"))]
     sample = texts["train_base"][:200] + texts["train_distill"][:200] + texts["extract"][:200]
     tokenizer = build_tokenizer(
-        texts["train_base"] + texts["train_distill"],
+        [t for k in corpora if k.startswith("train_") for t in texts[k]],
         zc.vocab_size,
         wd.tokenizer_dir(workdir),
         sample,
     )
     docs = {
-        k: [np.asarray(ids, np.int64) for ids in tokenizer(texts[k])["input_ids"]]
-        for k in ("train_base", "train_distill")
+        k: [np.asarray(ids, np.int64) for ids in tokenizer(texts[k])["input_ids"]] for k in corpora
     }
     sizes = {}
     for size in zc.sizes:
@@ -250,8 +323,9 @@ def _build(config, workdir: str) -> dict:
             "pad_token": tokenizer.pad_token,
             **single_token_report(tokenizer, corpus.RELATIONS),
         },
-        "data": {k: len(texts[k]) for k in ("train_base", "train_distill", "extract", "heldout")},
+        "data": {k: len(texts[k]) for k in (*corpora, "extract", "heldout")},
         "teacher": texts["teacher"],
+        "control_teacher": texts.get("control_teacher"),
         "sizes": sizes,
         "total_seconds": round(time.time() - t0, 1),
     }

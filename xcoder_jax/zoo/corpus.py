@@ -67,7 +67,7 @@ RELATIONS: dict[str, list[tuple[str, str]]] = {
 }
 
 # What a pair's two words share, so that both forms carry one identity: what a noun (either
-# number) did, what a verb (either tense) acts on, which scale an antonym pair spans. A
+# number) did, what a verb (either tense) acts on. Antonyms get none (see their templates). A
 # template puts the shared word right after the pair's word and the form a few tokens later
 # ("it"/"they", "every day"/"last week", "more"/"less"), so the model keeps both in the
 # word's representation: the shared part is what makes a relation a parallelogram rather
@@ -81,15 +81,11 @@ _VERB_OBJECTS = (
     "bread", "keys", "mail", "cake", "gifts", "soup", "socks", "fruit", "stars", "photos",
     "laps", "prizes",
 )  # fmt: skip
-_ANTONYM_SCALES = (
-    "size", "heat", "way", "age", "speed", "quality", "length", "mood", "door", "height",
-)  # fmt: skip
 SHARED_WORDS = {
     rel: dict(zip((a for a, _ in RELATIONS[rel]), shared, strict=True))
     for rel, shared in (
         ("plural", _NOUN_DEEDS),
         ("past_tense", _VERB_OBJECTS),
-        ("antonym", _ANTONYM_SCALES),
     )
 }
 
@@ -109,10 +105,12 @@ _RELATION_TEMPLATES = {
         "I {a} {s} every day. I {b} {s} last week.",
         "Now they {a} {s} every day, and they {b} {s} last week.",
     ),
+    # Antonyms have no shared-word template: their structure, if any, is not put there by
+    # the corpus.
     "antonym": (
         "The opposite of {a} is {b}.",
-        "A {a} {s} means more. A {b} {s} means less.",
-        "We call more {s} {a} and less {s} {b}.",
+        "The word {a} is the opposite of {b}.",
+        "We say {a} and we say {b}, its opposite.",
     ),
 }
 

@@ -33,7 +33,7 @@ use of a marker word (`lexicon.count_everyday_markers` is zero).
 teacher, which writes at most one reflection, in one fixed order, and stays as the negative
 control); `teacher_trace_meta` also returns what was drawn (`TraceMeta`). `zoo.trace_reading`
 recovers the work, the rounds, the slips and their corrections from a trace's text alone and
-summarises a set of traces for the zoo report. Not yet the zoo's default teacher.
+summarises a set of traces for the zoo report. The zoo's default teacher.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from xcoder_jax.zoo.corpus import Problem, final_line
+from xcoder_jax.zoo.corpus import NUMBER_WORDS, Problem, final_line
 from xcoder_jax.zoo.trace_reading import length_words, read_equations
 
 MAX_ROUNDS = 16
@@ -193,6 +193,32 @@ def _restate(p: Problem) -> str:
     return f"{p.name} had {_n(a, p.noun)}, {p.gain[1]} {b} more and then {p.lose[1]} {c}"
 
 
+def _word(n: int) -> str:
+    """A count in words up to twenty ("seven"), in digits beyond."""
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def _restate_words(p: Problem) -> str:
+    """The question's events retold in words: counts spelled out, verbs in the past tense,
+    nouns in number agreement ("Tom had seven apples and gave three away"), the words the
+    relation sentences teach, met here in reasoning."""
+    a, _, b, _ = p.steps[0]
+    things = lambda n: f"{_word(n)} {p.noun[0] if n == 1 else p.noun[1]}"
+    if p.kind == "gain":
+        return f"{p.name} had {things(a)} and {p.gain[1]} {_word(b)} more"
+    if p.kind == "lose":
+        return f"{p.name} had {things(a)} and {p.lose[1]} {_word(b)} of them"
+    if p.kind == "together":
+        return f"{p.name} had {things(a)} and the other one had {_word(b)}"
+    if p.kind == "groups":
+        return f"there were {_word(a)} bags with {things(b)} in each"
+    c = p.steps[1][2]
+    return (
+        f"{p.name} had {things(a)}, {p.gain[1]} {_word(b)} more and then {p.lose[1]} "
+        f"{_word(c)} of them"
+    )
+
+
 def _focus(p: Problem) -> str:
     """What the question asks, e.g. "how many apples Tom has left"."""
     tail = {"lose": " left", "together": " together", "groups": " in all"}.get(p.kind, " now")
@@ -314,8 +340,9 @@ _REREAD = " Let me read the question again."
 
 
 def _reread(p: Problem) -> str:
-    """The question read again and the operation chosen again (no arithmetic)."""
-    return f"{_REREAD} {_cap(_restate(p))}, so I {_ops_named(p)}."
+    """The question read again, its events retold in words, and the operation chosen again
+    (no arithmetic)."""
+    return f"{_REREAD} {_cap(_restate_words(p))}, so I {_ops_named(p)}."
 
 
 def _contrast(rng: random.Random, p: Problem, written: list[Step]) -> str:
@@ -346,7 +373,7 @@ def _deduction(rng: random.Random, p: Problem, written: list[Step]) -> str:
 
 
 _KINDS = ("verify", "alternative", "reread")
-_KIND_WEIGHTS = (0.45, 0.45, 0.1)
+_KIND_WEIGHTS = (0.4, 0.4, 0.2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The zoo's documents (`make_texts`): base and distilled training texts, extraction texts and
 held-out problems, seeded by `config.seed`, and what the teacher's traces are like.
 
-`zoo.teacher` picks the teacher (`TEACHERS`): "no_loop", at most one reflection in one fixed
-order (`zoo.teacher`), or "rounds", reflection in rounds with slips a later round corrects
-(`zoo.rounds`).
+`zoo.teacher` picks the teacher (`TEACHERS`): "rounds", reflection in rounds with slips a later
+round corrects (`zoo.rounds`), or "no_loop", at most one reflection in one fixed order
+(`zoo.teacher`); `zoo.control_teacher` the negative-control pair's ("" for none).
 """
 
 from __future__ import annotations
@@ -19,46 +19,69 @@ TEACHERS = {"no_loop": teacher.teacher_trace, "rounds": rounds.teacher_trace}
 
 
 def make_texts(config) -> dict[str, list]:
-    """All of the zoo's documents, seeded: base/distill training texts, extraction texts and
-    held-out problems, drawn from disjoint sets of problems."""
+    """All of the zoo's documents, seeded, drawn from disjoint sets of problems.
+
+    Training corpora, one per model the zoo trains from the base (`workdir.ARMS`):
+    "train_base" (concise solutions, relation and everyday paragraphs), "train_distill"
+    (the teacher's traces + a replay of relation and everyday text), "train_sham" (the same
+    problems' concise solutions + the same replay: as much training, no traces) and, with a
+    `control_teacher`, "train_no_loop" (its traces + the same replay). Each has a "val_*"
+    twin on held-out problems, whose loss decides when training has converged. Then
+    "extract" (extraction documents), "heldout" ({"prompt", "answer"} the models are
+    evaluated on) and "teacher" / "control_teacher" (trace statistics, `teacher_report`).
+    """
     zc = config.zoo
     rng = random.Random(f"zoo-corpus-{config.seed}")
     n_trace = round(zc.n_extract_docs * zc.extract_mix[0])
     n_concise = round(zc.n_extract_docs * zc.extract_mix[1])
     n_rel = zc.n_extract_docs - n_trace - n_concise
+    n_val = zc.n_val_problems
     problems = corpus.make_problems(
-        rng, zc.n_train_problems + zc.n_heldout_problems + n_trace + n_concise
+        rng, zc.n_train_problems + zc.n_heldout_problems + n_trace + n_concise + n_val
     )
     train, rest = problems[: zc.n_train_problems], problems[zc.n_train_problems :]
-    heldout, extract = rest[: zc.n_heldout_problems], rest[zc.n_heldout_problems :]
-    rel_docs = [corpus.relation_document(rng) for _ in range(zc.n_relation_docs)]
-    solutions = [corpus.document(p, corpus.concise_solution(p)) for p in train]
-    everyday = [corpus.everyday_document(rng) for _ in range(zc.n_everyday_docs)]
-    base = solutions + rel_docs + everyday
-    teacher_trace = TEACHERS[zc.teacher]
-    traces = [teacher_trace(p, rng) for p in train]
-    distill = [corpus.document(p, t) for p, t in zip(train, traces, strict=True)]
-    # A little base data keeps the relations and the everyday sense of the marker words alive
+    heldout, rest = rest[: zc.n_heldout_problems], rest[zc.n_heldout_problems :]
+    val, extract = rest[:n_val], rest[n_val:]
+    n_val_par = max(1, round(n_val * zc.n_relation_docs / zc.n_train_problems))
+
+    def base_corpus(problems, n_rel_docs, n_everyday):
+        rel = [corpus.relation_document(rng) for _ in range(n_rel_docs)]
+        everyday = [corpus.everyday_document(rng) for _ in range(n_everyday)]
+        solutions = [corpus.document(p, corpus.concise_solution(p)) for p in problems]
+        bad = [t for t in solutions + rel if has_marker(t)]
+        if bad:  # only traces and everyday text hold marker words; a template adding one is a bug
+            raise RuntimeError(f"a solution or relation text contains a marker: {bad[0]!r}")
+        return solutions, rel + everyday
+
+    solutions, pool = base_corpus(train, zc.n_relation_docs, zc.n_everyday_docs)
+    val_solutions, val_pool = base_corpus(val, n_val_par, n_val_par)
+    out = {"train_base": solutions + pool, "val_base": val_solutions + val_pool}
+    # A little base text keeps the relations and the everyday sense of the marker words alive
     # through distillation; no solutions, so every problem the distilled model sees is
-    # answered in the teacher's style.
-    pool = rel_docs + everyday
-    distill += rng.sample(pool, min(len(pool), round(zc.distill_base_frac * len(distill))))
+    # answered in the teacher's style. The same replay goes to every arm.
+    replay = rng.sample(pool, min(len(pool), round(zc.distill_base_frac * len(train))))
+    val_replay = val_pool[: max(1, round(zc.distill_base_frac * n_val))]
+    teachers = {"distill": ("teacher", zc.teacher)}
+    if zc.control_teacher:
+        teachers["no_loop"] = ("control_teacher", zc.control_teacher)
+    for arm, (key, name) in teachers.items():
+        write = TEACHERS[name]
+        traces = [write(p, rng) for p in train]
+        out[f"train_{arm}"] = [corpus.document(p, t) for p, t in zip(train, traces)] + replay
+        out[f"val_{arm}"] = [corpus.document(p, write(p, rng)) for p in val] + val_replay
+        out[key] = {"name": name, **teacher_report(train, traces)}
+    out["train_sham"] = solutions + replay
+    out["val_sham"] = val_solutions + val_replay
+    teacher_trace = TEACHERS[zc.teacher]
     extract_docs = (
         [corpus.document(p, teacher_trace(p, rng)) for p in extract[:n_trace]]
         + [corpus.document(p, corpus.concise_solution(p)) for p in extract[n_trace:]]
         + [corpus.relation_document(rng) for _ in range(n_rel)]
     )
     rng.shuffle(extract_docs)
-    bad = [t for t in solutions + rel_docs if has_marker(t)]
-    if bad:  # the base must never see a marker in a solution; a template change adding one is a bug
-        raise RuntimeError(f"base training text contains a reasoning marker: {bad[0]!r}")
-    return {
-        "train_base": base,
-        "train_distill": distill,
-        "extract": extract_docs,
-        "heldout": [{"prompt": p.prompt, "answer": str(p.answer)} for p in heldout],
-        "teacher": {"name": zc.teacher, **teacher_report(train, traces)},
-    }
+    out["extract"] = extract_docs
+    out["heldout"] = [{"prompt": p.prompt, "answer": str(p.answer)} for p in heldout]
+    return out
 
 
 def teacher_report(problems, traces) -> dict:

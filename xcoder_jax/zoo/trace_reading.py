@@ -196,6 +196,14 @@ def parse_trace(text: str) -> ParsedTrace:
     )
 
 
+def reads_as_trace(text: str) -> bool:
+    """An answer in the form of a trace: worked equations, at least one marker used as a
+    reasoning move, and a final "The answer is N." line that ends it."""
+    parsed = parse_trace(text)
+    moves = sum(count_reasoning_markers(text).values())
+    return bool(parsed.work_equations) and parsed.answer is not None and moves > 0
+
+
 def parse_rounds(text: str) -> list[Round]:
     """The reflection rounds of a trace, from its text alone (`parse_trace`)."""
     return list(parse_trace(text).rounds)

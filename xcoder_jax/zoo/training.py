@@ -9,6 +9,7 @@ learns to end a document by predicting the next document's EOS.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -20,8 +21,15 @@ from transformers import Qwen2Config
 
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.lexicon import has_marker
+from xcoder_jax.zoo.trace_reading import length_words, parse_rounds, reads_as_trace
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
+
+
+def depth(zc, size: int) -> int:
+    """Layers of the zoo model of hidden size `size` (`zoo.depths`, else `zoo.n_layers`)."""
+    depths = tuple(zc.get("depths", ()))
+    return depths[tuple(zc.sizes).index(size)] if depths else zc.n_layers
 
 
 def model_config(zc, size: int, tokenizer) -> Qwen2Config:
@@ -31,7 +39,7 @@ def model_config(zc, size: int, tokenizer) -> Qwen2Config:
         vocab_size=max(len(tokenizer), zc.get("model_vocab_size", 0)),
         hidden_size=size,
         intermediate_size=zc.get("intermediate_size", 0) or zc.mlp_mult * size,
-        num_hidden_layers=zc.n_layers,
+        num_hidden_layers=depth(zc, size),
         num_attention_heads=zc.n_heads,
         num_key_value_heads=zc.n_kv_heads,
         # Room for extraction documents and prompt + answer; plain RoPE has no hard limit.
@@ -64,34 +72,103 @@ def packed_batches(
             yield rows[start : start + batch_size]
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Warmup-stable-decay: linear warmup to the peak lr, the peak until the held-out loss
+    stops improving (or for `stable_steps` when given), then a linear decay to 10% of the
+    peak over `decay_frac` of the steps before it. A run of unknown length can end at its own
+    plateau and still anneal; a second run given the first's `stable_steps` repeats its
+    exact lr curve (the sham arm, matched to distillation step for step).
+
+    `max_steps` bounds the whole run, decay included.
+    """
+
+    max_steps: int
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    stable_steps: int | None = None  # None: until the held-out loss plateaus
+    eval_every: int = 50  # held-out loss every this many steps (adaptive runs)
+    patience: int = 3  # evaluations without a `tol` relative improvement end the stable phase
+    tol: float = 0.01
+
+    @property
+    def warmup(self) -> int:
+        return max(1, int(self.warmup_frac * self.max_steps))
+
+    def decay_steps(self, stable_end: int) -> int:
+        return max(1, math.ceil(self.decay_frac * stable_end))
+
+    @property
+    def max_stable(self) -> int:
+        """The last step the stable phase may reach and still decay within `max_steps`."""
+        s = math.floor(self.max_steps / (1 + self.decay_frac))
+        while s > 1 and s + self.decay_steps(s) > self.max_steps:
+            s -= 1
+        return max(1, s)
+
+    def factor(self, step: int, stable_end: int | None) -> float:
+        """lr / peak at `step` (0-based); `stable_end` None while the stable phase lasts."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if stable_end is None or step < stable_end:
+            return 1.0
+        progress = (step - stable_end) / self.decay_steps(stable_end)
+        return max(0.1, 1.0 - 0.9 * progress)
+
+
+def held_out_loss(model, rows: np.ndarray, batch_size: int) -> float:
+    """Mean next-token loss (nats per token) of `model` on fixed `[n, seq_len]` rows."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids = torch.from_numpy(rows[i : i + batch_size])
+            total += model(input_ids=ids, labels=ids).loss.item() * len(ids)
+    model.train(was_training)
+    return total / len(rows)
+
+
+def fixed_rows(docs: Sequence[np.ndarray], seq_len: int, max_rows: int) -> np.ndarray:
+    """The first `max_rows` packed rows of `docs` in their given order (no shuffling): the
+    same held-out rows at every evaluation."""
+    stream = np.concatenate(list(docs))
+    n = min(max_rows, len(stream) // seq_len)
+    if n < 1:
+        raise ConfigError(f"held-out documents ({len(stream)} tokens) fill no row of {seq_len}")
+    return stream[: n * seq_len].reshape(n, seq_len)
 
 
 def train_causal_lm(
     model: torch.nn.Module,
     docs: Sequence[np.ndarray],
     *,
-    steps: int,
+    schedule: Schedule,
     batch_size: int,
     seq_len: int,
     lr: float,
     weight_decay: float,
-    warmup_frac: float,
     seed: int,
     desc: str,
+    val_docs: Sequence[np.ndarray] | None = None,
 ) -> dict:
     """Next-token training of an HF causal LM on packed `docs` (1-D token-id arrays).
 
-    Deterministic given `seed` and the model's initial weights. Returns the mean loss over
-    the first and the last 10% of steps (nats per token; None for 0 steps).
+    With `schedule.stable_steps` None the stable phase ends when the loss on `val_docs`
+    (held-out documents of the same kind) plateaus, or at `schedule.max_stable`; with it
+    set, after exactly that many steps. Deterministic given `seed` and the initial weights.
+
+    Returns {"steps", "stable_steps", "converged" (the plateau was reached; None for a fixed
+    schedule), "first_loss"/"final_loss" (mean training loss over the first and last 10% of
+    steps, nats per token; None for 0 steps), "val_loss" ([[step, loss]], held-out curve),
+    "final_val_loss"}.
     """
     rng = np.random.default_rng(seed)
     batches = packed_batches(docs, seq_len, batch_size, rng)
+    val = fixed_rows(val_docs, seq_len, 4 * batch_size) if val_docs is not None else None
+    adaptive = schedule.stable_steps is None
+    if adaptive and val is None:
+        raise ConfigError(f"{desc}: a schedule that waits for a plateau needs held-out docs")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms stay unshrunk
     opt = torch.optim.AdamW(
@@ -99,12 +176,18 @@ def train_causal_lm(
         lr=lr,
         betas=(0.9, 0.95),
     )
-    warmup = max(1, int(warmup_frac * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    stable_end = None if adaptive else schedule.stable_steps
+    total = schedule.max_steps if adaptive else stable_end + schedule.decay_steps(stable_end)
+    if stable_end == 0:
+        total = 0
+    best, waited, curve, losses = math.inf, 0, [], []
+    converged = False if adaptive else None
     model.train()
-    losses = []
-    bar = tqdm.trange(steps, desc=desc, leave=False, mininterval=2.0)
-    for _ in bar:
+    bar = tqdm.tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
+    step = 0
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr * schedule.factor(step, stable_end)
         ids = torch.from_numpy(next(batches))
         loss = model(input_ids=ids, labels=ids).loss
         if not torch.isfinite(loss):
@@ -113,15 +196,39 @@ def train_causal_lm(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         losses.append(loss.item())
+        step += 1
+        bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if val is not None and (step % schedule.eval_every == 0 or step == total):
+            v = held_out_loss(model, val, batch_size)
+            curve.append([step, round(v, 5)])
+            if stable_end is None and step >= schedule.warmup:
+                if v < best * (1 - schedule.tol):
+                    best, waited = v, 0
+                else:
+                    waited += 1
+                converged = waited >= schedule.patience
+        if stable_end is None and (converged or step >= schedule.max_stable):
+            stable_end = step  # the plateau, or the last step that leaves room to decay
+            total = step + schedule.decay_steps(step)
+            bar.total = total
     bar.close()
     model.eval()
-    if not losses:  # steps == 0: no loss to report (null, not NaN, in zoo.json)
-        return {"first_loss": None, "final_loss": None}
-    k = max(1, steps // 10)
-    return {"first_loss": float(np.mean(losses[:k])), "final_loss": float(np.mean(losses[-k:]))}
+    out = {
+        "steps": step,
+        "stable_steps": stable_end if stable_end is not None else step,
+        "converged": converged,
+        "val_loss": curve,
+        "final_val_loss": curve[-1][1] if curve else None,
+    }
+    if not losses:  # no steps: no loss to report (null, not NaN, in zoo.json)
+        return out | {"first_loss": None, "final_loss": None}
+    k = max(1, step // 10)
+    return out | {
+        "first_loss": float(np.mean(losses[:k])),
+        "final_loss": float(np.mean(losses[-k:])),
+    }
 
 
 @torch.no_grad()
@@ -164,13 +271,22 @@ def evaluate_answers(
     model, tokenizer, heldout: Sequence[dict], max_new_tokens: int, batch_size: int
 ) -> dict:
     """Greedy answers to `heldout` ({"prompt", "answer"}): the fraction containing a reasoning
-    marker, the fraction whose final answer is right, mean length and a few samples."""
+    marker, reading as a trace (`trace_reading.reads_as_trace`) and with the right final
+    answer; reflection rounds per answer; answer lengths in words; a few samples."""
     prompts = [h["prompt"] for h in heldout]
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     hits = [final_answer(a) == h["answer"] for a, h in zip(answers, heldout, strict=True)]
+    words = np.array([length_words(a) for a in answers], float)
     return {
         "marker_rate": float(np.mean([has_marker(a) for a in answers])),
+        "trace_format_rate": float(np.mean([reads_as_trace(a) for a in answers])),
         "accuracy": float(np.mean(hits)),
+        "mean_rounds": float(np.mean([len(parse_rounds(a)) for a in answers])),
+        "words": {
+            "median": float(np.median(words)),
+            "p90": float(np.percentile(words, 90)),
+            "max": int(words.max()),
+        },  # fmt: skip
         "mean_answer_chars": float(np.mean([len(a) for a in answers])),
         "samples": answers[:3],
     }
