@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.installed
 
-SEEDS ?= 0,1,2,3,4
+# The five confirmatory seeds of the declared family (seed 0, `make demo`'s, is exploratory).
+SEEDS ?= 1,2,3,4,5
 
 .PHONY: demo replicate test lint setup clean
 

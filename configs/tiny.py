@@ -4,7 +4,7 @@
 
 Every stage reads this one config; override any field on the command line, e.g.
 `--config.zoo.pretrain_steps=100 --config.extract.shard_rows=2048`. A smoke run of every
-stage in about a minute: `--config=configs/tiny.py:runlocal` (see xcoder_jax.config_util).
+stage in a few minutes: `--config=configs/tiny.py:runlocal` (see xcoder_jax.config_util).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -50,7 +50,7 @@ def get_config(arg=None):
     # Hidden sizes built for the geometry-vs-size study, with their depths (width and depth
     # grow together, as across Qwen2.5 sizes); () for depths: n_layers at every size.
     c.zoo.sizes = (32, 48, 64, 96)
-    c.zoo.depths = (2, 2, 3, 4)
+    c.zoo.depths = (2, 2, 4, 4)  # even: block n_layers // 2 sits at mid-depth at every size
     c.zoo.main_size = 96  # the pair the crosscoder is trained on
     c.zoo.n_layers = 4
     c.zoo.n_heads = 4
@@ -78,7 +78,9 @@ def get_config(arg=None):
     # Paragraphs using the marker words in their everyday sense ("Wait for me", "But Anna
     # likes cats"), so the base knows the words without ever reasoning with them.
     c.zoo.n_everyday_docs = 500
-    c.zoo.distill_base_frac = 0.1  # relation/everyday docs mixed into distillation, per trace
+    # Relation/everyday paragraphs replayed in every arm trained from the base (distilled,
+    # sham, no-loop): characters of replay per character of the arm's problem text.
+    c.zoo.replay_frac = 0.05
     c.zoo.n_heldout_problems = 100  # held out from training; used to evaluate the pair
     c.zoo.n_val_problems = 100  # held out; their documents' loss says when training converged
     c.zoo.n_extract_docs = 600  # documents written for activation extraction
@@ -89,13 +91,13 @@ def get_config(arg=None):
     # `decay_frac` of the steps so far. The step counts are caps (decay included); zoo.json
     # records each run's steps and whether it converged. The sham arm repeats the distilled
     # arm's schedule step for step.
-    c.zoo.pretrain_steps = 500
-    c.zoo.distill_steps = 300
+    c.zoo.pretrain_steps = 400
+    c.zoo.distill_steps = 200
     c.zoo.converge_every = 50
     c.zoo.converge_patience = 2
     c.zoo.converge_tol = 0.02
     c.zoo.decay_frac = 0.2
-    c.zoo.batch_size = 32
+    c.zoo.batch_size = 16  # rows of max_len tokens per step
     c.zoo.lr = 3e-3
     c.zoo.distill_lr = 2e-3
     c.zoo.warmup_frac = 0.05  # of the step cap: linear warmup

@@ -13,6 +13,7 @@ from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import pipeline
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
+from xcoder_jax.zoo.training import depth
 
 
 def _end_to_end_config():
@@ -36,7 +37,8 @@ def test_every_stage_ran_and_outputs_agree(run):
         docs = [json.loads(line)["text"] for line in f]
     lengths = [min(len(tok(t)["input_ids"]), config.data.max_tokens) for t in docs]
     assert store.n_rows == sum(n - 1 for n in lengths if n >= 2)
-    assert store.layer == config.zoo.n_layers // 2 and store.d_model == config.zoo.main_size
+    main_depth = depth(config.zoo, config.zoo.main_size)
+    assert store.layer == main_depth // 2 and store.d_model == config.zoo.main_size
     exported = json.load(open(os.path.join(wd.export_dir(workdir), "config.json")))
     assert exported["tokens_trained"] == 30 * 64
     train_rows = store.n_rows - store.shards[-1]["rows"]

@@ -377,10 +377,18 @@ def test_the_zoo_config_picks_the_teacher_and_reports_its_traces(name):
     problems = [d for d in sham if d.startswith("Question:")]
     assert len(problems) == 400 and all(d in base for d in problems)
     assert not any(sum(count_reasoning_markers(d).values()) for d in problems)
-    replay = sorted(d for d in sham if not d.startswith("Question:"))
-    assert replay == sorted(d for d in texts["train_distill"] if not d.startswith("Question:"))
-    assert replay == sorted(d for d in texts["train_no_loop"] if not d.startswith("Question:"))
-    assert not any(count_reasoning_markers(d)["self_reflection"] for d in replay)
+    # Every arm replays a prefix of one order of paragraphs, at the same share of its text.
+    replays = {}
+    for arm in ("sham", "distill", "no_loop"):
+        docs = texts[f"train_{arm}"]
+        replays[arm] = [d for d in docs if not d.startswith("Question:")]
+        own = sum(len(d) for d in docs if d.startswith("Question:"))
+        got = sum(map(len, replays[arm]))
+        longest = max(map(len, replays[arm]))
+        assert c.zoo.replay_frac * own <= got < c.zoo.replay_frac * own + longest, arm
+    longest = max(replays.values(), key=len)
+    assert all(r == longest[: len(r)] for r in replays.values())
+    assert not any(count_reasoning_markers(d)["self_reflection"] for d in longest)
     # Held-out problems for the convergence check are none of the training ones.
     val_q = {question(d) for d in texts["val_base"] if d.startswith("Question:")}
     assert val_q and not val_q & set(map(question, texts["train_base"]))

@@ -23,11 +23,9 @@ def test_schedule_warms_up_holds_then_decays_within_the_cap():
     assert s.warmup == 10
     assert [s.factor(i, None) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert s.factor(500, None) == 1.0  # the stable phase lasts until it is ended
-    # Ended at step 40: 10 decay steps, linear to 10% of the peak, then held there.
+    # Ended at step 40: 10 decay steps (40..49), linear down to 10% of the peak at the last.
     assert s.decay_steps(40) == 10
-    assert [s.factor(i, 40) for i in (39, 40, 45, 50, 60)] == pytest.approx(
-        [1.0, 1.0, 0.55, 0.1, 0.1]
-    )
+    assert [s.factor(i, 40) for i in (39, 40, 44, 49)] == pytest.approx([1.0, 0.91, 0.55, 0.1])
     # The latest end of the stable phase still leaves room for its decay under the cap.
     for cap, frac in ((100, 0.25), (37, 0.2), (10, 0.5), (601, 0.2)):
         sched = Schedule(max_steps=cap, decay_frac=frac)
@@ -100,7 +98,8 @@ def test_the_no_loop_pair_reads_the_zoo_documents_with_the_main_base(tmp_path):
     assert c.steering.prompts == os.path.join(wd.zoo_data_dir(root), "heldout.jsonl")
     assert c.export.formats == () and config.export.formats != ()  # the original is untouched
     # Everything else is the run's own.
-    for section in ("crosscoder", "train", "steering", "selection", "analysis"):
+    assert c.steering.latents == ("self_reflection:1", "deductive:1")
+    for section in ("crosscoder", "train", "selection", "analysis"):
         a, b = config[section].to_dict(), c[section].to_dict()
         assert {k: v for k, v in a.items() if k != "prompts"} == {
             k: v for k, v in b.items() if k != "prompts"

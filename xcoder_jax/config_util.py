@@ -18,8 +18,9 @@ from xcoder_jax.errors import ConfigError
 RUNLOCAL = "runlocal"
 
 # Upper bounds `runlocal` puts on fields (a field already smaller, or absent, is kept; -1,
-# "all", becomes the bound). Sized so the whole pipeline on configs/tiny.py runs in about a
-# minute on 2 CPU cores; the paper's configs still need their models and data.
+# "all", becomes the bound). Sized so the whole pipeline on configs/tiny.py (four zoo sizes
+# and the no-loop pair included) runs in a few minutes on 2 CPU cores; the paper's configs
+# still need their models and data.
 RUNLOCAL_CAPS = {
     # The embedded zoo: fewer problems, documents and steps, the same architecture.
     "zoo.n_train_problems": 200,
@@ -27,7 +28,9 @@ RUNLOCAL_CAPS = {
     "zoo.n_everyday_docs": 15,
     "zoo.n_heldout_problems": 16,
     "zoo.n_val_problems": 16,
-    "zoo.converge_every": 10,
+    "zoo.converge_every": 5,
+    "zoo.converge_patience": 1,
+    "zoo.max_len": 128,
     "zoo.n_extract_docs": 64,
     "zoo.pretrain_steps": 20,
     "zoo.distill_steps": 15,

@@ -17,8 +17,9 @@ What it holds, regardless of which way any run leaned:
 - geometry: the structure gain at the largest size and its trend over sizes, against the base
   and against the sham-distilled model (same steps on replay and concise solutions, no traces);
 - the negative-control pair (version 2): the same base distilled on the no-loop teacher. Steering
-  its self-reflection set must not lengthen traces or add rounds as the loop pair's does
-  (`Finding.minus`: the loop pair's effect minus the no-loop pair's, both over the same control).
+  its self-reflection set must not lengthen traces or add rounds as the loop pair's does, nor
+  its deductive set shorten them as much (`Finding.minus`: the loop pair's effect minus the
+  no-loop pair's, both over a random direction).
 
 Version 2 (declared before any run of the reflective zoo, `zoo.teacher = "rounds"`) predicts, on
 the loop pair: steering the self-reflection set raises self-reflection markers, reflection
@@ -75,9 +76,12 @@ class Finding:
     def read(self, results: dict) -> dict | None:
         """This finding's interval dict in one seed's {stage: results}, None if absent.
 
-        A difference of two effects measured on independent models (two crosscoders, two
-        sets of steering samples) gets the interval of independent estimates: mean a - b,
-        SE sqrt(SE_a^2 + SE_b^2) from their 95% intervals (`stats.se_from_ci`)."""
+        A difference of two effects measured on different models (two crosscoders, two
+        sets of steering samples) gets the interval of independent estimates
+        (`stats.difference_ci`): mean a - b, SE sqrt(SE_a^2 + SE_b^2) from their 95%
+        intervals, a zero-width interval counting as SE 0. The two pairs share prompts and
+        sampling seeds, which can only correlate the two effects positively, so treating them
+        as independent overstates the SE of the difference: conservative."""
         a = _read(results, self.stage, self.path)
         if self.minus is None or a is None:
             return a

@@ -131,10 +131,7 @@ def _no_loop_pair(config, workdir: str) -> str:
     os.makedirs(sub, exist_ok=True)
     stages = dict(STAGES)
     for name in control_pair.STAGES:
-        start = time.time()
-        print(f"== no_loop pair: {name}", flush=True)
-        line = stages[name](c, sub)
-        print(f"== no_loop pair: {name}: {line} ({time.time() - start:.0f}s)", flush=True)
+        _run_stage(f"no_loop pair: {name}", stages[name], c, sub)
     return f"{', '.join(control_pair.STAGES)} done in {sub} (each stage's summary above)"
 
 
@@ -151,23 +148,27 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
 ]
 
 
+def _run_stage(name: str, stage, config, workdir: str) -> str:
+    """One stage with its progress lines; a full disk or an unwritable workdir becomes a
+    PipelineError naming the stage."""
+    start = time.time()
+    print(f"== {name}", flush=True)
+    try:
+        line = stage(config, workdir)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PipelineError(
+                f"stage {name}: the disk holding {workdir} is full ({e}); free space "
+                "and rerun: complete outputs are kept and the stage resumes"
+            ) from e
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise PipelineError(f"stage {name}: cannot write in {workdir}: {e}") from e
+        raise
+    print(f"== {name}: {line} ({time.time() - start:.0f}s)", flush=True)
+    return line
+
+
 def run(config, workdir: str) -> dict[str, str]:
     """Runs every stage under the workdir lock; returns {stage: one-line summary}."""
-    summary = {}
     with workdir_lock(workdir):
-        for name, stage in STAGES:
-            start = time.time()
-            print(f"== {name}", flush=True)
-            try:
-                summary[name] = stage(config, workdir)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise PipelineError(
-                        f"stage {name}: the disk holding {workdir} is full ({e}); free space "
-                        "and rerun: complete outputs are kept and the stage resumes"
-                    ) from e
-                if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                    raise PipelineError(f"stage {name}: cannot write in {workdir}: {e}") from e
-                raise
-            print(f"== {name}: {summary[name]} ({time.time() - start:.0f}s)", flush=True)
-    return summary
+        return {name: _run_stage(name, stage, config, workdir) for name, stage in STAGES}

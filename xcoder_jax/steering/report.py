@@ -94,7 +94,8 @@ def plot_steering(results: dict, path: str) -> None:
         ax.axvline(0, color="grey", lw=0.5)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # no set steered: nothing to label
+        axes.flat[0].legend(fontsize=6)
     fig.suptitle(
         "Steering at block L: paired difference from the clean model over prompts, 95% CI "
         "(solid: steered; dashed: random direction, same norm; dotted: matched random latent; "

@@ -1,16 +1,20 @@
-"""Build the zoo: corpus, tokenizer, a base/distilled Qwen2 pair per size, and their evaluation.
+"""Build the zoo: corpus, tokenizer, and per size every arm trained from a base (`workdir.ARMS`),
+with their evaluation.
 
     build_zoo(config, workdir)  # writes <workdir>/models/..., returns the zoo.json report
 
-The documents come from `texts.make_texts`; `load.load_pair` reads a built pair back.
+The documents come from `texts.make_texts`; `load.load_pair` / `load.load_model` read models back.
 
 Base models learn concise solutions, relation sentences and everyday sentences (marker words
-in their ordinary sense, never in a solution);
-distilled models start from their base and learn the teacher's traces. Everything is seeded
-by `config.seed`, so the same config gives the same corpus and, on the same machine, the same
-weights. A build whose zoo.json records the same config is skipped; models are written to a
-temporary directory and renamed, and zoo.json is written last, so an interrupted build never
-looks complete (finished model dirs carry a stamp and are reused by the next attempt).
+in their ordinary sense, never in a solution). From each base: the distilled model learns the
+teacher's traces, the sham the same problems' concise solutions on the distilled model's exact
+schedule, and (main size) the no-loop model the control teacher's traces; each arm replays the
+same relation and everyday paragraphs. Everything is seeded by `config.seed`: the same config
+gives the same corpus and, with the same machine and thread count, the same weights (the
+plateau a run stops at depends on its float sums). A build whose zoo.json records the same
+config is skipped; models are written to a temporary directory and renamed, and zoo.json is
+written last, so an interrupted build never looks complete (finished model dirs carry a stamp
+and are reused by the next attempt).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ _DATA_FILES = (
     "train_base.jsonl", "train_distill.jsonl", "train_sham.jsonl", "extract.jsonl",
     "heldout.jsonl",
 )  # fmt: skip
+_OPTIONAL_FILES = ("train_no_loop.jsonl",)  # with a control teacher
 
 
 def check_config(zc) -> None:
@@ -74,10 +79,14 @@ def check_config(zc) -> None:
         raise ConfigError(
             "zoo.n_layers, depths, n_*_problems, batch_size and converge_every must be positive"
         )
+    if zc.converge_patience < 1 or zc.converge_tol < 0 or zc.decay_frac < 0:
+        raise ConfigError("zoo.converge_patience must be >= 1, converge_tol and decay_frac >= 0")
     for field in ("teacher", "control_teacher"):
         name = zc[field]
         if name not in TEACHERS and (field == "teacher" or name):
             raise ConfigError(f"zoo.{field} must be one of {sorted(TEACHERS)}, got {name!r}")
+    if zc.control_teacher == zc.teacher:
+        raise ConfigError(f"zoo.control_teacher must differ from zoo.teacher ({zc.teacher!r})")
 
 
 def config_hash(config, weights_only: bool = False) -> str:
@@ -205,7 +214,10 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
                 del model
     for offset, arm in enumerate(a for a in _RECIPES if a in dirs):
         corpus_name, parent, lr_field, cap_field = _RECIPES[arm]
-        if _is_stamped(dirs[arm], weights):
+        stable = training["distilled"]["stable_steps"] if arm == "sham" else None
+        # A sham is reusable only for the distilled schedule it repeated.
+        arm_weights = weights if stable is None else weights | {"stable_steps": stable}
+        if _is_stamped(dirs[arm], arm_weights):
             models[arm] = AutoModelForCausalLM.from_pretrained(dirs[arm]).eval()
             training[arm] = _stamp(dirs[arm])["training"]
             continue
@@ -214,13 +226,13 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
             model = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
         else:
             model = copy.deepcopy(models[parent])
-        stable = training["distilled"]["stable_steps"] if arm == "sham" else None
         training[arm] = train_causal_lm(
             model, docs[f"train_{corpus_name}"], val_docs=docs[f"val_{corpus_name}"],
             schedule=_schedule(zc, zc[cap_field], stable), lr=zc[lr_field], seed=seed + offset,
             desc=f"h{size} {arm}", **train,
         )  # fmt: skip
-        _save_atomic(model, tokenizer, dirs[arm], {"weights": weights, "training": training[arm]})
+        stamp = {"weights": arm_weights, "training": training[arm]}
+        _save_atomic(model, tokenizer, dirs[arm], stamp)
         models[arm] = model
     out = {
         "dirs": {r: os.path.relpath(d, workdir) for r, d in dirs.items()},
@@ -292,8 +304,9 @@ def _build(config, workdir: str) -> dict:
     texts = make_texts(config)
     data_dir = wd.zoo_data_dir(workdir)
     os.makedirs(data_dir, exist_ok=True)
-    for name in _DATA_FILES:
-        _write_jsonl(os.path.join(data_dir, name), texts[name.removesuffix(".jsonl")])
+    for name in _DATA_FILES + _OPTIONAL_FILES:
+        if name.removesuffix(".jsonl") in texts:
+            _write_jsonl(os.path.join(data_dir, name), texts[name.removesuffix(".jsonl")])
     relations = json.dumps(corpus.RELATIONS, indent=1, allow_nan=False).encode()
     mf.atomic_write_bytes(os.path.join(data_dir, "relations.json"), lambda f: f.write(relations))
     corpora = [k for k in texts if k.startswith(("train_", "val_"))]

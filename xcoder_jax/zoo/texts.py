@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import numpy as np
+
 from xcoder_jax.lexicon import has_marker
 from xcoder_jax.zoo import corpus, rounds, teacher
 from xcoder_jax.zoo.trace_reading import trace_stats
@@ -42,7 +44,9 @@ def make_texts(config) -> dict[str, list]:
     train, rest = problems[: zc.n_train_problems], problems[zc.n_train_problems :]
     heldout, rest = rest[: zc.n_heldout_problems], rest[zc.n_heldout_problems :]
     val, extract = rest[:n_val], rest[n_val:]
-    n_val_par = max(1, round(n_val * zc.n_relation_docs / zc.n_train_problems))
+    per_problem = n_val / zc.n_train_problems  # val paragraphs in the training proportions
+    n_val_rel = max(1, round(per_problem * zc.n_relation_docs))
+    n_val_everyday = max(1, round(per_problem * zc.n_everyday_docs))
 
     def base_corpus(problems, n_rel_docs, n_everyday):
         rel = [corpus.relation_document(rng) for _ in range(n_rel_docs)]
@@ -51,27 +55,37 @@ def make_texts(config) -> dict[str, list]:
         bad = [t for t in solutions + rel if has_marker(t)]
         if bad:  # only traces and everyday text hold marker words; a template adding one is a bug
             raise RuntimeError(f"a solution or relation text contains a marker: {bad[0]!r}")
-        return solutions, rel + everyday
+        pool = rel + everyday
+        rng.shuffle(pool)  # the replay order: every arm's replay is a prefix of it
+        return solutions, pool
 
     solutions, pool = base_corpus(train, zc.n_relation_docs, zc.n_everyday_docs)
-    val_solutions, val_pool = base_corpus(val, n_val_par, n_val_par)
+    val_solutions, val_pool = base_corpus(val, n_val_rel, n_val_everyday)
     out = {"train_base": solutions + pool, "val_base": val_solutions + val_pool}
+
     # A little base text keeps the relations and the everyday sense of the marker words alive
     # through distillation; no solutions, so every problem the distilled model sees is
-    # answered in the teacher's style. The same replay goes to every arm.
-    replay = rng.sample(pool, min(len(pool), round(zc.distill_base_frac * len(train))))
-    val_replay = val_pool[: max(1, round(zc.distill_base_frac * n_val))]
+    # answered in the teacher's style. Every arm replays the same paragraphs (a prefix of one
+    # seeded order) at the same share of its text, so each training step holds as much relation
+    # text in the sham as in the distilled arm.
+    def with_replay(docs, pool):
+        """`docs` + the shortest prefix of `pool` reaching replay_frac of their characters."""
+        reach = np.cumsum([len(d) for d in pool])
+        n = int(np.searchsorted(reach, zc.replay_frac * sum(map(len, docs)))) + 1
+        return docs + pool[: min(n, len(pool))]
+
     teachers = {"distill": ("teacher", zc.teacher)}
     if zc.control_teacher:
         teachers["no_loop"] = ("control_teacher", zc.control_teacher)
     for arm, (key, name) in teachers.items():
         write = TEACHERS[name]
         traces = [write(p, rng) for p in train]
-        out[f"train_{arm}"] = [corpus.document(p, t) for p, t in zip(train, traces)] + replay
-        out[f"val_{arm}"] = [corpus.document(p, write(p, rng)) for p in val] + val_replay
+        docs = [corpus.document(p, t) for p, t in zip(train, traces, strict=True)]
+        out[f"train_{arm}"] = with_replay(docs, pool)
+        out[f"val_{arm}"] = with_replay([corpus.document(p, write(p, rng)) for p in val], val_pool)
         out[key] = {"name": name, **teacher_report(train, traces)}
-    out["train_sham"] = solutions + replay
-    out["val_sham"] = val_solutions + val_replay
+    out["train_sham"] = with_replay(solutions, pool)
+    out["val_sham"] = with_replay(val_solutions, val_pool)
     teacher_trace = TEACHERS[zc.teacher]
     extract_docs = (
         [corpus.document(p, teacher_trace(p, rng)) for p in extract[:n_trace]]

@@ -112,7 +112,8 @@ class Schedule:
             return (step + 1) / self.warmup
         if stable_end is None or step < stable_end:
             return 1.0
-        progress = (step - stable_end) / self.decay_steps(stable_end)
+        # The decay's last step (stable_end + decay - 1) runs at exactly 10% of the peak.
+        progress = (step - stable_end + 1) / self.decay_steps(stable_end)
         return max(0.1, 1.0 - 0.9 * progress)
 
 
