@@ -178,44 +178,31 @@ def _inverse(step: Step) -> str:
     return f"{v} {_INVERSE[op]} {b} = {a}"
 
 
-def _restate(p: Problem) -> str:
-    """The question's quantities in a clause, without arithmetic."""
-    a, _, b, _ = p.steps[0]
-    if p.kind == "gain":
-        return f"{p.name} has {_n(a, p.noun)} and {p.gain[1]} {b} more"
-    if p.kind == "lose":
-        return f"{p.name} had {_n(a, p.noun)} and {p.lose[1]} {b}"
-    if p.kind == "together":
-        return f"{p.name} has {_n(a, p.noun)} and the other one has {b}"
-    if p.kind == "groups":
-        return f"there are {a} bags with {_n(b, p.noun)} in each"
-    c = p.steps[1][2]
-    return f"{p.name} had {_n(a, p.noun)}, {p.gain[1]} {b} more and then {p.lose[1]} {c}"
-
-
 def _word(n: int) -> str:
     """A count in words up to twenty ("seven"), in digits beyond."""
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
 
 
-def _restate_words(p: Problem) -> str:
-    """The question's events retold in words: counts spelled out, verbs in the past tense,
-    nouns in number agreement ("Tom had seven apples and gave three away"), the words the
-    relation sentences teach, met here in reasoning."""
+def _restate(p: Problem, words: bool = False) -> str:
+    """The question's quantities in a clause, without arithmetic. With `words`, its events
+    retold: counts spelled out, verbs in the past tense, nouns in number agreement ("Tom had
+    seven apples and gave three of them"), the words the relation sentences teach, met here
+    in reasoning."""
     a, _, b, _ = p.steps[0]
-    things = lambda n: f"{_word(n)} {p.noun[0] if n == 1 else p.noun[1]}"
+    num = _word if words else str
+    things = lambda n: f"{num(n)} {p.noun[0] if n == 1 else p.noun[1]}"
+    has, are, them = ("had", "were", " of them") if words else ("has", "are", "")
     if p.kind == "gain":
-        return f"{p.name} had {things(a)} and {p.gain[1]} {_word(b)} more"
+        return f"{p.name} {has} {things(a)} and {p.gain[1]} {num(b)} more"
     if p.kind == "lose":
-        return f"{p.name} had {things(a)} and {p.lose[1]} {_word(b)} of them"
+        return f"{p.name} had {things(a)} and {p.lose[1]} {num(b)}{them}"
     if p.kind == "together":
-        return f"{p.name} had {things(a)} and the other one had {_word(b)}"
+        return f"{p.name} {has} {things(a)} and the other one {has} {num(b)}"
     if p.kind == "groups":
-        return f"there were {_word(a)} bags with {things(b)} in each"
+        return f"there {are} {num(a)} bags with {things(b)} in each"
     c = p.steps[1][2]
     return (
-        f"{p.name} had {things(a)}, {p.gain[1]} {_word(b)} more and then {p.lose[1]} "
-        f"{_word(c)} of them"
+        f"{p.name} had {things(a)}, {p.gain[1]} {num(b)} more and then {p.lose[1]} {num(c)}{them}"
     )
 
 
@@ -342,7 +329,7 @@ _REREAD = " Let me read the question again."
 def _reread(p: Problem) -> str:
     """The question read again, its events retold in words, and the operation chosen again
     (no arithmetic)."""
-    return f"{_REREAD} {_cap(_restate_words(p))}, so I {_ops_named(p)}."
+    return f"{_REREAD} {_cap(_restate(p, words=True))}, so I {_ops_named(p)}."
 
 
 def _contrast(rng: random.Random, p: Problem, written: list[Step]) -> str:
