@@ -193,6 +193,9 @@ def micro_zoo_config(**zoo_overrides):
     z.n_train_problems, z.n_relation_docs, z.n_everyday_docs = 200, 40, 15
     z.n_heldout_problems, z.n_extract_docs, z.n_val_problems = 8, 30, 8
     z.converge_every = 5
+    # The micro pair learns the short no-loop traces in its few steps (the reflective ones
+    # need far more); the no-loop pair is then distilled on the reflective teacher.
+    z.teacher, z.control_teacher = "no_loop", "rounds"
     z.pretrain_steps, z.distill_steps = 15, 10
     z.batch_size, z.max_len, z.max_new_tokens = 4, 64, 16
     for k, v in zoo_overrides.items():

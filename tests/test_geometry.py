@@ -484,8 +484,10 @@ def test_run_geometry_on_the_micro_zoo(zoo, tmp_path, monkeypatch):
     assert json.loads(text) == results and "NaN" not in text and "Infinity" not in text
     assert list(results["pairs"]) == [f"h{s}" for s in config.zoo.sizes]
     assert results["largest"] == "h32" and results["n_boot"] == config.geometry.n_boot
+    depths = dict(zip(config.zoo.sizes, config.zoo.depths))
     for p in results["pairs"].values():
-        assert p["layer"] == 1 and p["n_layers"] == 2 and p["d_model"] == p["size"]
+        assert p["n_layers"] == depths[p["size"]] and p["layer"] == p["n_layers"] // 2
+        assert p["d_model"] == p["size"]
         assert list(p["relations"]) == [*RELATIONS, "junk"]
         junk = p["relations"]["junk"]  # recorded, not fatal: other relations still count
         assert (junk["kept"], junk["total"]) == (0, 2) and "none of its 2" in junk["skipped"]
@@ -496,7 +498,7 @@ def test_run_geometry_on_the_micro_zoo(zoo, tmp_path, monkeypatch):
                 assert r["kept"] < 2 and "single tokens" in r["skipped"]
                 continue
             assert 2 <= r["kept"] <= r["total"] == len(RELATIONS[rel])
-            for role in ("base", "distilled"):
+            for role in ("base", "distilled", "sham"):  # the micro zoo builds a sham per size
                 assert list(r["models"][role]) == ["2", "5", "64"]
                 for s in r["models"][role].values():
                     vals = [s["mean"], s["median"], s["control_mean"], s["control_median"]]
@@ -506,7 +508,7 @@ def test_run_geometry_on_the_micro_zoo(zoo, tmp_path, monkeypatch):
             assert list(r["by_k"]) == ["2", "5", "64"]
             for by_k in r["by_k"].values():
                 cis = [by_k["base_minus_distilled"], *by_k["true_minus_shuffled"].values()]
-                assert list(by_k["true_minus_shuffled"]) == ["base", "distilled"]
+                assert list(by_k["true_minus_shuffled"]) == ["base", "distilled", "sham"]
                 for ci in cis:
                     assert ci["n"] == r["kept"] and np.isfinite(ci["mean"])
                     assert (ci["lo"] is None) == (r["kept"] < 3) == ("reason" in ci)

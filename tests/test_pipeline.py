@@ -128,12 +128,15 @@ def test_every_json_file_the_pipeline_writes_is_strict(run):
 
 def test_a_moved_workdir_skips_every_stage(run, tmp_path):
     """Fingerprints identify content, not where the workdir lives: a copy elsewhere, named
-    with a different spelling, reruns nothing."""
+    with a different spelling, reruns nothing of the main pair. (The no-loop pair's config
+    names the zoo's models by absolute path, so its outputs are not portable: the copy leaves
+    them out and the run redoes them.)"""
     import shutil
 
     config, workdir, _ = run
     moved = tmp_path / "elsewhere"
-    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns(pipeline.LOCK_FILE))
+    ignore = shutil.ignore_patterns(pipeline.LOCK_FILE, os.path.basename(wd.control_pair_dir("")))
+    shutil.copytree(workdir, moved, ignore=ignore)
     outputs = [
         os.path.join(wd.activations_dir(str(moved)), "manifest.json"),
         os.path.join(wd.export_dir(str(moved)), "crosscoder.safetensors"),

@@ -529,7 +529,8 @@ def test_the_cap_comes_from_the_clean_length_and_truncation_is_recorded(run):
     )
     assert {m["truncated"] for r in lines for m in [r["metrics"]]} <= {0.0, 1.0}
     share = np.mean([m["truncated"] for m in clean])
-    assert share > 0.5 and res["conditions"][0]["metrics"]["truncated"]["mean"] == share
+    # Some micro samples loop past even the larger cap: they are the ones recorded truncated.
+    assert share > 0 and res["conditions"][0]["metrics"]["truncated"]["mean"] == share
     assert all(m["tokens"] > 12 for m in clean if m["truncated"])
 
 
