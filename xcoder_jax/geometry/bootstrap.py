@@ -45,6 +45,13 @@ from xcoder_jax.stats import percentile_ci
 
 # Each gain: the distilled model's true - shuffled gap minus that of this comparison model.
 GAINS = {"structure_gain": "base", "sham_gain": "sham"}
+
+
+def gain_formula(gain: str) -> str:
+    """What a gain of `GAINS` measures, e.g. "(true - shuffled) distilled - base"."""
+    return f"(true - shuffled) distilled - {GAINS[gain]}"
+
+
 MIN_PAIRS = 3  # 2 pairs make one comparison: every resample would score the same value
 METHOD = (
     "mean over pairs of word pairs; 95% percentile bootstrap ({} resamples of word pairs, "

@@ -11,16 +11,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from xcoder_jax.geometry.bootstrap import gain_formula
 from xcoder_jax.geometry.metric import QUANTILES
 from xcoder_jax.geometry.trend import ordered_pairs, slope_key
 
 COLORS = {"base": "tab:blue", "distilled": "tab:orange", "sham": "tab:green"}
 # The gains: (true - shuffled) distilled - base, and distilled - sham.
 GAINS = {"structure_gain": "tab:purple", "sham_gain": "tab:olive"}
-GAIN_LABELS = {
-    "structure_gain": "structure gain: (true - shuffled) distilled - base",
-    "sham_gain": "sham gain: (true - shuffled) distilled - sham",
-}
 
 
 def _roles(results: dict) -> list[str]:
@@ -175,7 +172,8 @@ def plot_loss_vs_size(results: dict, path: str) -> None:
     axes[3, 0].set_ylabel("difference of differences", fontsize=9)
     gap = Line2D([], [], color="k", marker="o", ms=4, label="base - distilled (95% CI)")
     shown = [g for g in GAINS if any(g in v for p in entries for v in p["pooled"].values())]
-    gains = [Line2D([], [], color=GAINS[g], marker="o", ms=4, label=f"{GAIN_LABELS[g]} (95% CI)")
+    label = lambda g: f"{g.replace('_', ' ')}: {gain_formula(g)} (95% CI)"
+    gains = [Line2D([], [], color=GAINS[g], marker="o", ms=4, label=label(g))
              for g in shown]  # fmt: skip
     fig.legend(handles=[*_legend(roles), gap, *gains], loc="outside lower center", ncols=3,
                fontsize=8)  # fmt: skip

@@ -29,6 +29,7 @@ from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, MissingInputError
 from xcoder_jax.geometry.bootstrap import (
     GAINS,
+    gain_formula,
     intervals,
     pooled_intervals,
     pooled_replicates,
@@ -310,12 +311,6 @@ def run_geometry(config, workdir: str) -> dict:
     return stage.commit(out_dir, RESULTS, results, outputs)
 
 
-GAIN_NAMES = {
-    "structure_gain": "structure gain ((true - shuffled) distilled - base)",
-    "sham_gain": "sham gain ((true - shuffled) distilled - sham)",
-}
-
-
 def summarize(results: dict) -> str:
     """One line at `plot_n_components`: per pair, on how many relations the distilled model
     is below / above the base (mean loss, 95% CI excluding 0) or undecided, on how many each
@@ -352,7 +347,7 @@ def summarize(results: dict) -> str:
         + "; pooled base - distilled mean loss: " + ", ".join(pool)
     )  # fmt: skip
     for g, values in gains.items():
-        line += f"; pooled {GAIN_NAMES[g]}: " + ", ".join(values)
+        line += f"; pooled {g.replace('_', ' ')} ({gain_formula(g)}): " + ", ".join(values)
     trend = results.get("trend")
     if trend is not None:
         n = len(trend["pairs"])
