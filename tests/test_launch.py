@@ -68,7 +68,7 @@ EARLY_ERRORS = {
     "convert": (("--to=ckkissane",), "export file missing"),
     "build_zoo": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "pipeline": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
-    "replicate": (("--seeds=0", "--config.zoo.main_size=7"), "seeds ['0'] are not counted"),
+    "replicate": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
 }
 
 
@@ -113,8 +113,8 @@ def test_unknown_loss_is_one_line_before_any_training(tmp_path):
         "--config.crosscoder.d_model=32",
         "--config.crosscoder.loss=nope",
     )
-    line = assert_one_error_line(proc, "unknown crosscoder.loss 'nope'")
-    assert line == "error: unknown crosscoder.loss 'nope' (l1, batchtopk)"
+    line = assert_one_error_line(proc, "crosscoder.loss = 'nope'")
+    assert line == "error: crosscoder.loss = 'nope': must be one of 'l1', 'batchtopk'"
     assert sorted(os.listdir(tmp_path)) == ["activations"]  # no checkpoint, no metrics
 
 
@@ -196,6 +196,7 @@ def _error_classes():
         (replicate.ReplicationError, RuntimeError),
         (replicate.StaleResultError, RuntimeError),
         (errors.ConfigError, ValueError),
+        (errors.UsageError, ValueError),
         (errors.MissingInputError, FileNotFoundError),
         (FormatError, ValueError),
         (DiskBudgetError, OSError),

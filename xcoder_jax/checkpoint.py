@@ -27,6 +27,7 @@ from xcoder_jax.errors import XcoderError
 EXPORT_WEIGHTS = "crosscoder.safetensors"
 EXPORT_CONFIG = "config.json"
 REQUIRED_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+WEIGHTS_SHA256 = "weights_sha256"  # config.json's hash of crosscoder.safetensors
 
 
 # Fields that must not change when a run resumes from its checkpoints.
@@ -159,10 +160,11 @@ def export(
     json.dumps(config, allow_nan=False)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in raw.items()}
-    mf.atomic_write_path(
-        os.path.join(directory, EXPORT_WEIGHTS), lambda tmp: save_file(tensors, tmp)
-    )
-    # The config last: its presence marks a complete export.
+    wpath = os.path.join(directory, EXPORT_WEIGHTS)
+    mf.atomic_write_path(wpath, lambda tmp: save_file(tensors, tmp))
+    # The config last: its presence marks a complete export, and the weights' hash in it
+    # lets every reader tell a truncated or corrupted file from the one written here.
+    config[WEIGHTS_SHA256] = mf.sha256_file(wpath)
     mf.atomic_write_json(os.path.join(directory, EXPORT_CONFIG), config)
 
 
@@ -182,15 +184,56 @@ class ExportError(XcoderError, ValueError):
     """An export directory that is missing, incomplete or inconsistent."""
 
 
+def _damaged(directory: str, why: str) -> ExportError:
+    return ExportError(
+        f"the export at {directory} is damaged ({why}): rerun training (launch/train.py or "
+        "launch/pipeline.py) to write it again from the last checkpoint"
+    )
+
+
+def check_export(directory: str) -> tuple[str, dict]:
+    """(weights path, config) of an intact export; raises ExportError otherwise.
+
+    Intact: both files exist, config.json parses, and the weights hash to the config's
+    `weights_sha256` (exports written elsewhere, without it, are only checked to be a
+    complete safetensors file: header, and data as long as the header says).
+    """
+    missing = "export file missing: {path}"
+    try:
+        wpath, _, config = read_pair(directory, EXPORT_WEIGHTS, EXPORT_CONFIG, ExportError, missing)
+    except json.JSONDecodeError as e:
+        raise _damaged(directory, f"{EXPORT_CONFIG} is not JSON: {e}") from e
+    expected = config.get(WEIGHTS_SHA256)
+    if expected is not None:
+        if mf.sha256_file(wpath) != expected:
+            raise _damaged(directory, f"{EXPORT_WEIGHTS} does not match its recorded sha256")
+        return wpath, config
+    size = os.path.getsize(wpath)
+    try:
+        with open(wpath, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise _damaged(directory, f"{EXPORT_WEIGHTS} has no readable header")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise _damaged(directory, f"{EXPORT_WEIGHTS} holds {size} bytes, its header {8 + n + end}")
+    return wpath, config
+
+
 def load_export(directory: str, backend: str = "numpy"):
     """(tensors, config) from an export directory.
 
     backend "numpy": dict of arrays; "torch": dict of float32 tensors; "jax": a
     `Crosscoder` module in RAW units (its scales are 1).
     """
-    missing = "export file missing: {path}"
-    wpath, _, config = read_pair(directory, EXPORT_WEIGHTS, EXPORT_CONFIG, ExportError, missing)
-    tensors = load_file(wpath)
+    wpath, config = check_export(directory)
+    try:
+        tensors = load_file(wpath)
+    except Exception as e:  # safetensors' own errors: a header or data it cannot read
+        raise _damaged(directory, f"unreadable: {e}") from e
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise ExportError(f"{wpath} lacks tensors {missing}")

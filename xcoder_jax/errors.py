@@ -21,3 +21,8 @@ class ConfigError(XcoderError, ValueError):
 
 class MissingInputError(XcoderError, FileNotFoundError):
     """An input the run needs does not exist yet (a data file, the zoo, a prompt file)."""
+
+
+class UsageError(XcoderError, ValueError):
+    """A library function was called with arguments it cannot work with (an empty latent
+    set, a model slot or latent id the crosscoder does not have)."""

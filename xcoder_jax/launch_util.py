@@ -8,12 +8,17 @@ corrupted shard, a missing store, an unknown loss, a bad config value, ...) is p
 one line `error: <message>` on stderr and the script exits with status 1; `--traceback` shows
 the full traceback instead. Any other exception is a bug and always shows its traceback.
 A known error raised while the config file is loaded (`--config=configs/paper.py:13b`), and a
-config file that does not exist, are reported the same way; every other flag error keeps
-absl's own report.
+config file that does not exist, are reported the same way, and so are a config override that
+names no field (`--config.train.stepz=5`: with the closest field suggested) or holds a value of
+the wrong type (`--config.train.steps=abc`). Before `main` runs, every config is validated
+(`config_check.check`: each field's range, in one line) and the workdir must be writable, so
+a bad input fails before any work. Every other flag error keeps absl's own report.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
+from xcoder_jax import config_check, inputs
 from xcoder_jax.errors import ConfigError, XcoderError
 
 _TRACEBACK = flags.DEFINE_bool(
@@ -70,13 +76,89 @@ def _traceback_requested(argv: list[str]) -> bool:
     return on
 
 
+def _overrides(argv: list[str]) -> list[tuple[str, str, str | None]]:
+    """(config flag, dotted field, value or None) of every `--<config>.<field>[=value]`."""
+    out = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name, _, rest = arg.lstrip("-").partition(".")
+        if arg.startswith("-") and rest and name in flags.FLAGS:
+            field, eq, value = rest.partition("=")
+            out.append((name, field, value if eq else None))
+    return out
+
+
+def _load_config(argv: list[str], name: str):
+    """The config `--<name>=file[:arg]` names, loaded as ml_collections does; None if absent."""
+    for arg in argv[1:]:
+        flag, eq, value = arg.lstrip("-").partition("=")
+        if flag == name and eq:
+            path, _, config_arg = value.partition(":")
+            spec = importlib.util.spec_from_file_location("xcoder_jax_config_check", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.get_config(config_arg) if config_arg else module.get_config()
+    return None
+
+
+def _parses_as(text: str, default) -> bool:
+    """Whether `text` reads as a value of `default`'s type on the command line."""
+    if isinstance(default, bool):
+        return text.lower() in ("true", "false", "t", "f", "1", "0", "yes", "no")
+    try:
+        if isinstance(default, int):
+            int(text)
+        elif isinstance(default, float):
+            float(text)
+        elif isinstance(default, (tuple, list)):
+            return isinstance(ast.literal_eval(text), (tuple, list, int, float, str))
+    except (ValueError, SyntaxError):
+        return False
+    return True
+
+
+def _override_problem(argv: list[str]) -> ConfigError | None:
+    """The first config override naming no field, or holding a value of the wrong type."""
+    configs: dict[str, object] = {}
+    for name, field, value in _overrides(argv):
+        if name not in configs:
+            try:
+                configs[name] = _load_config(argv, name)
+            except Exception:  # noqa: BLE001 - the config's own error is reported elsewhere
+                configs[name] = None
+        node, walked = configs[name], []
+        if node is None:
+            continue
+        parts = field.split(".")
+        for i, part in enumerate(parts):
+            where = ".".join(walked) or "the config"
+            if not hasattr(node, "keys"):
+                return ConfigError(f"--{name}.{field}: {where} is not a section")
+            if part not in node:
+                hint = config_check.suggest(part, node.keys())
+                kind = "field" if i == len(parts) - 1 else "section"
+                return ConfigError(f"--{name}.{field}: {where} has no {kind} {part!r}{hint}")
+            node, walked = node[part], [*walked, part]
+        if value is not None and node is not None and not _parses_as(value, node):
+            kind = type(node).__name__
+            return ConfigError(
+                f"--{name}.{field}={value}: {field} takes a value of type {kind} "
+                f"(its default is {node!r})"
+            )
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
-        known = _known_cause(e)
-        if known is not None and not _traceback_requested(argv):
-            _fail(known)
+    except (flags.Error, KeyError, AttributeError) as e:
+        if not _traceback_requested(argv):
+            known = _known_cause(e) or _override_problem(argv)
+            if known is not None:
+                _fail(known)
+        if not isinstance(e, flags.Error):
+            raise
     # Any other flag error (or --traceback): absl's own report, which parses once more.
     return app.parse_flags_with_usage(argv)
 
@@ -100,12 +182,48 @@ def _check_config_files() -> None:
             raise ConfigError(f"--{name}: cannot read the config file {path!r}: {e}") from e
 
 
+def _check_configs() -> None:
+    """Validates every config flag's config: its values (`config_check`), then the files
+    and models it names (`inputs`)."""
+    for name in list(flags.FLAGS):
+        value = flags.FLAGS[name].value
+        if hasattr(value, "keys") and "train" in value:  # a run config, not a flag of dicts
+            config_check.check(value)
+            inputs.check(value)
+
+
+def check_writable(directory: str) -> None:
+    """Raises ConfigError unless files can be created in `directory` (made when missing).
+
+    A probe file is written and removed: permission bits alone do not tell (root ignores
+    them; a read-only mount does not).
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write in the workdir {directory}: {e.strerror or e}; choose a writable "
+            "--workdir"
+        ) from e
+
+
+def _check_workdir() -> None:
+    if "workdir" in flags.FLAGS and flags.FLAGS["workdir"].value:
+        check_writable(flags.FLAGS["workdir"].value)
+
+
 def run_main(main: Callable[[list[str]], object]) -> None:
     """absl's `app.run(main)`, with an XcoderError reported as one line (exit status 1)."""
 
     def guarded(argv: list[str]) -> object:
         try:
             _check_config_files()
+            _check_configs()
+            _check_workdir()
             return main(argv)
         except XcoderError as e:
             if _TRACEBACK.value:

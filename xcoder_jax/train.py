@@ -59,6 +59,18 @@ def clean_rows(batch: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, 
     return batch, ok.astype(np.float32), bad
 
 
+def _intact_export(workdir: str) -> bool:
+    """Whether the workdir holds a complete, undamaged export (a damaged one is written
+    again from the final checkpoint, so a rerun repairs it)."""
+    try:
+        ckpt.check_export(wd.export_dir(workdir))
+    except ckpt.ExportError as e:
+        if os.path.exists(os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)):
+            print(f"{e}; writing it again", flush=True)
+        return False
+    return True
+
+
 # --- Metrics ----------------------------------------------------------------------------
 
 
@@ -140,9 +152,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
                 f"fields: {', '.join(differing)} (use another workdir, or the old values)"
             )
-        exported = os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)
-        if latest >= tc.steps and os.path.exists(exported):
-            with open(exported) as f:
+        if latest >= tc.steps and _intact_export(workdir):
+            with open(os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)) as f:
                 return json.load(f)["eval"]  # finished and exported: nothing to do
         state, extra, seen = ckpt.restore(mngr, latest, trainer.abstract_state(), store.n_rows)
         position, tokens, skipped = extra["position"], extra["tokens"], extra["skipped"]
@@ -171,10 +182,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if bad >= 0:
             mngr.wait_until_finished()
             good = mngr.latest_step()
-            raise TrainingError(
-                f"non-finite loss at step {bad}; training stopped. The last good checkpoint "
-                f"(step {good}) is kept in {wd.checkpoints_dir(workdir)}"
+            kept = (
+                "no checkpoint was saved before it"
+                if good is None
+                else f"the last good checkpoint (step {good}) is kept in "
+                f"{wd.checkpoints_dir(workdir)}"
             )
+            raise TrainingError(f"non-finite loss at step {bad}; training stopped: {kept}")
 
     # Every process follows the one global row order and reads the rows its devices hold.
     part = trainer.local_rows(tc.batch_size)
@@ -189,10 +203,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         prefetch=tc.prefetch,
         part=part,
     )
-    # The store counted its NaN/inf rows when it was written; without any, the per-batch
-    # scan is skipped (a store from before that count is scanned).
-    scan_rows = store.manifest.get("nonfinite_rows", 1) > 0
-    all_valid = np.ones(part.stop - part.start, np.float32)
+    # Every batch is scanned for NaN/inf rows, whatever the manifest counted when the store
+    # was written: a shard damaged since then (and read with verify_store off) must still
+    # meet `nonfinite_rows`, not turn into a non-finite loss. Only "skip" needs the batch's
+    # valid rows gathered from every process (a sync per step); "error" stops at the first.
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not main)
     peer_lost = False
     final_eval = None  # held-out metrics of the final state, once computed
@@ -200,12 +214,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with multihost.peers_watched("while training"):
             for step in range(start, tc.steps):
                 batch, ids = next(stream)
-                if scan_rows:
-                    batch, weights, _ = clean_rows(batch, tc.nonfinite_rows)
-                else:
-                    weights = all_valid
+                batch, weights, _ = clean_rows(batch, tc.nonfinite_rows)  # "error" raises
                 x, w = trainer.to_device(batch, weights, tc.batch_size)
-                if scan_rows:
+                if tc.nonfinite_rows == "skip":
                     # The whole batch's valid rows, on every process: counting its own rows
                     # alone would make the counters depend on the number of processes.
                     valid = multihost.replicated_to_host(trainer.replicate(w)) > 0

@@ -40,10 +40,10 @@ def _records(source, workdir: str) -> Iterator[dict]:
             raise MissingInputError(f"zoo corpus {path} is missing; build the zoo first")
         yield from _jsonl(path)
     elif kind == "jsonl":
-        for path in _paths(source.path):
+        for path in data_paths(source.path):
             yield from _jsonl(path)
     elif kind == "text":
-        for path in _paths(source.path):
+        for path in data_paths(source.path):
             with open(path, encoding="utf-8") as f:
                 if source.per_line:
                     yield from ({"text": line.rstrip("\n")} for line in f if line.strip())
@@ -59,7 +59,12 @@ def _records(source, workdir: str) -> Iterator[dict]:
         raise ConfigError(f"unknown data source kind {kind!r} (zoo, jsonl, text, hf)")
 
 
-def _paths(pattern: str) -> list[str]:
+FILE_KINDS = ("jsonl", "text")  # source kinds read from local files (`path`: file or glob)
+
+
+def data_paths(pattern: str) -> list[str]:
+    """The files a source's `path` (a file or a glob pattern) names; MissingInputError when
+    a named file does not exist or the pattern matches none."""
     paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     for p in paths:
         if not os.path.isfile(p):
