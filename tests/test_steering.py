@@ -18,7 +18,7 @@ from tests.conftest import micro_pipeline_config, strict_loads
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import pipeline, site, steering
 from xcoder_jax import workdir as wd
-from xcoder_jax.errors import ConfigError
+from xcoder_jax.errors import ConfigError, UsageError
 from xcoder_jax.exported import CONVENTIONS
 from xcoder_jax.stats import excludes_zero
 from xcoder_jax.steering import controls as ctl
@@ -145,12 +145,12 @@ def test_steering_vector_conventions_for_a_latent_set(xcoder):
 # --- Ablation --------------------------------------------------------------------------------
 
 
-def test_ablating_no_latent_leaves_logits_unchanged(pair, xcoder):
+def test_ablating_no_latent_is_refused(pair, xcoder):
     models, _, ids = pair
-    clean = _logits(models[1], ids)
-    with steering.ablate(models, 1, xcoder, [], ids) as delta:
-        assert torch.equal(_logits(models[1], ids), clean)
-    assert not delta.any() and _no_hooks(models[1])
+    with pytest.raises(UsageError, match="no latents given: pass at least one latent id"):
+        with steering.ablate(models, 1, xcoder, [], ids, check_model=False):
+            pass
+    assert _no_hooks(models[1])
 
 
 def test_an_inactive_latent_leaves_its_positions_unchanged(pair, tmp_path):

@@ -12,11 +12,16 @@ f is the same in both units, so NRN, firing and thresholds need no conversion; d
 are compared in normalised units (`normalised_decoder`). The analysis stream, splicing,
 steering, ablation and latent selection all read this object; tests check it elementwise
 against the JAX module (`checkpoint.to_module`).
+
+Misuse is refused with one-line errors: an empty latent set to steer along or a model slot the
+export does not have (`UsageError`), and, where the export records which models it was trained
+on, a model that is not the one of its slot (`checkpoint.ExportError`; `check_identity`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +29,7 @@ import torch
 
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import site
+from xcoder_jax.errors import UsageError
 
 # How alpha scales the steering vector of model m for latent set S, in raw activation units
 # at block L: {name: (alpha's units in words, the vector as computed)}. "raw" is the
@@ -107,15 +113,64 @@ class ExportedCrosscoder:
 
         return norms.latent_nrn(self.normalised_decoder(), self.roles, norm)
 
-    def check_latents(self, latents: Sequence[int]) -> list[int]:
+    def check_latents(self, latents: Sequence[int], allow_empty: bool = True) -> list[int]:
+        """The latent ids as ints; raises UsageError for ids the export does not have, and
+        for an empty set unless `allow_empty`."""
+        if isinstance(latents, (str, bytes)) or not hasattr(latents, "__iter__"):
+            raise UsageError(f"latents must be a list of latent ids, got {latents!r}")
         ids = [int(i) for i in latents]
+        if not ids and not allow_empty:
+            raise UsageError("no latents given: pass at least one latent id")
         bad = [i for i in ids if not 0 <= i < self.n_latents]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"latent ids {bad} are out of range: the export has {self.n_latents} latents "
                 f"(0..{self.n_latents - 1})"
             )
         return ids
+
+    # --- Model slots ------------------------------------------------------------------------
+
+    def role(self, model_index: int) -> str:
+        """The role of slot `model_index` ("base", "distilled")."""
+        roles = self.roles if len(self.roles) == self.n_models else []
+        return roles[model_index] if model_index < len(roles) else f"model {model_index}"
+
+    def slots(self) -> str:
+        """The export's model slots in words: "slots 0 (base) and 1 (distilled)"."""
+        names = [f"{i} ({self.role(i)})" for i in range(self.n_models)]
+        if len(names) == 1:
+            return f"slot {names[0]}"
+        return f"slots {', '.join(names[:-1])} and {names[-1]}"
+
+    def check_slot(self, model_index) -> int:
+        """`model_index` as an int; raises UsageError unless the export has that slot."""
+        try:
+            i = operator.index(model_index)
+        except TypeError:
+            raise UsageError(
+                f"model_index must be a slot number, got {model_index!r}: the export has "
+                f"{self.slots()}"
+            ) from None
+        if not 0 <= i < self.n_models:
+            raise UsageError(f"model_index {i} is out of range: the export has {self.slots()}")
+        return i
+
+    def model_fingerprints(self) -> list[str] | None:
+        """The `weights` fingerprint the export records for each slot's model (see
+        `identity.model_fingerprint`); None when it records none (exports made elsewhere)."""
+        models = self.config.get("models") or []
+        prints = [m.get("weights") if isinstance(m, dict) else None for m in models]
+        if len(prints) != self.n_models or not all(isinstance(p, str) and p for p in prints):
+            return None
+        return prints
+
+    def check_identity(self, model, model_index: int, who: str = "", fix: str = "") -> None:
+        """Raises ExportError unless `model` is the model of slot `model_index`
+        (`identity.check_identity`: the full rule)."""
+        from xcoder_jax import identity
+
+        identity.check_identity(self, model, model_index, who, fix)
 
     def check_model(self, model, layer: int | None = None) -> None:
         """Raises ExportError unless `model` has the export's d_model and block L."""
@@ -176,12 +231,15 @@ class ExportedCrosscoder:
         normalised one by one and their sum is not, so k latents with aligned rows add up
         to k times that length. A latent whose row for model m is zero contributes nothing.
         "raw" (the paper's): alpha * sum_i W_dec[i, m], the exported raw-unit rows unscaled.
+        Raises UsageError for an empty latent set (it would steer by nothing) and for a slot
+        the export does not have.
         """
         if convention not in CONVENTIONS:
-            raise ValueError(
+            raise UsageError(
                 f"unknown steering convention {convention!r}; one of {sorted(CONVENTIONS)}"
             )
-        ids = self.check_latents(latents)
+        model_index = self.check_slot(model_index)
+        ids = self.check_latents(latents, allow_empty=False)
         rows = self.W_dec[ids, model_index]  # [k, d] raw
         if convention == "raw":
             return float(alpha) * rows.sum(0)
@@ -191,8 +249,11 @@ class ExportedCrosscoder:
     def ablation_delta(self, x: torch.Tensor, latents: Sequence[int], model_index: int):
         """sum_{i in S} f_i(x) W_dec[i, m]: x [..., m, d] raw -> [..., d] raw.
 
-        Exactly zero wherever every chosen latent is inactive.
+        Exactly zero wherever every chosen latent is inactive, and everywhere for an empty
+        latent set (the clean reference of an ablation). Raises UsageError for a slot the
+        export does not have.
         """
+        model_index = self.check_slot(model_index)
         ids = self.check_latents(latents)
         if not ids:
             return torch.zeros(*x.shape[:-2], self.d_model, device=x.device)

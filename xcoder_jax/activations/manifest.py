@@ -79,10 +79,32 @@ def portable(fingerprint: dict | None) -> dict | None:
     return {**fingerprint, "models": models}
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere
+    set and restored at once (another thread creating a file in between gets umask 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0o666 less the umask. Every
+    atomic writer gives it to the file it writes, whatever mode its writer created the
+    temporary file with (safetensors and torch.save create theirs 0o600)."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_path(path: str, write) -> None:
     """Writes a file through `write(tmp_path)` (for writers that want a path: safetensors,
     matplotlib), under a temporary name unique to this process with `path`'s extension (so
-    a writer can infer the format), fsynced, then renamed onto `path`."""
+    a writer can infer the format), fsynced, given `file_mode()`, then renamed onto `path`."""
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp{os.getpid()}{ext}"
     try:
@@ -91,6 +113,7 @@ def atomic_write_path(path: str, write) -> None:
             raise FileNotFoundError(f"the writer of {path} wrote nothing")
         fd = os.open(tmp, os.O_RDONLY)
         try:
+            os.fchmod(fd, file_mode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -101,10 +124,12 @@ def atomic_write_path(path: str, write) -> None:
 
 
 def atomic_write_bytes(path: str, write) -> None:
-    """Writes a file through `write(fileobj)` under a temporary name, then renames it."""
+    """Writes a file through `write(fileobj)` under a temporary name, gives it `file_mode()`
+    (also when a temporary file left by a crashed run had another), then renames it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -13,6 +13,12 @@ so f cannot be computed from the ablated model's residual alone. `ablate` theref
 runs both models on the same input up to block L, computes f there, and only then installs
 the subtraction in the target model; the target model's block-L input is then exactly the
 one f was computed from. The hooks are removed on exit, also when the body raises.
+
+`steer` and `ablate` refuse misuse before installing anything: a slot the export does not
+have, latent ids it does not have, an empty set to steer along, a model of another d_model or
+depth, and, when the export records which models it was trained on (the pipeline's exports
+do), a model that is not the one of its slot (`ExportedCrosscoder.check_identity`; opt out
+with check_model=False to intervene on another model on purpose).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from xcoder_jax import site
+from xcoder_jax.errors import UsageError
 from xcoder_jax.exported import ExportedCrosscoder
 
 # --- Context managers -----------------------------------------------------------------------
@@ -51,13 +58,27 @@ def steer(
     alpha: float,
     model_index: int,
     convention: str = "norm",
+    *,
+    check_model: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Steers `model` (crosscoder slot `model_index`) along its own decoder rows of `latents`.
 
     Yields the added vector [d] (raw); see `ExportedCrosscoder.steering_vector` for alpha
-    and `convention` ("norm" or "raw").
+    and `convention` ("norm" or "raw"). `latents` must name at least one latent.
+
+    The model must have the export's d_model and block L, and be the model of slot
+    `model_index`: when the export records the models it was trained on (exports of this
+    library do; see `identity.model_fingerprint` for how a model is recognised), the export's
+    other model raises ExportError, and so does a model matching neither (one built in memory,
+    not loaded from a model directory or hub id, matches neither). check_model=False skips
+    the identity check, to steer another model (e.g. a fine-tune of the pair) with the
+    export's directions on purpose; exports without recorded models are never checked.
     """
+    model_index = xcoder.check_slot(model_index)
     xcoder.check_model(model)
+    if check_model:
+        fix = "; pass model_index={slot} if it is the model you mean to steer"
+        xcoder.check_identity(model, model_index, fix=fix)
     vector = xcoder.steering_vector(latents, model_index, alpha, convention)
     with add_at_site(model, xcoder.layer, vector):
         yield vector
@@ -107,17 +128,35 @@ def ablate(
     attention_mask: torch.Tensor | None = None,
     first_position: int = 1,
     x: torch.Tensor | None = None,
+    *,
+    check_model: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Removes `latents`' contribution from `models[target]`'s block-L input for this input.
 
     models: the pair in crosscoder order. f is computed from both models' block-L inputs on
     `input_ids` (or from `x` [batch, seq, m, d] raw, when the caller already has them); the
     target model must then be run on the same `input_ids` inside the context. An empty
-    latent set leaves the model untouched. Yields the subtracted delta [batch, seq, d].
+    latent set is refused (UsageError): the clean reference is the model without the hook.
+    Yields the subtracted delta [batch, seq, d].
+
+    Every `models[i]` must be the export's model of slot i (checked as in `steer`, so a pair
+    given in the wrong order raises ExportError); check_model=False skips that identity
+    check, and exports without recorded models are never checked.
     """
-    ids = xcoder.check_latents(latents)
+    target = xcoder.check_slot(target)
+    ids = xcoder.check_latents(latents, allow_empty=False)
+    if len(models) != xcoder.n_models:
+        raise UsageError(
+            f"ablate needs the export's {xcoder.n_models} models in slot order "
+            f"({xcoder.slots()}), got {len(models)}"
+        )
     for m in models:
         xcoder.check_model(m)
+    if check_model:
+        order = ", ".join(xcoder.role(i) for i in range(xcoder.n_models))
+        fix = f"; pass the models in slot order ({order})"
+        for i, m in enumerate(models):
+            xcoder.check_identity(m, i, who=f"models[{i}]", fix=fix)
     if x is None:
         x = site_inputs(models, xcoder.layer, input_ids, attention_mask)
     delta = xcoder.ablation_delta(x, ids, target)
