@@ -16,11 +16,13 @@ from safetensors.numpy import save_file
 
 from tests.conftest import CORPUS, make_tokenizer, micro_config, store_writer, strict_loads
 from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import stage
 from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
 from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.analysis import (
+    CLASSES,
     LatentScaling,
     check_pair,
     classify,
@@ -128,6 +130,17 @@ def test_nrn_is_measured_in_normalised_units():
     raw = {"W_dec": np.ones((1, 2, 4), np.float32)}
     w = ckpt.normalised_decoder(raw, {"scales": [1.0, 3.0]})
     assert relative_norms(decoder_norms(w))[0] == pytest.approx(0.75)
+
+
+def test_dead_latents_are_their_own_class():
+    # NRN base-only, shared, distilled-only, shared; the last two never fired on held-out rows.
+    nrn = np.array([0.05, 0.5, 0.95, 0.5, 0.99])
+    alive = np.array([True, True, True, False, False])
+    assert classify(nrn, 0.1, 0.9).tolist() == [0, 1, 2, 1, 2]  # the bands alone
+    classes = classify(nrn, 0.1, 0.9, alive)
+    assert [CLASSES[k] for k in classes] == [
+        "base_only", "shared", "distilled_only", "dead", "dead"
+    ]  # fmt: skip
 
 
 def test_bands_must_be_ordered():
@@ -569,7 +582,13 @@ def test_export_with_missing_tensors(analysed, tmp_path):
     path = os.path.join(wd.export_dir(broken), ckpt.EXPORT_WEIGHTS)
     tensors, _ = ckpt.load_export(wd.export_dir(broken))
     save_file({k: v for k, v in tensors.items() if k != "W_dec"}, path)
-    with pytest.raises(ckpt.ExportError, match="W_dec"):
+    # An export written without W_dec (its recorded hash updated to match: a complete file
+    # that lacks a tensor, not a damaged one).
+    cpath = os.path.join(wd.export_dir(broken), ckpt.EXPORT_CONFIG)
+    meta = json.load(open(cpath))
+    meta[ckpt.WEIGHTS_SHA256] = stage.file_sha(path)
+    json.dump(meta, open(cpath, "w"))
+    with pytest.raises(ckpt.ExportError, match="lacks tensors \\['W_dec'\\]"):
         run_analysis(config, broken, progress=False)
 
 
@@ -618,7 +637,9 @@ def test_summary_and_latents_follow_the_contract(analysed):
     ):  # fmt: skip
         assert key in summary, key
     h = config.crosscoder.n_latents
-    assert summary["n_base_only"] + summary["n_shared"] + summary["n_distilled_only"] == h
+    n_classes = [summary[f"n_{c}"] for c in ("base_only", "shared", "distilled_only", "dead")]
+    assert sum(n_classes) == h
+    assert summary["n_dead"] == round(summary["dead_fraction"] * h)
     assert sum(summary["nrn_hist"]["counts"]) == h
     exported = json.load(open(os.path.join(wd.export_dir(workdir), "config.json")))
     # FVE is a share (it can sit near 0 in a short run): an absolute tolerance. The training
@@ -635,6 +656,14 @@ def test_summary_and_latents_follow_the_contract(analysed):
     with open(os.path.join(wd.stage_dir(workdir, "analysis"), "latents.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     assert [ln["id"] for ln in lines] == list(range(h))
+    # One classification: dead exactly when the latent never fired on a held-out row, else
+    # its NRN band; the summary counts the lines' classes.
+    bands = classify(np.array([ln["nrn"] for ln in lines]), config.analysis.base_only_max,
+                     config.analysis.distilled_only_min)  # fmt: skip
+    for ln, band in zip(lines, bands):
+        assert ln["class"] == ("dead" if ln["firing_freq"] == 0 else CLASSES[band])
+    for c in ("base_only", "shared", "distilled_only", "dead"):
+        assert summary[f"n_{c}"] == sum(ln["class"] == c for ln in lines)
     firing = [ln for ln in lines if ln["top_examples"]]
     assert firing
     ex = firing[0]["top_examples"][0]
@@ -666,10 +695,14 @@ def test_results_are_strict_json_with_alive_baselines_and_scaling(analysed):
     ls = summary["latent_scaling"]
     assert set(ls) == {"base_only", "distilled_only", "false_ratio", "targets"}
     fitted = {ln["id"]: ln["scaling"] for ln in lines if ln["scaling"] is not None}
+    by_id = {ln["id"]: ln for ln in lines}
     for side in ("base_only", "distilled_only"):
-        assert ls[side]["n_latents"] == summary[f"n_{side}"] > 0
+        # Per NRN band: a dead latent of the band is selected but cannot be fitted.
         mine = [sc for sc in fitted.values() if sc["side"] == side]
-        assert ls[side]["n_selected"] == len(mine)
+        assert ls[side]["n_latents"] == ls[side]["n_selected"] == len(mine) > 0
+        assert summary[f"n_{side}"] == sum(by_id[i]["class"] == side for i in fitted)
+        dead = [i for i, sc in fitted.items() if sc["side"] == side and by_id[i]["class"] == "dead"]
+        assert all(not fitted[i]["beta_error"] for i in dead)
         assert ls[side]["n_fitted"] == sum(sc["beta_error"] is not None for sc in mine)
         assert ls[side]["n_false_exclusive"] == sum(sc["false_exclusive"] is True for sc in mine)
         for sc in mine:
@@ -679,7 +712,8 @@ def test_results_are_strict_json_with_alive_baselines_and_scaling(analysed):
         ratios = [sc["ratio_error"] for sc in mine if sc["ratio_error"] is not None]
         if ratios:
             assert ls[side]["ratio_error"]["median"] == pytest.approx(np.median(ratios), abs=1e-4)
-    assert summary["n_base_only"] + summary["n_distilled_only"] == len(fitted)  # budget 4096
+    # Budget 4096: every latent of both bands is selected, dead or alive.
+    assert ls["base_only"]["n_latents"] + ls["distilled_only"]["n_latents"] == len(fitted)
 
 
 def test_strict_json_refuses_nan():
@@ -896,3 +930,64 @@ def test_browser_driven_in_headless_chromium(analysed):
                                    "open": hidden})  # fmt: skip
     dom = _dump_dom(f"{page}#{frag}")
     assert 'id="detail"><p class="muted">No latent selected.' in dom
+
+
+def synthetic_browser_data(n: int, dead=(), detailed=()) -> dict:
+    """`browser.browser_data`'s layout for `n` latents made up by hand (no store, no model):
+    latent i has NRN i / n, its class by the 0.1 / 0.9 bands or "dead" for the ids in `dead`,
+    the label "digit", and contexts (one example, tokens "a", " b", "c", firing on " b")
+    for the ids in `detailed`."""
+    nrn = np.round(np.arange(n) / n, 5)
+    alive = ~np.isin(np.arange(n), list(dead))
+    classes = classify(nrn, 0.1, 0.9, alive)
+    latents = [
+        {"id": i, "nrn": float(nrn[i]), "class": CLASSES[classes[i]], "cosine": 0.5,
+         "freq": 0.01 * bool(alive[i]), "freq_store": 0.01 * bool(alive[i]),
+         "ratio_error": None, "ratio_reconstruction": None, "categories": [], "label": "digit",
+         "top_tokens": ["7"]}
+        for i in range(n)
+    ]  # fmt: skip
+    example = {"tokens": [0, 1, 2], "centre": 1, "f": [0.0, 1.5, 0.25], "doc": 3,
+               "position": 5, "doc_start": False}  # fmt: skip
+    details = {
+        str(i): {"dec_norm": [1.0, 2.0], "examples": [example],
+                 "hist": {"first": 2, "counts": [1, 3]}}
+        for i in detailed
+    }  # fmt: skip
+    return {
+        "roles": ["base", "distilled"], "classes": list(CLASSES),
+        "categories": list(CATEGORY_NAMES), "store_rows": 100, "first_position": 1,
+        "hist_edges": [float(f"{v:.4g}") for v in ActivationHistogram(1).edges],
+        "vocab": {"0": "a", "1": " b", "2": "c"}, "latents": latents, "details": details,
+        "limits": {"browser_latents": 2048, "examples": 5},
+    }  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="headless Chromium is not installed")
+def test_browser_opens_any_latent_from_its_hash(tmp_path):
+    """#latent=<id> opens a latent the table does not list (past its first 1,000 rows, or
+    hidden by a filter); dead latents are a class of their own in the filter."""
+    import re
+
+    from xcoder_jax.analysis.browser import write_browser
+
+    path = tmp_path / "browser.html"
+    write_browser(str(path), synthetic_browser_data(1500, dead=(3, 1400), detailed=(1234,)))
+    page = f"file://{path}"
+    dom = _dump_dom(f"{page}#latent=1234")
+    rows = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', dom)]
+    assert rows == list(range(1000))  # no filter typed: the first 1,000 rows only
+    assert re.search(r'id="detail" data-id="(\d+)"', dom).group(1) == "1234"
+    assert "<h2>Latent 1234</h2>" in dom and "NRN 0.823, shared" in dom
+    # Its contexts, side by side: the firing token " b" centred in both models.
+    assert re.findall(r'<span class="tok centre"[^>]*>(.*?)</span>', dom) == [" b", " b"]
+    # Whatever the filters: a class that hides it.
+    dom = _dump_dom(f"{page}#class=base_only&latent=1234")
+    rows = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', dom)]
+    assert rows == [i for i in range(150) if i != 3]  # NRN < 0.1, latent 3 dead
+    assert re.search(r'id="detail" data-id="(\d+)"', dom).group(1) == "1234"
+    # Dead latents: their own class (NRN 0.002 and 0.933 would be shared and distilled-only).
+    dom = _dump_dom(f"{page}#class=dead&latent=1500")
+    assert [int(i) for i in re.findall(r'<tr data-id="(\d+)"', dom)] == [3, 1400]
+    assert dom.count('<td class="cls-dead">dead</td>') == 2
+    assert "No latent 1500: ids run from 0 to 1499." in dom  # an id past the last: said so

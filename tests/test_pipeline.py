@@ -58,6 +58,41 @@ def test_rerun_skips_complete_stages(run):
     assert [os.path.getmtime(p) for p in watched] == before
 
 
+def test_the_summary_fits_one_screen_and_a_rerun_says_skipped(run):
+    config, workdir, summary = run
+    first = pipeline.summary_lines(workdir, summary)
+    assert len(first) <= 12 and max(map(len, first)) <= 120, first
+    assert list(summary) == [name for name, _ in pipeline.STAGES]
+    assert not any(line.startswith("skipped (done)") for line in summary.values())
+    again = pipeline.run(config, workdir)
+    assert list(again) == list(summary)  # the same stages in the same order
+    for name, line in again.items():
+        assert line.startswith("skipped"), (name, line)
+        if name != "report" and not summary[name].startswith("skipped"):
+            # the same headline, read back from disk: same figures, same order
+            fresh = summary[name]
+            kept = line.removeprefix("skipped (done); ").removesuffix(" ...")
+            assert fresh.startswith(kept), (fresh, line)
+    rerun = pipeline.summary_lines(workdir, again)
+    assert len(rerun) <= 12 and max(map(len, rerun)) <= 120, rerun
+
+
+def test_every_file_the_pipeline_writes_has_one_mode(run):
+    """The mode a plain open() gives under the umask: weights included (their writers create
+    them 0600), whichever stage or library wrote them."""
+    import stat
+
+    from xcoder_jax.activations import manifest
+
+    _, workdir, _ = run
+    modes = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            modes.setdefault(stat.S_IMODE(os.stat(path).st_mode), []).append(path)
+    assert set(modes) == {manifest.file_mode()}, {oct(m): p[:3] for m, p in modes.items()}
+
+
 def test_a_second_pipeline_on_the_same_workdir_is_refused(run):
     config, workdir, _ = run
     with pipeline.workdir_lock(workdir):
@@ -84,13 +119,14 @@ def test_full_disk_names_the_stage(tmp_path, monkeypatch):
         pipeline.run(_end_to_end_config(), str(tmp_path))
 
 
-def test_readme_python_example_runs(run, capsys):
-    """The README's "Use it from Python" block, run as written on this workdir."""
+def test_the_python_example_runs(run, capsys):
+    """docs/formats.md's "Using the export from Python" block, run as written here."""
     import re
 
     _, workdir, _ = run
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    section = readme.split("## Use it from Python", 1)[1]
+    root = os.path.dirname(os.path.dirname(__file__))
+    page = open(os.path.join(root, "docs", "formats.md")).read()
+    section = page.split("## Using the export from Python", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'workdir = "runs/tiny"' in code
     namespace = {}

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from xcoder_jax import headlines
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import XcoderError
 
@@ -56,32 +57,19 @@ def _zoo(config, workdir: str) -> str:
         return "skipped (real models)"
     from xcoder_jax.zoo import build_zoo
 
-    report = build_zoo(config, workdir)
-    main = report["sizes"][str(config.zoo.main_size)]
-    accuracy = " / ".join(f"{arm} {main[arm]['accuracy']:.0%}" for arm in wd.ARMS if arm in main)
-    met = sum(bool(r.get("criterion", {}).get("met")) for r in report["sizes"].values())
-    return (
-        f"main size h{config.zoo.main_size}: accuracy {accuracy}; marker rate distilled "
-        f"{main['distilled']['marker_rate']:.0%}; distillation criterion met at {met}/"
-        f"{len(report['sizes'])} sizes (models/zoo.json)"
-    )
+    return headlines.zoo(build_zoo(config, workdir), config)
 
 
 def _extract(config, workdir: str) -> str:
     from xcoder_jax.activations import extract
 
-    manifest = extract(config, workdir)
-    m = manifest
-    return f"{m['n_rows']} rows from {m['n_docs']} documents at block {m['layer']}"
+    return headlines.extract(extract(config, workdir))
 
 
 def _train(config, workdir: str) -> str:
     from xcoder_jax.train import train_and_evaluate
 
-    final = train_and_evaluate(config, workdir)
-    fve = " / ".join(f"{v:.3f}" for v in final["fve"])
-    dead = final["dead_fraction"]
-    return f"held-out FVE {fve} (base / distilled), L0 {final['l0']:.1f}, dead {dead:.1%}"
+    return headlines.train(train_and_evaluate(config, workdir))
 
 
 def _formats(config, workdir: str) -> str:
@@ -89,25 +77,25 @@ def _formats(config, workdir: str) -> str:
         return "skipped (export.formats is empty)"
     from xcoder_jax.formats import write_formats
 
-    return "; ".join(f"{k} {v}" for k, v in write_formats(config, workdir).items())
+    return headlines.formats(write_formats(config, workdir))
 
 
 def _analyze(config, workdir: str) -> str:
-    from xcoder_jax.analysis import run_analysis, summarize
+    from xcoder_jax.analysis import run_analysis
 
-    return summarize(run_analysis(config, workdir))
+    return headlines.analysis(run_analysis(config, workdir))
 
 
 def _steer(config, workdir: str) -> str:
-    from xcoder_jax.steering import run_steering, summarize_steering
+    from xcoder_jax.steering import run_steering
 
-    return summarize_steering(run_steering(config, workdir))
+    return headlines.steering(run_steering(config, workdir), config)
 
 
 def _ablate(config, workdir: str) -> str:
-    from xcoder_jax.ablation import run_ablation, summarize_ablation
+    from xcoder_jax.ablation import run_ablation
 
-    return summarize_ablation(run_ablation(config, workdir))
+    return headlines.ablation(run_ablation(config, workdir), config)
 
 
 def _geometry(config, workdir: str) -> str:
@@ -116,9 +104,9 @@ def _geometry(config, workdir: str) -> str:
         g.relation_files
     ):
         return "skipped (no relation sets: set --config.geometry.relation_files)"
-    from xcoder_jax.geometry import run_geometry, summarize
+    from xcoder_jax.geometry import run_geometry
 
-    return summarize(run_geometry(config, workdir))
+    return headlines.geometry(run_geometry(config, workdir))
 
 
 def _no_loop_pair(config, workdir: str) -> str:
@@ -132,7 +120,13 @@ def _no_loop_pair(config, workdir: str) -> str:
     stages = dict(STAGES)
     for name in control_pair.STAGES:
         _run_stage(f"no_loop pair: {name}", stages[name], c, sub)
-    return f"{', '.join(control_pair.STAGES)} done in {sub} (each stage's summary above)"
+    return f"{', '.join(control_pair.STAGES)} of base vs no-loop distilled, in no_loop/"
+
+
+def _report(config, workdir: str) -> str:
+    from xcoder_jax.study_report import summarize_report, write_study_report
+
+    return summarize_report(write_study_report(config, workdir))
 
 
 STAGES: list[tuple[str, Callable[[object, str], str]]] = [
@@ -145,7 +139,43 @@ STAGES: list[tuple[str, Callable[[object, str], str]]] = [
     ("ablate", _ablate),
     ("geometry", _geometry),
     ("no_loop_pair", _no_loop_pair),
+    ("report", _report),
 ]
+
+
+def _outputs(name: str, workdir: str) -> list[str]:
+    """The files and folders stage `name` writes: when none of their files changed, the
+    stage found its outputs complete and the summary says it was skipped."""
+    stage_dir = {"analyze": "analysis", "steer": "steering", "ablate": "ablation"}
+    if name == "zoo":
+        return [wd.models_dir(workdir)]
+    if name == "extract":
+        return [wd.activations_dir(workdir)]
+    if name == "train":
+        return [wd.checkpoints_dir(workdir), wd.metrics_path(workdir), wd.export_dir(workdir)]
+    if name == "formats":
+        return [wd.format_dir(workdir, "")]
+    if name == "no_loop_pair":
+        return [wd.control_pair_dir(workdir)]
+    if name == "report":
+        return [wd.study_report_path(workdir)]
+    return [wd.stage_dir(workdir, stage_dir.get(name, name))]
+
+
+def _snapshot(paths: list[str]) -> dict[str, tuple[int, int]]:
+    """{file: (mtime_ns, size)} of every file under `paths`."""
+    out = {}
+    for top in paths:
+        if os.path.isfile(top):
+            st = os.stat(top)
+            out[top] = (st.st_mtime_ns, st.st_size)
+        for root, _, files in os.walk(top):
+            for f in files:
+                p = os.path.join(root, f)
+                with contextlib.suppress(OSError):  # a temporary file renamed meanwhile
+                    st = os.stat(p)
+                    out[p] = (st.st_mtime_ns, st.st_size)
+    return out
 
 
 def _run_stage(name: str, stage, config, workdir: str) -> str:
@@ -153,6 +183,8 @@ def _run_stage(name: str, stage, config, workdir: str) -> str:
     PipelineError naming the stage."""
     start = time.time()
     print(f"== {name}", flush=True)
+    top = name.split(": ")[-1]  # a no-loop pair stage is named "no_loop pair: <stage>"
+    before = _snapshot(_outputs(top, workdir))
     try:
         line = stage(config, workdir)
     except OSError as e:
@@ -164,11 +196,25 @@ def _run_stage(name: str, stage, config, workdir: str) -> str:
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise PipelineError(f"stage {name}: cannot write in {workdir}: {e}") from e
         raise
+    if not line.startswith("skipped") and _snapshot(_outputs(top, workdir)) == before:
+        line = f"skipped (done); {line}"
+    line = headlines.shorten(line)
     print(f"== {name}: {line} ({time.time() - start:.0f}s)", flush=True)
     return line
 
 
+def summary_lines(workdir: str, summary: dict[str, str]) -> list[str]:
+    """The final screen: where to look, then one line per stage (at most 120 characters)."""
+    head = f"Summary of {workdir}: open {wd.study_report_path(workdir)}"
+    return [head, *(f"  {stage:<12} {line}" for stage, line in summary.items())]
+
+
 def run(config, workdir: str) -> dict[str, str]:
-    """Runs every stage under the workdir lock; returns {stage: one-line summary}."""
+    """Validates `config` and its inputs, then runs every stage under the workdir lock;
+    returns {stage: one-line summary}."""
+    from xcoder_jax import config_check, inputs
+
+    config_check.check(config)
+    inputs.check(config)
     with workdir_lock(workdir):
         return {name: _run_stage(name, stage, config, workdir) for name, stage in STAGES}

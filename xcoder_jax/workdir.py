@@ -78,3 +78,9 @@ def control_pair_dir(workdir: str) -> str:
 def stage_dir(workdir: str, stage: str) -> str:
     """`analysis/`, `steering/`, `ablation/` or `geometry/`."""
     return os.path.join(workdir, stage)
+
+
+def study_report_path(workdir: str) -> str:
+    """report.html: the whole study on one page (`study_report`), linking each stage's
+    figures and the feature browser relative to the workdir."""
+    return os.path.join(workdir, "report.html")

@@ -17,6 +17,10 @@ filterable, and for the detailed latents (the alive ones, most exclusive first, 
   left out because it scales every logit alike and leaves the ranking unchanged (a direction
   read alone, without the rest of the residual stream: a logit-lens view, not an effect);
 - the histogram of its nonzero activations over every store row (`ActivationHistogram`).
+
+`browser.html#latent=<id>` opens any latent, listed in the table or not (`browser_page`): the
+links of the reports. Its class is the analysis' (`norms.classify`: dead when it never fired
+on a held-out row).
 """
 
 from __future__ import annotations

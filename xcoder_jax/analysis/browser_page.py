@@ -5,8 +5,10 @@ the script parses. Every piece of data text enters the page through `textContent
 HTML. The URL fragment drives the page as a user would, through the controls' own events:
 `browser.html#class=distilled_only&cat=self_reflection&nrn_min=0.6&nrn_max=1&q=Wait&
 sort=nrn&dir=desc&open=first` sets the filters, sorts, and clicks the first listed latent
-(or `open=<id>`: that latent's row, if the filters list it). Headless tests read the result
-with `chromium --dump-dom`.
+(or `open=<id>`: that latent's row, if the filters list it). `browser.html#latent=<id>` (or
+the "latent id" box) opens ANY latent's detail, whatever the filters and however far down a
+table that lists at most `MAX_ROWS` rows it is: what other pages link to. Headless tests read
+the result with `chromium --dump-dom`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ td.n{text-align:right} tr:hover{background:#fff6d8;cursor:pointer} tr.sel{backgr
 border:1px solid #eee;padding:3px} .tok{border-radius:2px} .centre{outline:1px solid #333}
 .roles{display:flex;gap:10px;font-weight:600} .roles div{flex:1} ol{margin:2px 0 2px 18px;
 padding:0} .prom{display:flex;gap:10px} .prom div{flex:1} .cls-base_only{color:#1565c0}
-.cls-distilled_only{color:#c62828} .note{background:#f7f7f7;padding:6px;font-size:12px}
+.cls-distilled_only{color:#c62828} .cls-dead{color:#9e9e9e}
+.note{background:#f7f7f7;padding:6px;font-size:12px}
 """
 
 HTML = """<!DOCTYPE html>
@@ -47,6 +50,7 @@ Excluded positions (special tokens, the first positions) are not in the store an
 <label>NRN <input id="f-min" type="number" step="0.05" min="0" max="1" value="0"> to
 <input id="f-max" type="number" step="0.05" min="0" max="1" value="1"></label>
 <label>top tokens <input id="f-q" type="search" placeholder="e.g. Wait"></label>
+<label>latent id <input id="f-id" type="number" min="0" step="1"></label>
 </div>
 <p id="count" class="muted"></p>
 <div id="tablebox"><table><thead><tr id="head"></tr></thead><tbody id="rows"></tbody></table>
@@ -124,14 +128,30 @@ function renderTable() {
     tr.addEventListener("click", () => { select(tr); showLatent(l.id); });
     body.append(tr);
   }
-  const more = list.length > MAX_ROWS ? ` (first ${MAX_ROWS} listed)` : "";
+  const more = list.length > MAX_ROWS
+    ? ` (first ${MAX_ROWS} listed; any latent opens from the id box)` : "";
   $("count").textContent = `${list.length} of ${D.latents.length} latents match${more}`;
   $("count").dataset.n = list.length;
 }
 
 function select(tr) {
   for (const r of document.querySelectorAll("#rows tr.sel")) r.classList.remove("sel");
-  tr.classList.add("sel");
+  if (tr) tr.classList.add("sel");
+}
+
+// Any latent by id, listed or not: its row is marked when the table lists it.
+function openLatent(value) {
+  const id = Number(value), box = $("detail");
+  if (String(value).trim() === "" || !Number.isInteger(id) || id < 0 || id >= D.latents.length) {
+    box.replaceChildren(el("p", `No latent ${value}: ids run from 0 to ${D.latents.length - 1}.`,
+      "muted"));
+    delete box.dataset.id;
+    return;
+  }
+  const tr = document.querySelector(`#rows tr[data-id="${id}"]`);
+  select(tr);
+  if (tr) tr.scrollIntoView({block: "nearest"});
+  showLatent(id);
 }
 
 function histogram(h) {
@@ -238,6 +258,7 @@ function setup() {
   }
   for (const id of ["f-class", "f-cat", "f-min", "f-max", "f-q"])
     $(id).addEventListener("input", renderTable);
+  $("f-id").addEventListener("change", () => openLatent($("f-id").value));
   renderTable();
 }
 
@@ -258,6 +279,10 @@ function applyHash() {
     const o = p.get("open");
     const tr = document.querySelector(o === "first" ? "#rows tr" : `#rows tr[data-id="${o}"]`);
     if (tr) tr.click();
+  }
+  if (p.has("latent")) {
+    $("f-id").value = p.get("latent");
+    openLatent(p.get("latent"));
   }
 }
 

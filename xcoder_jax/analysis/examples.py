@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from xcoder_jax.analysis.labels import latent_label
+
 PAD = -1  # token id of window slots outside the document (or the store)
 
 
@@ -178,23 +180,17 @@ def render(
 
 
 def label(examples: list[dict], min_share: float = 0.5) -> dict:
-    """An automatic label from a latent's top examples (no language model).
-
-    The dominant firing token and the share of examples on it; the dominant reasoning
-    category (examples whose firing token ends a marker) and its share. The label names the
-    category when at least `min_share` of the examples are its markers, else the token.
-    """
+    """A latent's automatic label (`labels.latent_label`: what its firing tokens are) and
+    its details: the dominant firing token and the share of examples on it; the dominant
+    reasoning category (examples whose firing token ends a marker) and its share."""
+    out = {"label": latent_label(examples, min_share)}
     if not examples:
-        return {"label": "(never fires)", "token": None, "token_share": 0.0}
+        return out | {"token": None, "token_share": 0.0}
     n = len(examples)
     token, count = Counter(e["token"] for e in examples).most_common(1)[0]
+    out.update(token=token, token_share=round(count / n, 3))
     cats = Counter(e["marker"] for e in examples if e.get("marker"))
-    out = {"token": token, "token_share": round(count / n, 3)}
     if cats:
         category, c_count = cats.most_common(1)[0]
         out.update(category=category, category_share=round(c_count / n, 3))
-        if c_count / n >= min_share:
-            out["label"] = f"{category}: {token!r} ({c_count}/{n})"
-            return out
-    out["label"] = f"{token!r} ({count}/{n})"
     return out

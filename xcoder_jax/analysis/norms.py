@@ -24,7 +24,10 @@ import numpy as np
 
 from xcoder_jax.errors import ConfigError
 
-CLASSES = ("base_only", "shared", "distilled_only")
+# A latent's class: its NRN band, or "dead" when it never fired on a held-out row (its decoder
+# rows are what initialisation and the sparsity penalty left: its NRN says nothing).
+CLASSES = ("base_only", "shared", "distilled_only", "dead")
+DEAD = CLASSES.index("dead")
 
 
 def decoder_norms(w_dec: np.ndarray, kind: str = "l1") -> np.ndarray:
@@ -65,11 +68,19 @@ def dec_norm_diff(norms_l2: np.ndarray, base: int = 0, distilled: int = 1) -> np
         return np.where(top > 0, ((nb - nd) / top + 1) / 2, 0.5).astype(np.float64)
 
 
-def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -> np.ndarray:
-    """Class index per latent [n_latents] int8: 0 base-only, 1 shared, 2 distilled-only.
+def classify(
+    nrn: np.ndarray,
+    base_only_max: float,
+    distilled_only_min: float,
+    alive: np.ndarray | None = None,
+) -> np.ndarray:
+    """Class index per latent [n_latents] int8: 0 base-only, 1 shared, 2 distilled-only, 3 dead.
 
     Base-only: NRN < `base_only_max`; distilled-only: NRN > `distilled_only_min`; the rest
-    is shared. Names are `CLASSES[index]`.
+    is shared. With `alive` ([n_latents] bool: the latent fired on at least one held-out row,
+    the rows of the dead fraction), a latent that never fired is dead whatever its NRN.
+    Without it only the NRN bands apply (before the store pass, when deadness is not known
+    yet). Names are `CLASSES[index]`: the one classification every output reports.
     """
     if not 0.0 <= base_only_max < distilled_only_min <= 1.0:
         raise ConfigError(
@@ -79,6 +90,8 @@ def classify(nrn: np.ndarray, base_only_max: float, distilled_only_min: float) -
     out = np.ones(len(nrn), np.int8)
     out[nrn < base_only_max] = 0
     out[nrn > distilled_only_min] = 2
+    if alive is not None:
+        out[~np.asarray(alive, bool)] = DEAD
     return out
 
 

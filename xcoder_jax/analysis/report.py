@@ -2,15 +2,18 @@
 
 Figures (drawn in `report_figures` with matplotlib's Agg backend): the NRN histogram, NRN of
 each reasoning category's latents beside the alive latents (dead ones have no meaningful NRN),
-the decoder cosine of shared latents, and the training curves of metrics.jsonl. Tables list
-the headline numbers, the categories (mean NRN against the alive baseline, with 95% CIs),
-splice-in CE, latent scaling per side (base-only, distilled-only), and the top distilled-only
-and base-only latents with their max-activating contexts (firing token highlighted). Every
-piece of text is HTML-escaped.
+the decoder cosine of shared latents, and the training curves of metrics.jsonl; the first
+three are also written as PNG files beside the page (`FIGURE_FILES`, for the study report).
+Tables list the headline numbers, the categories (mean NRN against the alive baseline, with
+95% CIs), splice-in CE, latent scaling per side (base-only, distilled-only), and the top
+distilled-only and base-only latents with their labels (`labels.latent_label`) and
+max-activating contexts (firing token highlighted). Every latent id links to its page in the
+feature browser. Every piece of text is HTML-escaped.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -19,6 +22,18 @@ from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis.report_figures import fig_categories, fig_cosine, fig_nrn, fig_training
 
 E = html.escape
+BROWSER = "browser.html"  # the feature browser, beside this page (`browser.BROWSER`)
+# Figures also written as files beside the page: {figure: file name}.
+FIGURE_FILES = {"nrn": "nrn.png", "categories": "categories.png", "cosine": "cosine.png"}
+
+
+def latent_href(i: int, browser: str = BROWSER) -> str:
+    """The browser page of latent `i` (`browser.html#latent=<id>` opens any id)."""
+    return f"{browser}#latent={int(i)}"
+
+
+def latent_link(i: int, browser: str = BROWSER) -> str:
+    return f'<a href="{E(latent_href(i, browser))}">{int(i)}</a>'
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -102,15 +117,22 @@ def _latent_rows(
         if line is None:
             continue
         sc = line.get("scaling") or {}
+        detail, n = line.get("label_detail") or {}, len(line["top_examples"])
+        top = (
+            f"top token {E(repr(detail['token']))} "
+            f"({round(detail.get('token_share', 0) * n)}/{n})<br>"
+            if detail.get("token") is not None
+            else ""
+        )
         rows.append(
             [
-                str(i),
+                latent_link(i),
                 _fmt(line["nrn"]),
                 _fmt(line["firing_freq"], 4),
                 _fmt(line["cosine"]),
                 f"{_fmt(sc.get('ratio_error'))} / {_fmt(sc.get('ratio_reconstruction'))}",
-                E(line["label"]) + "<br><span class='muted'>" + E(", ".join(line["categories"]))
-                + "</span>",
+                f"<b>{E(line['label'])}</b><br><span class='muted'>{top}"
+                + E(", ".join(line["categories"])) + "</span>",
                 "".join(_context(e, first) for e in line["top_examples"][:n_examples]),
             ]
         )  # fmt: skip
@@ -132,8 +154,9 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
         ["dead fraction (held-out)", _fmt(s["dead_fraction"])],
         ["tokens trained / distinct",
          f"{s.get('tokens_trained')} / {s.get('distinct_tokens_trained')}"],
-        ["base-only / shared / distilled-only",
-         f"{s['n_base_only']} / {s['n_shared']} / {s['n_distilled_only']}"],
+        ["base-only / shared / distilled-only / dead (no held-out firing)",
+         f"{s['n_base_only']} / {s['n_shared']} / {s['n_distilled_only']} / "
+         f"{s.get('n_dead', 0)}"],
         ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
         ["alive latents (active on a store row)", f"{s['alive_latents']} of {s['n_latents']}"],
     ]  # fmt: skip
@@ -144,7 +167,8 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
             for t, m in c["markers"].items()
         )
         top = "<br>".join(
-            f"#{t['id']} NRN {t['nrn']:.2f} {E(t.get('label', ''))}" for t in c["top_latents"][:5]
+            f"#{latent_link(t['id'])} NRN {t['nrn']:.2f} {E(t.get('label', ''))}"
+            for t in c["top_latents"][:5]
         )
         td = c["top_distilled_only"]
         top_d = (f"{td['count']} / {td['n_top']} (alive share {_fmt(td['alive_share'])})"
@@ -183,7 +207,8 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
 <html lang="en"><head><meta charset="utf-8"><title>Crosscoder analysis</title>
 <style>{CSS}</style></head><body>
 <h1>Crosscoder analysis: base vs distilled</h1>
-<p class="muted">{E(s.get("workdir", ""))}</p>
+<p class="muted">{E(s.get("workdir", ""))}. Every latent id opens the
+<a href="{BROWSER}">feature browser</a> at that latent.</p>
 {_table(None, [[E(k), v] for k, v in head])}
 <h2>Shared vs exclusive latents</h2>
 {img("nrn", "NRN histogram")}
@@ -216,16 +241,33 @@ near 1: other latents reconstruct it there (latent decoupling). Near 0: truly ex
 """
 
 
-def write_report(
-    path: str, summary: dict, kept: dict[int, dict], metrics: str, workdir: str = ""
-) -> None:
-    """Renders the figures and writes the page atomically."""
-    figures = {
+def draw_figures(summary: dict, metrics: str) -> dict[str, str | None]:
+    """The page's figures as base64 PNGs ({name: PNG or None}); `metrics`: metrics.jsonl."""
+    return {
         "nrn": fig_nrn(summary),
         "categories": fig_categories(summary),
         "cosine": fig_cosine(summary),
         "training": fig_training(read_metrics(metrics)),
     }
+
+
+def figure_writers(figures: dict[str, str | None]) -> dict:
+    """{file name: writer(path)} of the figures of `FIGURE_FILES` (for `stage.commit`)."""
+
+    def writer(data: str):
+        def write(path: str) -> None:
+            with open(path, "wb") as f:
+                f.write(base64.b64decode(data))
+
+        return write
+
+    return {name: writer(figures[k]) for k, name in FIGURE_FILES.items()}
+
+
+def write_report(
+    path: str, summary: dict, kept: dict[int, dict], figures: dict, workdir: str = ""
+) -> None:
+    """Writes the page atomically; `figures` from `draw_figures`."""
     page = render_html({**summary, "workdir": workdir}, kept, figures)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write_bytes(path, lambda f: f.write(page.encode("utf-8")))

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-COLORS = {"base_only": "#1f77b4", "shared": "#7f7f7f", "distilled_only": "#d62728"}
+COLORS = {"base_only": "#1f77b4", "shared": "#7f7f7f", "distilled_only": "#d62728",
+          "dead": "#bbbbbb"}  # fmt: skip
 
 
 def _png(fig) -> str:

@@ -1,5 +1,6 @@
 """The analysis stage: `run_analysis(config, workdir)` reads the export and the store, writes
-analysis/summary.json, analysis/latents.jsonl and analysis/report.html.
+analysis/summary.json, analysis/latents.jsonl, analysis/report.html (its figures also as
+PNG files) and analysis/browser.html.
 
 Order: check that export and store belong together; relative decoder norms (from the
 decoder alone); one streaming pass over the store (`stream.scan_store`); reasoning
@@ -26,8 +27,9 @@ from xcoder_jax.exported import ExportedCrosscoder
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
 # with error and reconstruction ratios, category NRN against alive latents, strict JSON.
-# 3: the feature browser (browser.html).
-ANALYSIS_FORMAT = 3
+# 3: the feature browser (browser.html). 4: dead latents are their own class, labels name what
+# a latent's firing tokens are (`labels`), the figures also as PNG files.
+ANALYSIS_FORMAT = 4
 SUMMARY, REPORT = "summary.json", "report.html"
 
 
@@ -87,7 +89,8 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     out_dir = wd.stage_dir(workdir, "analysis")
     store, tensors, export_config = load_inputs(config, workdir)
     fp = fingerprint(config, workdir, store)
-    done = stage.done(out_dir, SUMMARY, fp, [LATENTS, REPORT, browser.BROWSER])
+    files = [LATENTS, REPORT, browser.BROWSER, *report.FIGURE_FILES.values()]
+    done = stage.done(out_dir, SUMMARY, fp, files)
     if done is not None:
         return done
     start = time.time()
@@ -119,8 +122,13 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     )
     summary["fingerprint"] = fp
     summary["seconds"] = round(time.time() - start, 1)
-    draw = lambda p: report.write_report(p, summary, kept, wd.metrics_path(workdir), workdir)
-    outputs = {REPORT: draw, browser.BROWSER: lambda p: browser.write_browser(p, data)}
+    figures = report.draw_figures(summary, wd.metrics_path(workdir))
+    draw = lambda p: report.write_report(p, summary, kept, figures, workdir)
+    outputs = {
+        REPORT: draw,
+        browser.BROWSER: lambda p: browser.write_browser(p, data),
+        **report.figure_writers(figures),
+    }
     return stage.commit(out_dir, SUMMARY, summary, outputs)
 
 
@@ -147,7 +155,8 @@ def summarize(summary: dict) -> str:
     """One line for the pipeline's final screen."""
     parts = [
         f"NRN mean {summary['mean_nrn']:.3f}: {summary['n_base_only']} base-only / "
-        f"{summary['n_shared']} shared / {summary['n_distilled_only']} distilled-only"
+        f"{summary['n_shared']} shared / {summary['n_distilled_only']} distilled-only / "
+        f"{summary.get('n_dead', 0)} dead"
     ]
     sr = summary.get("categories", {}).get("self_reflection", {})
     if sr.get("mean_nrn") is not None:

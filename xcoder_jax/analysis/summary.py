@@ -51,7 +51,9 @@ def analyze(
     n_l1 = norms.decoder_norms(w_norm, "l1")
     n_l2 = norms.decoder_norms(w_norm, "l2")
     nrn = norms.latent_nrn(w_norm, roles, ac.norm)
-    classes = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min)
+    # The NRN bands alone: which latents get a latent-scaling fit is decided before the store
+    # pass that tells which latents are dead.
+    bands = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min)
     cosine = norms.decoder_cosine(w_norm, base, dist)
     h = len(nrn)
 
@@ -59,7 +61,7 @@ def analyze(
     encoder = ExportedCrosscoder(tensors)
     # Base-only and distilled-only latents get a latent-scaling fit, the most extreme of each
     # side first (bounded work per row).
-    exclusive, owner = scaling.select_latents(nrn, classes, ac.scaling_max_latents, base, dist)
+    exclusive, owner = scaling.select_latents(nrn, bands, ac.scaling_max_latents, base, dist)
     scales = np.asarray(export_config["scales"], np.float32)
     fitter = scaling.LatentScaling(
         exclusive, owner, w_norm, tensors["b_dec"] * scales[:, None], scales
@@ -81,6 +83,8 @@ def analyze(
     alive = scan.fire_heldout > 0  # held-out: the rows of the FVE and dead fraction
     # Alive for NRN baselines: active on any store row, the rows the categories are read on.
     alive_store = scan.fire_count > 0
+    # What every output reports: the NRN band, or dead (never fired on a held-out row).
+    classes = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min, alive)
 
     categories, tags = cats.category_stats(
         groups,
@@ -94,10 +98,12 @@ def analyze(
         ac.top_latents,
         ac.nrn_bins,
     )
+    # Latent scaling is reported per NRN band: a dead latent of a band was selected (and
+    # could not be fitted: it has no held-out row).
     scaling_lines, scaling_summary = scaling.report(
         exclusive,
         owner,
-        classes,
+        bands,
         fitter.result(ac.scaling_min_rows),
         {"base": base, "distilled": dist},
         ac.scaling_false_ratio,

@@ -151,6 +151,8 @@ def _save_atomic(model, tokenizer, path: str, stamp: dict) -> None:
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, _STAMP), "w") as f:
         json.dump(stamp, f, allow_nan=False)
+    for name in os.listdir(tmp):  # save_pretrained writes its weights 0600, the rest 0644
+        os.chmod(os.path.join(tmp, name), mf.file_mode())
     if os.path.exists(path):  # a directory cannot be renamed onto a non-empty one
         old = _tmp(path) + "old"
         os.replace(path, old)
