@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from tests.conftest import synthetic_store, train_config
@@ -250,4 +251,24 @@ def test_nonfinite_rows_are_caught_without_verifying_the_store(tmp_path):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(train.TrainingError, match="rows of the store hold NaN/inf"):
         train.train_and_evaluate(train_config(steps=60, verify_store=False), workdir)
+    assert not os.path.exists(wd.export_dir(workdir))
+
+
+def test_a_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    """No "checkpoint (step None)": the message says that none was saved yet."""
+    from xcoder_jax import sharding
+
+    workdir = str(tmp_path / "early")
+    synthetic_store(wd.activations_dir(workdir), n_rows=2048, shard_rows=512)
+    real = sharding.ShardedStep.to_device
+
+    def overflowing(self, batch, weights, *rest):  # finite rows whose squares overflow
+        return real(self, batch * np.float32(1e30), weights, *rest)
+
+    monkeypatch.setattr(sharding.ShardedStep, "to_device", overflowing)
+    with pytest.raises(train.TrainingError) as err:
+        train.train_and_evaluate(train_config(checkpoint_every=5, log_every=5), workdir)
+    assert str(err.value) == (
+        "non-finite loss at step 1; training stopped: no checkpoint was saved before it"
+    )
     assert not os.path.exists(wd.export_dir(workdir))

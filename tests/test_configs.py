@@ -81,7 +81,9 @@ def test_configs_do_not_touch_sys_path():
         assert "sys.path" not in path.read_text(), path
 
 
-@pytest.mark.parametrize("name, arg", [("tiny.py", ""), ("paper.py", "1.5b"), ("paper.py", "14b")])
+@pytest.mark.parametrize(
+    "name, arg", [("tiny.py", ""), ("paper.py", "1.5b"), ("paper.py", "14b"), ("pair.py", "")]
+)
 def test_runlocal_shrinks_and_keeps_the_rest(name, arg):
     module = load(name)
     full = flat(module.get_config(arg).to_dict())
