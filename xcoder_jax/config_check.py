@@ -101,6 +101,12 @@ def _categories():
     return CATEGORY_NAMES
 
 
+def _formats():
+    from xcoder_jax.formats import FORMATS
+
+    return FORMATS
+
+
 def _teachers():
     from xcoder_jax.zoo.texts import TEACHERS
 
@@ -174,13 +180,7 @@ RULES: dict[str, Rule] = {
     "crosscoder.batchtopk_dec_init_norm": POSITIVE_NUMBER,
     "crosscoder.b_dec_init": choice(("zero", "mean")),
     "crosscoder.dtype": choice(("float32", "bfloat16")),
-    "export.formats": Rule(
-        lambda v: (
-            isinstance(v, (tuple, list))
-            and all(f in ("dictionary_learning", "ckkissane") for f in v)
-        ),
-        "a list of 'dictionary_learning' and 'ckkissane' (or empty)",
-    ),
+    "export.formats": each(choice(_formats), min_len=0),
     "train.steps": POSITIVE,
     "train.batch_size": POSITIVE,
     "train.lr": POSITIVE_NUMBER,
