@@ -34,8 +34,10 @@ MARKER_TEXT = (
 def build_tokenizer(directory: str):
     from transformers import PreTrainedTokenizerFast
 
-    from tests.conftest import make_tokenizer
+    from bench import recorded_settings
+    from xcoder_jax.synthetic import make_tokenizer
 
+    recorded_settings()
     path = os.path.join(directory, "tokenizer")
     if os.path.exists(path):
         return PreTrainedTokenizerFast.from_pretrained(path)
@@ -46,10 +48,12 @@ def build_tokenizer(directory: str):
 
 def build_store(directory: str, n_rows: int, d: int, tokenizer, doc_rows: int = 256) -> str:
     """Random activations with planted marker texts; returns the store directory."""
-    from tests.conftest import store_writer
+    from bench import recorded_settings
     from xcoder_jax.activations import ActivationStore
     from xcoder_jax.activations import manifest as mf
+    from xcoder_jax.synthetic import store_writer
 
+    recorded_settings()
     path = os.path.join(directory, f"store_{n_rows}_{d}")
     if os.path.exists(os.path.join(path, "manifest.json")):
         if mf.read_manifest(path).get("complete"):
@@ -86,17 +90,29 @@ def analyse(directory: str, n_rows: int, d: int, h: int) -> None:
     from configs import tiny
     from xcoder_jax.activations import ActivationStore
     from xcoder_jax.analysis import analyze
+    from xcoder_jax.exported import ExportedCrosscoder
 
     tokenizer = build_tokenizer(directory)
     store = ActivationStore(os.path.join(directory, f"store_{n_rows}_{d}"), verify=False)
     tensors = build_export(directory, d, h)
     export_config = {"scales": store.scales.tolist(), "models": store.manifest["models"]}
+    xcoder = ExportedCrosscoder(tensors, export_config)
     ac = tiny.get_config().analysis
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.time()
     out = os.path.join(directory, f"analysis_{n_rows}")
     heldout = [len(store.shards) - 1]
-    summary, _ = analyze(store, tensors, export_config, ac, heldout, tokenizer, out, False)
+    os.makedirs(out, exist_ok=True)
+    latents = os.path.join(out, "latents.jsonl")
+    summary = analyze(
+        store,
+        xcoder,
+        ac,
+        heldout=heldout,
+        tokenizer=tokenizer,
+        latents_path=latents,
+        progress=False,
+    ).summary
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

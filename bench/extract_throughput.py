@@ -21,10 +21,15 @@ import time
 import numpy as np
 import torch
 
-from tests.conftest import CORPUS, make_model, make_tokenizer, micro_config
+from bench import recorded_settings
+from configs import tiny
 from xcoder_jax import activations, site
 from xcoder_jax.activations.extract import _batches
+from xcoder_jax.activations.extract import extract as extract_store
 from xcoder_jax.activations.sources import iter_documents
+from xcoder_jax.synthetic import CORPUS, make_model, make_tokenizer, micro_config
+
+recorded_settings()
 
 
 def bare_forward(config, workdir, models, layer) -> int:
@@ -67,7 +72,9 @@ def main():
         corpus = os.path.join(root, "corpus.jsonl")
         with open(corpus, "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-        config = micro_config({**pair, "corpus": corpus}, batch_size=16, shard_rows=4096)
+        config = micro_config(
+            tiny.get_config(), {**pair, "corpus": corpus}, batch_size=16, shard_rows=4096
+        )
         models = [
             activations.models.load_model(pair[r], None, "float32", torch.device("cpu"))
             for r in pair
@@ -81,7 +88,7 @@ def main():
             t_bare = time.perf_counter() - start
             workdir = os.path.join(root, f"run{r}")
             start = time.perf_counter()
-            manifest = activations.extract(config, workdir)
+            manifest = extract_store(config, workdir)
             t_extract = time.perf_counter() - start
             shutil.rmtree(workdir)
             assert manifest["n_rows"] == rows

@@ -22,8 +22,12 @@ BASE_ROWS = 65536  # training store at 1x
 
 
 def child_extract(root: str, scale: int) -> None:
-    from tests.conftest import CORPUS, make_model, make_tokenizer, micro_config
+    from bench import recorded_settings
+    from configs import tiny
     from xcoder_jax import activations
+    from xcoder_jax.synthetic import CORPUS, make_model, make_tokenizer, micro_config
+
+    recorded_settings()
 
     tok = make_tokenizer(CORPUS)
     pair = {
@@ -34,19 +38,26 @@ def child_extract(root: str, scale: int) -> None:
     with open(corpus, "w") as f:
         for i in range(BASE_DOCS * scale):
             f.write(json.dumps({"text": CORPUS[i % len(CORPUS)] * 4}) + "\n")
-    config = micro_config({**pair, "corpus": corpus}, batch_size=16, shard_rows=8192)
+    config = micro_config(
+        tiny.get_config(), {**pair, "corpus": corpus}, batch_size=16, shard_rows=8192
+    )
     manifest = activations.extract(config, os.path.join(root, "run"))
     print(json.dumps({"rows": manifest["n_rows"]}))
 
 
 def child_train(root: str, scale: int) -> None:
-    from tests.conftest import synthetic_store, train_config
+    from bench import recorded_settings
+    from configs import tiny
     from xcoder_jax import train
     from xcoder_jax import workdir as wd
+    from xcoder_jax.synthetic import synthetic_store, train_config
+
+    recorded_settings()
 
     rows = BASE_ROWS * scale
     synthetic_store(wd.activations_dir(root), n_rows=rows, d=256, n_atoms=256, shard_rows=8192)
     c = train_config(
+        tiny.get_config(),
         batch_size=1024,
         steps=rows // 1024,
         log_every=50,

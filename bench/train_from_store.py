@@ -20,11 +20,14 @@ import time
 import jax
 import numpy as np
 
+from bench import recorded_settings
 from configs import tiny
-from tests.conftest import synthetic_store
 from xcoder_jax import sharding
 from xcoder_jax import train_step as ts
 from xcoder_jax.activations import ActivationStore, BatchStream
+from xcoder_jax.synthetic import synthetic_store
+
+recorded_settings()
 
 
 class InMemoryStore(ActivationStore):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tests.conftest import micro_pipeline_config, random_export, strict_loads
+from tests.test_analysis import _record_split
 from xcoder_jax import pipeline, steering
 from xcoder_jax import workdir as wd
 from xcoder_jax.ablation import (
@@ -21,6 +24,8 @@ from xcoder_jax.ablation import (
 )
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.exclude import Exclusion
+from xcoder_jax.documents import pad_documents
+from xcoder_jax.errors import ConfigError
 
 # --- Latent selection and controls ----------------------------------------------------------
 
@@ -62,7 +67,7 @@ def test_an_unreachable_level_is_not_drawn():
     pool = np.array([1, 2])  # all of it: 3.0
     rng = np.random.default_rng(0)
     assert controls.matched_draw(rng, act, 10.0, pool) is None
-    got = controls.dose_draws(rng, act, 4.0, pool, (0.5, 1.0, 2.0), 3)
+    got = controls.dose_draws(rng, act, 4.0, pool, levels=(0.5, 1.0, 2.0), n=3)
     assert sorted(got) == [0.5]  # 2.0 reachable; 4.0 and 8.0 are not
     assert all(act[s].sum() <= 3.0 for s in got[0.5])
 
@@ -193,41 +198,101 @@ def test_an_empty_targeted_set_is_null_with_a_reason(run):
     assert "below 0 (95% CI) in 0/0" in summarize_ablation(res)
 
 
-def test_no_heldout_documents_is_a_clear_error(run):
+def test_no_heldout_documents_is_a_clear_error(run, tmp_path):
     config, workdir, _ = run
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("ablation", "checkpoints"))
+    _record_split(copy, 0, [])  # trained without held-out shards
     c = config.copy_and_resolve_references()
     c.train.eval_shards = 0
     with pytest.raises(AblationError, match="no held-out shards"):
-        run_ablation(c, workdir)
+        run_ablation(c, copy)
+
+
+def test_a_split_other_than_trainings_is_refused(run, tmp_path):
+    """Measured on the held-out shards training recorded: another train.eval_shards is
+    refused with one line before any output is touched."""
+    config, workdir, _ = run
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    n, k = len(ActivationStore(wd.activations_dir(copy)).shards), config.train.eval_shards
+    _record_split(copy, k, list(range(n - k, n)))
+    c = config.copy_and_resolve_references()
+    c.train.eval_shards = k - 1
+    results = os.path.join(wd.stage_dir(copy, "ablation"), "results.json")
+    before = os.path.getmtime(results)
+    with pytest.raises(ConfigError, match=f"trained with train.eval_shards = {k}") as e:
+        run_ablation(c, copy)
+    assert "\n" not in str(e.value) and os.path.getmtime(results) == before
 
 
 # --- The logit probe against the hook-based ablation ----------------------------------------
 
 
-def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_path):
+def _exclusion(tok, exclude_special: bool) -> Exclusion:
+    """The store's exclusion under `extract.exclude_special` (position 0 excluded)."""
+    extract = SimpleNamespace(exclude_first=1, exclude_special=exclude_special, exclude_tokens=())
+    return Exclusion.from_config(extract, tok)
+
+
+@pytest.mark.parametrize("exclude_special", [False, True])
+def test_logit_probe_equals_the_model_under_the_ablation_hook(
+    micro_pair, tmp_path, exclude_special
+):
     """The probe reruns blocks L.. from a recorded input; it must give the log-probabilities
-    of the HF model's own forward pass with `hooks.ablate` installed."""
+    of the HF model's own forward pass with `hooks.ablate` installed, the hook and the probe
+    intervening at the same positions: where the store would hold a row (with special tokens
+    excluded, not at the end-of-text token inside a document)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xcoder_jax.analysis.splice import pad_documents
+    from xcoder_jax import site
 
     models = [AutoModelForCausalLM.from_pretrained(micro_pair[r]).eval() for r in wd.ROLES]
     tok = AutoTokenizer.from_pretrained(micro_pair["base"])
     d, h, layer = models[0].config.hidden_size, 8, 1
     xcoder = random_export(tmp_path, d, h, layer, scale=0.3)
-    texts = ["Question: Tom has 3 apples. Wait, let me check.", "Thus the answer is 4. But no"]
+    texts = ["Question: Tom has 3 apples.<|endoftext|> Wait, let me check.",
+             "Thus the answer is 4.<|endoftext|>But no"]  # fmt: skip
     docs = [np.asarray(tok(t)["input_ids"], np.int64) for t in texts]
+    exclusion = _exclusion(tok, exclude_special)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert all(eot in doc[1:] for doc in docs) and (eot in exclusion.token_ids) == exclude_special
     where = [(0, 3, 7), (0, len(docs[0]) - 1, 11), (1, 2, 5)]  # (doc, position, token)
-    probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, exclusion=Exclusion())
+    probe = LogitProbe(models, xcoder, docs, batch_size=2, pad_id=0, exclusion=exclusion)
     ids, mask = pad_documents(docs, pad_id=0)
     columns = [[t] for _, _, t in where]
     masked = [7, 11]  # left out of the best other token
+    latents = [0, 3, 5]
     for target in (0, 1):
-        for latents in ([], [0, 3, 5]):
-            got, best = probe.log_probs(target, where, columns, masked, latents)
-            hook = steering.ablate(models, target, xcoder, latents, ids, mask, 1)
-            with hook if latents else contextlib.nullcontext():  # []: the clean model
+        # The same positions, the same numbers: the block-L input the hook gives the model is
+        # the probe's.
+        (_, _, replays, x, kept) = probe.batches[0]
+        want_hidden = probe._hidden(target, replays, x, kept, latents=latents, direction=None)
+        box = {}
+
+        def capture(hidden, box=box):  # after the hook's subtraction: what block L receives
+            box["hidden"] = hidden.clone()
+
+        hook = steering.ablate(models, target, xcoder, latents, input_ids=ids,
+                               attention_mask=mask, exclusion=exclusion)  # fmt: skip
+        with hook as delta, site.block_input_hook(models[target], layer, capture):
+            with torch.no_grad():
+                models[target](input_ids=ids, attention_mask=mask)
+        changed = (box["hidden"] != replays[target].hidden).any(-1)
+        assert torch.equal(changed, kept & (delta != 0).any(-1))
+        torch.testing.assert_close(box["hidden"], want_hidden, rtol=0, atol=1e-6)
+        special = torch.isin(ids, torch.tensor([eot])) & mask.bool()
+        special[:, 0] = False
+        # Special tokens inside the documents where the latents are active: an intervention
+        # at every position but the first would change them.
+        assert (delta[special] != 0).any()
+        assert changed[special].any() != exclude_special  # left alone when excluded
+        for ablated in ([], latents):
+            got, best = probe.log_probs(target, where, columns, masked, latents=ablated)
+            hook = steering.ablate(models, target, xcoder, ablated, input_ids=ids,
+                                   attention_mask=mask, exclusion=exclusion)  # fmt: skip
+            with hook if ablated else contextlib.nullcontext():  # []: the clean model
                 with torch.no_grad():
                     full = models[target](input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(full.float(), -1)
@@ -239,5 +304,5 @@ def test_logit_probe_equals_the_model_under_the_ablation_hook(micro_pair, tmp_pa
                 best, want_best, rtol=1e-4, atol=1e-4 * np.abs(want_best).max()
             )
     clean = probe.log_probs(1, where, columns, masked)[0]
-    ablated = probe.log_probs(1, where, columns, masked, [0, 3, 5])[0]
+    ablated = probe.log_probs(1, where, columns, masked, latents=latents)[0]
     assert np.abs(clean - ablated).max() > 1e-3  # the ablation does change them

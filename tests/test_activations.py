@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import CORPUS, micro_config
 from xcoder_jax import activations as acts
+from xcoder_jax import fileio
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import writer as writer_mod
@@ -152,7 +153,7 @@ def test_manifest_reads_shards_from_the_log_once(tmp_path):
     shard = lambda k: {"id": k, "rows": 10 + k}
     header = {"format_version": mf.FORMAT_VERSION, "complete": False}
     # An unfinished store written before the log existed: its header lists the shards.
-    mf.atomic_write_json(os.path.join(d, mf.MANIFEST), {**header, "shards": [shard(0)]})
+    fileio.atomic_write_json(os.path.join(d, mf.MANIFEST), {**header, "shards": [shard(0)]})
     assert mf.read_manifest(d)["shards"] == [shard(0)]
     # Once a log exists it holds every shard (a resume copies the header's into it first),
     # so a header that still lists some is not counted twice.
@@ -161,7 +162,7 @@ def test_manifest_reads_shards_from_the_log_once(tmp_path):
     m = mf.read_manifest(d)
     assert m["shards"] == [shard(0), shard(1)] and m["n_rows"] == 21
     # A complete manifest is the whole truth; a log left behind by a crash is ignored.
-    mf.atomic_write_json(
+    fileio.atomic_write_json(
         os.path.join(d, mf.MANIFEST), {**header, "complete": True, "shards": [shard(0)]}
     )
     assert mf.read_manifest(d)["shards"] == [shard(0)]
@@ -239,10 +240,10 @@ def test_batch_stream_normalises_by_store_scale(single):
 
 def test_store_json_is_strict(tmp_path):
     path = str(tmp_path / "m.json")
-    mf.atomic_write_json(path, {"scale": 1.5})
+    fileio.atomic_write_json(path, {"scale": 1.5})
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError):
-            mf.atomic_write_json(path, {"scale": bad})
+            fileio.atomic_write_json(path, {"scale": bad})
         with pytest.raises(ValueError):
             mf.append_shard_record(str(tmp_path), {"id": 0, "x": bad})
     # The file written before is untouched, no temporary file is left, no log line added.

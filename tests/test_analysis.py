@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.parse
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,7 @@ import torch
 from safetensors.numpy import save_file
 
 from tests.conftest import CORPUS, make_tokenizer, micro_config, store_writer, strict_loads
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stage
+from xcoder_jax import export, split, stage
 from xcoder_jax import strict_json as strict
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, extract
@@ -24,7 +24,6 @@ from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.analysis import (
     CLASSES,
     LatentScaling,
-    check_pair,
     classify,
     decoder_cosine,
     decoder_norms,
@@ -39,12 +38,14 @@ from xcoder_jax.analysis import (
     stream,
 )
 from xcoder_jax.analysis import categories as cats
-from xcoder_jax.analysis.browser import ActivationHistogram
+from xcoder_jax.analysis.histogram import ActivationHistogram
 from xcoder_jax.analysis.report import render_html
-from xcoder_jax.analysis.splice import pad_documents
+from xcoder_jax.documents import pad_documents
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.exported import ExportedCrosscoder
 from xcoder_jax.lexicon import CATEGORIES, CATEGORY_NAMES, find_marker, marker_token_ids
+from xcoder_jax.marker_tokens import marker_groups
+from xcoder_jax.stage_inputs import check_pair, load_inputs
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -128,7 +129,7 @@ def test_nrn_and_classes_on_hand_made_decoders(kind):
 def test_nrn_is_measured_in_normalised_units():
     # Equal raw rows, but the distilled model's scale is 3x: its normalised row is 3x longer.
     raw = {"W_dec": np.ones((1, 2, 4), np.float32)}
-    w = ckpt.normalised_decoder(raw, {"scales": [1.0, 3.0]})
+    w = export.normalised_decoder(raw, {"scales": [1.0, 3.0]})
     assert relative_norms(decoder_norms(w))[0] == pytest.approx(0.75)
 
 
@@ -185,21 +186,23 @@ def test_markers_are_found_across_shards_but_not_across_documents():
     assert cats.marker_rows(tokens, docs1, [seq], carry=5).tolist() == [1, 4]
 
 
+def _category_stats(groups, group_rows, group_fire, group_act, fire_count, nrn, classes,
+                    top_n=5):  # fmt: skip
+    """`cats.category_stats` on hand-made counts (firing share 0.1, 10 NRN bins)."""
+    scan = SimpleNamespace(group_rows=group_rows, group_fire=group_fire, group_act=group_act,
+                           fire_count=np.asarray(fire_count))  # fmt: skip
+    facts = SimpleNamespace(nrn=np.asarray(nrn), classes=np.asarray(classes))
+    ac = SimpleNamespace(firing_share=0.1, top_latents=top_n, nrn_bins=10)
+    return cats.category_stats(groups, scan, facts, ac)
+
+
 def test_category_without_occurrences_is_reported_as_zero(tokenizer):
-    groups = cats.marker_groups(tokenizer)
+    groups = marker_groups(tokenizer)
     g, h = len(groups.groups), 8
-    stats, tags = cats.category_stats(
-        groups,
-        np.zeros(g, np.int64),
-        np.zeros((g, h)),
-        np.zeros((g, h)),
-        np.ones(h, np.int64),
-        np.full(h, 0.5),
-        np.ones(h, np.int8),
-        0.1,
-        5,
-        10,
-    )
+    stats, tags = _category_stats(
+        groups, np.zeros(g, np.int64), np.zeros((g, h)), np.zeros((g, h)),
+        np.ones(h, np.int64), np.full(h, 0.5), np.ones(h, np.int8),
+    )  # fmt: skip
     for c in stats.values():
         assert c["occurrences"] == 0 and c["n_firing_latents"] == 0
         assert c["mean_nrn"] is None and c["top_latents"] == []
@@ -213,7 +216,7 @@ def test_category_without_occurrences_is_reported_as_zero(tokenizer):
 def _one_category(tokenizer, nrn, fire_count, fire, top_n=2):
     """category_stats with `fire` [h] as the self-reflection firing counts (10 occurrences),
     every other category without occurrences."""
-    groups = cats.marker_groups(tokenizer)
+    groups = marker_groups(tokenizer)
     g, h = len(groups.groups), len(nrn)
     k = CATEGORY_NAMES.index("self_reflection")
     group_rows = np.zeros(g, np.int64)
@@ -221,10 +224,9 @@ def _one_category(tokenizer, nrn, fire_count, fire, top_n=2):
     group_fire = np.zeros((g, h))
     group_fire[k] = fire
     classes = classify(np.asarray(nrn), 0.1, 0.9)
-    out, _ = cats.category_stats(
-        groups, group_rows, group_fire, group_fire.copy(), np.asarray(fire_count), np.asarray(nrn),
-        classes, 0.1, top_n, 10,
-    )  # fmt: skip
+    out, _ = _category_stats(
+        groups, group_rows, group_fire, group_fire.copy(), fire_count, nrn, classes, top_n
+    )
     return out["self_reflection"]
 
 
@@ -296,7 +298,9 @@ def test_streaming_topk_and_counts_equal_brute_force(small_store, path, monkeypa
     enc = ExportedCrosscoder(_random_export(2, 16, 40))
     groups = [[(1, 2)], [(3,), (4, 5)]]
     hist = ActivationHistogram(40, lo=1e-2, hi=10.0, per_decade=4)
-    res = scan_store(store, enc, groups, {5}, 5, batch_rows=100, progress=False, hist=hist)
+    res = scan_store(
+        store, enc, groups=groups, heldout={5}, top_k=5, batch_rows=100, progress=False, hist=hist
+    )
     acts = np.concatenate([a for _, a in store.iter_shards()]).astype(np.float32)
     f_t = enc.encode_t(torch.from_numpy(acts)).numpy()  # [h, N], all rows at once
     vals = -np.sort(-f_t, axis=1)[:, :5]
@@ -379,12 +383,13 @@ def test_latent_scaling_recovers_planted_scales(tmp_path):
         tensors["W_enc"][1, :, j] = eye[j] / beta[j, 1]  # f_j = c_j, read from distilled
         tensors["W_dec"][j, 1] = beta[j, 1] * eye[j]
     s = store.scales
-    w_norm = ckpt.normalised_decoder(tensors, {"scales": s.tolist()})
-    fitter = LatentScaling([0, 1], [1, 1], w_norm, tensors["b_dec"], s)
+    w_norm = export.normalised_decoder(tensors, {"scales": s.tolist()})
+    fitter = LatentScaling([0, 1], [1, 1], w_dec=w_norm, b_dec=tensors["b_dec"], scales=s)
     all_shards = set(range(len(store.shards)))
     scan_store(
-        store, ExportedCrosscoder(tensors), [], all_shards, 2, 256, scaling=fitter, progress=False
-    )
+        store, ExportedCrosscoder(tensors), groups=[], heldout=all_shards, top_k=2,
+        batch_rows=256, scaling=fitter, progress=False,
+    )  # fmt: skip
     fits = fitter.result()
     # In normalised units beta_m = s_m beta[j, m] / (s_distilled beta[j, distilled]).
     expected = beta * s[None, :] / (s[1] * beta[:, 1:2])
@@ -441,7 +446,9 @@ def test_latent_scaling_ratios_on_both_sides():
     assert classes.tolist() == [0, 0, 0, 2, 0]
     ids, owner = scaling.select_latents(nrn, classes, 10, base=0, distilled=1)
     assert ids.tolist() == [0, 1, 2, 3, 4] and owner.tolist() == [0, 0, 0, 1, 0]
-    fitter = LatentScaling(ids, owner, tensors["W_dec"], tensors["b_dec"], np.ones(2))
+    fitter = LatentScaling(
+        ids, owner, w_dec=tensors["W_dec"], b_dec=tensors["b_dec"], scales=np.ones(2)
+    )
     enc = ExportedCrosscoder(tensors)
     for lo in range(0, n, 1000):  # the sums accumulate over batches
         xb = torch.from_numpy(x[lo : lo + 1000])
@@ -449,7 +456,7 @@ def test_latent_scaling_ratios_on_both_sides():
         fitter.update(f_t, xb, enc.decode_t(f_t))
     fits = fitter.result(min_rows=5)
     lines, summary = scaling.report(
-        ids, owner, classes, fits, {"base": 0, "distilled": 1}, 0.5, min_rows=5
+        ids, owner, classes, fits, roles={"base": 0, "distilled": 1}, false_ratio=0.5, min_rows=5
     )
     # Hand-computed: beta_m = sum f <u, y_m> / sum f^2 with u a unit axis and f = c_j.
     #  latent 0: error targets base c0, distilled 0.9 c0 -> 0.9; reconstruction base c0,
@@ -545,13 +552,13 @@ def test_splice_leaves_excluded_tokens_alone(micro_models, tokenizer):
         bad = ~exclusion.keep(ids)
         return torch.where(bad[..., None, None], torch.full_like(x, 100.0), x)
 
-    out = splice_ce(micro_models, 1, docs, corrupt_excluded, 3, exclusion=exclusion)
+    out = splice_ce(micro_models, 1, docs, corrupt_excluded, batch_size=3, exclusion=exclusion)
     scored = sum(int(exclusion.keep(d)[:-1].sum()) for d in docs)
     for r in out.values():
         assert r["spliced_ce"] == pytest.approx(r["clean_ce"], abs=1e-6)
         assert r["tokens"] == scored == sum(int((d[2:-1] != mark).sum()) for d in docs)
     # The same reconstruction does change the CE where those positions are not excluded.
-    out = splice_ce(micro_models, 1, docs, corrupt_excluded, 3)
+    out = splice_ce(micro_models, 1, docs, corrupt_excluded, batch_size=3)
     for r in out.values():
         assert abs(r["spliced_ce"] - r["clean_ce"]) > 1e-3
 
@@ -568,10 +575,10 @@ def test_export_and_store_from_different_sites(small_store):
         "models": [{"role": "base"}, {"role": "distilled"}],
     }
     check_pair(small_store, config)  # the matching pair passes
-    with pytest.raises(ckpt.ExportError, match="layer: export 3, store 1"):
+    with pytest.raises(export.ExportError, match="layer: export 3, store 1"):
         check_pair(small_store, {**config, "layer": 3})
     other = [{"role": "base", "source": "other/model"}, {"role": "distilled"}]
-    with pytest.raises(ckpt.ExportError, match="models"):
+    with pytest.raises(export.ExportError, match="models"):
         check_pair(small_store, {**config, "models": other})
 
 
@@ -579,17 +586,27 @@ def test_export_with_missing_tensors(analysed, tmp_path):
     config, workdir, _ = analysed
     broken = str(tmp_path / "w")
     shutil.copytree(workdir, broken, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
-    path = os.path.join(wd.export_dir(broken), ckpt.EXPORT_WEIGHTS)
-    tensors, _ = ckpt.load_export(wd.export_dir(broken))
+    path = os.path.join(wd.export_dir(broken), export.EXPORT_WEIGHTS)
+    tensors, _ = export.load_export(wd.export_dir(broken))
     save_file({k: v for k, v in tensors.items() if k != "W_dec"}, path)
     # An export written without W_dec (its recorded hash updated to match: a complete file
     # that lacks a tensor, not a damaged one).
-    cpath = os.path.join(wd.export_dir(broken), ckpt.EXPORT_CONFIG)
+    cpath = os.path.join(wd.export_dir(broken), export.EXPORT_CONFIG)
     meta = json.load(open(cpath))
-    meta[ckpt.WEIGHTS_SHA256] = stage.file_sha(path)
+    meta[export.WEIGHTS_SHA256] = stage.file_sha(path)
     json.dump(meta, open(cpath, "w"))
-    with pytest.raises(ckpt.ExportError, match="lacks tensors \\['W_dec'\\]"):
+    with pytest.raises(export.ExportError, match="lacks tensors \\['W_dec'\\]"):
         run_analysis(config, broken, progress=False)
+
+
+def _record_split(workdir: str, eval_shards: int, heldout: list[int]) -> None:
+    """Records in the export's config the split training used, as training records it."""
+    cpath = os.path.join(wd.export_dir(workdir), export.EXPORT_CONFIG)
+    with open(cpath) as f:
+        meta = json.load(f)
+    meta[split.KEY] = {"eval_shards": eval_shards, "heldout_shards": heldout, "group_shards": 1}
+    with open(cpath, "w") as f:
+        json.dump(meta, f)
 
 
 def test_no_heldout_shards_is_a_clear_error(analysed, tmp_path):
@@ -598,11 +615,35 @@ def test_no_heldout_shards_is_a_clear_error(analysed, tmp_path):
     config, workdir, _ = analysed
     copy = str(tmp_path / "w")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
+    _record_split(copy, 0, [])  # trained without held-out shards
     c = config.copy_and_resolve_references()
     c.train.eval_shards = 0
     with pytest.raises(ConfigError, match=r"no held-out shards \(train.eval_shards = 0\)"):
         run_analysis(c, copy, progress=False)
     assert not os.path.exists(os.path.join(wd.stage_dir(copy, "analysis"), "summary.json"))
+
+
+def test_a_split_other_than_trainings_is_refused(analysed, tmp_path):
+    """The held-out shards are those training recorded: a config whose train.eval_shards
+    differs is refused with one line, by the shared inputs of the analysis, steering and the
+    ablation, before any output is touched."""
+    config, workdir, _ = analysed
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    n = len(ActivationStore(wd.activations_dir(copy)).shards)
+    k = int(config.train.eval_shards)
+    _record_split(copy, k, list(range(n - k, n)))
+    inputs = load_inputs(config, copy)  # the recorded split, as training used it
+    assert (inputs.train, inputs.heldout) == (list(range(n - k)), list(range(n - k, n)))
+    c = config.copy_and_resolve_references()
+    c.train.eval_shards = k + 1
+    summary = os.path.join(wd.stage_dir(copy, "analysis"), "summary.json")
+    before = os.path.getmtime(summary)
+    for run in (lambda: load_inputs(c, copy), lambda: run_analysis(c, copy, progress=False)):
+        with pytest.raises(ConfigError, match=f"trained with train.eval_shards = {k}") as e:
+            run()
+        assert "\n" not in str(e.value)
+    assert os.path.getmtime(summary) == before  # the analysis of the recorded split stays
 
 
 # --- End to end on the micro pair ------------------------------------------------------------
@@ -820,7 +861,7 @@ def test_browser_data_against_brute_force(analysed):
     ac = config.analysis
     data = _browser_data(workdir)
     store = ActivationStore(wd.activations_dir(workdir))
-    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
+    tensors, export_config = export.load_export(wd.export_dir(workdir), "numpy")
     assert "threshold" not in tensors  # the brute force assumes a plain ReLU
     with open(os.path.join(wd.stage_dir(workdir, "analysis"), "latents.jsonl")) as f:
         lines = [json.loads(line) for line in f]

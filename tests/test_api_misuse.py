@@ -15,8 +15,7 @@ import torch
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import site, steering
+from xcoder_jax import export, fileio, site, steering
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations.models import weights_fingerprint
@@ -36,7 +35,7 @@ def _export(directory, d: int, models: list[dict]) -> ExportedCrosscoder:
         "b_dec": np.zeros((2, d), np.float32),
     }
     meta = {"layer": LAYER, "d_model": d, "n_latents": H, "models": models}
-    ckpt.export(str(directory), weights, np.array([1.0, 2.0]), meta)
+    export.export(str(directory), weights, np.array([1.0, 2.0]), meta)
     return ExportedCrosscoder.load(str(directory))
 
 
@@ -83,7 +82,10 @@ def test_each_model_in_the_other_slot_is_refused(pair, xcoder):
         (base, 1, "this model is the export's base model (slot 0), not slot 1 (distilled); "
                   "pass model_index=0 if it is the model you mean to steer"),
     ]:  # fmt: skip
-        with pytest.raises(ckpt.ExportError) as e, steering.steer(model, xcoder, [2], 0.5, slot):
+        with (
+            pytest.raises(export.ExportError) as e,
+            steering.steer(model, xcoder, [2], 0.5, model_index=slot),
+        ):
             pass
         assert str(e.value) == msg and isinstance(e.value, XcoderError)
         assert _no_hooks(model)
@@ -95,7 +97,7 @@ def test_the_right_slot_steers_by_the_models_own_row(pair, xcoder):
         clean = _logits(model, ids)
         row = xcoder.W_dec[2, m]
         expected = 0.5 * xcoder.mean_norms[m] * row / row.norm()
-        with steering.steer(model, xcoder, [2], 0.5, m) as vector:
+        with steering.steer(model, xcoder, [2], 0.5, model_index=m) as vector:
             steered = _logits(model, ids)
         torch.testing.assert_close(vector, expected, rtol=1e-6, atol=1e-7)
         with steering.add_at_site(model, LAYER, expected):  # the same push, by hand
@@ -113,14 +115,20 @@ def test_a_model_of_neither_slot_is_refused_unless_asked_for(micro_pair, pair, x
         f"{_short(micro_pair['distilled'])}); pass check_model=False to use another model on "
         "purpose"
     )
-    with pytest.raises(ckpt.ExportError) as e, steering.steer(other, xcoder, [2], 0.5, 0):
+    with (
+        pytest.raises(export.ExportError) as e,
+        steering.steer(other, xcoder, [2], 0.5, model_index=0),
+    ):
         pass
     assert str(e.value) == msg and _no_hooks(other)
     # A model built in memory has no files to compare.
     cfg = Qwen2Config(**{k: v for k, v in base.config.to_dict().items() if k != "_name_or_path"})
     cfg.name_or_path = ""
     fresh = Qwen2ForCausalLM(cfg).eval()
-    with pytest.raises(ckpt.ExportError) as e, steering.steer(fresh, xcoder, [2], 0.5, 0):
+    with (
+        pytest.raises(export.ExportError) as e,
+        steering.steer(fresh, xcoder, [2], 0.5, model_index=0),
+    ):
         pass
     assert str(e.value).startswith(
         "the model matches neither model of the export (it was not loaded from a model "
@@ -128,7 +136,7 @@ def test_a_model_of_neither_slot_is_refused_unless_asked_for(micro_pair, pair, x
     )
     # The opt-out: the export's direction for slot 0, added to the other model.
     clean = _logits(other, ids)
-    with steering.steer(other, xcoder, [2], 0.5, 0, check_model=False) as vector:
+    with steering.steer(other, xcoder, [2], 0.5, model_index=0, check_model=False) as vector:
         steered = _logits(other, ids)
     torch.testing.assert_close(vector, xcoder.steering_vector([2], 0, 0.5))
     assert not torch.allclose(steered, clean)
@@ -137,26 +145,26 @@ def test_a_model_of_neither_slot_is_refused_unless_asked_for(micro_pair, pair, x
 
 def test_ablate_needs_the_pair_in_slot_order(pair, xcoder):
     (base, distilled), ids = pair
-    with pytest.raises(ckpt.ExportError) as e:
-        with steering.ablate([distilled, base], 1, xcoder, [0], ids):
+    with pytest.raises(export.ExportError) as e:
+        with steering.ablate([distilled, base], 1, xcoder, [0], input_ids=ids):
             pass
     assert str(e.value) == (
         "models[0] is the export's distilled model (slot 1), not slot 0 (base); pass the models "
         "in slot order (base, distilled)"
     )
-    with pytest.raises(UsageError) as e, steering.ablate([base], 0, xcoder, [0], ids):
+    with pytest.raises(UsageError) as e, steering.ablate([base], 0, xcoder, [0], input_ids=ids):
         pass
     assert str(e.value) == f"ablate needs the export's 2 models in slot order ({SLOTS}), got 1"
     assert _no_hooks(base) and _no_hooks(distilled)
     # In order: the delta is f(x) W_dec[S, target] at the pair's own block-L inputs.
     x = steering.site_inputs([base, distilled], LAYER, ids)
-    with steering.ablate([base, distilled], 1, xcoder, [0, 3], ids) as delta:
+    with steering.ablate([base, distilled], 1, xcoder, [0, 3], input_ids=ids) as delta:
         pass
     expected = xcoder.latent_acts(x, [0, 3]) @ xcoder.W_dec[[0, 3], 1]
     assert expected.abs().max() > 0
     torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
     # The opt-out lets the swapped pair through (its f is then the caller's business).
-    with steering.ablate([distilled, base], 1, xcoder, [0], ids, check_model=False):
+    with steering.ablate([distilled, base], 1, xcoder, [0], input_ids=ids, check_model=False):
         pass
 
 
@@ -164,7 +172,7 @@ def test_exports_without_recorded_models_are_not_checked(pair, tmp_path):
     (_, distilled), ids = pair
     xc = _export(tmp_path, 16, [{"role": "base"}, {"role": "distilled"}])
     assert xc.model_fingerprints() is None
-    with steering.steer(distilled, xc, [2], 0.5, 0) as vector:
+    with steering.steer(distilled, xc, [2], 0.5, model_index=0) as vector:
         pass
     torch.testing.assert_close(vector, xc.steering_vector([2], 0, 0.5))
 
@@ -177,10 +185,10 @@ def test_models_read_from_the_hub_are_recognised_by_their_id(tmp_path):
     xc = _export(tmp_path, 16, models)
     hub_model = SimpleNamespace(name_or_path="org/r1")
     xc.check_identity(hub_model, 1)
-    with pytest.raises(ckpt.ExportError) as e:
+    with pytest.raises(export.ExportError) as e:
         xc.check_identity(hub_model, 0)
     assert str(e.value) == "this model is the export's distilled model (slot 1), not slot 0 (base)"
-    with pytest.raises(ckpt.ExportError, match=r"neither model of the export \(it is org/r2; "):
+    with pytest.raises(export.ExportError, match=r"neither model of the export \(it is org/r2; "):
         xc.check_identity(SimpleNamespace(name_or_path="org/r2"), 1)
 
 
@@ -192,8 +200,8 @@ def test_a_slot_the_export_does_not_have(pair, xcoder):
     x = torch.zeros(3, 2, 16)
     for bad in (2, -1):
         calls = [
-            lambda i: steering.steer(base, xcoder, [0], 1.0, i).__enter__(),
-            lambda i: steering.ablate([base, distilled], i, xcoder, [0], ids).__enter__(),
+            lambda i: steering.steer(base, xcoder, [0], 1.0, model_index=i).__enter__(),
+            lambda i: steering.ablate([base, distilled], i, xcoder, [0], input_ids=ids).__enter__(),
             lambda i: xcoder.steering_vector([0], i, 1.0),
             lambda i: xcoder.ablation_delta(x, [0], i),
         ]
@@ -215,7 +223,7 @@ def test_a_slot_the_export_does_not_have(pair, xcoder):
 def test_an_empty_latent_set_is_refused(pair, xcoder):
     (base, distilled), ids = pair
     msg = "no latents given: pass at least one latent id"
-    with pytest.raises(UsageError) as e, steering.steer(base, xcoder, [], 1.0, 0):
+    with pytest.raises(UsageError) as e, steering.steer(base, xcoder, [], 1.0, model_index=0):
         pass
     assert str(e.value) == msg and _no_hooks(base)
     with pytest.raises(UsageError) as e:
@@ -223,7 +231,10 @@ def test_an_empty_latent_set_is_refused(pair, xcoder):
     assert str(e.value) == msg
     with pytest.raises(UsageError, match="latents must be a list of latent ids, got 3"):
         xcoder.steering_vector(3, 1, 1.0)
-    with pytest.raises(UsageError) as e, steering.ablate([base, distilled], 1, xcoder, [], ids):
+    with (
+        pytest.raises(UsageError) as e,
+        steering.ablate([base, distilled], 1, xcoder, [], input_ids=ids),
+    ):
         pass
     assert str(e.value) == msg and _no_hooks(distilled)
 
@@ -235,23 +246,23 @@ def test_an_empty_latent_set_is_refused(pair, xcoder):
 def test_every_atomic_writer_gives_the_mode_of_a_plain_open(tmp_path, umask):
     old = os.umask(umask)
     try:
-        assert mf.current_umask() == umask
+        assert fileio.current_umask() == umask
         want = 0o666 & ~umask
         tensors = {"a": np.ones(3, np.float32)}
         # A temporary file a crashed run left behind, with another mode, does not keep it.
         stale = tmp_path / f"b.bin.tmp{os.getpid()}"
         stale.write_bytes(b"old")
         stale.chmod(0o600)
-        mf.atomic_write_path(str(tmp_path / "a.safetensors"), lambda p: save_file(tensors, p))
-        mf.atomic_write_bytes(str(tmp_path / "b.bin"), lambda f: f.write(b"xyz"))
-        mf.atomic_write_json(str(tmp_path / "c.json"), {"x": 1})
+        fileio.atomic_write_path(str(tmp_path / "a.safetensors"), lambda p: save_file(tensors, p))
+        fileio.atomic_write_bytes(str(tmp_path / "b.bin"), lambda f: f.write(b"xyz"))
+        fileio.atomic_write_json(str(tmp_path / "c.json"), {"x": 1})
         mf.save_array(str(tmp_path / "d.npy"), np.arange(4))
         mf.write_shard_log(str(tmp_path), [{"rows": 1}])
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
-        export = tmp_path / "export"
-        _export(export, 4, [])
-        written = [*tmp_path.iterdir(), *export.iterdir()]
+        export_dir = tmp_path / "export"
+        _export(export_dir, 4, [])
+        written = [*tmp_path.iterdir(), *export_dir.iterdir()]
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written if p.is_file()}
         assert modes == {
             "a.safetensors": want,
@@ -260,8 +271,8 @@ def test_every_atomic_writer_gives_the_mode_of_a_plain_open(tmp_path, umask):
             "d.npy": want,
             mf.SHARD_LOG: want,
             "plain.txt": want,
-            ckpt.EXPORT_WEIGHTS: want,
-            ckpt.EXPORT_CONFIG: want,
+            export.EXPORT_WEIGHTS: want,
+            export.EXPORT_CONFIG: want,
         }
         assert (tmp_path / "b.bin").read_bytes() == b"xyz"
         assert json.loads((tmp_path / "c.json").read_text()) == {"x": 1}
@@ -275,8 +286,8 @@ def test_the_umask_is_read_without_proc_too(monkeypatch):
 
     old = os.umask(0o027)
     try:
-        monkeypatch.setattr(mf, "open", no_proc, raising=False)
-        assert mf.current_umask() == 0o027
+        monkeypatch.setattr(fileio, "open", no_proc, raising=False)
+        assert fileio.current_umask() == 0o027
         assert os.umask(0o027) == 0o027  # left as it was
     finally:
         os.umask(old)

@@ -16,8 +16,7 @@ import pytest
 
 from tests.conftest import synthetic_store, train_config
 from tests.test_launch import assert_one_error_line, run_script
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import config_check, inputs, train
+from xcoder_jax import config_check, export, inputs, train
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, MissingInputError
 
@@ -197,7 +196,7 @@ def trained(tmp_path_factory):
 def test_a_damaged_export_is_named_and_a_rerun_repairs_it(trained, tmp_path, damage):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained, workdir)
-    weights = os.path.join(wd.export_dir(workdir), ckpt.EXPORT_WEIGHTS)
+    weights = os.path.join(wd.export_dir(workdir), export.EXPORT_WEIGHTS)
     original = open(weights, "rb").read()
     if damage == "truncate":  # as `truncate -s 50%`
         os.truncate(weights, len(original) // 2)
@@ -205,11 +204,11 @@ def test_a_damaged_export_is_named_and_a_rerun_repairs_it(trained, tmp_path, dam
         data = bytearray(original)
         data[-5] ^= 0xFF
         open(weights, "wb").write(bytes(data))
-    with pytest.raises(ckpt.ExportError) as err:
-        ckpt.load_export(wd.export_dir(workdir))
+    with pytest.raises(export.ExportError) as err:
+        export.load_export(wd.export_dir(workdir))
     why = "does not match its recorded sha256"
     assert str(err.value) == (
-        f"the export at {wd.export_dir(workdir)} is damaged ({ckpt.EXPORT_WEIGHTS} {why}): "
+        f"the export at {wd.export_dir(workdir)} is damaged ({export.EXPORT_WEIGHTS} {why}): "
         "rerun training (launch/train.py or launch/pipeline.py) to write it again from the "
         "last checkpoint"
     )
@@ -219,24 +218,24 @@ def test_a_damaged_export_is_named_and_a_rerun_repairs_it(trained, tmp_path, dam
     # Training counts a damaged export as not done and writes it again, bit for bit.
     train.train_and_evaluate(train_config(steps=20), workdir)
     assert open(weights, "rb").read() == original
-    ckpt.load_export(wd.export_dir(workdir))
+    export.load_export(wd.export_dir(workdir))
 
 
 def test_an_export_written_elsewhere_is_checked_for_completeness(trained, tmp_path):
     """Without a recorded hash (exports made by other tools), a truncated file still fails."""
     directory = str(tmp_path / "export")
     shutil.copytree(wd.export_dir(trained), directory)
-    cpath = os.path.join(directory, ckpt.EXPORT_CONFIG)
+    cpath = os.path.join(directory, export.EXPORT_CONFIG)
     config = json.load(open(cpath))
-    del config[ckpt.WEIGHTS_SHA256]
+    del config[export.WEIGHTS_SHA256]
     json.dump(config, open(cpath, "w"))
-    tensors, _ = ckpt.load_export(directory)  # intact: reads
+    tensors, _ = export.load_export(directory)  # intact: reads
     assert tensors["W_dec"].shape == (train_config().crosscoder.n_latents, 2, 32)
-    weights = os.path.join(directory, ckpt.EXPORT_WEIGHTS)
+    weights = os.path.join(directory, export.EXPORT_WEIGHTS)
     size = os.path.getsize(weights)
     os.truncate(weights, size - 10)
-    with pytest.raises(ckpt.ExportError, match=rf"holds {size - 10} bytes, its header {size}"):
-        ckpt.load_export(directory)
+    with pytest.raises(export.ExportError, match=rf"holds {size - 10} bytes, its header {size}"):
+        export.load_export(directory)
 
 
 def test_nonfinite_rows_are_caught_without_verifying_the_store(tmp_path):

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.crosscoder import (
-    Crosscoder,
-    batch_topk,
-    batchtopk_loss,
-    l1_loss,
-    update_threshold,
-)
+from xcoder_jax import export, losses
+from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.losses.batchtopk import batch_topk, batchtopk_loss, update_threshold
+from xcoder_jax.losses.l1 import l1_loss
 
 
 def assert_close(actual, desired, rtol, atol_frac=None, **kw):
@@ -268,19 +264,19 @@ def test_export_in_raw_units_reproduces_the_normalised_model(tmp_path):
     cc.b_dec[...] = jnp.full((2, 8), 0.2)
     scales = np.array([0.5, 4.0], np.float32)
     weights = {n: np.asarray(getattr(cc, n)[...]) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    ckpt.export(str(tmp_path), weights, scales, {"loss": "l1"})
-    raw_model, config = ckpt.load_export(str(tmp_path), "jax")
+    export.export(str(tmp_path), weights, scales, {"loss": "l1"})
+    raw_model, config = export.load_export(str(tmp_path), "jax")
     x_raw = np.asarray(jax.random.normal(jax.random.key(6), (4, 2, 8))) * 3
     x_norm = x_raw * scales[None, :, None]
     # The scales are folded into the weights in another order of float32 operations.
     assert_close(raw_model.encode(x_raw), cc.encode(x_norm), rtol=1e-4)
     assert_close(raw_model(x_raw) * scales[None, :, None], cc(x_norm), rtol=1e-4)
-    tensors, _ = ckpt.load_export(str(tmp_path))
+    tensors, _ = export.load_export(str(tmp_path))
     # Elementwise (W / s) * s: relative rounding of each element, near zero or not.
     np.testing.assert_allclose(
-        ckpt.normalised_decoder(tensors, config), weights["W_dec"], rtol=1e-6
+        export.normalised_decoder(tensors, config), weights["W_dec"], rtol=1e-6
     )
-    torch_tensors, _ = ckpt.load_export(str(tmp_path), "torch")
+    torch_tensors, _ = export.load_export(str(tmp_path), "torch")
     assert tuple(torch_tensors["W_dec"].shape) == (32, 2, 8)
 
 
@@ -288,7 +284,7 @@ def test_export_refuses_a_nonfinite_config_and_writes_nothing(tmp_path):
     cc = _make_crosscoder()
     weights = {n: np.asarray(getattr(cc, n)[...]) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     with pytest.raises(ValueError):
-        ckpt.export(str(tmp_path / "export"), weights, np.ones(2), {"eval": {"fve": [np.nan]}})
+        export.export(str(tmp_path / "export"), weights, np.ones(2), {"eval": {"fve": [np.nan]}})
     assert not (tmp_path / "export").exists()
 
 
@@ -297,5 +293,87 @@ def test_export_with_missing_tensor(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     save_file({"W_enc": np.zeros((2, 8, 4), np.float32)}, str(tmp_path / "crosscoder.safetensors"))
-    with pytest.raises(ckpt.ExportError, match="lacks tensors"):
-        ckpt.load_export(str(tmp_path))
+    with pytest.raises(export.ExportError, match="lacks tensors"):
+        export.load_export(str(tmp_path))
+
+
+# --- With and without jit ------------------------------------------------------------------
+
+
+def _objective(loss, graph):
+    """A loss kind's objective and threshold update over split module state."""
+
+    def run(params, rest, x, weights, dead):
+        value, aux = loss(nnx.merge(graph, params, rest), x, weights, jnp.int32(5), dead)
+        return value, aux, loss.update(rest, aux)
+
+    return run
+
+
+class WithAndWithoutJit(chex.TestCase):
+    """The module's pieces and each loss kind traced by jit and run op by op, against the
+    float64 references above; their boundaries check shapes and dtypes either way."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_module_pieces(self):
+        cc = _make_crosscoder(n_latents=16)
+        cc.b_enc[...] = jnp.linspace(-0.1, 0.1, 16)
+        cc.b_dec[...] = jnp.full((2, 8), 0.3)
+        graph, state = nnx.split(cc)
+
+        @self.variant
+        def pieces(state, x):
+            model = nnx.merge(graph, state)
+            pre = model.pre_acts(x)
+            return pre, model.decode(jax.nn.relu(pre)), model.decoder_norms(), model(x)
+
+        x = jax.random.normal(jax.random.key(11), (4, 2, 8))
+        pre, x_hat, norms, out = pieces(state, x)
+        chex.assert_shape([pre, x_hat, norms], [(4, 16), (4, 2, 8), (16, 2)])
+        chex.assert_type([pre, x_hat, out, norms], jnp.float32)
+        we, be, wd, bd = _float64_weights(cc)
+        want_pre = np.einsum("bmd,mdh->bh", np.asarray(x, np.float64), we) + be
+        want_hat = np.einsum("bh,hmd->bmd", np.maximum(want_pre, 0), wd) + bd
+        assert_close(pre, want_pre, rtol=1e-5)
+        assert_close(x_hat, want_hat, rtol=1e-5)
+        assert_close(out, want_hat, rtol=1e-5)  # the L1 kind's encoder is the plain ReLU
+        assert_close(norms, np.linalg.norm(wd, axis=-1), rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_each_loss_kind(self):
+        # The AuxK example above: a clear gap at the top-k cut, dead latents that fire.
+        cc = _make_crosscoder(n_models=2, d_model=4, n_latents=8)
+        cc.b_enc[...] = jnp.linspace(-0.05, 0.05, 8)
+        cc.b_dec[...] = jnp.full((2, 4), 0.1)
+        x = np.asarray(jax.random.normal(jax.random.key(7), (5, 2, 4)))
+        weights = np.array([1, 1, 1, 1, 0], np.float32)  # the last row is masked out
+        dead = np.zeros(8, bool)
+        dead[[1, 4, 6]] = True
+        graph, params, rest = nnx.split(cc, nnx.Param, ...)
+        ref = _numpy_batchtopk(cc, x, weights, 2, dead, 2)
+        kinds = {
+            "l1": (losses.L1(2.0, 0.0, 10), _numpy_l1(cc, x[:4], 2.0)[0]),
+            "dense": (losses.BatchTopK(2, 2, 0.25, 0.9), ref["mse"] + 0.25 * ref["aux"]),
+            "sparse": (losses.BatchTopK(2, 2, 0.25, 0.9, True), ref["mse"] + 0.25 * ref["aux"]),
+        }
+        for name, (loss, want) in kinds.items():
+            run = self.variant(_objective(loss, graph))
+            value, aux, new_rest = run(params, rest, jnp.asarray(x), weights, jnp.asarray(dead))
+            chex.assert_shape([value, aux["f"], aux["x_hat"]], [(), (5, 8), (5, 2, 4)])
+            chex.assert_type([value, aux["f"], aux["x_hat"]], jnp.float32)
+            np.testing.assert_allclose(value, want, rtol=1e-5, err_msg=name)
+            threshold = new_rest["threshold"][...]
+            if name == "l1":  # nothing to learn besides the weights
+                np.testing.assert_array_equal(threshold, rest["threshold"][...])
+            else:  # the first batch sets the threshold to its cut
+                np.testing.assert_allclose(threshold, np.full(8, ref["weighted"][7]), rtol=1e-5)
+
+    def test_boundaries_refuse_what_would_broadcast_silently(self):
+        cc = _make_crosscoder()
+        x = jax.random.normal(jax.random.key(12), (4, 2, 8))
+        with self.assertRaises(AssertionError):  # three models' rows read as six of two
+            cc.pre_acts(jnp.ones((4, 3, 8)))
+        with self.assertRaises(AssertionError):  # one weight for every row
+            l1_loss(cc, x, jnp.ones(1), jnp.asarray(1.0))
+        with self.assertRaises(AssertionError):  # dead flags of another crosscoder
+            batchtopk_loss(cc, x, jnp.ones(4), 2, jnp.zeros(16, bool), 2, 0.1)

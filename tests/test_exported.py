@@ -9,9 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import losses
-from xcoder_jax.analysis import norms
+from xcoder_jax import export, losses, nrn
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.exported import ExportedCrosscoder
 
@@ -38,7 +36,7 @@ def _export(cc: Crosscoder, loss, directory) -> ExportedCrosscoder:
     if thr is not None:
         weights["threshold"] = np.asarray(thr)
     models = [{"role": "distilled"}, {"role": "base"}]  # slot order is not role order
-    ckpt.export(str(directory), weights, SCALES, {"layer": 1, "models": models})
+    export.export(str(directory), weights, SCALES, {"layer": 1, "models": models})
     return ExportedCrosscoder.load(str(directory))
 
 
@@ -65,7 +63,7 @@ def test_torch_twin_equals_the_trained_module(kind, tmp_path):
     x_hat = xc.reconstruct(xt).numpy()
     np.testing.assert_allclose(x_hat, x_hat_jax, rtol=1e-4, atol=1e-5 * np.abs(x_hat_jax).max())
     # The JAX module rebuilt from the export (raw units) agrees as well.
-    raw_module, _ = ckpt.load_export(str(tmp_path), "jax")
+    raw_module, _ = export.load_export(str(tmp_path), "jax")
     np.testing.assert_allclose(
         np.asarray(raw_module.encode(jnp.asarray(x_raw), kind)), f_jax, rtol=1e-4, atol=1e-5 * scale
     )
@@ -77,7 +75,7 @@ def test_facts_of_the_export(tmp_path):
     w_norm = np.asarray(cc.W_dec[...])
     np.testing.assert_allclose(xc.normalised_decoder(), w_norm, rtol=1e-6)
     assert xc.roles == ["distilled", "base"] and xc.layer == 1
-    np.testing.assert_allclose(xc.nrn("l2"), norms.latent_nrn(w_norm, ["distilled", "base"], "l2"))
+    np.testing.assert_allclose(xc.nrn("l2"), nrn.latent_nrn(w_norm, ["distilled", "base"], "l2"))
     # NRN reads the slots by role: slot 0 is the distilled model here.
     d0, d1 = (np.linalg.norm(w_norm[:, m], axis=-1) for m in (0, 1))
     np.testing.assert_allclose(xc.nrn("l2"), d0 / (d0 + d1), rtol=1e-5)

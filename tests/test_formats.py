@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import synthetic_store, train_config
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import formats
+from xcoder_jax import export, formats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.exported import ExportedCrosscoder
@@ -60,7 +59,7 @@ def _make_export(directory, store_dir, kind: str) -> dict:
         w["threshold"] = (theta / norms).astype(np.float32)
     models = [{"role": r, "source": f"/models/{r}", "weights": f"sha-{r}"} for r in ROLES]
     meta = {"models": models, "layer": 1, "d_model": D, "n_models": 2, "n_latents": H}
-    ckpt.export(directory, w, np.float32(SCALES), {**meta, "loss": kind, "tokens_trained": 9})
+    export.export(directory, w, np.float32(SCALES), {**meta, "loss": kind, "tokens_trained": 9})
     return w
 
 
@@ -163,12 +162,12 @@ def test_round_trip_gives_the_same_tensors(exported, fmt, store_dir, tmp_path):
     os.makedirs(workdir)
     os.symlink(store_dir, wd.activations_dir(workdir))
     formats.import_crosscoder(out, fmt, workdir)
-    a, ca = ckpt.load_export(exported[1])
-    b, cb = ckpt.load_export(wd.export_dir(workdir))
-    assert ckpt.role_order(cb) == ["base", "distilled"]  # the store's order
+    a, ca = export.load_export(exported[1])
+    b, cb = export.load_export(wd.export_dir(workdir))
+    assert export.role_order(cb) == ["base", "distilled"]  # the store's order
     assert sorted(a) == sorted(b)
     for role in ("base", "distilled"):
-        i, j = ckpt.role_order(ca).index(role), ckpt.role_order(cb).index(role)
+        i, j = export.role_order(ca).index(role), export.role_order(cb).index(role)
         np.testing.assert_allclose(b["W_enc"][j], a["W_enc"][i], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(b["W_dec"][:, j], a["W_dec"][:, i], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(b["b_dec"][j], a["b_dec"][i], rtol=1e-6, atol=1e-7)

@@ -176,7 +176,7 @@ def test_known_cause_finds_the_innermost_project_error():
 
 
 def _error_classes():
-    from xcoder_jax import ablation, checkpoint, pipeline, replicate, selection, train
+    from xcoder_jax import ablation, export, pipeline, replicate, selection, train
     from xcoder_jax.activations import manifest, models
     from xcoder_jax.activations.budget import DiskBudgetError
     from xcoder_jax.analysis import splice
@@ -187,7 +187,7 @@ def _error_classes():
         (manifest.StoreError, ValueError),
         (models.PairError, ValueError),
         (train.TrainingError, RuntimeError),
-        (checkpoint.ExportError, ValueError),
+        (export.ExportError, ValueError),
         (splice.SpliceError, ValueError),
         (ablation.AblationError, ValueError),
         (selection.TooFewLatents, ValueError),

@@ -49,9 +49,9 @@ FLAGS = {
 _WRAPPED = """
 import atexit, os, runpy, signal, sys, time
 sys.path.insert(0, {root!r})
-from xcoder_jax import checkpoint, sharding
+from xcoder_jax import export as export_module, sharding
 die_at, calls = int(os.environ.get("XC_DIE_AT", "0")), [0]
-real_step, real_export = sharding.ShardedStep.step, checkpoint.export
+real_step, real_export = sharding.ShardedStep.step, export_module.export
 def step(self, *args):
     calls[0] += 1
     if calls[0] == die_at:
@@ -70,7 +70,7 @@ def export(*args):
 def report():
     with open(os.environ["XC_LOG"], "a") as f:
         f.write(f"steps {{calls[0]}}\\n")
-sharding.ShardedStep.step, checkpoint.export = step, export
+sharding.ShardedStep.step, export_module.export = step, export
 atexit.register(report)
 sys.argv = [{script!r}, *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

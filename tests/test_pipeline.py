@@ -82,7 +82,7 @@ def test_every_file_the_pipeline_writes_has_one_mode(run):
     them 0600), whichever stage or library wrote them."""
     import stat
 
-    from xcoder_jax.activations import manifest
+    from xcoder_jax import fileio
 
     _, workdir, _ = run
     modes = {}
@@ -90,7 +90,7 @@ def test_every_file_the_pipeline_writes_has_one_mode(run):
         for name in files:
             path = os.path.join(root, name)
             modes.setdefault(stat.S_IMODE(os.stat(path).st_mode), []).append(path)
-    assert set(modes) == {manifest.file_mode()}, {oct(m): p[:3] for m, p in modes.items()}
+    assert set(modes) == {fileio.file_mode()}, {oct(m): p[:3] for m, p in modes.items()}
 
 
 def test_a_second_pipeline_on_the_same_workdir_is_refused(run):
@@ -183,3 +183,66 @@ def test_a_moved_workdir_skips_every_stage(run, tmp_path):
     before = [os.path.getmtime(p) for p in outputs]
     pipeline.run(config, os.path.join(str(tmp_path), ".", "elsewhere"))  # another spelling
     assert [os.path.getmtime(p) for p in outputs] == before
+
+
+def _analysis_fingerprint(config, workdir):
+    from xcoder_jax.analysis import run as analysis_run
+
+    return analysis_run.fingerprint(config, workdir, ActivationStore(wd.activations_dir(workdir)))
+
+
+def _steering_fingerprint(config, workdir):
+    from xcoder_jax.steering import sweep
+
+    return sweep.fingerprint(config, workdir)
+
+
+def _ablation_fingerprint(config, workdir):
+    from xcoder_jax.ablation import experiment
+
+    return experiment.fingerprint(config, workdir)
+
+
+# stage: (its fingerprint, a field it reads, one that changes only how, one it never reads)
+FINGERPRINTS = {
+    "analyze": (
+        _analysis_fingerprint,
+        ("analysis.firing_share", 0.2),
+        ("analysis.batch_rows", 7),
+        ("steering.alphas", (0.0, 0.1)),
+    ),
+    "steer": (
+        _steering_fingerprint,
+        ("steering.temperature", 0.5),
+        ("steering.batch_size", 3),
+        ("ablation.n_random", 3),
+    ),
+    "ablate": (
+        _ablation_fingerprint,
+        ("selection.max_controls", 50),
+        ("ablation.batch_size", 3),
+        ("analysis.top_latents", 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINGERPRINTS))
+def test_a_stage_reruns_for_the_fields_it_reads_only(run, name):
+    """A field the stage reads changes its fingerprint (so `stage.done` reruns it); a field
+    that changes only how it computes, or one it never reads, does not. The stages read the
+    config only through their declared fields (`params`), so no read field can be missing."""
+    config, workdir, _ = run
+    fingerprint, what, how, unread = FINGERPRINTS[name]
+    stored = {
+        "analyze": "analysis/summary.json",
+        "steer": "steering/results.json",
+        "ablate": "ablation/results.json",
+    }[name]
+    with open(os.path.join(workdir, stored)) as f:
+        on_disk = json.load(f)["fingerprint"]
+    assert fingerprint(config, workdir) == on_disk  # the finished stage would be skipped
+    for (path, value), same in ((what, False), (how, True), (unread, True)):
+        c = config.copy_and_resolve_references()
+        section, field = path.split(".")
+        c[section][field] = value
+        assert (fingerprint(c, workdir) == on_disk) is same, path

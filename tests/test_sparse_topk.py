@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xcoder_jax.crosscoder import Crosscoder, batch_topk, batchtopk_loss
-from xcoder_jax.sparse_topk import batchtopk_loss_sparse, use_sparse
+from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.losses.batchtopk import (
+    batch_topk,
+    batchtopk_loss,
+    batchtopk_loss_sparse,
+    use_sparse,
+)
 
 B, M, D, H, K, AUX_K = 24, 2, 8, 64, 3, 5
 

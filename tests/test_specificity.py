@@ -104,18 +104,18 @@ def test_quantiles_are_taken_over_the_latents_that_pass():
     passes = score > 0.0
     nrn = np.array([0.9, 0.2, 0.8, 0.7, 0.6, 0.9, 0.9, 0.6, 0.7, 0.8, 0.9, 0.9])
     # 10 pass; 9 of them have NRN > 0.5: frac 0.5 keeps the best 5, frac 0.1 the best one.
-    half = sets.targeted_latents(score, passes, nrn, 0.5, 0.5).tolist()
+    half = sets.targeted_latents(score, passes, nrn, frac=0.5, min_nrn=0.5).tolist()
     assert half == [0, 2, 3, 4, 5]
-    assert sets.targeted_latents(score, passes, nrn, 0.1, 0.5).tolist() == [0]
-    assert sets.targeted_latents(score, passes, nrn, 0.2, 0.5).tolist() == [0, 2]
+    assert sets.targeted_latents(score, passes, nrn, frac=0.1, min_nrn=0.5).tolist() == [0]
+    assert sets.targeted_latents(score, passes, nrn, frac=0.2, min_nrn=0.5).tolist() == [0, 2]
     assert sets.pool_size(passes, nrn, 0.5) == 9
-    assert not len(sets.targeted_latents(score, np.zeros(12, bool), nrn, 0.5, 0.5))
+    assert not len(sets.targeted_latents(score, np.zeros(12, bool), nrn, frac=0.5, min_nrn=0.5))
 
 
 def test_a_set_is_described_by_its_tokens_and_nrn():
     nrn = np.array([0.95, 0.6, 0.3])
     labels = {0: {"token": " Wait", "token_share": 0.8}, 1: {"token": ".", "token_share": 1.0}}
-    d = selection.describe([0, 1], nrn, np.array([0.5, 0.2, 0.0]), 0.9, labels)
+    d = selection.describe([0, 1], nrn, np.array([0.5, 0.2, 0.0]), distilled_min=0.9, labels=labels)
     assert d["n"] == 2 and d["n_distilled_only"] == 1
     assert d["nrn"]["min"] == 0.6 and d["nrn"]["max"] == 0.95
     assert d["top_tokens"] == [[" Wait", 1], [".", 1]]
@@ -142,8 +142,9 @@ def test_attribution_is_the_first_order_change_of_the_marker_log_prob(micro_pair
     doc = np.asarray(tok("Tom has 3 apples. Wait, let me check.")["input_ids"], np.int64)
     wait = tuple(tok(" Wait", add_special_tokens=False)["input_ids"])
     exclusion = Exclusion(first=1)
-    got = marker_attribution(models, list(wd.ROLES), xcoder, [doc], {"c": [wait]}, ["c"],
-                             exclusion, batch_size=1, pad_id=0)  # fmt: skip
+    got = marker_attribution(models, list(wd.ROLES), xcoder, [doc], forms={"c": [wait]},
+                             categories=["c"], exclusion=exclusion, batch_size=1,
+                             pad_id=0)  # fmt: skip
     assert got.n_occurrences.tolist() == [1] and got.model == "distilled"
 
     ids = torch.from_numpy(doc)[None]

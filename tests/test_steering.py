@@ -15,8 +15,7 @@ from scipy import stats as scipy_stats
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import micro_pipeline_config, strict_loads
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import pipeline, site, steering
+from xcoder_jax import export, pipeline, site, steering
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError, UsageError
 from xcoder_jax.exported import CONVENTIONS
@@ -38,7 +37,7 @@ def _make_export(directory, d=D, h=H, layer=LAYER, seed=0, b_enc=None):
         "b_dec": np.zeros((2, d), np.float32),
     }
     meta = {"layer": layer, "d_model": d, "n_latents": h, "models": []}
-    ckpt.export(str(directory), weights, np.array([1.0, 2.0]), meta)
+    export.export(str(directory), weights, np.array([1.0, 2.0]), meta)
     return steering.ExportedCrosscoder.load(str(directory))
 
 
@@ -70,14 +69,14 @@ def _no_hooks(model):
 def test_alpha_zero_is_bit_identical(pair, xcoder):
     models, _, ids = pair
     clean = _logits(models[1], ids)
-    with steering.steer(models[1], xcoder, [0, 3], 0.0, 1):
+    with steering.steer(models[1], xcoder, [0, 3], 0.0, model_index=1):
         assert torch.equal(_logits(models[1], ids), clean)
 
 
 def test_steer_changes_logits_then_restores_the_model(pair, xcoder):
     models, _, ids = pair
     clean = _logits(models[1], ids)
-    with steering.steer(models[1], xcoder, [2], 0.5, 1) as vector:
+    with steering.steer(models[1], xcoder, [2], 0.5, model_index=1) as vector:
         assert not torch.allclose(_logits(models[1], ids), clean)
     # alpha is in units of the model's mean activation norm (sqrt(d) / scale).
     assert float(vector.norm()) == pytest.approx(0.5 * np.sqrt(D) / 2.0, rel=1e-5)
@@ -86,9 +85,9 @@ def test_steer_changes_logits_then_restores_the_model(pair, xcoder):
 
 def test_hooks_are_removed_after_an_exception(pair, xcoder):
     models, _, ids = pair
-    with pytest.raises(RuntimeError), steering.steer(models[0], xcoder, [1], 1.0, 0):
+    with pytest.raises(RuntimeError), steering.steer(models[0], xcoder, [1], 1.0, model_index=0):
         raise RuntimeError("boom")
-    with pytest.raises(RuntimeError), steering.ablate(models, 1, xcoder, [1], ids):
+    with pytest.raises(RuntimeError), steering.ablate(models, 1, xcoder, [1], input_ids=ids):
         raise RuntimeError("boom")
     assert _no_hooks(models[0]) and _no_hooks(models[1])
 
@@ -117,7 +116,11 @@ def test_steering_adds_the_models_own_decoder_row(pair, xcoder, convention):
     alpha = 0.5
     for m in (0, 1):
         added, clean = _added_at_site(
-            models[m], ids, lambda m=m: steering.steer(models[m], xcoder, [2], alpha, m, convention)
+            models[m],
+            ids,
+            lambda m=m: steering.steer(
+                models[m], xcoder, [2], alpha, model_index=m, convention=convention
+            ),
         )
         # "raw" adds alpha * W_dec[i, m]; "norm" rescales the row to alpha mean norms.
         scale = alpha if convention == "raw" else alpha * xcoder.mean_norms[m] / rows[m].norm()
@@ -148,7 +151,7 @@ def test_steering_vector_conventions_for_a_latent_set(xcoder):
 def test_ablating_no_latent_is_refused(pair, xcoder):
     models, _, ids = pair
     with pytest.raises(UsageError, match="no latents given: pass at least one latent id"):
-        with steering.ablate(models, 1, xcoder, [], ids, check_model=False):
+        with steering.ablate(models, 1, xcoder, [], input_ids=ids, check_model=False):
             pass
     assert _no_hooks(models[1])
 
@@ -163,7 +166,7 @@ def test_an_inactive_latent_leaves_its_positions_unchanged(pair, tmp_path):
     xcoder = _make_export(tmp_path / "b", b_enc=[-float(pre.median())] + [0.0] * (H - 1))
     f = xcoder.latent_acts(x, [0])[0, :, 0]
     seen = {}
-    with steering.ablate(models, 1, xcoder, [0], ids, x=x):
+    with steering.ablate(models, 1, xcoder, [0], input_ids=ids, x=x):
         fn = lambda hidden: seen.setdefault("hidden", hidden.clone())
         with site.block_input_hook(models[1], LAYER, fn):
             _logits(models[1], ids)
@@ -182,7 +185,7 @@ def test_latent_out_of_range(pair, xcoder):
     models, _, ids = pair
     with (
         pytest.raises(ValueError, match="out of range"),
-        steering.steer(models[1], xcoder, [H], 1.0, 1),
+        steering.steer(models[1], xcoder, [H], 1.0, model_index=1),
     ):
         pass
     with pytest.raises(ValueError, match="out of range"):
@@ -194,11 +197,11 @@ def test_latent_out_of_range(pair, xcoder):
 def test_export_of_another_model(pair, tmp_path, kw, match):
     models, _, ids = pair
     other = _make_export(tmp_path, **kw)
-    with pytest.raises(ckpt.ExportError, match=match):
-        with steering.steer(models[1], other, [0], 1.0, 1):
+    with pytest.raises(export.ExportError, match=match):
+        with steering.steer(models[1], other, [0], 1.0, model_index=1):
             pass
-    with pytest.raises(ckpt.ExportError, match=match):
-        with steering.ablate(models, 1, other, [0], ids):
+    with pytest.raises(export.ExportError, match=match):
+        with steering.ablate(models, 1, other, [0], input_ids=ids):
             pass
 
 
@@ -354,7 +357,7 @@ def test_pairing_with_controls_averages_their_draws_per_prompt():
 
 def test_random_direction_has_the_steered_norm_and_differs_between_draws(xcoder):
     v = xcoder.steering_vector([1, 3], 1, 0.7, "norm")
-    seqs = [ctl.draw_seed(0, "direction", "distilled", spec, j)
+    seqs = [ctl.draw_seed(0, "direction", "distilled", spec, draw=j)
             for spec, j in [("1+3", 0), ("1+3", 1), ("5", 0)]]  # fmt: skip
     units = [ctl.random_unit(D, q) for q in seqs]
     vecs = [ctl.rescaled(u, v, 0.7) for u in units]
@@ -365,10 +368,10 @@ def test_random_direction_has_the_steered_norm_and_differs_between_draws(xcoder)
     # Draws differ between draws and sets, and repeat exactly for the same (seed, set, draw).
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
     assert max(abs(cos(vecs[0], vecs[1])), abs(cos(vecs[0], vecs[2]))) < 0.99
-    again = ctl.random_unit(D, ctl.draw_seed(0, "direction", "distilled", "1+3", 0))
+    again = ctl.random_unit(D, ctl.draw_seed(0, "direction", "distilled", "1+3", draw=0))
     assert torch.equal(again, units[0])
-    assert not torch.equal(ctl.random_unit(D, ctl.draw_seed(1, "direction", "distilled", "1+3", 0)),
-                           units[0])  # fmt: skip
+    other = ctl.random_unit(D, ctl.draw_seed(1, "direction", "distilled", "1+3", draw=0))
+    assert not torch.equal(other, units[0])
     # -alpha pushes the opposite way along the same random direction, with -alpha's norm.
     neg = ctl.rescaled(units[0], xcoder.steering_vector([1, 3], 1, -0.7, "norm"), -0.7)
     torch.testing.assert_close(neg, -vecs[0])
@@ -381,7 +384,10 @@ def test_random_latent_is_matched_on_nrn_and_frequency():
     freq = 10 ** rng.uniform(-5, -1, h)
     freq[:50] = 0.0  # dead latents are never drawn
     targets = [60, 61]
-    draws = [ctl.match_latents(targets, nrn, freq, 10, np.random.default_rng(s)) for s in range(20)]
+    draws = [
+        ctl.match_latents(targets, nrn, freq, pool=10, rng=np.random.default_rng(s))
+        for s in range(20)
+    ]
     z = np.stack([nrn, np.log10(np.maximum(freq, 1e-7))], 1)[50:]
     z = (z - z.mean(0)) / z.std(0)
     for t_pos, t in enumerate(targets):
@@ -399,7 +405,7 @@ def test_random_latent_is_matched_on_nrn_and_frequency():
         assert np.abs(np.log10(freq[near]) - np.log10(freq[t])).max() < 0.6
     assert all(dr[0] != dr[1] for dr in draws)
     # Pool of 1: exactly the nearest.
-    first = ctl.match_latents([60], nrn, freq, 1, np.random.default_rng(0))[0]
+    first = ctl.match_latents([60], nrn, freq, pool=1, rng=np.random.default_rng(0))[0]
     d = np.linalg.norm(z - z[10], axis=1)
     d[10] = np.inf
     assert first == 50 + int(np.argmin(d))

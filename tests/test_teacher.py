@@ -23,6 +23,7 @@ from xcoder_jax.lexicon import (
 )
 from xcoder_jax.zoo import corpus, rounds
 from xcoder_jax.zoo.corpus import Problem, final_line, make_problems
+from xcoder_jax.zoo.evaluation import final_answer
 from xcoder_jax.zoo.rounds import (
     MAX_WORDS,
     TraceMeta,
@@ -38,7 +39,6 @@ from xcoder_jax.zoo.trace_reading import (
     parse_trace,
     trace_stats,
 )
-from xcoder_jax.zoo.training import final_answer
 
 N = 3000
 _THUS = re.compile(r"Thus, [^.\d]*(\d+)[^.\d]*\.")  # "Thus, Tom has 7 apples." -> 7
@@ -342,7 +342,7 @@ def test_a_trace_out_of_room_still_catches_its_slip(monkeypatch):
 @pytest.mark.parametrize("name", ["no_loop", "rounds"])
 def test_the_zoo_config_picks_the_teacher_and_reports_its_traces(name):
     from configs import tiny
-    from xcoder_jax.zoo.build import config_hash
+    from xcoder_jax.zoo.build_config import config_hash
     from xcoder_jax.zoo.texts import make_texts
 
     c = tiny.get_config()

@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import strict_loads, synthetic_store, train_config
-from xcoder_jax import sharding, train
+from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import sharding, split, train, train_records
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
@@ -105,7 +106,9 @@ def test_metrics_and_export_config_arestrict_loads(uninterrupted, tmp_path):
     assert config["eval"] == final and config["units"] == "raw"
     # A metric that is NaN/inf is written as null, and named.
     path = str(tmp_path / "metrics.jsonl")
-    train._log(path, {"step": 1, "loss": 0.5, "fve": [0.9, float("nan")], "l0": float("inf")})
+    train_records.log_metrics(
+        path, {"step": 1, "loss": 0.5, "fve": [0.9, float("nan")], "l0": float("inf")}
+    )
     with open(path) as f:
         record = strict_loads(f.read())
     assert record["fve"] == [0.9, None] and record["l0"] is None
@@ -159,17 +162,42 @@ def test_distinct_tokens_equal_rows_visited(uninterrupted, store_dir):
     assert config["distinct_tokens_trained"] == 2560
 
 
+def test_export_and_checkpoints_record_the_split(uninterrupted, store_dir):
+    """The held-out shards training used, for the later stages to read back."""
+    w, _ = uninterrupted
+    config = _export_config(w)
+    recorded = {"eval_shards": 1, "heldout_shards": [7], "group_shards": 4}
+    assert config["split"] == recorded
+    store = ActivationStore(store_dir)
+    assert split.heldout_from_export(config, store, train_config()) == store.split(1)[1]
+    mngr = ckpt.manager(w, 20, 3)
+    extra = ckpt.restore_extra(mngr, mngr.latest_step())
+    mngr.close()
+    assert extra["split"] == recorded
+    assert extra["config"]["train.eval_shards"] == 1 and extra["config"]["train.group_shards"] == 4
+
+
+@pytest.mark.parametrize("field, saved", [("eval_shards", 1), ("group_shards", 4)])
+def test_resume_with_another_split_is_refused(uninterrupted, tmp_path, field, saved):
+    """Both choose which rows a batch holds: a resume with another value is another run."""
+    w_full, _ = uninterrupted
+    w = str(tmp_path / "copy")
+    shutil.copytree(w_full, w)
+    with pytest.raises(train.TrainingError, match=rf"fields: train\.{field} \({saved} -> 2\) \("):
+        train.train_and_evaluate(train_config(**{field: 2}), w)
+
+
 def test_row_bitmap_is_packbits_of_the_rows_marked():
     rng = np.random.default_rng(0)
     n = 1003  # not a multiple of 8
     rows = rng.integers(0, n, 700)
-    bits = train._new_bitmap(n)
-    train._mark(bits, rows[:350])
-    train._mark(bits, rows[350:])
+    bits = train_records.new_bitmap(n)
+    train_records.mark_rows(bits, rows[:350])
+    train_records.mark_rows(bits, rows[350:])
     dense = np.zeros(n, bool)
     dense[rows] = True
     np.testing.assert_array_equal(bits, np.packbits(dense))
-    assert train._count(bits) == len(set(rows.tolist()))
+    assert train_records.count_rows(bits) == len(set(rows.tolist()))
 
 
 def test_resumed_run_equals_uninterrupted(uninterrupted, store_dir, tmp_path, monkeypatch):
@@ -376,3 +404,20 @@ def test_resume_with_incompatible_config_names_the_fields(uninterrupted, tmp_pat
     with pytest.raises(train.TrainingError, match="crosscoder.n_latents") as err:
         train.train_and_evaluate(c, w)
     assert "train.lr" in str(err.value)
+
+
+def test_nonfinite_final_weights_are_not_exported(uninterrupted, tmp_path, monkeypatch):
+    """A finite last loss does not make the last update finite: such weights are refused."""
+    w_full, _ = uninterrupted
+    w = str(tmp_path / "copy")
+    shutil.copytree(w_full, w)
+    shutil.rmtree(wd.export_dir(w))  # finished: the export is written again from step 40
+    real = ts.export_weights
+
+    def overflowed(state, hp):
+        return {**real(state, hp), "b_enc": np.full(hp.n_latents, np.inf, np.float32)}
+
+    monkeypatch.setattr(ts, "export_weights", overflowed)
+    with pytest.raises(train.TrainingError, match="the final weights hold NaN/inf; nothing"):
+        train.train_and_evaluate(train_config(), w)
+    assert not os.path.exists(wd.export_dir(w))

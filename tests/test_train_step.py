@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 from tests.conftest import train_config
 from xcoder_jax import losses, sharding
 from xcoder_jax import train_step as ts
-from xcoder_jax.crosscoder import l1_loss
 from xcoder_jax.errors import ConfigError
+from xcoder_jax.losses.l1 import l1_loss
 
 
 def _hp(kind="l1", **over) -> ts.HParams:
@@ -109,3 +112,30 @@ def test_decoder_bias_can_start_at_a_given_mean():
     np.testing.assert_array_equal(
         np.asarray(state["params"]["W_dec"][...]), np.asarray(fresh["params"]["W_dec"][...])
     )
+
+
+class StepWithAndWithoutJit(chex.TestCase):
+    """The pure step traced by jit and run op by op: the loss it reports is its loss kind's,
+    and the state it returns has the layout of the one it took (donation needs it)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_step_keeps_the_state_layout(self):
+        hp = _hp("l1")
+        state = ts.init_state(hp)
+        x = jax.random.normal(jax.random.key(3), (16, 2, 8))
+        weights = jnp.ones(16).at[0].set(0.0)
+        new, metrics = self.variant(functools.partial(ts.train_step, hp=hp))(state, x, weights)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+        chex.assert_shape([metrics["loss"], metrics["fve"]], [(), (2,)])
+        chex.assert_tree_all_finite(metrics)
+        want, _ = hp.loss(ts.merge(hp, state), x, weights, 0, jnp.zeros(hp.n_latents, bool))
+        np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)
+        assert int(new["step"]) == 1
+
+    def test_step_refuses_a_batch_of_another_shape(self):
+        hp = _hp("l1")
+        state = ts.init_state(hp)
+        with self.assertRaises(AssertionError):  # d_model 4, the crosscoder's is 8
+            ts.train_step(state, jnp.ones((16, 2, 4)), jnp.ones(16), hp=hp)
+        with self.assertRaises(AssertionError):  # one weight per row
+            ts.train_step(state, jnp.ones((16, 2, 8)), jnp.ones(8), hp=hp)

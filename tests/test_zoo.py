@@ -31,7 +31,8 @@ from xcoder_jax.zoo import (
     teacher_trace,
 )
 from xcoder_jax.zoo.corpus import SHARED_WORDS, everyday_document, everyday_sentence
-from xcoder_jax.zoo.training import Schedule, evaluate_answers, packed_batches, train_causal_lm
+from xcoder_jax.zoo.evaluation import evaluate_answers
+from xcoder_jax.zoo.training import Schedule, packed_batches, train_causal_lm
 
 
 def _read_jsonl(path):

@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tests.conftest import micro_zoo_config
 from xcoder_jax import control_pair
 from xcoder_jax import workdir as wd
-from xcoder_jax.zoo.build import distillation_criterion
+from xcoder_jax.zoo.evaluation import distillation_criterion
 from xcoder_jax.zoo.trace_reading import reads_as_trace
 from xcoder_jax.zoo.training import Schedule, train_causal_lm
 

@@ -37,7 +37,7 @@ _LAZY = {
     "run_geometry": "xcoder_jax.geometry",
     "run_replication": "xcoder_jax.replicate",
     "pipeline": "xcoder_jax.pipeline",
-    "load_export": "xcoder_jax.checkpoint",
+    "load_export": "xcoder_jax.export",
     "ExportedCrosscoder": "xcoder_jax.exported",
     "steer": "xcoder_jax.steering",
     "ablate": "xcoder_jax.steering",

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xcoder_jax import site
+from xcoder_jax import intervention, site
 from xcoder_jax.ablation.probe import marker_positions
-from xcoder_jax.analysis import splice
+from xcoder_jax.documents import pad_documents
 from xcoder_jax.specificity import Screened
 
 
@@ -54,7 +54,7 @@ def _ratio(per_doc: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def marker_attribution(
-    models, roles, xcoder, docs, forms, categories, exclusion, batch_size: int, pad_id: int,
+    models, roles, xcoder, docs, *, forms, categories, exclusion, batch_size: int, pad_id: int,
     target: str = "distilled",
 ) -> Attribution:  # fmt: skip
     """Attribution of every latent to every category's marker log-probability in `target`.
@@ -72,10 +72,10 @@ def marker_attribution(
     bar = tqdm(total=len(docs), desc="attribution", unit="doc", leave=False)
     for lo in range(0, len(docs), batch_size):
         chunk = docs[lo : lo + batch_size]
-        ids, mask = splice.pad_documents(chunk, pad_id, device)
+        ids, mask = pad_documents(chunk, pad_id, device)
         replays = [site.SiteReplay.record(model, xcoder.layer, ids, mask) for model in models]
         x = torch.stack([r.hidden.float() for r in replays], 2)  # [b, s, m, d] raw
-        kept = exclusion.keep(ids) & mask.bool()
+        kept = intervention.stored_positions(ids, exclusion, mask)
         b, s = ids.shape
         with torch.no_grad():
             f = xcoder.encode_t(x.reshape(b * s, *x.shape[2:])).T.reshape(b, s, -1)

@@ -1,7 +1,7 @@
 """The exported crosscoder, as everything after training uses it: one object, PyTorch tensors.
 
 Training (`crosscoder.Crosscoder`, JAX) works in NORMALISED units; the export folds the
-store's scales in (`checkpoint.export`), so the tensors here are in RAW units and apply to
+store's scales in (`export.export`), so the tensors here are in RAW units and apply to
 the HF models' residual streams as they are:
 
     f       = JumpReLU_t(ReLU(sum_m x_m W_enc[m] + b_enc))    x: raw [.., m, d]
@@ -11,11 +11,11 @@ with t the export's per-latent `threshold` on f (BatchTopK; none for L1: plain R
 f is the same in both units, so NRN, firing and thresholds need no conversion; decoder norms
 are compared in normalised units (`normalised_decoder`). The analysis stream, splicing,
 steering, ablation and latent selection all read this object; tests check it elementwise
-against the JAX module (`checkpoint.to_module`).
+against the JAX module (`export.to_module`).
 
 Misuse is refused with one-line errors: an empty latent set to steer along or a model slot the
 export does not have (`UsageError`), and, where the export records which models it was trained
-on, a model that is not the one of its slot (`checkpoint.ExportError`; `check_identity`).
+on, a model that is not the one of its slot (`export.ExportError`; `check_identity`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import site
+from xcoder_jax import export, nrn, site
 from xcoder_jax.errors import UsageError
 
 # How alpha scales the steering vector of model m for latent set S, in raw activation units
@@ -61,7 +60,7 @@ class ExportedCrosscoder:
     Tensors: W_enc [m, d, h] (a view of the latent-major `w_enc_t` [h, m*d], the layout the
     streaming encoder multiplies with), b_enc [h], W_dec [h, m, d], b_dec [m, d], threshold
     [h] or None. Facts: `scales` [m] (normalised = raw * scale), `roles` (model slots in
-    order, `checkpoint.role_order`), `layer` (block L, None if the config does not say),
+    order, `export.role_order`), `layer` (block L, None if the config does not say),
     `mean_norms` [m]: each model's mean raw activation norm at block L, sqrt(d) / scale.
     """
 
@@ -79,12 +78,12 @@ class ExportedCrosscoder:
         self.config = config
         self.layer = int(config["layer"]) if "layer" in config else None
         self.scales = np.asarray(config.get("scales", [1.0] * m), np.float32)
-        self.roles = ckpt.role_order(config)
+        self.roles = export.role_order(config)
         self.mean_norms = [math.sqrt(d) / float(s) for s in self.scales]
 
     @classmethod
     def load(cls, directory: str, device="cpu") -> ExportedCrosscoder:
-        tensors, config = ckpt.load_export(directory, "numpy")
+        tensors, config = export.load_export(directory, "numpy")
         return cls(tensors, config, device)
 
     @property
@@ -104,14 +103,11 @@ class ExportedCrosscoder:
     def normalised_decoder(self) -> np.ndarray:
         """W_dec [h, m, d] in normalised units, where relative decoder norms are compared."""
         w_dec = {"W_dec": self.W_dec.cpu().numpy()}
-        return ckpt.normalised_decoder(w_dec, {"scales": self.scales.tolist()})
+        return export.normalised_decoder(w_dec, {"scales": self.scales.tolist()})
 
     def nrn(self, norm: str) -> np.ndarray:
         """NRN [h] of every latent (0 base-only, 0.5 shared, 1 distilled-only)."""
-        # Imported here: the analysis package itself reads exports through this module.
-        from xcoder_jax.analysis import norms
-
-        return norms.latent_nrn(self.normalised_decoder(), self.roles, norm)
+        return nrn.latent_nrn(self.normalised_decoder(), self.roles, norm)
 
     def check_latents(self, latents: Sequence[int], allow_empty: bool = True) -> list[int]:
         """The latent ids as ints; raises UsageError for ids the export does not have, and
@@ -176,17 +172,17 @@ class ExportedCrosscoder:
         """Raises ExportError unless `model` has the export's d_model and block L."""
         d = int(model.config.hidden_size)
         if d != self.d_model:
-            raise ckpt.ExportError(
+            raise export.ExportError(
                 f"the export has d_model {self.d_model} but the model has hidden size {d}; "
                 "it belongs to another model"
             )
         n = site.num_layers(model)
         if self.layer >= n:
-            raise ckpt.ExportError(
+            raise export.ExportError(
                 f"the export was trained at block {self.layer} but the model has {n} blocks"
             )
         if layer is not None and layer != self.layer:
-            raise ckpt.ExportError(
+            raise export.ExportError(
                 f"the export was trained at block {self.layer}, not at block {layer}"
             )
 

@@ -102,7 +102,9 @@ def _read(results: dict, stage: str, path: tuple[str, ...]) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _declare() -> tuple[Finding, ...]:
+def _analysis_findings() -> list[Finding]:
+    """Per reasoning category: its latents lean distilled (NRN) and its top latents are
+    distilled-only more often than chance."""
     out = []
     for cat in CATEGORY_NAMES:
         out += [
@@ -117,6 +119,12 @@ def _declare() -> tuple[Finding, ...]:
                 +1, "analysis", ("categories", cat, "top_distilled_only", "excess"),
             ),
         ]  # fmt: skip
+    return out
+
+
+def _ablation_findings() -> list[Finding]:
+    """Per reasoning category, the three ablation contrasts of its headline set."""
+    out = []
     for cat in CATEGORY_NAMES:
         head = ("categories", cat, "headline")
         out += [
@@ -139,13 +147,22 @@ def _declare() -> tuple[Finding, ...]:
                 -1, "ablation", (*head, "distilled_minus_base"),
             ),
         ]  # fmt: skip
-    steered = (
-        ("self_reflection:1", "self_reflection_per_100", +1, "raises self-reflection markers"),
-        ("self_reflection:1", "reflection_rounds", +1, "adds reflection rounds"),
-        ("self_reflection:1", "tokens", +1, "lengthens traces"),
-        ("deductive:1", "tokens", -1, "shortens traces"),
-    )
-    for spec, metric, sign, what in steered:
+    return out
+
+
+# (steered set, metric, expected sign, what the steering does)
+_STEERED = (
+    ("self_reflection:1", "self_reflection_per_100", +1, "raises self-reflection markers"),
+    ("self_reflection:1", "reflection_rounds", +1, "adds reflection rounds"),
+    ("self_reflection:1", "tokens", +1, "lengthens traces"),
+    ("deductive:1", "tokens", -1, "shortens traces"),
+)
+
+
+def _steering_findings() -> list[Finding]:
+    """Every steered set and metric against a random direction and a random latent."""
+    out = []
+    for spec, metric, sign, what in _STEERED:
         for control, against in (("direction", "a random direction"),
                                  ("latent", "a random latent")):  # fmt: skip
             out.append(Finding(
@@ -153,9 +170,14 @@ def _declare() -> tuple[Finding, ...]:
                 f"steering along {spec} {what}, against {against}",
                 sign, "steering", ("headline", spec, f"vs_random_{control}", metric),
             ))  # fmt: skip
-    # The negative control: the loop pair's effect over a random direction minus the no-loop
-    # pair's, for the set and metrics that should loop only where the teacher looped.
-    for spec, metric, sign, what in steered[1:]:
+    return out
+
+
+def _no_loop_findings() -> list[Finding]:
+    """The negative control: the loop pair's effect over a random direction minus the no-loop
+    pair's, for the set and metrics that should loop only where the teacher looped."""
+    out = []
+    for spec, metric, sign, what in _STEERED[1:]:
         path = ("headline", spec, "vs_random_direction", metric)
         out.append(Finding(
             f"steer_{spec.split(':')[0]}_{metric}_loop_pair_minus_no_loop_pair",
@@ -163,14 +185,24 @@ def _declare() -> tuple[Finding, ...]:
             "than on the no-loop pair",
             sign, "steering", path, minus=("steering_no_loop", path),
         ))  # fmt: skip
-    out.append(Finding(
+    return out
+
+
+def _own_token_finding() -> Finding:
+    """Ablating the self-reflection set hits its marker more than the other likely tokens."""
+    return Finding(
         "ablate_self_reflection_lowers_marker_more_than_other_tokens",
         "ablating self_reflection latents lowers the reasoning-form marker's log-prob more "
         "than the clean model's likely non-marker tokens at the same positions (distilled)",
         -1, "ablation", ("categories", "self_reflection", "headline", "own_minus_others",
                          "distilled"),
-    ))  # fmt: skip
-    out += [
+    )  # fmt: skip
+
+
+def _geometry_findings() -> list[Finding]:
+    """The structure gain over the base and over the sham, at the largest size and its
+    trend over sizes."""
+    return [
         Finding(
             "geometry_distilled_more_structured_at_largest_size",
             "largest size: the distilled model's relations beat shuffled pairings by more "
@@ -194,7 +226,18 @@ def _declare() -> tuple[Finding, ...]:
             -1, "geometry", ("trend", "sham_gain_slope"),
         ),
     ]  # fmt: skip
-    return tuple(out)
+
+
+def _declare() -> tuple[Finding, ...]:
+    """The family, in its declared order: the order is part of `FAMILY_SHA256`."""
+    return (
+        *_analysis_findings(),
+        *_ablation_findings(),
+        *_steering_findings(),
+        *_no_loop_findings(),
+        _own_token_finding(),
+        *_geometry_findings(),
+    )
 
 
 FAMILY: tuple[Finding, ...] = _declare()

@@ -11,7 +11,7 @@ import glob
 import os
 import re
 
-from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import export
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -84,7 +84,7 @@ def check_identity(xc, model, model_index: int, who: str = "", fix: str = "") ->
         return
     if matching:
         o = matching[0]
-        raise ckpt.ExportError(
+        raise export.ExportError(
             f"{who or 'this model'} is the export's {xc.role(o)} model (slot {o}), not "
             f"slot {i} ({xc.role(i)}){fix.replace('{slot}', str(o))}"
         )
@@ -95,7 +95,7 @@ def check_identity(xc, model, model_index: int, who: str = "", fix: str = "") ->
         else f"it is {_short(fp)}"
     )
     recorded = ", ".join(f"slot {s} ({xc.role(s)}) {_short(p)}" for s, p in enumerate(prints))
-    raise ckpt.ExportError(
+    raise export.ExportError(
         f"{who or 'the model'} matches neither model of the export ({what}; the export was "
         f"trained on {recorded}); pass check_model=False to use another model on purpose"
     )

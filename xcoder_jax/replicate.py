@@ -39,8 +39,8 @@ from ml_collections import ConfigDict
 
 from xcoder_jax import control_pair, family, pipeline, stage, stats
 from xcoder_jax import workdir as wd
-from xcoder_jax.activations.manifest import atomic_write_bytes, atomic_write_json
 from xcoder_jax.errors import ConfigError, XcoderError
+from xcoder_jax.fileio import atomic_write_bytes, atomic_write_json
 
 JSON, MARKDOWN = "replication.json", "replication.md"
 

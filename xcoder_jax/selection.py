@@ -26,7 +26,7 @@ from xcoder_jax.lexicon import CATEGORY_NAMES
 RULES = ("specificity", "attribution")
 
 
-def score_rules(rules, config, workdir, store, train, xcoder, models, roles, tokenizer, forms,
+def score_rules(rules, config, workdir, *, store, train, xcoder, models, roles, tokenizer, forms,
                 categories):  # fmt: skip
     """{rule: scores} of `rules` (names in RULES) on the TRAINING shards `train`.
 
@@ -35,8 +35,8 @@ def score_rules(rules, config, workdir, store, train, xcoder, models, roles, tok
     (gradient x activation in the distilled model, on up to `selection.n_docs` training
     documents re-tokenised from the sources); settings from the config's `selection`.
     """
+    from xcoder_jax import documents
     from xcoder_jax.activations.exclude import Exclusion
-    from xcoder_jax.analysis import splice
     from xcoder_jax.attribution import marker_attribution
     from xcoder_jax.specificity import specificity_scores
 
@@ -47,19 +47,22 @@ def score_rules(rules, config, workdir, store, train, xcoder, models, roles, tok
     if "specificity" in rules:
         out["specificity"] = specificity_scores(
             store, xcoder, forms, categories, section.fire_offset, train,
-            section.max_controls, section.seed,
+            max_controls=section.max_controls, seed=section.seed,
         )  # fmt: skip
     if "attribution" in rules:
         if "distilled" not in roles:
             raise ConfigError("the attribution rule needs a distilled model among the roles")
-        stored, _ = splice.heldout_documents(store, train, section.n_docs)
+        stored, _ = documents.shard_documents(store, train, section.n_docs)
         exclusion = Exclusion.from_manifest(store.manifest)
-        docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
-        docs = [d[: config.data.max_tokens] for d in docs]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out["attribution"] = marker_attribution(
-            models, roles, xcoder, docs, forms, categories, exclusion, section.batch_size, pad_id
+        docs = documents.rebuild_documents(
+            config.data, workdir, tokenizer, stored, exclusion=exclusion
         )
+        docs = [d[: config.data.max_tokens] for d in docs]
+        out["attribution"] = marker_attribution(
+            models, roles, xcoder, docs, forms=forms, categories=categories,
+            exclusion=exclusion, batch_size=section.batch_size,
+            pad_id=documents.pad_token_id(tokenizer),
+        )  # fmt: skip
     return out
 
 
@@ -132,7 +135,7 @@ def read_labels(workdir: str) -> dict[int, dict]:
     return out
 
 
-def describe(ids, nrn, score, distilled_min: float, labels: dict[int, dict]) -> dict:
+def describe(ids, nrn, score, *, distilled_min: float, labels: dict[int, dict]) -> dict:
     """What a latent set is: size, NRN summary, distilled-only count, per-latent facts."""
     ids = [int(i) for i in ids]
     v = np.asarray(nrn)[ids] if ids else np.zeros(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import numpy as np
 from flax import nnx
@@ -102,7 +103,9 @@ class ShardedStep:
         """A fresh state; b_dec [n_models, d_model] normalised (default 0)."""
         if b_dec is None:
             b_dec = np.zeros((self.hp.n_models, self.hp.d_model), np.float32)
-        return self._init(np.asarray(b_dec, np.float32))
+        b_dec = np.asarray(b_dec, np.float32)
+        chex.assert_shape(b_dec, (self.hp.n_models, self.hp.d_model))
+        return self._init(b_dec)
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (the target of a checkpoint restore)."""
@@ -129,6 +132,9 @@ class ShardedStep:
         """Host rows [local_rows, m, d] and weights [local_rows] -> global arrays
         [batch_size, m, d] and [batch_size] sharded over 'data': each process passes the
         rows at its `local_rows(batch_size)` (all rows in one process, the default)."""
+        chex.assert_shape(batch, (None, self.hp.n_models, self.hp.d_model))
+        chex.assert_shape(weights, (len(batch),))
+        chex.assert_type([batch, weights], float)
         n = len(batch) if batch_size is None else batch_size
         return (
             jax.make_array_from_process_local_data(

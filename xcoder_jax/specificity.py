@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xcoder_jax.analysis.stream import to_float32
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.lexicon import anchor_lag, marker_read_rows, stretches
+from xcoder_jax.stage_inputs import to_float32
 
 Z = 1.959963984540054  # two-sided 95%
 
@@ -71,7 +71,7 @@ class Specificity(Screened):
     preceding: dict[str, list[list[int]]]
 
 
-def _predict_rows(store, shards, forms, categories, anchor):
+def _predict_rows(store, shards, *, forms, categories, anchor):
     """Per listed shard k: (k, its tokens, {category: rows of k where an occurrence is read}).
 
     An occurrence belongs to the shard holding its anchor row, so each is read once: shard k
@@ -107,7 +107,7 @@ def _predict_rows(store, shards, forms, categories, anchor):
 
 
 def specificity_scores(
-    store, xcoder, forms: dict, categories, anchor, shards, max_controls: int = 2000, seed=0
+    store, xcoder, forms: dict, categories, anchor, shards, *, max_controls: int = 2000, seed=0
 ) -> Specificity:
     """Token-matched specificity of every latent for every category (see the module).
 
@@ -120,17 +120,55 @@ def specificity_scores(
         anchor_lag(anchor, 1)
     except ValueError as e:
         raise ConfigError(f"fire_offset: {e}") from e
-    n_cat = len(categories)
+    read = lambda: _predict_rows(store, shards, forms=forms, categories=categories, anchor=anchor)
     vocab = 1 + max(int(store.shard_tokens(k).max(initial=0)) for k in shards)
     vocab = max(vocab, 1 + max((i for c in categories for f in forms[c] for i in f), default=0))
-    # Pass 1 (token ids only): each token's rows and each category's predicting rows by token.
+    total, pred_tok = _token_counts(read(), categories, vocab)
+    used = np.flatnonzero(pred_tok.sum(0))  # tokens that precede some marker
+    counts = _firing_by_token(
+        read(), store, xcoder, categories, used=used, vocab=vocab, total=total,
+        max_controls=max_controls, seed=seed,
+    )  # fmt: skip
+    score, var, coverage = _scores(*counts)
+    pf, _, pred_n, ctrl_n = counts
+    n_marker = pred_n.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(n_marker[:, None] > 0, pf.sum(1) / np.maximum(n_marker, 1)[:, None], 0.0)
+    preceding = {}
+    for c, cat in enumerate(categories):
+        order = np.argsort(-pred_tok[c], kind="stable")[:5]
+        preceding[cat] = [[int(t), int(pred_tok[c, t])] for t in order if pred_tok[c, t] > 0]
+    return Specificity(
+        categories=categories,
+        score=score,
+        se=np.sqrt(var),
+        marker_rate=rate,
+        n_marker=n_marker.astype(np.int64),
+        n_control=ctrl_n.sum(1).astype(np.int64),
+        coverage=coverage,
+        preceding=preceding,
+    )
+
+
+def _token_counts(shard_rows, categories, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1 (token ids only): each token's rows [vocab] and each category's predicting
+    rows by token [C, vocab], from `_predict_rows`."""
     total = np.zeros(vocab, np.int64)
-    pred_tok = np.zeros((n_cat, vocab), np.int64)
-    for _, tokens, rows in _predict_rows(store, shards, forms, categories, anchor):
+    pred_tok = np.zeros((len(categories), vocab), np.int64)
+    for _, tokens, rows in shard_rows:
         total += np.bincount(tokens, minlength=vocab)
         for c, cat in enumerate(categories):
             pred_tok[c] += np.bincount(tokens[rows[cat]], minlength=vocab)
-    used = np.flatnonzero(pred_tok.sum(0))  # tokens that precede some marker
+    return total, pred_tok
+
+
+def _firing_by_token(shard_rows, store, xcoder, categories, *, used, vocab, total,
+                     max_controls, seed):  # fmt: skip
+    """Pass 2: encodes the predicting rows and the sampled control rows of the same tokens.
+
+    Returns (pred_fire, ctrl_fire [C, tokens, h] firing counts, pred_n, ctrl_n [C, tokens]
+    rows) over the `used` tokens, in their order."""
+    n_cat = len(categories)
     slot = np.full(vocab, -1, np.int64)
     slot[used] = np.arange(len(used))
     keep_p = np.minimum(1.0, max_controls / np.maximum(total, 1))  # control sampling rate
@@ -139,8 +177,7 @@ def specificity_scores(
     ctrl_fire = torch.zeros(n_cat, k_tok, h, dtype=torch.float64)
     pred_n = np.zeros((n_cat, k_tok))
     ctrl_n = np.zeros((n_cat, k_tok))
-    # Pass 2: encode the predicting rows and the sampled rows of the same tokens.
-    for k, tokens, rows in _predict_rows(store, shards, forms, categories, anchor):
+    for k, tokens, rows in shard_rows:
         rng = np.random.default_rng([seed, k])
         sampled = (slot[tokens] >= 0) & (rng.random(len(tokens)) < keep_p[tokens])
         is_pred = np.zeros((n_cat, len(tokens)), bool)
@@ -164,7 +201,12 @@ def specificity_scores(
                     onehot[tok[sel], torch.arange(len(sel))] = 1.0
                     target[c] += onehot @ fire[sel]
                     n_acc[c] += np.bincount(tok[sel], minlength=k_tok)
-    pf, cf = pred_fire.numpy(), ctrl_fire.numpy()
+    return pred_fire.numpy(), ctrl_fire.numpy(), pred_n, ctrl_n
+
+
+def _scores(pf, cf, pred_n, ctrl_n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, variance [C, h], coverage [C]) from the counts of `_firing_by_token`."""
+    n_cat, h = pf.shape[0], pf.shape[2]
     score = np.zeros((n_cat, h))
     var = np.zeros((n_cat, h))
     coverage = np.zeros(n_cat)
@@ -179,20 +221,4 @@ def specificity_scores(
         n1, n0 = pred_n[c, ok, None], ctrl_n[c, ok, None]
         var[c] = (w**2) @ (p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
         coverage[c] = pred_n[c, ok].sum() / max(pred_n[c].sum(), 1)
-    n_marker = pred_n.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rate = np.where(n_marker[:, None] > 0, pf.sum(1) / np.maximum(n_marker, 1)[:, None], 0.0)
-    preceding = {}
-    for c, cat in enumerate(categories):
-        order = np.argsort(-pred_tok[c], kind="stable")[:5]
-        preceding[cat] = [[int(t), int(pred_tok[c, t])] for t in order if pred_tok[c, t] > 0]
-    return Specificity(
-        categories=categories,
-        score=score,
-        se=np.sqrt(var),
-        marker_rate=rate,
-        n_marker=n_marker.astype(np.int64),
-        n_control=ctrl_n.sum(1).astype(np.int64),
-        coverage=coverage,
-        preceding=preceding,
-    )
+    return score, var, coverage

@@ -24,9 +24,8 @@ import json
 import os
 from collections.abc import Callable
 
-from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import export, fileio
 from xcoder_jax import workdir as wd
-from xcoder_jax.activations import manifest as mf
 
 
 def canonical(obj):
@@ -39,15 +38,22 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def fingerprint(fmt: int, p, **inputs) -> dict:
+    """A stage's fingerprint, the one way every stage builds it: its output format version,
+    the fields it declared as changing what it computes (`params.StageParams`), and its
+    inputs by content (export and store hashes, a prompts file's sha256, ...)."""
+    return {"format": fmt, "params": p.fingerprint(), **inputs}
+
+
 def file_sha(path: str) -> str | None:
     """sha256 of a file, None when it does not exist."""
-    return mf.sha256_file(path) if os.path.exists(path) else None
+    return fileio.sha256_file(path) if os.path.exists(path) else None
 
 
 def export_hash(workdir: str) -> dict:
     """The export's files by content."""
     ed = wd.export_dir(workdir)
-    return {n: file_sha(os.path.join(ed, n)) for n in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG)}
+    return {n: file_sha(os.path.join(ed, n)) for n in (export.EXPORT_WEIGHTS, export.EXPORT_CONFIG)}
 
 
 def done(directory: str, results: str, fingerprint: dict, outputs=()) -> dict | None:
@@ -84,6 +90,6 @@ def commit(
     text = json.dumps(results, allow_nan=False)  # refuse NaN before anything is written
     os.makedirs(directory, exist_ok=True)
     for name, write in (outputs or {}).items():
-        mf.atomic_write_path(os.path.join(directory, name), write)
-    mf.atomic_write_json(os.path.join(directory, results_name), results)
+        fileio.atomic_write_path(os.path.join(directory, name), write)
+    fileio.atomic_write_json(os.path.join(directory, results_name), results)
     return json.loads(text)

@@ -2,7 +2,7 @@
 
 `json.dumps` writes NaN and Infinity by default, which strict parsers (and `json.loads` with
 `parse_constant` raising) reject. Every stage writes with `allow_nan=False` (whole files
-through `manifest.atomic_write_json`, which refuses them too), so a non-finite number that
+through `fileio.atomic_write_json`, which refuses them too), so a non-finite number that
 slipped through fails loudly at write time instead of corrupting a results file; a value
 that cannot be computed is written as None (with a "reason" where it is a statistic).
 """

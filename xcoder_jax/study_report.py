@@ -28,7 +28,7 @@ import re
 from xcoder_jax import stats
 from xcoder_jax import study_sections as sections
 from xcoder_jax import workdir as wd
-from xcoder_jax.activations.manifest import atomic_write_bytes
+from xcoder_jax.fileio import atomic_write_bytes
 from xcoder_jax.study_html import E, Latents, ci, read_json, table
 
 # (section id, title, the script that runs its stage). Figures are LINKED relative to the

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from typing import Any
 
+import chex
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import multihost, strict_json
+from xcoder_jax import export, multihost, split, strict_json
+from xcoder_jax import train_records as records
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore, BatchStream
@@ -59,61 +63,210 @@ def clean_rows(batch: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, 
     return batch, ok.astype(np.float32), bad
 
 
-def _intact_export(workdir: str) -> bool:
-    """Whether the workdir holds a complete, undamaged export (a damaged one is written
-    again from the final checkpoint, so a rerun repairs it)."""
-    try:
-        ckpt.check_export(wd.export_dir(workdir))
-    except ckpt.ExportError as e:
-        if os.path.exists(os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)):
-            print(f"{e}; writing it again", flush=True)
-        return False
-    return True
+# --- The run ----------------------------------------------------------------------------
 
 
-# --- Metrics ----------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What a training run works with, fixed at its start."""
+
+    config: Any
+    workdir: str
+    store: ActivationStore
+    train_shards: list[int]
+    heldout: list[int]  # held out: evaluation here, every measurement of the later stages
+    hp: ts.HParams
+    trainer: ShardedStep
+    mngr: Any  # the Orbax checkpoint manager
+    main: bool  # whether this process writes the files (every process computes alike)
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
-    """Drops metric lines past the checkpoint a run resumes from (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+def _setup(config, workdir: str) -> _Run:
+    """The store and its split, the hyperparameters, the compiled step, the checkpoints."""
+    store = open_store(config, workdir)
+    train_shards, heldout = store.split(config.train.eval_shards)
+    tc, mc = config.train, config.mesh
+    # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
+    hp = ts.HParams.from_config(config, store.d_model, store.total_variance * store.scales**2)
+    across = mc.get("model_across_processes", False)
+    mesh = make_mesh(mc.data, mc.model, tc.batch_size, hp.n_latents, across)
+    trainer = ShardedStep(hp, mesh)
+    mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
+    main = multihost.is_main()
+    return _Run(config, workdir, store, train_shards, heldout, hp, trainer, mngr, main)
 
 
-def _nonfinite_keys(record: dict) -> list[str]:
-    """Keys of `record` whose value is or holds a NaN/inf float."""
-    return sorted(k for k, v in record.items() if strict_json.has_nonfinite(v))
+def _start(run: _Run, latest: int | None) -> tuple[dict, records.Progress]:
+    """The state and progress to go on from: checkpoint `latest` (its later metric lines
+    are dropped), or a fresh start (an old metrics file is removed)."""
+    store, metrics_file = run.store, wd.metrics_path(run.workdir)
+    if latest is not None:
+        abstract = run.trainer.abstract_state()
+        state, extra, seen = ckpt.restore(run.mngr, latest, abstract, store.n_rows)
+        if run.main:
+            records.trim_metrics(metrics_file, latest)
+        return state, records.Progress(seen, extra["position"], extra["tokens"], extra["skipped"])
+    # The decoder bias may start at the store's mean (normalised units).
+    start_at_mean = run.config.crosscoder.get("b_dec_init", "zero") == "mean"
+    state = run.trainer.init(store.mean * store.scales[:, None] if start_at_mean else None)
+    if run.main and os.path.exists(metrics_file):
+        os.remove(metrics_file)
+    return state, records.Progress(records.new_bitmap(store.n_rows))
 
 
-def _log(path: str, record: dict) -> None:
-    """Appends one strict-JSON line; a metric that is NaN/inf (e.g. the FVE of a model whose
-    store variance is 0) is written as null and named in `nonfinite_metrics`."""
-    bad = _nonfinite_keys(record)
-    if bad:
-        record = {**strict_json.finite_or_none(record), "nonfinite_metrics": bad}
-    with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+def _check_finite(run: _Run, state) -> None:
+    """TrainingError once the state has met a non-finite loss."""
+    bad = int(jax.device_get(state["first_bad_step"]))
+    if bad >= 0:
+        run.mngr.wait_until_finished()
+        good = run.mngr.latest_step()
+        kept = (
+            "no checkpoint was saved before it"
+            if good is None
+            else f"the last good checkpoint (step {good}) is kept in "
+            f"{wd.checkpoints_dir(run.workdir)}"
+        )
+        raise TrainingError(f"non-finite loss at step {bad}; training stopped: {kept}")
 
 
-# The rows trained on, as a packed bitmap (np.packbits order: row i is bit 7 - i % 8 of byte
-# i // 8), an eighth of a bool array: 50 MB for the paper's 400M rows.
-def _new_bitmap(n_rows: int) -> np.ndarray:
-    return np.zeros((n_rows + 7) // 8, np.uint8)
-
-
-def _mark(bits: np.ndarray, rows: np.ndarray) -> None:
-    np.bitwise_or.at(bits, rows >> 3, np.right_shift(128, rows & 7).astype(np.uint8))
-
-
-def _count(bits: np.ndarray) -> int:
-    return int(np.bitwise_count(bits).sum(dtype=np.int64))
+def _evaluate(run: _Run, state) -> dict:
+    """Held-out metrics of the inference encoder (every process evaluates alike)."""
+    heldout = run.store.normalised_batches(run.heldout, run.config.train.batch_size)
+    return run.trainer.evaluate(state, heldout)
 
 
 # --- The loop ---------------------------------------------------------------------------
+
+
+def _next_batch(run: _Run, stream: BatchStream, progress: records.Progress):
+    """The next batch on the devices, (x, weights), its rows counted and marked.
+
+    Every batch is scanned for NaN/inf rows, whatever the manifest counted when the store
+    was written: a shard damaged since then (and read with verify_store off) must still
+    meet `nonfinite_rows`, not turn into a non-finite loss. Only "skip" needs the batch's
+    valid rows gathered from every process (a sync per step); "error" stops at the first.
+    """
+    tc = run.config.train
+    batch, ids = next(stream)
+    batch, weights, _ = clean_rows(batch, tc.nonfinite_rows)  # "error" raises
+    x, w = run.trainer.to_device(batch, weights, tc.batch_size)
+    if tc.nonfinite_rows == "skip":
+        # The whole batch's valid rows, on every process: counting its own rows alone
+        # would make the counters depend on the number of processes.
+        valid = multihost.replicated_to_host(run.trainer.replicate(w)) > 0
+        progress.skipped += int((~valid).sum())
+        progress.tokens += int(valid.sum())
+        records.mark_rows(progress.seen, ids[valid])
+    else:
+        progress.tokens += len(ids)
+        records.mark_rows(progress.seen, ids)
+    return x, w
+
+
+def _log_step(run: _Run, state, metrics, progress: records.Progress, done: int):
+    """Step `done`'s line of metrics.jsonl, evaluated on the held-out shards when due:
+    (the line, the held-out metrics or None)."""
+    tc = run.config.train
+    _check_finite(run, state)
+    record = {
+        k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+        for k, v in jax.device_get(metrics).items()
+    }
+    distinct = records.count_rows(progress.seen)
+    record.update(
+        step=done, tokens=progress.tokens, distinct_rows=distinct, skipped_rows=progress.skipped
+    )
+    evaluation = None
+    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+        evaluation = _evaluate(run, state)
+        record.update({f"eval_{k}": v for k, v in evaluation.items()})
+    # _check_finite above has already stopped a run whose loss is not finite.
+    if run.main:
+        records.log_metrics(wd.metrics_path(run.workdir), record)
+    return record, evaluation
+
+
+def _save(run: _Run, state, progress: records.Progress, done: int) -> None:
+    """A checkpoint at step `done`: the state, the rows trained on, and the JSON extra."""
+    _check_finite(run, state)
+    extra = {
+        **progress.counters(),
+        "config": ckpt.config_fields(run.config),
+        split.KEY: split.record(run.config, run.heldout),
+        "processes": jax.process_count(),  # informative: a resume may use another count
+    }
+    ckpt.save(run.mngr, done, state, extra, progress.seen, force=done == run.config.train.steps)
+
+
+def _loop(run: _Run, state, progress: records.Progress, start: int):
+    """Steps `start` to `train.steps`, logged and checkpointed: (the final state, its
+    held-out metrics if the last step evaluated them, else None)."""
+    tc = run.config.train
+    # Every process follows the one global row order and reads the rows its devices hold.
+    stream = BatchStream(
+        run.store,
+        tc.batch_size,
+        seed=run.config.seed,
+        shards=run.train_shards,
+        group_shards=tc.group_shards,
+        normalise=True,
+        start=progress.position,
+        prefetch=tc.prefetch,
+        part=run.trainer.local_rows(tc.batch_size),
+    )
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not run.main)
+    peer_lost = False
+    final_eval = None  # held-out metrics of the final state, once computed
+    try:
+        with multihost.peers_watched("while training"):
+            for step in range(start, tc.steps):
+                x, w = _next_batch(run, stream, progress)
+                done = step + 1
+                log_now = done % tc.log_every == 0 or done == tc.steps
+                state, metrics = run.trainer.step(state, x, w, log_now)
+                progress.position = stream.position
+                if log_now:
+                    record, evaluation = _log_step(run, state, metrics, progress, done)
+                    if done == tc.steps and evaluation is not None:
+                        final_eval = evaluation  # the export's: not computed again
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    _save(run, state, progress, done)
+                bar.update(1)
+    except multihost.PeerFailure:
+        peer_lost = True  # a save under way cannot complete without the lost process
+        raise
+    finally:
+        bar.close()
+        stream.close()
+        if not peer_lost:
+            run.mngr.wait_until_finished()
+    return state, final_eval
+
+
+# --- The export -------------------------------------------------------------------------
+
+
+def _export(run: _Run, state, progress: records.Progress, final_eval: dict | None) -> dict:
+    """Writes the portable export of the final state (process 0); returns its held-out
+    metrics, NaN/inf ones as None."""
+    with multihost.peers_watched("while exporting"):
+        if final_eval is None:  # no evaluation at the last step (or nothing left to train)
+            final_eval = _evaluate(run, state)
+        final = strict_json.finite_or_none(final_eval)
+        # The weights gathered to every process (one copy each), written by process 0.
+        params = multihost.replicated_to_host({k: state[k] for k in ("params", "rest")})
+        weights = ts.export_weights(params, run.hp)
+    try:  # a finite loss at the last step does not make its update finite
+        chex.assert_tree_all_finite(weights)
+    except AssertionError as e:
+        raise TrainingError(f"the final weights hold NaN/inf; nothing exported ({e})") from e
+    if run.main:
+        meta = records.export_meta(
+            run.config, run.store, run.hp.loss.name, progress, run.heldout, final
+        )
+        export.export(wd.export_dir(run.workdir), weights, run.store.scales, meta)
+    return final
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -123,175 +276,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir (see `multihost`); the result does not depend on the number of processes.
     """
     multihost.initialize(config)
-    main = multihost.is_main()
-    store = open_store(config, workdir)
-    train_shards, eval_shards = store.split(config.train.eval_shards)
-    tc = config.train
-    # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
-    hp = ts.HParams.from_config(config, store.d_model, store.total_variance * store.scales**2)
-    mesh = make_mesh(
-        config.mesh.data,
-        config.mesh.model,
-        tc.batch_size,
-        hp.n_latents,
-        config.mesh.get("model_across_processes", False),
-    )
-    trainer = ShardedStep(hp, mesh)
-
-    mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
-    metrics_file = wd.metrics_path(workdir)
-    latest = mngr.latest_step()
-    # Rows trained on, over all processes: each process marks every row of each global
-    # batch, so the bitmap is the same everywhere (and saved once).
-    seen = _new_bitmap(store.n_rows)
+    run = _setup(config, workdir)
+    latest = run.mngr.latest_step()
     if latest is not None:
-        extra = ckpt.restore_extra(mngr, latest)
-        differing = ckpt.incompatible_fields(extra["config"], ckpt.config_fields(config))
+        saved = ckpt.restore_extra(run.mngr, latest)["config"]
+        differing = ckpt.incompatible_fields(saved, ckpt.config_fields(config))
         if differing:
             raise TrainingError(
                 f"{wd.checkpoints_dir(workdir)} was trained with another config; differing "
                 f"fields: {', '.join(differing)} (use another workdir, or the old values)"
             )
-        if latest >= tc.steps and _intact_export(workdir):
-            with open(os.path.join(wd.export_dir(workdir), ckpt.EXPORT_CONFIG)) as f:
+        if latest >= config.train.steps and records.intact_export(workdir):
+            with open(os.path.join(wd.export_dir(workdir), export.EXPORT_CONFIG)) as f:
                 return json.load(f)["eval"]  # finished and exported: nothing to do
-        state, extra, seen = ckpt.restore(mngr, latest, trainer.abstract_state(), store.n_rows)
-        position, tokens, skipped = extra["position"], extra["tokens"], extra["skipped"]
-        if main:
-            _trim_metrics(metrics_file, latest)
-        start = latest
-    else:
-        # The decoder bias may start at the store's mean (normalised units).
-        start_at_mean = config.crosscoder.get("b_dec_init", "zero") == "mean"
-        state = trainer.init(store.mean * store.scales[:, None] if start_at_mean else None)
-        position, tokens, skipped, start = 0, 0, 0, 0
-        if main and os.path.exists(metrics_file):
-            os.remove(metrics_file)
-
-    def extra_now():
-        return {
-            "position": position,
-            "tokens": tokens,
-            "skipped": skipped,
-            "config": ckpt.config_fields(config),
-            "processes": jax.process_count(),  # informative: a resume may use another count
-        }
-
-    def check_finite(state, step):
-        bad = int(jax.device_get(state["first_bad_step"]))
-        if bad >= 0:
-            mngr.wait_until_finished()
-            good = mngr.latest_step()
-            kept = (
-                "no checkpoint was saved before it"
-                if good is None
-                else f"the last good checkpoint (step {good}) is kept in "
-                f"{wd.checkpoints_dir(workdir)}"
-            )
-            raise TrainingError(f"non-finite loss at step {bad}; training stopped: {kept}")
-
-    # Every process follows the one global row order and reads the rows its devices hold.
-    part = trainer.local_rows(tc.batch_size)
-    stream = BatchStream(
-        store,
-        tc.batch_size,
-        seed=config.seed,
-        shards=train_shards,
-        group_shards=tc.group_shards,
-        normalise=True,
-        start=position,
-        prefetch=tc.prefetch,
-        part=part,
-    )
-    # Every batch is scanned for NaN/inf rows, whatever the manifest counted when the store
-    # was written: a shard damaged since then (and read with verify_store off) must still
-    # meet `nonfinite_rows`, not turn into a non-finite loss. Only "skip" needs the batch's
-    # valid rows gathered from every process (a sync per step); "error" stops at the first.
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not main)
-    peer_lost = False
-    final_eval = None  # held-out metrics of the final state, once computed
-    try:
-        with multihost.peers_watched("while training"):
-            for step in range(start, tc.steps):
-                batch, ids = next(stream)
-                batch, weights, _ = clean_rows(batch, tc.nonfinite_rows)  # "error" raises
-                x, w = trainer.to_device(batch, weights, tc.batch_size)
-                if tc.nonfinite_rows == "skip":
-                    # The whole batch's valid rows, on every process: counting its own rows
-                    # alone would make the counters depend on the number of processes.
-                    valid = multihost.replicated_to_host(trainer.replicate(w)) > 0
-                    skipped += int((~valid).sum())
-                    tokens += int(valid.sum())
-                    _mark(seen, ids[valid])
-                else:
-                    tokens += len(ids)
-                    _mark(seen, ids)
-                done = step + 1
-                log_now = done % tc.log_every == 0 or done == tc.steps
-                state, metrics = trainer.step(state, x, w, log_now)
-                position = stream.position
-                if log_now:
-                    check_finite(state, done)
-                    record = {
-                        k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                        for k, v in jax.device_get(metrics).items()
-                    }
-                    record.update(
-                        step=done, tokens=tokens, distinct_rows=_count(seen), skipped_rows=skipped
-                    )
-                    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                        heldout = store.normalised_batches(eval_shards, tc.batch_size)
-                        evaluation = trainer.evaluate(state, heldout)
-                        if done == tc.steps:
-                            final_eval = evaluation  # the export's: not computed again
-                        record.update({f"eval_{k}": v for k, v in evaluation.items()})
-                    # check_finite above has already stopped a run whose loss is not finite.
-                    if main:
-                        _log(metrics_file, record)
-                    bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")
-                if done % tc.checkpoint_every == 0 or done == tc.steps:
-                    check_finite(state, done)
-                    ckpt.save(mngr, done, state, extra_now(), seen, force=done == tc.steps)
-                bar.update(1)
-    except multihost.PeerFailure:
-        peer_lost = True  # a save under way cannot complete without the lost process
-        raise
-    finally:
-        bar.close()
-        stream.close()
-        if not peer_lost:
-            mngr.wait_until_finished()
-    check_finite(state, tc.steps)
-    with multihost.peers_watched("while exporting"):
-        if final_eval is None:  # no evaluation at the last step (or nothing left to train)
-            heldout = store.normalised_batches(eval_shards, tc.batch_size)
-            final_eval = trainer.evaluate(state, heldout)
-        final = strict_json.finite_or_none(final_eval)
-        # The weights gathered to every process (one copy each), written by process 0.
-        weights = ts.export_weights(
-            multihost.replicated_to_host({k: state[k] for k in ("params", "rest")}), hp
-        )
-    m = store.manifest
-    if main:
-        ckpt.export(
-            wd.export_dir(workdir),
-            weights,
-            store.scales,
-            {
-                "models": m["models"],
-                "layer": m["layer"],
-                "d_model": m["d_model"],
-                "n_models": m["n_models"],
-                "n_latents": hp.n_latents,
-                "loss": hp.loss.name,
-                "tokenizer_sha256": m["tokenizer_sha256"],
-                "store_rows": store.n_rows,
-                "steps": tc.steps,
-                "tokens_trained": tokens,
-                "distinct_tokens_trained": _count(seen),
-                "skipped_rows": skipped,
-                "eval": final,
-            },
-        )
-    mngr.close()
+    state, progress = _start(run, latest)
+    state, final_eval = _loop(run, state, progress, 0 if latest is None else latest)
+    _check_finite(run, state)
+    final = _export(run, state, progress, final_eval)
+    run.mngr.close()
     return final

@@ -21,6 +21,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,11 +66,7 @@ class HParams:
             n_latents=cc.n_latents,
             loss=losses.from_config(config),
             seed=config.seed,
-            # BatchTopK has its own decoder scale at init: with the L1 loss's small rows
-            # about half of its latents die (measured in the README).
-            dec_init_norm=cc.get("batchtopk_dec_init_norm", cc.dec_init_norm)
-            if cc.loss == "batchtopk"
-            else cc.dec_init_norm,
+            dec_init_norm=losses.dec_init_norm(config),  # each loss kind has its own
             dtype=cc.dtype,
             lr=tc.lr,
             steps=tc.steps,
@@ -78,8 +75,15 @@ class HParams:
             beta2=tc.beta2,
             clip_norm=tc.clip_norm,
             dead_window_tokens=cc.dead_window_tokens,
-            total_var=tuple(float(v) for v in np.asarray(total_var).reshape(-1)),
+            total_var=tuple(float(v) for v in _per_model(total_var, cc.n_models)),
         )
+
+
+def _per_model(total_var, n_models: int) -> np.ndarray:
+    """The FVE denominators on the host, one per model: [n_models]."""
+    total_var = np.asarray(total_var).reshape(-1)
+    chex.assert_shape(total_var, (n_models,))
+    return total_var
 
 
 def make_schedule(lr: float, steps: int, decay_start_frac: float) -> optax.Schedule:
@@ -144,9 +148,19 @@ def _fve(x, x_hat, weights, total_var) -> jax.Array:
     return 1.0 - err / (jnp.maximum(weights.sum(), 1.0) * jnp.asarray(total_var))
 
 
+def _check_batch(hp: HParams, batch, weights) -> None:
+    """batch [b, n_models, d_model] and weights [b] floating."""
+    chex.assert_shape(batch, (None, hp.n_models, hp.d_model))
+    chex.assert_shape(weights, (batch.shape[0],))
+    chex.assert_type([batch, weights], float)
+
+
 def train_step(state: dict, batch, weights, *, hp: HParams, with_metrics: bool = True):
     """One optimiser step: (new state, metrics). Without `with_metrics` the metrics hold only
     the loss (the step training runs between logged steps; the state is updated the same)."""
+    _check_batch(hp, batch, weights)
+    chex.assert_shape(state["since_fired"], (hp.n_latents,))
+    chex.assert_type([state["step"], state["since_fired"], state["first_bad_step"]], jnp.int32)
     step = state["step"]
     dead = state["since_fired"] >= hp.dead_window_tokens
 
@@ -170,6 +184,8 @@ def train_step(state: dict, batch, weights, *, hp: HParams, with_metrics: bool =
         "since_fired": since,
         "first_bad_step": bad,
     }
+    # The state keeps its layout: the step's input is donated to its output.
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
     if not with_metrics:
         return new_state, {"loss": loss}
     metrics = {
@@ -191,6 +207,7 @@ def train_step(state: dict, batch, weights, *, hp: HParams, with_metrics: bool =
 def eval_batch(state: dict, x, *, hp: HParams):
     """The inference encoder on one batch x [b, m, d] (normalised): (squared error per model
     [m], active (row, latent) pairs [], latents that fired [h] bool)."""
+    chex.assert_shape(x, (None, hp.n_models, hp.d_model))
     model = merge(hp, state)
     f = hp.loss.encode(model, x)
     x_hat = model.decode(f)

@@ -2,8 +2,10 @@
 
 `run_ablation(config, workdir)` writes <workdir>/ablation/ and returns its results.json,
 skipping work already done. See `experiment` for the design, `sets` for the rules that choose
-latents, `effects` for what is measured, `controls` for the random sets and directions it is
-compared with, `probe` for how log-probabilities are read, `report` for the figure and the
+latents, `occurrences` for where markers are read, `measure` for each category's sets and
+headline test, `effects` for what is measured, `controls` for the random sets and directions
+it is compared with, `probe` for how log-probabilities are read (the intervention of
+`xcoder_jax.intervention`, shared with `steering.ablate`), `report` for the figure and the
 one-line summary.
 """
 

@@ -65,7 +65,7 @@ def matched_draw(rng: np.random.Generator, act: np.ndarray, goal: float, pool: n
     return np.sort(order[: k + 1 if closer else k])
 
 
-def dose_draws(rng, act, goal: float, pool, levels, n: int) -> dict[float, list[np.ndarray]]:
+def dose_draws(rng, act, goal: float, pool, *, levels, n: int) -> dict[float, list[np.ndarray]]:
     """{level: n random sets at level * goal} for the reachable levels (see `matched_draw`)."""
     out = {}
     for level in levels:

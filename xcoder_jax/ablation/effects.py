@@ -38,7 +38,7 @@ class Measurer:
     indices into marker_ids}.
     """
 
-    def __init__(self, probe, n_models: int, where, marker_ids, cat_cols: dict):
+    def __init__(self, probe, n_models: int, where, *, marker_ids, cat_cols: dict):
         self.probe, self.where = probe, where
         self.marker_ids = list(marker_ids)
         self.cat_cols = cat_cols
@@ -67,7 +67,7 @@ class Measurer:
         """{key: intervened - clean} at occurrences `idx` of model m (see the module)."""
         where = [self.where[i] for i in idx]
         logp, best = self.probe.log_probs(
-            m, where, self.columns[m][idx], self.marker_ids, latents, direction
+            m, where, self.columns[m][idx], self.marker_ids, latents=latents, direction=direction
         )
         out = self._summary(logp, best, self.own_col[idx])
         return {k: out[k] - self.clean[m][k][..., idx] for k in out}
@@ -78,7 +78,7 @@ def unmeasured(n: int, reason: str) -> dict:
     return stats.percentile_ci(None, None, n, "not measured", reason)
 
 
-def set_effects(meas: Measurer, m: int, idx, ids, nrn, dec_norms, ac, clusters, rng) -> dict:
+def set_effects(meas: Measurer, m: int, idx, ids, *, nrn, dec_norms, ac, clusters, rng) -> dict:
     """Removing `ids` in model m at occurrences `idx`, against the dose-response of random
     sets and norm-matched random directions; each effect a mean change of the marker's
     log-probability with its 95% cluster-bootstrap CI. The keys ending in "_values" are
@@ -89,7 +89,7 @@ def set_effects(meas: Measurer, m: int, idx, ids, nrn, dec_norms, ac, clusters, 
     act = controls.activity(meas.f[idx], dec_norms)
     goal = float(act[ids].sum())
     pool = controls.active_pool(act, ids, nrn, ac.min_nrn)
-    draws = controls.dose_draws(rng, act, goal, pool, ac.dose_levels, ac.n_random)
+    draws = controls.dose_draws(rng, act, goal, pool, levels=ac.dose_levels, n=ac.n_random)
     curve, achieved, values = [], [], []
     for level, sets in sorted(draws.items()):
         v = np.stack([meas.change(m, idx, s)["own"] for s in sets])  # [n_random, n]

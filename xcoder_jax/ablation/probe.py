@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xcoder_jax import site
+from xcoder_jax import intervention, site
 from xcoder_jax.activations.exclude import Exclusion
-from xcoder_jax.analysis import splice
+from xcoder_jax.documents import pad_documents
 from xcoder_jax.lexicon import marker_read_rows
 
 
@@ -34,19 +34,20 @@ class LogitProbe:
 
     Each batch is run once per model (`site.SiteReplay`); an ablation then reruns only the
     blocks from L on, from the recorded block-L input less the ablated latents' contribution
-    (the same intervention as `hooks.ablate`, reconstruction error kept).
+    (`intervention`: the subtraction and the positions of `hooks.ablate`, where the store
+    would hold a row; reconstruction error kept).
     """
 
-    def __init__(self, models, xcoder, docs, batch_size: int, pad_id: int, exclusion: Exclusion):
+    def __init__(self, models, xcoder, docs, *, batch_size: int, pad_id: int, exclusion: Exclusion):
         self.xcoder, self.n_models = xcoder, len(models)
         device = next(models[0].parameters()).device
         self.batches = []
         for lo in range(0, len(docs), batch_size):
-            ids, mask = splice.pad_documents(docs[lo : lo + batch_size], pad_id, device)
+            ids, mask = pad_documents(docs[lo : lo + batch_size], pad_id, device)
             replays = [site.SiteReplay.record(m, xcoder.layer, ids, mask) for m in models]
             x = torch.stack([r.hidden.float() for r in replays], 2)  # [b, s, m, d] raw
             # Ablated where the store has rows: the excluded positions keep their clean value.
-            kept = exclusion.keep(ids) & mask.bool()
+            kept = intervention.stored_positions(ids, exclusion, mask)
             self.batches.append((lo, len(ids), replays, x, kept))
 
     def _in_batches(self, where):
@@ -59,7 +60,7 @@ class LogitProbe:
                 d, p, t = (torch.tensor([where[k][i] for k in sel]) for i in range(3))
                 yield replays, x, kept, sel, d - lo, p, t
 
-    def _hidden(self, target, x, kept, replays, latents, direction):
+    def _hidden(self, target, replays, x, kept, *, latents, direction):
         """Block-L input of model `target` with `latents` removed, or with `direction` [d]
         (unit) subtracted at each stored position with the length of what removing `latents`
         would subtract there (a norm-matched random-direction control)."""
@@ -69,10 +70,10 @@ class LogitProbe:
         delta = self.xcoder.ablation_delta(x, latents, target)  # [b, s, d] raw
         if direction is not None:
             delta = delta.norm(dim=-1, keepdim=True) * direction.to(delta)
-        return hidden - torch.where(kept[..., None], delta, 0.0).to(hidden.dtype)
+        return intervention.subtract(hidden, delta, kept)
 
     @torch.no_grad()
-    def log_probs(self, target: int, where, columns, masked, latents=(), direction=None):
+    def log_probs(self, target: int, where, columns, masked, *, latents=(), direction=None):
         """Log-probabilities at `where` [(doc, position, token)] under an intervention.
 
         columns: [n, k] token ids read at each position; masked: token ids left out of the
@@ -84,7 +85,7 @@ class LogitProbe:
         best = np.zeros(len(where))
         masked = torch.as_tensor(sorted(set(int(t) for t in masked)), dtype=torch.long)
         for replays, x, kept, sel, d, p, _ in self._in_batches(where):
-            hidden = self._hidden(target, x, kept, replays, latents, direction)
+            hidden = self._hidden(target, replays, x, kept, latents=latents, direction=direction)
             logp = torch.log_softmax(replays[target].logits(hidden, d, p).float(), -1)
             out[sel] = logp.gather(1, cols[sel].to(logp.device)).double().cpu().numpy()
             logp[:, masked.to(logp.device)] = -torch.inf

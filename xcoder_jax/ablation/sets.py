@@ -22,7 +22,7 @@ def qualifying_pool(passes, nrn, min_nrn: float) -> np.ndarray:
     return np.flatnonzero(np.asarray(passes, bool) & (np.asarray(nrn) > min_nrn))
 
 
-def targeted_latents(score, passes, nrn, frac: float, min_nrn: float) -> np.ndarray:
+def targeted_latents(score, passes, nrn, *, frac: float, min_nrn: float) -> np.ndarray:
     """Ids (by descending score) of the top `frac` of `qualifying_pool`.
 
     score, passes, nrn: [h]. Empty when none qualifies.

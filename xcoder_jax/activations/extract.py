@@ -123,36 +123,46 @@ def _batches(docs, size: int):
         yield batch
 
 
-def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> dict:
-    """Extracts this process's share of the documents; returns the finished manifest."""
-    if not 0 <= shard_index < num_shards:
-        raise ConfigError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-    facts = _pair_facts(config, workdir)
-    exclusion = Exclusion.from_config(config.extract, facts["tokenizer"])
-    fingerprint = _fingerprint(config, facts, shard_index, num_shards, exclusion)
-    directory = part_dir(workdir, shard_index, num_shards)
-    existing = os.path.join(directory, mf.MANIFEST)
-    if os.path.exists(existing):
-        manifest = mf.read_manifest(directory)
-        same = mf.portable(manifest.get("fingerprint")) == mf.portable(fingerprint)
-        if manifest.get("complete") and same:
-            return manifest
-        if manifest.get("complete"):
-            raise mf.StoreError(
-                f"{directory} holds a complete store made with other settings; remove it or "
-                "use another workdir"
-            )
-    tokenizer = facts["tokenizer"]
+def _finished_manifest(directory: str, fingerprint: dict) -> dict | None:
+    """The manifest of a complete store in `directory` made with `fingerprint` (nothing to
+    do), None when the store is absent or unfinished; StoreError for a complete store made
+    with other settings."""
+    if not os.path.exists(os.path.join(directory, mf.MANIFEST)):
+        return None
+    manifest = mf.read_manifest(directory)
+    same = mf.portable(manifest.get("fingerprint")) == mf.portable(fingerprint)
+    if manifest.get("complete") and same:
+        return manifest
+    if manifest.get("complete"):
+        raise mf.StoreError(
+            f"{directory} holds a complete store made with other settings; remove it or "
+            "use another workdir"
+        )
+    return None
+
+
+def _documents(
+    config,
+    workdir: str,
+    facts: dict,
+    exclusion: Exclusion,
+    directory: str,
+    shard_index: int,
+    num_shards: int,
+):
+    """This process's documents, (doc id, token ids [n] int), capped at `extract.max_rows`
+    rows, once the disk is known to hold their rows (beside the shards already written)."""
     max_rows = int(config.extract.get("max_rows", -1))
 
-    def share():  # this process's documents, capped at extract.max_rows rows
+    def share():  # a fresh pass over this process's documents
         docs = (
             d
-            for d in iter_documents(config.data, workdir, tokenizer)
+            for d in iter_documents(config.data, workdir, facts["tokenizer"])
             if d[0] % num_shards == shard_index
         )
         return budget.cap_rows(docs, max_rows, exclusion.keep)
 
+    existing = os.path.join(directory, mf.MANIFEST)
     done = mf.read_manifest(directory).get("shards", []) if os.path.exists(existing) else []
     budget.check_disk(
         share(),
@@ -167,16 +177,16 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
     first = next(docs, None)
     if first is None:
         raise ConfigError("the corpus gave no documents (after the length filter and sharding)")
-    docs = itertools.chain([first], docs)
+    return itertools.chain([first], docs)
 
-    device = pair.torch_device(config.models.device)
-    models = [
-        pair.load_model(p, rev, config.models.torch_dtype, device)
-        for p, rev in facts["sources"].values()
-    ]
-    writer = StoreWriter(
+
+def _open_writer(
+    config, directory: str, facts: dict, fingerprint: dict, exclusion: Exclusion
+) -> StoreWriter:
+    """The store's writer, resuming after the rows already on disk."""
+    return StoreWriter(
         directory,
-        n_models=len(models),
+        n_models=len(facts["sources"]),
         d_model=facts["d_model"],
         dtype=config.extract.dtype,
         shard_rows=int(config.extract.shard_rows),
@@ -190,7 +200,47 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
             "models": fingerprint["models"],
         },
     )
-    dtype = config.extract.dtype
+
+
+def _site_inputs(models, layer: int, batch, pad_id: int, device, dtype: str) -> np.ndarray:
+    """The block-`layer` inputs of every model for a batch of (doc id, token ids), right-padded
+    with `pad_id`: [n_models, batch, seq, d] raw units, already rounded to the store's
+    `dtype`."""
+    lengths = [len(ids) for _, ids in batch]
+    input_ids = np.full((len(batch), max(lengths)), pad_id, np.int64)
+    mask = np.zeros_like(input_ids)
+    for i, (_, ids) in enumerate(batch):
+        input_ids[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+    input_ids_t = torch.from_numpy(input_ids).to(device)
+    mask_t = torch.from_numpy(mask).to(device)
+    return np.stack(
+        [
+            _to_store_dtype(site.forward_to_site(m, layer, input_ids_t, mask_t), dtype)
+            for m in models
+        ]
+    )
+
+
+def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Extracts this process's share of the documents; returns the finished manifest."""
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    facts = _pair_facts(config, workdir)
+    exclusion = Exclusion.from_config(config.extract, facts["tokenizer"])
+    fingerprint = _fingerprint(config, facts, shard_index, num_shards, exclusion)
+    directory = part_dir(workdir, shard_index, num_shards)
+    finished = _finished_manifest(directory, fingerprint)
+    if finished is not None:
+        return finished
+    docs = _documents(config, workdir, facts, exclusion, directory, shard_index, num_shards)
+    device = pair.torch_device(config.models.device)
+    models = [
+        pair.load_model(p, rev, config.models.torch_dtype, device)
+        for p, rev in facts["sources"].values()
+    ]
+    writer = _open_writer(config, directory, facts, fingerprint, exclusion)
+    tokenizer = facts["tokenizer"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     resume_doc = writer.resume_point[0] if writer.resume_point else -1
     bar = tqdm(desc=f"extract {os.path.basename(directory)}", unit="doc")
@@ -201,21 +251,7 @@ def extract(config, workdir: str, shard_index: int = 0, num_shards: int = 1) -> 
         # The batch that holds the resume point runs whole, as in an uninterrupted run:
         # another batch composition (padding, GEMM shapes) could round some values
         # differently. The writer drops the rows it already has.
-        lengths = [len(ids) for _, ids in batch]
-        input_ids = np.full((len(batch), max(lengths)), pad_id, np.int64)
-        mask = np.zeros_like(input_ids)
-        for i, (_, ids) in enumerate(batch):
-            input_ids[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
-        input_ids_t = torch.from_numpy(input_ids).to(device)
-        mask_t = torch.from_numpy(mask).to(device)
-        # [n_models, batch, seq, d] raw units, already rounded to the store's dtype
-        hidden = np.stack(
-            [
-                _to_store_dtype(site.forward_to_site(m, facts["layer"], input_ids_t, mask_t), dtype)
-                for m in models
-            ]
-        )
+        hidden = _site_inputs(models, facts["layer"], batch, pad_id, device, config.extract.dtype)
         for i, (doc, ids) in enumerate(batch):
             pos = np.flatnonzero(exclusion.keep(ids))
             writer.add(hidden[:, i, pos].transpose(1, 0, 2), ids[pos], doc, pos)

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from xcoder_jax import fileio
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.errors import ConfigError
 
@@ -76,7 +77,7 @@ class ActivationStore:
             raise mf.StoreError(f"store file missing: {path}")
         if self.verify and name not in self._verified:
             expected = self._sha256.get(name)
-            if expected is not None and mf.sha256_file(path) != expected:
+            if expected is not None and fileio.sha256_file(path) != expected:
                 raise mf.StoreError(
                     f"checksum mismatch in {path}: the shard is corrupted or truncated"
                 )

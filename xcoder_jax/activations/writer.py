@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from xcoder_jax import fileio
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.errors import ConfigError
 
@@ -152,7 +153,9 @@ class StoreWriter:
         # Statistics of the values as stored, so they describe exactly what readers see.
         sums = mf.shard_sums(mf.from_disk(stored, self.dtype).astype(np.float32))
         stats = mf.stats_name(k)
-        mf.atomic_write_bytes(os.path.join(self.directory, stats), lambda f: np.savez(f, **sums))
+        fileio.atomic_write_bytes(
+            os.path.join(self.directory, stats), lambda f: np.savez(f, **sums)
+        )
         record = {
             "id": k,
             "rows": int(n),
@@ -185,7 +188,7 @@ class StoreWriter:
             **self.meta,
             **(extra or {}),
         }
-        mf.atomic_write_json(os.path.join(self.directory, mf.MANIFEST), manifest)
+        fileio.atomic_write_json(os.path.join(self.directory, mf.MANIFEST), manifest)
         return manifest
 
     def close(self) -> dict:
@@ -209,7 +212,7 @@ def finalize(directory: str, write_manifest) -> dict:
         with np.load(os.path.join(directory, shard["stats"])) as z:
             total = mf.add_sums(total, {k: z[k] for k in z.files})
     norms, mean = mf.norm_stats(total, manifest["d_model"])
-    mf.atomic_write_bytes(
+    fileio.atomic_write_bytes(
         os.path.join(directory, "mean.npy"), lambda f: np.save(f, mean.astype(np.float32))
     )
     complete = write_manifest(
@@ -280,7 +283,7 @@ def merge_parts(part_dirs: list[str], directory: str) -> dict:
             "n_rows": sum(s["rows"] for s in shards),
             **extra,
         }
-        mf.atomic_write_json(os.path.join(directory, mf.MANIFEST), manifest)
+        fileio.atomic_write_json(os.path.join(directory, mf.MANIFEST), manifest)
         return manifest
 
     write_manifest(False, {})

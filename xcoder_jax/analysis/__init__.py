@@ -5,8 +5,10 @@ categories, splice-in CE, latent scaling, and the report.
     print(summarize(summary))
 """
 
-from xcoder_jax.analysis.categories import category_stats, firing_latents, marker_groups
+from xcoder_jax.analysis.categories import category_stats, firing_latents
 from xcoder_jax.analysis.examples import RunningTopK, gather_windows, label
+from xcoder_jax.analysis.facts import DecoderFacts, LatentFacts
+from xcoder_jax.analysis.histogram import ActivationHistogram
 from xcoder_jax.analysis.norms import (
     CLASSES,
     classify,
@@ -14,21 +16,23 @@ from xcoder_jax.analysis.norms import (
     decoder_norms,
     relative_norms,
 )
-from xcoder_jax.analysis.run import check_pair, load_inputs, run_analysis, summarize
+from xcoder_jax.analysis.run import run_analysis, summarize
 from xcoder_jax.analysis.scaling import LatentScaling, fit_betas
 from xcoder_jax.analysis.splice import SpliceError, splice_ce
 from xcoder_jax.analysis.stream import scan_store
-from xcoder_jax.analysis.summary import analyze
+from xcoder_jax.analysis.summary import Analysis, analyze
 
 __all__ = [
     "CLASSES",
+    "ActivationHistogram",
+    "Analysis",
+    "DecoderFacts",
+    "LatentFacts",
     "LatentScaling",
     "RunningTopK",
     "SpliceError",
     "analyze",
     "category_stats",
-    "check_pair",
-    "load_inputs",
     "classify",
     "decoder_cosine",
     "decoder_norms",
@@ -36,7 +40,6 @@ __all__ = [
     "fit_betas",
     "gather_windows",
     "label",
-    "marker_groups",
     "relative_norms",
     "run_analysis",
     "scan_store",

@@ -26,15 +26,15 @@ on a held-out row).
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
 
-from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis import browser_page
 from xcoder_jax.analysis import examples as ex
+from xcoder_jax.analysis.histogram import ActivationHistogram
 from xcoder_jax.analysis.norms import CLASSES
+from xcoder_jax.fileio import atomic_write_bytes
 from xcoder_jax.lexicon import CATEGORY_NAMES
 
 BROWSER = "browser.html"
@@ -43,30 +43,7 @@ BROWSER = "browser.html"
 CONTEXT_BLOCK = 256
 
 
-class ActivationHistogram:
-    """Counts of every latent's nonzero activations in log-spaced bins shared by all latents.
-
-    edges: [n_bins + 1] ascending, in f's units; bin b holds edges[b] < f <= edges[b + 1],
-    values outside the edges counted in the first or last bin. counts: [n_latents, n_bins].
-    """
-
-    def __init__(self, n_latents: int, lo: float = 1e-4, hi: float = 1e4, per_decade: int = 5):
-        self.n_bins = round(math.log10(hi / lo) * per_decade)
-        self.edges = np.logspace(math.log10(lo), math.log10(hi), self.n_bins + 1)
-        self._inner = torch.tensor(self.edges[1:-1], dtype=torch.float32)
-        self._counts = torch.zeros(n_latents * self.n_bins, dtype=torch.int64)
-
-    def update(self, latent: torch.Tensor, value: torch.Tensor) -> None:
-        """latent, value: [nnz], the nonzero entries of a batch of f."""
-        b = torch.bucketize(value.float(), self._inner)
-        self._counts += torch.bincount(latent * self.n_bins + b, minlength=len(self._counts))
-
-    @property
-    def counts(self) -> np.ndarray:
-        return self._counts.view(-1, self.n_bins).numpy()
-
-
-def _promoted(models, w_dec: torch.Tensor, ids: list[int], k: int, block: int = 256):
+def _promoted(models, w_dec: torch.Tensor, ids: list[int], k: int, *, block: int = 256):
     """Per model m: [len(ids), k] (token ids, logits) of W_U_m (gamma_m * W_dec[i, m])."""
     out = []
     for m, model in enumerate(models):
@@ -82,7 +59,7 @@ def _promoted(models, w_dec: torch.Tensor, ids: list[int], k: int, block: int = 
     return out
 
 
-def _contexts(store, encoder, latents: list[int], rows: list[np.ndarray], before, after):
+def _contexts(store, encoder, latents: list[int], rows: list[np.ndarray], *, before, after):
     """Windows around each latent's example rows and its f at every token of them.
 
     latents: ids; rows: per latent, its example rows [n_i]. The rows of all windows are read
@@ -109,38 +86,84 @@ def _contexts(store, encoder, latents: list[int], rows: list[np.ndarray], before
     return out
 
 
-def detailed_latents(lines: list[dict], limit: int) -> list[int]:
+class LatentDigest:
+    """What the page keeps of each latents.jsonl line, collected while the lines are written
+    (`add`, in id order): the line's table row, and the places (row, document, position,
+    doc_start) of its first `n_examples` examples, whose contexts the page may show."""
+
+    def __init__(self, n_examples: int):
+        self.n_examples = n_examples
+        self.table: list[dict] = []
+        self.places: list[list[dict]] = []
+
+    def add(self, line: dict) -> None:
+        sc = line.get("scaling") or {}
+        self.table.append({
+            "id": line["id"], "nrn": line["nrn"], "class": line["class"],
+            "cosine": line["cosine"], "freq": line["firing_freq"],
+            "freq_store": line["firing_freq_store"], "ratio_error": sc.get("ratio_error"),
+            "ratio_reconstruction": sc.get("ratio_reconstruction"),
+            "categories": line["categories"], "label": line["label"],
+            "top_tokens": sorted({e["token"] for e in line["top_examples"]}),
+        })  # fmt: skip
+        keys = ("row", "doc", "position", "doc_start")
+        self.places.append(
+            [{k: e[k] for k in keys} for e in line["top_examples"][: self.n_examples]]
+        )
+
+
+def detailed_latents(table: list[dict], limit: int) -> list[int]:
     """The latents whose contexts the page keeps: those with examples, most exclusive
-    (|NRN - 0.5|) first, then the most frequent; at most `limit`."""
-    alive = [ln for ln in lines if ln["top_examples"]]
-    alive.sort(key=lambda ln: (-abs(ln["nrn"] - 0.5), -ln["firing_freq_store"], ln["id"]))
-    return sorted(ln["id"] for ln in alive[:limit])
+    (|NRN - 0.5|) first, then the most frequent; at most `limit`. table: the rows of
+    `LatentDigest`."""
+    alive = [r for r in table if r["top_tokens"]]
+    alive.sort(key=lambda r: (-abs(r["nrn"] - 0.5), -r["freq_store"], r["id"]))
+    return sorted(r["id"] for r in alive[:limit])
 
 
 def browser_data(
-    lines, store, encoder, models, tokenizer, hist: ActivationHistogram, ac, roles
+    digest: LatentDigest, *, store, encoder, models, tokenizer, hist: ActivationHistogram, ac
 ) -> dict:
-    """Everything the page shows, JSON-ready. lines: latents.jsonl's lines in id order;
-    models: the HF pair in crosscoder order (empty: no promoted tokens); encoder: the
-    `ExportedCrosscoder` (raw units)."""
-    detail_ids = detailed_latents(lines, int(ac.browser_latents))
-    n_ex, before, after = int(ac.browser_examples), int(ac.context_before), int(ac.context_after)
+    """Everything the page shows, JSON-ready. digest: latents.jsonl's lines as the page keeps
+    them; models: the HF pair in crosscoder order (empty: no promoted tokens); encoder: the
+    `ExportedCrosscoder` (raw units, with its roles)."""
+    detail_ids = detailed_latents(digest.table, int(ac.browser_latents))
+    used: set[int] = set()
+    details = _details(digest, detail_ids, store=store, encoder=encoder, models=models,
+                       hist=hist, ac=ac, used=used)  # fmt: skip
+    vocab_ids = sorted(used)
+    texts = ex.decode_pieces(tokenizer, [[t] for t in vocab_ids])
+    return {
+        "roles": list(encoder.roles),
+        "classes": list(CLASSES),
+        "categories": list(CATEGORY_NAMES),
+        "store_rows": int(store.n_rows),
+        "first_position": int(store.manifest.get("first_position", 1)),
+        "hist_edges": [float(f"{v:.4g}") for v in hist.edges],
+        "vocab": {str(t): s for t, s in zip(vocab_ids, texts)},
+        "latents": digest.table,
+        "details": details,
+        "limits": {"browser_latents": int(ac.browser_latents), "examples": digest.n_examples},
+    }
+
+
+def _details(digest, detail_ids, *, store, encoder, models, hist, ac, used: set) -> dict:
+    """{id: what a click shows} of the detailed latents; `used` collects the token ids shown."""
+    before, after = int(ac.context_before), int(ac.context_after)
     dec_norm = torch.linalg.vector_norm(encoder.W_dec, dim=-1).numpy()  # [h, m] raw
     k = int(ac.browser_promoted)
     promoted = _promoted(models, encoder.W_dec, detail_ids, k) if models and k > 0 else None
     counts = hist.counts
-    used: set[int] = set()
     details = {}
     contexts = {}
     for lo in range(0, len(detail_ids), CONTEXT_BLOCK):
         ids = detail_ids[lo : lo + CONTEXT_BLOCK]
-        rows = [np.array([e["row"] for e in lines[i]["top_examples"][:n_ex]]) for i in ids]
-        contexts.update(zip(ids, _contexts(store, encoder, ids, rows, before, after)))
+        rows = [np.array([e["row"] for e in digest.places[i]]) for i in ids]
+        contexts.update(zip(ids, _contexts(store, encoder, ids, rows, before=before, after=after)))
     for j, i in enumerate(detail_ids):
-        shown = lines[i]["top_examples"][:n_ex]
         tokens, f = contexts.pop(i)
         exs = []
-        for e, t, fv in zip(shown, tokens, f):
+        for e, t, fv in zip(digest.places[i], tokens, f):
             keep = t != ex.PAD
             used.update(t[keep].tolist())
             exs.append({
@@ -163,31 +186,7 @@ def browser_data(
             ]
             used.update(int(t) for tok, _ in promoted for t in tok[j])
         details[str(i)] = d
-    vocab_ids = sorted(used)
-    texts = ex.decode_pieces(tokenizer, [[t] for t in vocab_ids])
-    table = []
-    for ln in lines:
-        sc = ln.get("scaling") or {}
-        table.append({
-            "id": ln["id"], "nrn": ln["nrn"], "class": ln["class"], "cosine": ln["cosine"],
-            "freq": ln["firing_freq"], "freq_store": ln["firing_freq_store"],
-            "ratio_error": sc.get("ratio_error"),
-            "ratio_reconstruction": sc.get("ratio_reconstruction"),
-            "categories": ln["categories"], "label": ln["label"],
-            "top_tokens": sorted({e["token"] for e in ln["top_examples"]}),
-        })  # fmt: skip
-    return {
-        "roles": list(roles),
-        "classes": list(CLASSES),
-        "categories": list(CATEGORY_NAMES),
-        "store_rows": int(store.n_rows),
-        "first_position": int(store.manifest.get("first_position", 1)),
-        "hist_edges": [float(f"{v:.4g}") for v in hist.edges],
-        "vocab": {str(t): s for t, s in zip(vocab_ids, texts)},
-        "latents": table,
-        "details": details,
-        "limits": {"browser_latents": int(ac.browser_latents), "examples": n_ex},
-    }
+    return details
 
 
 def write_browser(path: str, data: dict) -> None:

@@ -18,13 +18,21 @@ model; dead latents would pull the baseline towards their arbitrary values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xcoder_jax import stats
 from xcoder_jax.analysis.norms import CLASSES, histogram
-from xcoder_jax.lexicon import CATEGORY_NAMES, marker_read_rows, marker_token_ids
+from xcoder_jax.lexicon import CATEGORY_NAMES, marker_read_rows
+from xcoder_jax.marker_tokens import MarkerGroups, marker_groups
+
+if TYPE_CHECKING:
+    from xcoder_jax.analysis.facts import LatentFacts
+    from xcoder_jax.analysis.stream import ScanResult
+
+__all__ = ["ANCHOR", "MarkerGroups", "category_stats", "firing_latents", "marker_groups",
+           "marker_rows"]  # fmt: skip
 
 # The analysis describes a marker that has just been read.
 ANCHOR = "read"
@@ -40,35 +48,6 @@ def marker_rows(
     Returns indices into the shard (carry excluded), ascending and unique.
     """
     return marker_read_rows(tokens, docs, seqs, ANCHOR, carry)
-
-
-@dataclass
-class MarkerGroups:
-    """The groups counted while streaming: one per category, then one per marker form.
-
-    forms: {category: [token-id sequence of each marker form]}; texts: {category: [text of
-    each form]}; groups: the id sequences of every group, categories first.
-    """
-
-    forms: dict[str, list[tuple[int, ...]]]
-    texts: dict[str, list[str]]
-
-    @property
-    def groups(self) -> list[list[tuple[int, ...]]]:
-        cats = [list(self.forms[c]) for c in CATEGORY_NAMES]
-        per_form = [[ids] for c in CATEGORY_NAMES for ids in self.forms[c]]
-        return cats + per_form
-
-    def form_group(self, category: str, j: int) -> int:
-        """Group index of form j of `category`."""
-        before = sum(len(self.forms[c]) for c in CATEGORY_NAMES[: CATEGORY_NAMES.index(category)])
-        return len(CATEGORY_NAMES) + before + j
-
-
-def marker_groups(tokenizer, bare: bool = False) -> MarkerGroups:
-    forms = marker_token_ids(tokenizer, bare=bare)
-    texts = {c: [tokenizer.decode(list(ids)) for ids in seqs] for c, seqs in forms.items()}
-    return MarkerGroups(forms=forms, texts=texts)
 
 
 def firing_latents(counts: np.ndarray, share: float) -> np.ndarray:
@@ -87,22 +66,14 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def category_stats(
-    groups: MarkerGroups,
-    group_rows: np.ndarray,
-    group_fire: np.ndarray,
-    group_act: np.ndarray,
-    fire_count: np.ndarray,
-    nrn: np.ndarray,
-    classes: np.ndarray,
-    firing_share: float,
-    top_n: int,
-    nrn_bins: int,
+    groups: MarkerGroups, scan: ScanResult, facts: LatentFacts, ac
 ) -> tuple[dict, dict[int, list[str]]]:
     """Per-category summary and each latent's category tags.
 
-    group_rows [G], group_fire [G, h], group_act [G, h]: from `stream.scan_store` with
-    `groups.groups`; fire_count [h]: firing rows over the whole store (0: dead); nrn,
-    classes [h]. Top latents are the firing latents ranked by the share of their firings that
+    scan: `stream.scan_store` with `groups.groups` (group_rows [G], group_fire [G, h],
+    group_act [G, h], fire_count [h]: firing rows over the whole store, 0: dead); facts: the
+    latents' NRN and classes; ac: the `analysis` config section (firing_share, top_latents,
+    nrn_bins). Top latents are the firing latents ranked by the share of their firings that
     land on the category's markers (how specific they are), then by activation on the markers.
 
     Per category, against the alive latents: "mean_nrn_alive" (the baseline, same for every
@@ -110,67 +81,76 @@ def category_stats(
     latents outside the firing set, Welch-t 95% CI) and "top_distilled_only" (distilled-only
     latents among the top latents against their share of the alive latents, Wilson 95% CI).
     """
-    alive = fire_count > 0
-    alive_mean = _mean(nrn[alive])
+    nrn, classes = facts.nrn, facts.classes
+    alive = scan.fire_count > 0
     # Share of distilled-only latents among the alive ones: the rate a category's top list
     # would show if category membership said nothing about the class.
-    alive_share = float((classes[alive] == 2).mean()) if alive.any() else None
+    baseline = {
+        "mean_nrn_alive": _mean(nrn[alive]),
+        "alive_share": float((classes[alive] == 2).mean()) if alive.any() else None,
+    }
     tags: dict[int, list[str]] = {}
     out = {}
     for c, cat in enumerate(CATEGORY_NAMES):
-        occ = int(group_rows[c])
-        fire = group_fire[c]
-        ids = firing_latents(fire, firing_share)
-        for i in ids:
+        out[cat] = _category(groups, c, scan, facts, ac=ac, baseline=baseline)
+        for i in out[cat]["firing_latents"]:
             tags.setdefault(int(i), []).append(cat)
-        markers = {}
-        for j, (ids_j, text) in enumerate(zip(groups.forms[cat], groups.texts[cat])):
-            g = groups.form_group(cat, j)
-            f_ids = firing_latents(group_fire[g], firing_share)
-            markers[text] = {
-                "token_ids": list(ids_j),
-                "occurrences": int(group_rows[g]),
-                "n_firing_latents": len(f_ids),
-                "mean_nrn": _mean(nrn[f_ids]),
-            }
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share_on = np.where(fire_count > 0, fire / np.maximum(fire_count, 1), 0.0)
-        order = sorted(ids.tolist(), key=lambda i: (-share_on[i], -group_act[c, i]))
-        top = [
-            {
-                "id": int(i),
-                "nrn": round(float(nrn[i]), 4),
-                "class": CLASSES[classes[i]],
-                "fire_rate": round(float(fire[i] / max(occ, 1)), 4),
-                "marker_share": round(float(share_on[i]), 4),
-                "mean_act": round(float(group_act[c, i] / max(occ, 1)), 4),
-            }
-            for i in order[:top_n]
-        ]
-        others = alive.copy()
-        others[ids] = False  # Welch compares disjoint groups: the firing set vs the rest
-        n_top_d = sum(t["class"] == "distilled_only" for t in top)
-        out[cat] = {
-            "markers": markers,
-            "occurrences": occ,
-            "max_count": int(fire.max(initial=0)),
-            "threshold_count": float(firing_share * fire.max(initial=0)),
-            "n_firing_latents": len(ids),
-            "firing_latents": ids.tolist(),
-            "firing_nrn": [round(float(v), 4) for v in nrn[ids]],
-            "mean_nrn": _mean(nrn[ids]),
-            "mean_nrn_alive": alive_mean,
-            "nrn_minus_alive": stats.welch_ci(nrn[ids], nrn[others]),
-            "top_distilled_only": {
-                "count": n_top_d,
-                "n_top": len(top),
-                "alive_share": alive_share,
-                "excess": stats.proportion_ci(n_top_d, len(top), baseline=alive_share or 0.0),
-            },
-            "class_counts": {
-                name: int((classes[ids] == k).sum()) for k, name in enumerate(CLASSES)
-            },
-            "nrn_hist": histogram(nrn[ids], nrn_bins),
-            "top_latents": top,
-        }
     return out, tags
+
+
+def _category(groups: MarkerGroups, c: int, scan, facts, *, ac, baseline: dict) -> dict:
+    """The summary of category c (see `category_stats`)."""
+    nrn, classes, fire_count = facts.nrn, facts.classes, scan.fire_count
+    cat = CATEGORY_NAMES[c]
+    occ = int(scan.group_rows[c])
+    fire = scan.group_fire[c]
+    ids = firing_latents(fire, ac.firing_share)
+    markers = {}
+    for j, (ids_j, text) in enumerate(zip(groups.forms[cat], groups.texts[cat])):
+        g = groups.form_group(cat, j)
+        f_ids = firing_latents(scan.group_fire[g], ac.firing_share)
+        markers[text] = {
+            "token_ids": list(ids_j),
+            "occurrences": int(scan.group_rows[g]),
+            "n_firing_latents": len(f_ids),
+            "mean_nrn": _mean(nrn[f_ids]),
+        }
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share_on = np.where(fire_count > 0, fire / np.maximum(fire_count, 1), 0.0)
+    order = sorted(ids.tolist(), key=lambda i: (-share_on[i], -scan.group_act[c, i]))
+    top = [
+        {
+            "id": int(i),
+            "nrn": round(float(nrn[i]), 4),
+            "class": CLASSES[classes[i]],
+            "fire_rate": round(float(fire[i] / max(occ, 1)), 4),
+            "marker_share": round(float(share_on[i]), 4),
+            "mean_act": round(float(scan.group_act[c, i] / max(occ, 1)), 4),
+        }
+        for i in order[: ac.top_latents]
+    ]
+    others = fire_count > 0
+    others[ids] = False  # Welch compares disjoint groups: the firing set vs the rest
+    n_top_d = sum(t["class"] == "distilled_only" for t in top)
+    alive_share = baseline["alive_share"]
+    return {
+        "markers": markers,
+        "occurrences": occ,
+        "max_count": int(fire.max(initial=0)),
+        "threshold_count": float(ac.firing_share * fire.max(initial=0)),
+        "n_firing_latents": len(ids),
+        "firing_latents": ids.tolist(),
+        "firing_nrn": [round(float(v), 4) for v in nrn[ids]],
+        "mean_nrn": _mean(nrn[ids]),
+        "mean_nrn_alive": baseline["mean_nrn_alive"],
+        "nrn_minus_alive": stats.welch_ci(nrn[ids], nrn[others]),
+        "top_distilled_only": {
+            "count": n_top_d,
+            "n_top": len(top),
+            "alive_share": alive_share,
+            "excess": stats.proportion_ci(n_top_d, len(top), baseline=alive_share or 0.0),
+        },
+        "class_counts": {name: int((classes[ids] == k).sum()) for k, name in enumerate(CLASSES)},
+        "nrn_hist": histogram(nrn[ids], ac.nrn_bins),
+        "top_latents": top,
+    }

@@ -148,6 +148,7 @@ def render(
     values: np.ndarray,
     rows: np.ndarray,
     before: int,
+    *,
     tokenizer=None,
     categories: Sequence[str | None] | None = None,
 ) -> list[dict]:

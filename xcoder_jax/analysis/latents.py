@@ -8,119 +8,119 @@ category tags, an automatic label and, for the base-only and distilled-only late
 fit, the latent scaling (`scaling.report`: betas per target, error and reconstruction
 ratios; None where the latent was not fitted). Strict JSON (no NaN). Lines
 are rendered `block` latents at a time, so a 32768-latent export never has all its example
-texts in memory; only the examples of the latents the report shows are kept.
+texts in memory; only the examples of the latents the report shows are kept, and each line
+is shown to an `on_line` callback as it is written (the browser keeps what its table needs).
+The file is written where the caller says; the analysis stage renders it into a temporary
+file in its directory and puts it in place with its other outputs (`stage.commit`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-import numpy as np
-
 from xcoder_jax import strict_json as strict
-from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis import examples as ex
+from xcoder_jax.analysis.facts import LatentFacts
 from xcoder_jax.analysis.norms import CLASSES
 
 
-@dataclass
-class LatentTable:
-    """Per-latent arrays, all of length n_latents (norms: [n_latents, n_models])."""
+@dataclass(frozen=True)
+class WrittenLatents:
+    """What writing latents.jsonl leaves: each latent's label, and the lines of the latents
+    the report shows ({id: line})."""
 
-    nrn: np.ndarray
-    classes: np.ndarray
-    norms_l1: np.ndarray
-    norms_l2: np.ndarray
-    cosine: np.ndarray
-    freq_heldout: np.ndarray  # share of held-out rows with f > 0
-    freq_store: np.ndarray  # share of all store rows with f > 0
-    tags: dict[int, list[str]]
-    scaling: dict[int, dict]
-    # The diffing toolkit's relative norm (`norms.dec_norm_diff`: 1 base-only, 0 distilled-only).
-    dec_norm_diff: np.ndarray | None = None
+    labels: list[str]
+    kept: dict[int, dict]
 
 
 def _round(values, nd: int = 5) -> list:
     return [round(float(v), nd) for v in values]
 
 
-def _line(i: int, table: LatentTable, examples: list[dict], lab: dict) -> dict:
+def _line(i: int, facts: LatentFacts, extra: dict, *, examples: list[dict], lab: dict) -> dict:
+    """Line i; extra: {"tags": {id: categories}, "scaling": {id: latent-scaling line}}."""
     return {
         "id": i,
-        "nrn": round(float(table.nrn[i]), 5),
-        "class": CLASSES[table.classes[i]],
-        **(
-            {}
-            if table.dec_norm_diff is None
-            else {"dec_norm_diff": round(float(table.dec_norm_diff[i]), 5)}
-        ),
-        "norms": {"l1": _round(table.norms_l1[i]), "l2": _round(table.norms_l2[i])},
-        "cosine": round(float(table.cosine[i]), 5),
-        "firing_freq": float(table.freq_heldout[i]),
-        "firing_freq_store": float(table.freq_store[i]),
+        "nrn": round(float(facts.nrn[i]), 5),
+        "class": CLASSES[facts.classes[i]],
+        "dec_norm_diff": round(float(facts.dec_norm_diff[i]), 5),
+        "norms": {"l1": _round(facts.norms_l1[i]), "l2": _round(facts.norms_l2[i])},
+        "cosine": round(float(facts.cosine[i]), 5),
+        "firing_freq": float(facts.freq_heldout[i]),
+        "firing_freq_store": float(facts.freq_store[i]),
         "label": lab["label"],
         "label_detail": {k: v for k, v in lab.items() if k != "label"},
-        "categories": table.tags.get(i, []),
-        "scaling": table.scaling.get(i),
+        "categories": extra["tags"].get(i, []),
+        "scaling": extra["scaling"].get(i),
         "top_examples": examples,
     }
 
 
 def write_latents(
     path: str,
+    *,
     store,
-    table: LatentTable,
-    top_values: np.ndarray,
-    top_rows: np.ndarray,
+    facts: LatentFacts,
+    tags: dict[int, list[str]],
+    scaling: dict[int, dict],
+    scan,
     forms: dict[str, list[tuple[int, ...]]],
     tokenizer,
-    context_before: int,
-    context_after: int,
+    ac,
     keep: Collection[int],
-    label_min_share: float = 0.5,
+    on_line: Callable[[dict], None] | None = None,
     block: int = 1024,
-) -> tuple[list[str], dict[int, dict]]:
-    """Writes latents.jsonl atomically. Returns (label per latent, {id: line} for `keep`).
+) -> WrittenLatents:
+    """Writes latents.jsonl to `path`.
 
-    top_values, top_rows: [n_latents, k] from the streaming top-k (row -1: no example).
-    Context windows reach at least as far back as the longest marker, so an example's
-    firing token can be checked for being the end of a marker.
+    tags: {id: category tags} (`categories.category_stats`); scaling: {id: latent-scaling
+    line} (`scaling.report`); scan: the store pass (`top_values`, `top_rows` [n_latents, k]
+    from the streaming top-k, row -1: no example); forms: {category: marker id sequences};
+    ac: the `analysis` config section (context_before, context_after, label_min_share);
+    keep: the latents whose lines are returned. Context windows reach at least as far back
+    as the longest marker, so an example's firing token can be checked for being the end of
+    a marker.
     """
     longest = max([len(s) for seqs in forms.values() for s in seqs] + [1])
-    before = max(context_before, longest - 1)
-    n_latents = len(table.nrn)
+    before = max(ac.context_before, longest - 1)
+    extra = {"tags": tags, "scaling": scaling}
     labels: list[str] = []
     kept: dict[int, dict] = {}
     keep = set(int(i) for i in keep)
-
-    def write(f):
-        for lo in range(0, n_latents, block):
-            hi = min(lo + block, n_latents)
-            rows = top_rows[lo:hi]
-            valid = rows >= 0
-            flat_rows = rows[valid]
-            if len(flat_rows):
-                windows = ex.gather_windows(store, flat_rows, before, context_after)
-                cats = ex.marker_category_at(windows["tokens"], before, forms)
-                rendered = ex.render(
-                    windows, top_values[lo:hi][valid], flat_rows, before, tokenizer, cats
-                )
-            else:
-                rendered = []
-            counts = valid.sum(1)
-            start = 0
-            for i, n in zip(range(lo, hi), counts):
-                examples = rendered[start : start + n]
-                start += n
-                lab = ex.label(examples, label_min_share)
+    with open(path, "wb") as f:
+        for lo in range(0, facts.n_latents, block):
+            hi = min(lo + block, facts.n_latents)
+            rendered = _examples(store, scan, lo, hi, before=before, ac=ac, forms=forms,
+                                 tokenizer=tokenizer)  # fmt: skip
+            for i, examples in zip(range(lo, hi), rendered):
+                lab = ex.label(examples, ac.label_min_share)
                 labels.append(lab["label"])
-                line = _line(i, table, examples, lab)
+                line = _line(i, facts, extra, examples=examples, lab=lab)
                 if i in keep:
                     kept[i] = line
+                if on_line is not None:
+                    on_line(line)
                 f.write((strict.dumps(line) + "\n").encode())
+    return WrittenLatents(labels=labels, kept=kept)
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_bytes(path, write)
-    return labels, kept
+
+def _examples(store, scan, lo: int, hi: int, *, before, ac, forms, tokenizer) -> list[list[dict]]:
+    """The rendered top examples of latents lo..hi-1, one list per latent."""
+    rows = scan.top_rows[lo:hi]
+    valid = rows >= 0
+    flat_rows = rows[valid]
+    if len(flat_rows):
+        windows = ex.gather_windows(store, flat_rows, before, ac.context_after)
+        cats = ex.marker_category_at(windows["tokens"], before, forms)
+        values = scan.top_values[lo:hi][valid]
+        rendered = ex.render(
+            windows, values, flat_rows, before, tokenizer=tokenizer, categories=cats
+        )
+    else:
+        rendered = []
+    out, start = [], 0
+    for n in valid.sum(1):
+        out.append(rendered[start : start + n])
+        start += n
+    return out

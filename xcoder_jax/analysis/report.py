@@ -18,8 +18,8 @@ import html
 import json
 import os
 
-from xcoder_jax.activations.manifest import atomic_write_bytes
 from xcoder_jax.analysis.report_figures import fig_categories, fig_cosine, fig_nrn, fig_training
+from xcoder_jax.fileio import atomic_write_bytes
 
 E = html.escape
 BROWSER = "browser.html"  # the feature browser, beside this page (`browser.BROWSER`)
@@ -139,13 +139,10 @@ def _latent_rows(
     return rows
 
 
-def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | None]) -> str:
-    s = summary
-    img = lambda k, alt: (
-        f'<img alt="{E(alt)}" src="data:image/png;base64,{figures[k]}">' if figures.get(k) else ""
-    )
+def _head_rows(s: dict) -> list[list[str]]:
+    """The headline table: models, sizes, loss, FVE, L0, dead fraction, classes."""
     models = ", ".join(f"{m.get('role')}: {m.get('source')}" for m in s.get("models") or [])
-    head = [
+    return [
         ["models", E(models)],
         ["layer / d_model / latents", f"{s['layer']} / {s['d_model']} / {s['n_latents']}"],
         ["loss", E(str(s.get("loss")))],
@@ -160,6 +157,9 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
         ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
         ["alive latents (active on a store row)", f"{s['alive_latents']} of {s['n_latents']}"],
     ]  # fmt: skip
+
+
+def _category_table(s: dict) -> str:
     cat_rows = []
     for name, c in s["categories"].items():
         markers = "<br>".join(
@@ -177,16 +177,24 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
         cat_rows.append([name_cell, markers, str(c["n_firing_latents"]), _fmt(c["mean_nrn"]),
                          _fmt(c["mean_nrn_alive"]), _ci(c["nrn_minus_alive"]), top_d,
                          top])  # fmt: skip
+    cat_head = ["category", "markers (ids): occurrences", "firing latents", "mean NRN",
+                "alive baseline", "firing − other alive [95% CI]",
+                "distilled-only in top latents", "top latents"]  # fmt: skip
+    return _table(cat_head, cat_rows)
+
+
+def _splice_html(s: dict) -> str:
     sp = s.get("splice", {})
     if "skipped" in sp:
-        splice_html = f"<p class='muted'>skipped: {E(sp['skipped'])}</p>"
-    else:
-        splice_html = _table(
-            ["model", "clean CE", "spliced CE", "zero-ablation CE", "fraction recovered", "tokens"],
-            [[E(r), _fmt(v["clean_ce"]), _fmt(v["spliced_ce"]), _fmt(v["zero_ce"]),
-              _fmt(v["fraction_recovered"]), str(v["tokens"])] for r, v in sp.items()],
-        )  # fmt: skip
-    ls = s["latent_scaling"]
+        return f"<p class='muted'>skipped: {E(sp['skipped'])}</p>"
+    return _table(
+        ["model", "clean CE", "spliced CE", "zero-ablation CE", "fraction recovered", "tokens"],
+        [[E(r), _fmt(v["clean_ce"]), _fmt(v["spliced_ce"]), _fmt(v["zero_ce"]),
+          _fmt(v["fraction_recovered"]), str(v["tokens"])] for r, v in sp.items()],
+    )  # fmt: skip
+
+
+def _scaling_table(ls: dict) -> str:
     sc_rows = []
     for side in ("distilled_only", "base_only"):
         q = ls[side]
@@ -197,9 +205,15 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
     sc_head = ["side", "latents", "selected", "fitted", "flagged", "share flagged",
                "error ratio: median [p10, p90]",
                "reconstruction ratio: median [p10, p90]"]  # fmt: skip
-    cat_head = ["category", "markers (ids): occurrences", "firing latents", "mean NRN",
-                "alive baseline", "firing − other alive [95% CI]",
-                "distilled-only in top latents", "top latents"]  # fmt: skip
+    return _table(sc_head, sc_rows)
+
+
+def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | None]) -> str:
+    s = summary
+    img = lambda k, alt: (
+        f'<img alt="{E(alt)}" src="data:image/png;base64,{figures[k]}">' if figures.get(k) else ""
+    )
+    ls = s["latent_scaling"]
     n_ex = 3
     first = int(s.get("first_position", 1))
     training = img("training", "training curves") or "<p class='muted'>no metrics.jsonl</p>"
@@ -209,7 +223,7 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
 <h1>Crosscoder analysis: base vs distilled</h1>
 <p class="muted">{E(s.get("workdir", ""))}. Every latent id opens the
 <a href="{BROWSER}">feature browser</a> at that latent.</p>
-{_table(None, [[E(k), v] for k, v in head])}
+{_table(None, [[E(k), v] for k, v in _head_rows(s)])}
 <h2>Shared vs exclusive latents</h2>
 {img("nrn", "NRN histogram")}
 {img("cosine", "cosine histogram")}
@@ -220,17 +234,17 @@ their NRN against the {s["alive_latents"]} alive latents (active on at least one
 mean NRN {_fmt(s["mean_nrn_alive"])}): the difference of the firing latents' mean NRN and
 that of the other alive latents, Welch-t 95% CI; and the distilled-only latents among the
 top latents against their share of the alive latents, Wilson 95% CI.</p>
-{_table(cat_head, cat_rows)}
+{_category_table(s)}
 {img("categories", "NRN per category")}
 <h2>Splice-in (held-out documents)</h2>
-{splice_html}
+{_splice_html(s)}
 <h2>Latent scaling of exclusive latents</h2>
 <p>Per exclusive latent, the other model's beta over the owning model's (the model with
 the larger decoder row), on two targets. Error ratio near 1: the other model carries the
 direction but no latent reconstructs it there (complete shrinkage); above
 {_fmt(ls["false_ratio"], 2)} the latent is flagged as falsely exclusive. Reconstruction ratio
 near 1: other latents reconstruct it there (latent decoupling). Near 0: truly exclusive.</p>
-{_table(sc_head, sc_rows)}
+{_scaling_table(ls)}
 <h2>Top distilled-only latents</h2>
 {_latent_table(s["top_distilled_only"], kept, n_ex, first)}
 <h2>Top base-only latents</h2>
@@ -265,7 +279,7 @@ def figure_writers(figures: dict[str, str | None]) -> dict:
 
 
 def write_report(
-    path: str, summary: dict, kept: dict[int, dict], figures: dict, workdir: str = ""
+    path: str, summary: dict, kept: dict[int, dict], figures: dict, *, workdir: str = ""
 ) -> None:
     """Writes the page atomically; `figures` from `draw_figures`."""
     page = render_html({**summary, "workdir": workdir}, kept, figures)

@@ -2,28 +2,33 @@
 analysis/summary.json, analysis/latents.jsonl, analysis/report.html (its figures also as
 PNG files) and analysis/browser.html.
 
-Order: check that export and store belong together; relative decoder norms (from the
-decoder alone); one streaming pass over the store (`stream.scan_store`); reasoning
-categories; latent scaling; per-latent lines with examples (these in `summary.analyze`);
-splice-in CE in the HF models; the report; summary.json last. A workdir whose summary.json
-records the same export, store and analysis settings is left as it is.
+Order: check that export and store belong together and take the held-out shards training
+recorded (`stage_inputs.load_inputs`: the export is read once, as an `ExportedCrosscoder`);
+relative decoder norms (from the decoder alone); one streaming pass over the store
+(`stream.scan_store`); reasoning categories; latent scaling; per-latent lines with examples
+(these in `summary.analyze`, the facts per latent in `facts`); splice-in CE in the HF models;
+the browser and the report. Every file is put in place by one `stage.commit`, summary.json
+last. A workdir whose summary.json records the same export, store and analysis settings is
+left as it is.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
 import os
+import tempfile
 import time
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stage
+from xcoder_jax import documents, params, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import models as pair
 from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.analysis import browser, report, splice
+from xcoder_jax.analysis.histogram import ActivationHistogram
 from xcoder_jax.analysis.summary import LATENTS, analyze
-from xcoder_jax.exported import ExportedCrosscoder
+from xcoder_jax.stage_inputs import StageInputs, load_inputs
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
 # with error and reconstruction ratios, category NRN against alive latents, strict JSON.
@@ -33,51 +38,31 @@ ANALYSIS_FORMAT = 4
 SUMMARY, REPORT = "summary.json", "report.html"
 
 
-# --- Inputs ------------------------------------------------------------------------------
-
-
-def load_inputs(config, workdir: str) -> tuple[ActivationStore, dict, dict]:
-    """(store, export tensors [raw, numpy], export config) of `workdir`, checked to belong
-    together: what every stage that reads both the store and the export starts from."""
-    store = ActivationStore(wd.activations_dir(workdir), verify=config.train.verify_store)
-    tensors, export_config = ckpt.load_export(wd.export_dir(workdir), "numpy")
-    check_pair(store, export_config)
-    return store, tensors, export_config
-
-
-def check_pair(store: ActivationStore, export_config: dict) -> None:
-    """Raises ExportError unless the export was trained on a store like this one."""
-    man = store.manifest
-    problems = []
-    for key, have in (("layer", store.layer), ("d_model", store.d_model)):
-        if export_config.get(key) != have:
-            problems.append(f"{key}: export {export_config.get(key)}, store {have}")
-    if export_config.get("n_models", store.n_models) != store.n_models:
-        problems.append(f"n_models: export {export_config['n_models']}, store {store.n_models}")
-    if export_config.get("tokenizer_sha256") != man.get("tokenizer_sha256"):
-        problems.append("tokenizer: export and store were made with different tokenizers")
-    ident = lambda ms: [(m.get("role"), m.get("source"), m.get("weights")) for m in ms or []]
-    if ident(export_config.get("models")) != ident(man.get("models")):
-        problems.append(
-            f"models: export {ident(export_config.get('models'))}, store {ident(man.get('models'))}"
-        )
-    if problems:
-        raise ckpt.ExportError(
-            "the export and the activation store come from different models or sites: "
-            + "; ".join(problems)
-        )
+# Every config field the analysis reads (splice-in and the browser's promoted tokens load
+# the models).
+FIELDS = params.Declared(
+    "analyze",
+    what=(
+        *params.MODELS, *params.DATA, "train.eval_shards",
+        "analysis.norm", "analysis.base_only_max", "analysis.distilled_only_min",
+        "analysis.nrn_bins", "analysis.top_k_examples", "analysis.context_before",
+        "analysis.context_after", "analysis.firing_share", "analysis.bare_markers",
+        "analysis.label_min_share", "analysis.top_latents", "analysis.scaling_max_latents",
+        "analysis.scaling_min_rows", "analysis.scaling_false_ratio", "analysis.splice_docs",
+        "analysis.browser_latents", "analysis.browser_examples", "analysis.browser_promoted",
+    ),
+    how=("models.device", "train.verify_store", "analysis.batch_rows", "analysis.splice_batch"),
+)  # fmt: skip
 
 
 def fingerprint(config, workdir: str, store: ActivationStore) -> dict:
-    """What the analysis depends on: the export files, the store, the analysis settings."""
-    return {
-        "format": ANALYSIS_FORMAT,
-        "export": stage.export_hash(workdir),
-        "store": {"n_rows": store.n_rows, "fingerprint": store.manifest.get("fingerprint")},
-        "analysis": config.analysis.to_dict(),
-        "eval_shards": int(config.train.eval_shards),
-        "data": stage.digest(config.data.to_dict()),
-    }
+    """What the analysis depends on: its declared fields, the export files, the store."""
+    return stage.fingerprint(
+        ANALYSIS_FORMAT,
+        FIELDS.read(config),
+        export=stage.export_hash(workdir),
+        store={"n_rows": store.n_rows, "fingerprint": store.manifest.get("fingerprint")},
+    )
 
 
 # --- The stage ---------------------------------------------------------------------------
@@ -85,67 +70,98 @@ def fingerprint(config, workdir: str, store: ActivationStore) -> dict:
 
 def run_analysis(config, workdir: str, progress: bool = True) -> dict:
     """Analyses `workdir`'s export over its store; returns the summary (README: analysis/)."""
+    config = FIELDS.read(config)  # from here on, only the declared fields can be read
     ac = config.analysis
     out_dir = wd.stage_dir(workdir, "analysis")
-    store, tensors, export_config = load_inputs(config, workdir)
+    inputs = load_inputs(config, workdir)
+    store, xcoder = inputs.store, inputs.xcoder
     fp = fingerprint(config, workdir, store)
     files = [LATENTS, REPORT, browser.BROWSER, *report.FIGURE_FILES.values()]
     done = stage.done(out_dir, SUMMARY, fp, files)
     if done is not None:
         return done
     start = time.time()
+    tokenizer = _tokenizer(config, workdir, store)
+    hist = ActivationHistogram(xcoder.n_latents)
+    digest = browser.LatentDigest(int(ac.browser_examples))
+    os.makedirs(out_dir, exist_ok=True)
+    with _spool(out_dir, LATENTS) as latents_path:
+        result = analyze(
+            store, xcoder, ac, heldout=inputs.heldout, tokenizer=tokenizer,
+            latents_path=latents_path, on_line=digest.add, progress=progress, hist=hist,
+        )  # fmt: skip
+        summary = result.summary
+        # The pair serves splice-in and the browser's promoted tokens (loaded only for them).
+        models = []
+        if ac.splice_docs > 0 or ac.browser_promoted > 0:
+            models = _load_models(config, workdir, xcoder.roles)
+        summary["splice"] = _splice(config, workdir, inputs, tokenizer=tokenizer, models=models)
+        data = browser.browser_data(
+            digest, store=store, encoder=xcoder, models=models, tokenizer=tokenizer, hist=hist,
+            ac=ac,
+        )  # fmt: skip
+        summary["fingerprint"] = fp
+        summary["seconds"] = round(time.time() - start, 1)
+        figures = report.draw_figures(summary, wd.metrics_path(workdir))
+        outputs = {
+            LATENTS: lambda p: os.replace(latents_path, p),
+            REPORT: lambda p: report.write_report(
+                p, summary, result.kept, figures, workdir=workdir
+            ),
+            browser.BROWSER: lambda p: browser.write_browser(p, data),
+            **report.figure_writers(figures),
+        }
+        return stage.commit(out_dir, SUMMARY, summary, outputs)
+
+
+@contextlib.contextmanager
+def _spool(directory: str, name: str):
+    """A temporary file in `directory` that an output is rendered into before `stage.commit`
+    puts it in place as `name`; removed if it is still there on exit."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _tokenizer(config, workdir: str, store: ActivationStore):
+    """The base model's tokenizer, checked to be the one the store was made with."""
     path, rev = pair.model_source(config, workdir, "base")
     tokenizer = pair.load_tokenizer(path, rev)
     if pair.tokenizer_fingerprint(tokenizer) != store.manifest.get("tokenizer_sha256"):
         raise pair.PairError(f"the tokenizer of {path} is not the one the store was made with")
-    _, heldout = store.split(config.train.eval_shards)
-    hist = browser.ActivationHistogram(int(export_config["n_latents"]))
-    summary, kept = analyze(
-        store, tensors, export_config, ac, heldout, tokenizer, out_dir, progress, hist
-    )
+    return tokenizer
 
-    # The pair serves splice-in and the browser's promoted tokens (loaded only for them).
+
+def _load_models(config, workdir: str, roles: list[str]) -> list:
+    """The HF pair in the crosscoder's slot order."""
     device = pair.torch_device(config.models.device)
-    roles = ckpt.role_order({"models": store.manifest.get("models")})
     models = []
-    for role in roles if ac.splice_docs > 0 or ac.browser_promoted > 0 else ():
-        path, rev = pair.model_source(config, workdir, role)  # in the crosscoder's order
+    for role in roles:
+        path, rev = pair.model_source(config, workdir, role)
         models.append(pair.load_model(path, rev, config.models.torch_dtype, device))
-    if ac.splice_docs > 0:
-        summary["splice"] = _splice(config, workdir, store, tensors, heldout, tokenizer, models)
-    else:
-        summary["splice"] = {"skipped": "analysis.splice_docs is 0"}
-    with open(os.path.join(out_dir, LATENTS)) as f:
-        lines = [json.loads(line) for line in f]
-    data = browser.browser_data(
-        lines, store, ExportedCrosscoder(tensors), models, tokenizer, hist, ac, roles
-    )
-    summary["fingerprint"] = fp
-    summary["seconds"] = round(time.time() - start, 1)
-    figures = report.draw_figures(summary, wd.metrics_path(workdir))
-    draw = lambda p: report.write_report(p, summary, kept, figures, workdir)
-    outputs = {
-        REPORT: draw,
-        browser.BROWSER: lambda p: browser.write_browser(p, data),
-        **report.figure_writers(figures),
-    }
-    return stage.commit(out_dir, SUMMARY, summary, outputs)
+    return models
 
 
-def _splice(config, workdir, store, tensors, heldout, tokenizer, models) -> dict:
-    ac = config.analysis
-    stored, n_cut = splice.heldout_documents(store, heldout, ac.splice_docs)
+def _splice(config, workdir: str, inputs: StageInputs, *, tokenizer, models) -> dict:
+    """summary["splice"]: splice-in CE on the first held-out documents (`splice`)."""
+    ac, store = config.analysis, inputs.store
+    if ac.splice_docs <= 0:
+        return {"skipped": "analysis.splice_docs is 0"}
+    stored, n_cut = documents.shard_documents(store, inputs.heldout, ac.splice_docs)
     if not stored:
         return {"skipped": "the held-out shards hold no document"}
     exclusion = Exclusion.from_manifest(store.manifest)
-    docs = splice.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion)
-    roles = ckpt.role_order({"models": store.manifest.get("models")})
-    device = next(models[0].parameters()).device
-    encoder = ExportedCrosscoder(tensors).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    docs = documents.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion=exclusion)
+    # A copy on the models' device: the rest of the analysis reads the export on the CPU.
+    encoder = copy.copy(inputs.xcoder).to(next(models[0].parameters()).device)
     out = splice.splice_ce(
-        models, store.layer, docs, encoder.reconstruct, ac.splice_batch, pad_id, roles, exclusion
-    )
+        models, store.layer, docs, encoder.reconstruct, batch_size=ac.splice_batch,
+        pad_id=documents.pad_token_id(tokenizer), roles=inputs.xcoder.roles, exclusion=exclusion,
+    )  # fmt: skip
     for role in out.values():
         role["docs_partly_trained"] = n_cut
     return out

@@ -61,7 +61,7 @@ def fit_betas(f: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray | None:
 
 
 def select_latents(
-    nrn: np.ndarray, classes: np.ndarray, max_latents: int, base: int, distilled: int
+    nrn: np.ndarray, classes: np.ndarray, max_latents: int, *, base: int, distilled: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exclusive latents to fit and their owners: (ids [S] ascending, owner [S] model index).
 
@@ -89,7 +89,7 @@ class LatentScaling:
     scales: [n_models] (normalised = raw * scale).
     """
 
-    def __init__(self, latents, owner, w_dec, b_dec, scales):
+    def __init__(self, latents, owner, *, w_dec, b_dec, scales):
         self.latents = torch.as_tensor(np.asarray(latents, np.int64))
         owner = np.asarray(owner, np.int64)
         w = np.asarray(w_dec, np.float32)[np.asarray(latents, np.int64)]  # [S, m, d]
@@ -167,6 +167,7 @@ def report(
     owner: np.ndarray,
     classes: np.ndarray,
     fits: dict[str, np.ndarray],
+    *,
     roles: dict[str, int],
     false_ratio: float,
     min_rows: int,

@@ -23,97 +23,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from xcoder_jax import site
+from xcoder_jax import intervention, site
 from xcoder_jax.activations.exclude import Exclusion
-from xcoder_jax.activations.sources import iter_documents
-from xcoder_jax.errors import XcoderError
+from xcoder_jax.documents import DocumentError, pad_documents
 
-
-class SpliceError(XcoderError, ValueError):
-    """Held-out documents cannot be rebuilt to match the store."""
-
-
-def heldout_documents(
-    store, heldout: Sequence[int], n_docs: int
-) -> tuple[dict[int, tuple[int, np.ndarray]], int]:
-    """The first `n_docs` documents of the held-out shards, and how many of them are cut.
-
-    Returns ({doc id: (first stored position, stored token ids)}, n_cut). Documents lying
-    wholly in the held-out shards come first; only when there are none (a held-out slice
-    shorter than a document) is the document cut by the train/held-out border used, and
-    counted in n_cut, since its first rows were trained on.
-    """
-    docs: dict[int, list[np.ndarray]] = {}
-    first: dict[int, int] = {}
-    cut: set[int] = set()  # documents that began in a shard outside `heldout`
-    for k in heldout:
-        # Once n_docs + 1 whole documents have begun, the first n_docs are complete.
-        if sum(d not in cut for d in first) > n_docs:
-            break
-        index = store.shard_index(k)
-        tokens = store.shard_tokens(k)
-        if k > 0 and k - 1 not in heldout and len(index):
-            before = store.shard_index(k - 1)
-            if len(before) and before[-1, 0] == index[0, 0]:
-                cut.add(int(index[0, 0]))
-        for doc in np.unique(index[:, 0]):
-            sel = index[:, 0] == doc
-            first.setdefault(int(doc), int(index[sel, 1].min()))
-            docs.setdefault(int(doc), []).append(np.asarray(tokens[sel], np.int64))
-    whole = [d for d in sorted(docs) if d not in cut][:n_docs]
-    chosen = whole or sorted(docs)[:n_docs]
-    n_cut = sum(d in cut for d in chosen)
-    return {d: (first[d], np.concatenate(docs[d])) for d in chosen}, n_cut
-
-
-def rebuild_documents(
-    data_config,
-    workdir: str,
-    tokenizer,
-    stored: dict[int, tuple[int, np.ndarray]],
-    exclusion: Exclusion | None = None,
-) -> list[np.ndarray]:
-    """Re-tokenises the source documents `stored` names, with the positions the store
-    excludes (`exclusion`, the store's `Exclusion.from_manifest`; default position 0).
-
-    stored: {doc id: (first stored position, stored token ids)} from `heldout_documents`.
-    Returns [token ids [T] int64] in doc order; raises SpliceError when the source no longer
-    gives the stored tokens (the store was extracted from other text or another tokenizer).
-    """
-    want = set(stored)
-    exclusion = exclusion or Exclusion()
-    out = {}
-    for doc, ids in iter_documents(data_config, workdir, tokenizer):
-        if doc in want:
-            ids = np.asarray(ids, np.int64)
-            pos, tokens = stored[doc]
-            kept = np.flatnonzero(exclusion.keep(ids))
-            kept = kept[kept >= pos][: len(tokens)]
-            if not np.array_equal(ids[kept], tokens):
-                raise SpliceError(
-                    f"document {doc} re-tokenised from the data sources differs from the "
-                    "store's tokens; the store was extracted from other text or tokenizer"
-                )
-            out[doc] = ids
-            if len(out) == len(want):
-                break
-    missing = want - set(out)
-    if missing:
-        raise SpliceError(f"the data sources no longer give documents {sorted(missing)[:5]}")
-    return [out[d] for d in sorted(out)]
-
-
-def pad_documents(
-    docs: list[np.ndarray], pad_id: int, device="cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids and attention mask, both [n_docs, longest] on `device`."""
-    length = max(len(d) for d in docs)
-    ids = torch.full((len(docs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), length), dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, : len(d)] = torch.from_numpy(d)
-        mask[i, : len(d)] = 1
-    return ids.to(device), mask.to(device)
+# Held-out documents that cannot be rebuilt from the sources (`documents.rebuild_documents`).
+SpliceError = DocumentError
 
 
 def _ce_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
@@ -132,6 +47,7 @@ def splice_ce(
     layer: int,
     docs: list[np.ndarray],
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    *,
     batch_size: int = 8,
     pad_id: int = 0,
     roles: Sequence[str] = ("base", "distilled"),
@@ -151,7 +67,7 @@ def splice_ce(
         ids, mask = pad_documents(docs[lo : lo + batch_size], pad_id, device)
         # Stored positions are spliced, and scored where a next token follows. A pad id may
         # or may not be an excluded token, so padding is taken from the mask.
-        spliced = exclusion.keep(ids) & mask.bool()
+        spliced = intervention.stored_positions(ids, exclusion, mask)
         scored = spliced.clone()
         scored[:, :-1] &= mask[:, 1:].bool()
         scored[:, -1] = False

@@ -5,36 +5,51 @@ dead fraction) and analysis/latents.jsonl, from an export and the store it was t
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import strict_json as strict
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis import norms, scaling
-from xcoder_jax.analysis.latents import LatentTable, write_latents
-from xcoder_jax.analysis.stream import scan_store
+from xcoder_jax.analysis.facts import DecoderFacts, LatentFacts
+from xcoder_jax.analysis.latents import write_latents
+from xcoder_jax.analysis.stream import ScanResult, scan_store
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.exported import ExportedCrosscoder
+from xcoder_jax.marker_tokens import marker_groups
 
 LATENTS = "latents.jsonl"
+CLASS_KEYS = norms.CLASSES
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What `analyze` leaves: summary.json's content but splice-in, the latents.jsonl lines
+    of the latents the report shows ({id: line}), and the facts per latent."""
+
+    summary: dict
+    kept: dict[int, dict]
+    facts: LatentFacts
 
 
 def analyze(
     store,
-    tensors,
-    export_config,
+    xcoder: ExportedCrosscoder,
     ac,
-    heldout,
+    *,
+    heldout: list[int],
     tokenizer,
-    out_dir: str,
+    latents_path: str,
+    on_line=None,
     progress: bool = True,
     hist=None,
-) -> tuple[dict, dict[int, dict]]:
-    """Everything but splice-in and the report: returns (summary, kept latent lines) and
-    writes latents.jsonl. Usable on any store/export pair (the benchmark calls it). `hist`
-    (a `browser.ActivationHistogram`), when given, is filled during the store pass.
+) -> Analysis:
+    """Everything but splice-in and the report, from the export (`xcoder`, with its config)
+    and the store it was trained on, with the `analysis` config section `ac`; writes
+    latents.jsonl to `latents_path` (`latents.write_latents`; `on_line` sees each line).
+    Usable on any store/export pair (the benchmark calls it). `hist` (a
+    `histogram.ActivationHistogram`), when given, is filled during the store pass.
 
     Raises ConfigError without held-out shards (`train.eval_shards = 0`): FVE, L0, the dead
     fraction and the firing frequencies are measured on held-out rows, and training rows
@@ -45,130 +60,87 @@ def analyze(
             "FVE, L0, dead latents and firing frequencies on rows the crosscoder was not "
             "trained on; set train.eval_shards >= 1 (and retrain)"
         )
-    roles = ckpt.role_order({"models": export_config.get("models") or store.manifest.get("models")})
-    base, dist = roles.index("base"), roles.index("distilled")
-    w_norm = ckpt.normalised_decoder(tensors, export_config)  # [h, m, d] normalised
-    n_l1 = norms.decoder_norms(w_norm, "l1")
-    n_l2 = norms.decoder_norms(w_norm, "l2")
-    nrn = norms.latent_nrn(w_norm, roles, ac.norm)
-    # The NRN bands alone: which latents get a latent-scaling fit is decided before the store
-    # pass that tells which latents are dead.
-    bands = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min)
-    cosine = norms.decoder_cosine(w_norm, base, dist)
-    h = len(nrn)
-
-    groups = cats.marker_groups(tokenizer, bare=ac.bare_markers)
-    encoder = ExportedCrosscoder(tensors)
+    heldout = list(heldout)
+    w_norm = xcoder.normalised_decoder()  # [h, m, d] normalised
+    decoder = DecoderFacts.build(w_norm, xcoder.roles, ac)
+    groups = marker_groups(tokenizer, bare=ac.bare_markers)
     # Base-only and distilled-only latents get a latent-scaling fit, the most extreme of each
     # side first (bounded work per row).
-    exclusive, owner = scaling.select_latents(nrn, bands, ac.scaling_max_latents, base, dist)
-    scales = np.asarray(export_config["scales"], np.float32)
+    exclusive, owner = scaling.select_latents(
+        decoder.nrn, decoder.bands, ac.scaling_max_latents, base=decoder.base,
+        distilled=decoder.distilled,
+    )  # fmt: skip
+    b_dec = xcoder.b_dec.cpu().numpy() * xcoder.scales[:, None]  # normalised units
     fitter = scaling.LatentScaling(
-        exclusive, owner, w_norm, tensors["b_dec"] * scales[:, None], scales
+        exclusive, owner, w_dec=w_norm, b_dec=b_dec, scales=xcoder.scales
     )
-    heldout = list(heldout)
     scan = scan_store(
-        store,
-        encoder,
-        groups.groups,
-        set(heldout),
-        ac.top_k_examples,
-        ac.batch_rows,
-        scaling=fitter,
-        progress=progress,
-        hist=hist,
-    )
-    freq_held = scan.fire_heldout / max(scan.heldout_rows, 1)
-    freq_store = scan.fire_count / max(store.n_rows, 1)
-    alive = scan.fire_heldout > 0  # held-out: the rows of the FVE and dead fraction
-    # Alive for NRN baselines: active on any store row, the rows the categories are read on.
-    alive_store = scan.fire_count > 0
-    # What every output reports: the NRN band, or dead (never fired on a held-out row).
-    classes = norms.classify(nrn, ac.base_only_max, ac.distilled_only_min, alive)
-
-    categories, tags = cats.category_stats(
-        groups,
-        scan.group_rows,
-        scan.group_fire,
-        scan.group_act,
-        scan.fire_count,
-        nrn,
-        classes,
-        ac.firing_share,
-        ac.top_latents,
-        ac.nrn_bins,
-    )
+        store, xcoder, groups=groups.groups, heldout=set(heldout), top_k=ac.top_k_examples,
+        batch_rows=ac.batch_rows, scaling=fitter, progress=progress, hist=hist,
+    )  # fmt: skip
+    facts = LatentFacts.measured(decoder, scan, store_rows=store.n_rows, ac=ac)
+    categories, tags = cats.category_stats(groups, scan, facts, ac)
     # Latent scaling is reported per NRN band: a dead latent of a band was selected (and
     # could not be fitted: it has no held-out row).
     scaling_lines, scaling_summary = scaling.report(
-        exclusive,
-        owner,
-        bands,
-        fitter.result(ac.scaling_min_rows),
-        {"base": base, "distilled": dist},
-        ac.scaling_false_ratio,
-        ac.scaling_min_rows,
-    )
+        exclusive, owner, decoder.bands, fitter.result(ac.scaling_min_rows),
+        roles={"base": decoder.base, "distilled": decoder.distilled},
+        false_ratio=ac.scaling_false_ratio, min_rows=ac.scaling_min_rows,
+    )  # fmt: skip
+    top = _top_latents(facts, scan, ac)
+    keep = set(top["top_distilled_only"]) | set(top["top_base_only"])
+    for c in categories.values():
+        keep |= {t["id"] for t in c["top_latents"]}
+    written = write_latents(
+        latents_path, store=store, facts=facts, tags=tags, scaling=scaling_lines, scan=scan,
+        forms=groups.forms, tokenizer=tokenizer, ac=ac, keep=keep, on_line=on_line,
+    )  # fmt: skip
+    for c in categories.values():
+        for t in c["top_latents"]:
+            t["label"] = written.labels[t["id"]]
+            # The firing token in [[...]], for reading the summary without the report.
+            t["examples"] = [
+                f"{e['left'][-60:]}[[{e['token']}]]{e['right']}"
+                for e in written.kept[t["id"]]["top_examples"][:3]
+            ]
+    summary = {
+        **_measured(store, xcoder, scan, facts, heldout=heldout),
+        **_nrn_summary(facts, ac),
+        "categories": categories,
+        "latent_scaling": scaling_summary,
+        **top,
+    }
+    return Analysis(summary=summary, kept=written.kept, facts=facts)
 
-    # Report tables: the most exclusive latents that fire on held-out rows.
-    live = lambda ids: ids[alive[ids]]
+
+def _top_latents(facts: LatentFacts, scan: ScanResult, ac) -> dict:
+    """Report tables: the most exclusive latents of each side that fire on held-out rows
+    (most frequent first among equal NRN), at most `top_latents` each."""
+    nrn, classes = facts.nrn, facts.classes
+    live = lambda ids: ids[facts.alive[ids]]
     order_d = np.lexsort((-scan.fire_count, -nrn))
     order_b = np.lexsort((-scan.fire_count, nrn))
     top_d = live(order_d[classes[order_d] == 2])[: ac.top_latents]
     top_b = live(order_b[classes[order_b] == 0])[: ac.top_latents]
-    keep = set(top_d.tolist()) | set(top_b.tolist())
-    for c in categories.values():
-        keep |= {t["id"] for t in c["top_latents"]}
+    return {"top_distilled_only": top_d.tolist(), "top_base_only": top_b.tolist()}
 
-    table = LatentTable(
-        nrn,
-        classes,
-        n_l1,
-        n_l2,
-        cosine,
-        freq_held,
-        freq_store,
-        tags,
-        scaling_lines,
-        dec_norm_diff=norms.dec_norm_diff(n_l2, base, dist),
-    )
-    labels, kept = write_latents(
-        os.path.join(out_dir, LATENTS),
-        store,
-        table,
-        scan.top_values,
-        scan.top_rows,
-        groups.forms,
-        tokenizer,
-        ac.context_before,
-        ac.context_after,
-        keep,
-        ac.label_min_share,
-    )
-    for c in categories.values():
-        for t in c["top_latents"]:
-            t["label"] = labels[t["id"]]
-            # The firing token in [[...]], for reading the summary without the report.
-            t["examples"] = [
-                f"{e['left'][-60:]}[[{e['token']}]]{e['right']}"
-                for e in kept[t["id"]]["top_examples"][:3]
-            ]
 
-    shared = classes == 1
-    total_var = store.total_variance
+def _measured(store, xcoder, scan: ScanResult, facts: LatentFacts, *, heldout) -> dict:
+    """The export and store the analysis read, and what the held-out rows measure: FVE per
+    model, L0, the dead fraction."""
+    config = xcoder.config
     # A model whose activations never vary has no FVE (None rather than a division by 0).
     fve = [
         1.0 - float(e) / (max(scan.heldout_rows, 1) * float(v)) if v > 0 else None
-        for e, v in zip(scan.sq_err, total_var)
+        for e, v in zip(scan.sq_err, store.total_variance)
     ]
-    n_class = lambda mask: {n: int((classes[mask] == k).sum()) for k, n in enumerate(CLASS_KEYS)}
-    summary = {
-        "models": export_config.get("models"),
-        "roles": {"base": base, "distilled": dist},
+    return {
+        "models": config.get("models"),
+        "roles": {"base": facts.base, "distilled": facts.distilled},
         "layer": store.layer,
         "d_model": store.d_model,
-        "n_latents": h,
-        "loss": export_config.get("loss"),
+        "n_latents": facts.n_latents,
+        "loss": config.get("loss"),
         "store_rows": store.n_rows,
         "first_position": int(store.manifest.get("first_position", 1)),
         "heldout_shards": heldout,
@@ -176,14 +148,25 @@ def analyze(
         "skipped_rows": scan.skipped_rows,
         "fve": fve,
         "l0": scan.l0_sum / max(scan.heldout_rows, 1),
-        "dead_fraction": float(1.0 - alive.mean()),
-        "export_eval": strict.finite_or_none(export_config.get("eval")),
-        "tokens_trained": export_config.get("tokens_trained"),
-        "distinct_tokens_trained": export_config.get("distinct_tokens_trained"),
+        "dead_fraction": float(1.0 - facts.alive.mean()),
+        "export_eval": strict.finite_or_none(config.get("eval")),
+        "tokens_trained": config.get("tokens_trained"),
+        "distinct_tokens_trained": config.get("distinct_tokens_trained"),
+    }
+
+
+def _nrn_summary(facts: LatentFacts, ac) -> dict:
+    """NRN and classes over all latents, the alive ones, and the decoder cosine of the shared
+    latents."""
+    nrn, classes, alive, alive_store = facts.nrn, facts.classes, facts.alive, facts.alive_store
+    shared = classes == 1
+    cosine = facts.cosine
+    n_class = lambda mask: {n: int((classes[mask] == k).sum()) for k, n in enumerate(CLASS_KEYS)}
+    return {
         "norm": ac.norm,
         "bands": {"base_only_max": ac.base_only_max, "distilled_only_min": ac.distilled_only_min},
         "nrn_hist": norms.histogram(nrn, ac.nrn_bins),
-        **{f"n_{k}": v for k, v in n_class(np.ones(h, bool)).items()},
+        **{f"n_{k}": v for k, v in n_class(np.ones(facts.n_latents, bool)).items()},
         "alive_heldout": {"n": int(alive.sum()), **n_class(alive)},
         "alive_latents": int(alive_store.sum()),
         "mean_nrn": float(nrn.mean()),
@@ -195,12 +178,4 @@ def analyze(
             "hist": norms.histogram(cosine[shared], 40, -1.0, 1.0),
         },
         "firing_share": ac.firing_share,
-        "categories": categories,
-        "latent_scaling": scaling_summary,
-        "top_distilled_only": top_d.tolist(),
-        "top_base_only": top_b.tolist(),
     }
-    return summary, kept
-
-
-CLASS_KEYS = norms.CLASSES

@@ -23,8 +23,7 @@ import re
 import numpy as np
 import torch
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.activations import manifest as mf
+from xcoder_jax import export, fileio
 from xcoder_jax.formats import common
 from xcoder_jax.formats.common import FormatError
 
@@ -65,8 +64,8 @@ def write(directory: str, view: dict[str, np.ndarray], facts: dict, train: dict)
         **{k: None for k in ("wandb_project", "wandb_entity")},
     }
     os.makedirs(directory, exist_ok=True)
-    mf.atomic_write_path(os.path.join(directory, WEIGHTS), lambda p: torch.save(state, p))
-    mf.atomic_write_json(os.path.join(directory, CONFIG), cfg)
+    fileio.atomic_write_path(os.path.join(directory, WEIGHTS), lambda p: torch.save(state, p))
+    fileio.atomic_write_json(os.path.join(directory, CONFIG), cfg)
     common.write_sidecar(directory, facts)
 
 
@@ -75,7 +74,7 @@ def read(directory: str) -> tuple[dict, dict]:
     sidecar (None without one), and the facts the sidecar and cfg.json state (layer from
     `hook_point`, d_model from `d_in`)."""
     missing = "not a ckkissane crosscoder directory: {path} missing"
-    wpath, _, cfg = ckpt.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
+    wpath, _, cfg = export.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
     state = torch.load(wpath, map_location="cpu", weights_only=True)
     missing = [n for n in TENSORS if n not in state]
     if missing:

@@ -3,7 +3,7 @@
 Both dictionary_learning and the ckkissane replication keep their weights in the units the
 crosscoder was trained in (normalised activations) with the base model in slot 0, so every
 writer starts from `normalised_view` of an export, and every reader ends in
-`checkpoint.export`, which folds the scales back in (raw units) and writes our directory.
+`export.export`, which folds the scales back in (raw units) and writes our directory.
 A sidecar `xcoder_jax.json` beside a converted crosscoder keeps what their formats have no
 field for: the per-model scales, the site (block L), the models and the tokenizer.
 """
@@ -15,8 +15,7 @@ import os
 
 import numpy as np
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.activations import manifest as mf
+from xcoder_jax import export, fileio
 from xcoder_jax.errors import XcoderError
 
 SIDECAR = "xcoder_jax.json"
@@ -33,7 +32,7 @@ def normalised_view(tensors: dict[str, np.ndarray], config: dict) -> dict[str, n
     Returns W_enc [m, d, h], b_enc [h], W_dec [h, m, d], b_dec [m, d] (float32), the scales
     [m] (normalised = raw * scale) and, for BatchTopK, `threshold` [h] on f (unit-free).
     """
-    order = [ckpt.role_order(config).index(r) for r in BASE_FIRST]
+    order = [export.role_order(config).index(r) for r in BASE_FIRST]
     s = np.asarray(config["scales"], np.float32)[order]
     out = {
         "W_enc": np.asarray(tensors["W_enc"], np.float32)[order] / s[:, None, None],
@@ -49,7 +48,7 @@ def normalised_view(tensors: dict[str, np.ndarray], config: dict) -> dict[str, n
 
 def sidecar(config: dict, fmt: str) -> dict:
     """The facts of an export that the other formats cannot hold, models in base-first order."""
-    order = [ckpt.role_order(config).index(r) for r in BASE_FIRST]
+    order = [export.role_order(config).index(r) for r in BASE_FIRST]
     models = config.get("models") or [{"role": r} for r in BASE_FIRST]
     return {
         "written_by": "xcoder_jax",
@@ -69,7 +68,7 @@ def sidecar(config: dict, fmt: str) -> dict:
 
 
 def write_sidecar(directory: str, facts: dict) -> None:
-    mf.atomic_write_json(os.path.join(directory, SIDECAR), facts)
+    fileio.atomic_write_json(os.path.join(directory, SIDECAR), facts)
 
 
 def read_sidecar(directory: str) -> dict | None:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax.activations import manifest as mf
+from xcoder_jax import export, fileio
 from xcoder_jax.formats import common
 from xcoder_jax.formats.common import FormatError
 
@@ -82,8 +81,8 @@ def write(directory: str, view: dict[str, np.ndarray], facts: dict, k: int | Non
         state["threshold"] = torch.tensor(theta, dtype=torch.float32)
         config.update(dict_class="BatchTopKCrossCoder", k=int(k))
     os.makedirs(directory, exist_ok=True)
-    mf.atomic_write_path(os.path.join(directory, WEIGHTS), lambda p: save_file(state, p))
-    mf.atomic_write_json(os.path.join(directory, CONFIG), config)
+    fileio.atomic_write_path(os.path.join(directory, WEIGHTS), lambda p: save_file(state, p))
+    fileio.atomic_write_json(os.path.join(directory, CONFIG), config)
     common.write_sidecar(directory, {**facts, "k": k if "threshold" in view else None})
 
 
@@ -96,7 +95,7 @@ def read(directory: str) -> tuple[dict, dict]:
     b_dec[m] += s_m mean_m), so the encoder stays a linear map of x_n = raw * s.
     """
     missing = "not a dictionary_learning save_pretrained directory: {path} missing"
-    wpath, cpath, config = ckpt.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
+    wpath, cpath, config = export.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
     cls = config.get("dict_class")
     if cls not in CLASSES:
         raise FormatError(f"{cpath}: dict_class {cls!r} is not a crosscoder ({', '.join(CLASSES)})")

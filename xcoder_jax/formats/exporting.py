@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 
-from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import stage
+from xcoder_jax import export, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.formats import ckkissane, common, dictionary_learning
@@ -23,7 +22,7 @@ def convert_export(export_dir: str, fmt: str, out_dir: str, config) -> dict:
     """
     if fmt not in NAMES:
         raise ConfigError(f"unknown crosscoder format {fmt!r} ({', '.join(NAMES)})")
-    tensors, export_config = ckpt.load_export(export_dir, "numpy")
+    tensors, export_config = export.load_export(export_dir, "numpy")
     view = common.normalised_view(tensors, export_config)
     facts = common.sidecar(export_config, fmt)
     # Which export it was converted from, by content: a later step skips an unchanged one.
@@ -49,7 +48,7 @@ def convert_export(export_dir: str, fmt: str, out_dir: str, config) -> dict:
 def _export_sha(export_dir: str) -> dict:
     return {
         n: stage.file_sha(os.path.join(export_dir, n))
-        for n in (ckpt.EXPORT_WEIGHTS, ckpt.EXPORT_CONFIG)
+        for n in (export.EXPORT_WEIGHTS, export.EXPORT_CONFIG)
     }
 
 

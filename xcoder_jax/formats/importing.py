@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from xcoder_jax import checkpoint as ckpt
+from xcoder_jax import export
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.errors import ConfigError
@@ -70,7 +70,7 @@ def import_crosscoder(
     if scales not in SCALE_SOURCES:
         raise ConfigError(f"scales must be one of {SCALE_SOURCES}, got {scales!r}")
     export_dir = wd.export_dir(workdir)
-    if os.path.exists(os.path.join(export_dir, ckpt.EXPORT_CONFIG)) and not overwrite:
+    if os.path.exists(os.path.join(export_dir, export.EXPORT_CONFIG)) and not overwrite:
         raise FormatError(f"{export_dir} already holds an export; pass overwrite to replace it")
     store = ActivationStore(wd.activations_dir(workdir))
     view, facts = READERS[fmt](path)
@@ -79,7 +79,7 @@ def import_crosscoder(
         raise FormatError(
             f"the crosscoder at {path} does not fit the store of {workdir}: " + "; ".join(problems)
         )
-    roles = ckpt.role_order({"models": store.manifest.get("models")})
+    roles = export.role_order({"models": store.manifest.get("models")})
     order = [common.BASE_FIRST.index(r) for r in roles]  # base-first slots -> store's order
     if scales == "file":
         if view["scales"] is None:
@@ -114,5 +114,5 @@ def import_crosscoder(
         "tokens_trained": facts.get("tokens_trained"),
         "imported": {"format": fmt, "path": os.path.abspath(path), "scales_from": scales},
     }
-    ckpt.export(export_dir, weights, s, meta)
-    return ckpt.load_export(export_dir, "numpy")[1]
+    export.export(export_dir, weights, s, meta)
+    return export.load_export(export_dir, "numpy")[1]

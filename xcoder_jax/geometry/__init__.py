@@ -55,7 +55,8 @@ from xcoder_jax.geometry.relations import (
     word_prompt,
     word_vectors,
 )
-from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair, summarize, verdicts
+from xcoder_jax.geometry.study import model_pairs, run_geometry, study_pair
+from xcoder_jax.geometry.summary import summarize, verdicts
 from xcoder_jax.geometry.trend import ordered_pairs, size_trend, slope_ci, slopes, trend_pairs
 
 __all__ = [

@@ -26,10 +26,8 @@ from tqdm import tqdm
 
 from xcoder_jax import site, stage
 from xcoder_jax import workdir as wd
-from xcoder_jax.errors import ConfigError, MissingInputError
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.geometry.bootstrap import (
-    GAINS,
-    gain_formula,
     intervals,
     pooled_intervals,
     pooled_replicates,
@@ -41,13 +39,12 @@ from xcoder_jax.geometry.relations import (
     RelationError,
     filter_relation,
     relation_sets,
-    split_template,
     word_vectors,
 )
-from xcoder_jax.geometry.trend import ordered_pairs, size_trend
-from xcoder_jax.stats import format_ci, sign
+from xcoder_jax.geometry.results_key import FORMAT, check_config, results_key
+from xcoder_jax.geometry.summary import summarize, verdicts
+from xcoder_jax.geometry.trend import size_trend
 
-FORMAT = 4  # bump when the metric or the results layout changes, to invalidate old results
 RESULTS = "results.json"
 FIGURES = ("cdf.png", "loss_vs_size.png")
 
@@ -184,78 +181,9 @@ def study_pair(
     return out, pool
 
 
-def _tally(cis) -> dict:
-    signs = [sign(ci) for ci in cis]  # +1 / -1: the interval lies above / below 0
-    return {"above": signs.count(1), "below": signs.count(-1), "undecided": signs.count(0)}
-
-
-def verdicts(relations: dict) -> dict:
-    """Per str(k), over the scored relations of one pair: {"n_relations", "distilled_vs_base":
-    {"below", "above", "undecided"}, "true_vs_shuffled": {role: {"below", "above",
-    "undecided"}}, "structure_gain": {"below", "above", "undecided"}[, "sham_gain": the
-    same]}. Distilled is below base where the base - distilled interval lies above 0, a
-    pairing below its control where true - shuffled lies below 0, the distilled model more
-    structured than the base (the sham) where the structure (sham) gain lies below 0; an
-    interval including 0 or missing (< 3 pairs) is undecided."""
-    scored = [r["by_k"] for r in relations.values() if "by_k" in r]
-    out = {}
-    for k in scored[0] if scored else ():
-        gap = _tally(s[k]["base_minus_distilled"] for s in scored)
-        roles = scored[0][k]["true_minus_shuffled"]
-        out[k] = {
-            "n_relations": len(scored),
-            "distilled_vs_base": {
-                "below": gap["above"],
-                "above": gap["below"],
-                "undecided": gap["undecided"],
-            },
-            "true_vs_shuffled": {
-                role: _tally(s[k]["true_minus_shuffled"][role] for s in scored) for role in roles
-            },
-            **{g: _tally(s[k][g] for s in scored) for g in GAINS if g in scored[0][k]},
-        }
-    return out
-
-
-def check_config(gc) -> None:
-    """Raise a one-line ConfigError (a ValueError) for a geometry config that cannot run."""
-    ks = tuple(gc.n_components)
-    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
-        raise ConfigError(f"geometry.n_components must be distinct positive ints, got {ks}")
-    if gc.plot_n_components not in ks:
-        raise ConfigError(f"geometry.plot_n_components={gc.plot_n_components} is not in {ks}")
-    if gc.n_shuffles < 1 or gc.batch_size < 1 or gc.n_boot < 1:
-        raise ConfigError("geometry.n_shuffles, n_boot and batch_size must be positive")
-    split_template(gc.template)
-
-
 def _key(config, workdir: str, entries: list[dict]) -> dict:
-    """What the results depend on; results.json recording the same key is reused."""
-    zoo_hash = None
-    if any(e["zoo"] for e in entries):
-        from xcoder_jax.zoo import config_hash
-
-        zoo_hash = config_hash(config)
-        path = wd.zoo_report_path(workdir)
-        if not os.path.exists(path):
-            raise MissingInputError(f"no zoo in {workdir}: build it first (launch/build_zoo.py)")
-        with open(path) as f:
-            if json.load(f).get("config_hash") != zoo_hash:
-                raise ConfigError(f"the zoo in {workdir} was built from another zoo config")
-    geometry = config.geometry.to_dict()
-    geometry["pairs"] = [dict(p) for p in config.geometry.pairs]
-    sham = [e["name"] for e in entries if e["zoo"] and _sham_missing(workdir, e) is None]
-    key = {
-        "format": FORMAT,
-        "geometry": geometry,
-        "seed": config.seed,
-        "extract_layer": config.extract.layer,
-        "zoo_config_hash": zoo_hash,
-        "pairs": entries,
-        "sham_models": sham,  # a sham built into an existing zoo adds its gain
-        "torch_dtype": config.models.torch_dtype,
-    }
-    return stage.canonical(key)  # tuples become lists, as they come back from disk
+    """What the results depend on (`results_key`); results.json recording it is reused."""
+    return results_key(config, workdir, entries, lambda e: _sham_missing(workdir, e) is None)
 
 
 def fingerprint(config, workdir: str) -> dict:
@@ -309,53 +237,3 @@ def run_geometry(config, workdir: str) -> dict:
     draw = zip(FIGURES, (plots.plot_cdfs, plots.plot_loss_vs_size), strict=True)
     outputs = {name: lambda p, plot=plot: plot(results, p) for name, plot in draw}
     return stage.commit(out_dir, RESULTS, results, outputs)
-
-
-def summarize(results: dict) -> str:
-    """One line at `plot_n_components`: per pair, on how many relations the distilled model
-    is below / above the base (mean loss, 95% CI excluding 0) or undecided, on how many each
-    model's true pairing is below its shuffled control, the pooled base - distilled,
-    structure gain and sham gain (or why there is none), and the two gains' slopes over
-    sizes (when there is a trend)."""
-    k = str(results["plot_n_components"])
-    gap, control, pool, skipped = [], [], [], []
-    gains = {g: [] for g in GAINS}
-    for name in ordered_pairs(results["pairs"]):
-        p = results["pairs"][name]
-        skipped += [f"{rel}@{name}" for rel, r in p["relations"].items() if "by_k" not in r]
-        c = p["counts"].get(k)
-        if c is None:  # no relation scored
-            continue
-        n, d, t = c["n_relations"], c["distilled_vs_base"], c["true_vs_shuffled"]
-        gap.append(
-            f"distilled below base (CI excludes 0) on {d['below']}/{n} relations at {name}, "
-            f"above on {d['above']}/{n}, undecided {d['undecided']}/{n}"
-        )
-        control.append(" & ".join(f"{role} {v['below']}/{n}" for role, v in t.items()))
-        control[-1] += f" at {name}"
-        pool.append(f"{name} {format_ci(p['pooled'][k]['base_minus_distilled'], '{:+.3g}')}")
-        for g, other in GAINS.items():
-            ci = p["pooled"][k].get(g)
-            if ci is None:
-                gains[g].append(f"{name} n/a ({p.get(other, 'not measured')})")
-                continue
-            below = c.get(g, {}).get("below", 0)
-            gains[g].append(f"{name} {format_ci(ci, '{:+.3g}')} (below 0 on {below}/{n} relations)")
-    line = (
-        f"geometry (k={k}, 95% bootstrap CIs over word pairs): " + "; ".join(gap)
-        + "; below shuffled control (CI excludes 0): " + ", ".join(control)
-        + "; pooled base - distilled mean loss: " + ", ".join(pool)
-    )  # fmt: skip
-    for g, values in gains.items():
-        line += f"; pooled {g.replace('_', ' ')} ({gain_formula(g)}): " + ", ".join(values)
-    trend = results.get("trend")
-    if trend is not None:
-        n = len(trend["pairs"])
-        slope = trend["slope"]
-        text = format_ci(slope, "{:+.3g}") if slope else f"n/a ({trend['reason']})"
-        line += f"; structure gain per decade of parameters over {n} sizes: {text}"
-        sham = trend.get("sham_gain_slope")
-        text = format_ci(sham, "{:+.3g}") if sham else f"n/a ({trend.get('sham_gain_reason')})"
-        m = n - len(trend.get("sham_gain_excluded", {}))
-        line += f"; sham gain per decade of parameters over {m} sizes: {text}"
-    return line + (f"; skipped (< 2 single-token pairs): {', '.join(skipped)}" if skipped else "")

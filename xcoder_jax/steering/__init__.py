@@ -1,8 +1,9 @@
 """Steering crosscoder latents in the HF models: decoder rows added at block L.
 
 `run_steering(config, workdir)` writes <workdir>/steering/ and returns its results.json,
-skipping work already done. The hooks here (`steer`, `ablate`) are the interventions the
-ablation experiment (`xcoder_jax.ablation`) uses too.
+skipping work already done. The hooks here (`steer`, `ablate`) are the public interventions;
+`ablate` removes latents with the subtraction and at the positions the ablation experiment
+uses (`xcoder_jax.intervention`: where the store would hold a row).
 """
 
 from xcoder_jax.exported import ExportedCrosscoder

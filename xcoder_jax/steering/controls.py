@@ -30,6 +30,7 @@ import torch
 from xcoder_jax import stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import MissingInputError
+from xcoder_jax.stage_inputs import to_float32
 
 RANDOM_DIRECTION = (
     "a seeded Gaussian direction in d per (model, set, draw), reused at every alpha, scaled to "
@@ -45,7 +46,7 @@ _ANALYSIS_SUMMARY, _ANALYSIS_LATENTS = "summary.json", "latents.jsonl"
 _FREQ_FLOOR = 1e-7  # log10 of a dead latent's frequency (only a steered id can be dead)
 
 
-def draw_seed(seed: int, kind: str, role: str, spec: str, draw: int) -> np.random.SeedSequence:
+def draw_seed(seed: int, kind: str, role: str, spec: str, *, draw: int) -> np.random.SeedSequence:
     """The seed of one control draw: distinct per (run seed, control, model, set, draw)."""
     keys = [zlib.crc32(s.encode()) for s in (kind, role, spec)]
     return np.random.SeedSequence([int(seed), *keys, int(draw)])
@@ -79,7 +80,7 @@ def _coords(nrn: np.ndarray, freq: np.ndarray, alive: np.ndarray) -> np.ndarray:
 
 
 def match_latents(
-    targets, nrn: np.ndarray, freq: np.ndarray, pool: int, rng: np.random.Generator
+    targets, nrn: np.ndarray, freq: np.ndarray, *, pool: int, rng: np.random.Generator
 ) -> list[int]:
     """One matched random latent per target latent (none of them a target, no repeats).
 
@@ -138,8 +139,6 @@ def frequencies_from_analysis(workdir: str) -> np.ndarray | None:
 def frequencies_from_store(store, xcoder, block: int = 4096) -> np.ndarray:
     """[h]: share of all store rows on which each latent fires (f > 0), `block` rows at a
     time."""
-    from xcoder_jax.analysis.stream import to_float32
-
     h = xcoder.n_latents
     fired, rows = np.zeros(h, np.int64), 0
     ids = list(range(h))

@@ -44,7 +44,9 @@ def prompt_path(config, workdir: str) -> str:
     raise ConfigError("steering.prompts must name a JSONL file of prompts for real models")
 
 
-def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int, why: str = "") -> None:
+def check_lengths(
+    tokenizer, model, prompts: list[str], max_new_tokens: int, *, why: str = ""
+) -> None:
     """Raises ValueError when a prompt plus the generation exceeds the model's context.
 
     `why`: how the generation cap was set, for the message (default: steering.max_new_tokens).
@@ -64,7 +66,7 @@ def check_lengths(tokenizer, model, prompts: list[str], max_new_tokens: int, why
 
 @torch.no_grad()
 def sample(
-    model, tokenizer, prompts: list[str], sc, max_new_tokens: int | None = None
+    model, tokenizer, prompts: list[str], sc, *, max_new_tokens: int | None = None
 ) -> list[tuple[int, int, str, int, bool]]:
     """`sc.samples` continuations of every prompt: [(prompt id, sample, text, tokens,
     truncated)].

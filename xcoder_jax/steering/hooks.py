@@ -6,7 +6,9 @@ exactly the residual stream the crosscoder was trained on):
 - steering adds a vector built from the steered model's own decoder rows, `x <- x + v`, at
   every position (`CONVENTIONS`: how alpha scales it);
 - ablation removes chosen latents' contribution and keeps everything else, including the
-  crosscoder's reconstruction error: `x_m <- x_m - sum_{i in S} f_i(x) W_dec[i, m]`.
+  crosscoder's reconstruction error: `x_m <- x_m - sum_{i in S} f_i(x) W_dec[i, m]`, at the
+  positions where the store would hold a row (`xcoder_jax.intervention`: the store's
+  `Exclusion`, padding left out), the rule and subtraction the ablation experiment uses too.
 
 The crosscoder's encoder reads BOTH models at once (`f = ReLU(sum_m x_m W_enc[m] + b_enc)`),
 so f cannot be computed from the ablated model's residual alone. `ablate` therefore first
@@ -28,7 +30,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from xcoder_jax import site
+from xcoder_jax import intervention, site
+from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.errors import UsageError
 from xcoder_jax.exported import ExportedCrosscoder
 
@@ -56,9 +59,9 @@ def steer(
     xcoder: ExportedCrosscoder,
     latents: Sequence[int],
     alpha: float,
+    *,
     model_index: int,
     convention: str = "norm",
-    *,
     check_model: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Steers `model` (crosscoder slot `model_index`) along its own decoder rows of `latents`.
@@ -85,14 +88,11 @@ def steer(
 
 
 @contextlib.contextmanager
-def subtract_at_site(
-    model, layer: int, delta: torch.Tensor, first_position: int = 1
-) -> Iterator[None]:
-    """x <- x - delta at the input of block `layer`, for positions >= `first_position`.
+def subtract_at_site(model, layer: int, delta: torch.Tensor, where: torch.Tensor) -> Iterator[None]:
+    """x <- x - delta at the input of block `layer` where `where` [batch, seq] (bool; see
+    `intervention.stored_positions`); every other position keeps its clean value.
 
-    delta: [batch, seq, d] raw, for exactly the input the model is then run on. Positions
-    before `first_position` (the attention sink, never seen by the crosscoder) keep their
-    clean value.
+    delta: [batch, seq, d] raw, for exactly the input the model is then run on.
     """
 
     def fn(hidden):
@@ -101,10 +101,7 @@ def subtract_at_site(
                 f"the ablation was prepared for block inputs of shape {tuple(delta.shape)}, "
                 f"but the model was run on {tuple(hidden.shape)}"
             )
-        out = hidden.clone()
-        d = delta[:, first_position:].to(hidden.device, hidden.dtype)
-        out[:, first_position:] = hidden[:, first_position:] - d
-        return out
+        return intervention.subtract(hidden, delta, where)
 
     with site.block_input_hook(model, layer, fn):
         yield
@@ -124,11 +121,11 @@ def ablate(
     target: int,
     xcoder: ExportedCrosscoder,
     latents: Sequence[int],
+    *,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    first_position: int = 1,
+    exclusion: Exclusion | int | None = None,
     x: torch.Tensor | None = None,
-    *,
     check_model: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Removes `latents`' contribution from `models[target]`'s block-L input for this input.
@@ -138,6 +135,11 @@ def ablate(
     target model must then be run on the same `input_ids` inside the context. An empty
     latent set is refused (UsageError): the clean reference is the model without the hook.
     Yields the subtracted delta [batch, seq, d].
+
+    The latents are removed where the store would hold a row (`intervention`): positions
+    kept by `exclusion` (the store's `Exclusion.from_manifest(store.manifest)`; an int n
+    leaves out the first n positions; default position 0, extraction's default) and not
+    padding (`attention_mask`). Everywhere else the input keeps its clean value.
 
     Every `models[i]` must be the export's model of slot i (checked as in `steer`, so a pair
     given in the wrong order raises ExportError); check_model=False skips that identity
@@ -164,5 +166,6 @@ def ablate(
         with site.block_input_hook(models[target], xcoder.layer, lambda hidden: None):
             yield delta
         return
-    with subtract_at_site(models[target], xcoder.layer, delta, first_position):
+    where = intervention.stored_positions(input_ids, exclusion, attention_mask)
+    with subtract_at_site(models[target], xcoder.layer, delta, where):
         yield delta

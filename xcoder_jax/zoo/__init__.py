@@ -8,7 +8,8 @@ tokenizer, a base model pretrained on the concise corpus and a distilled model f
 from it on the traces, at several hidden sizes.
 """
 
-from xcoder_jax.zoo.build import build_zoo, check_config, config_hash, summarize_zoo
+from xcoder_jax.zoo.build import build_zoo
+from xcoder_jax.zoo.build_config import check_config, config_hash
 from xcoder_jax.zoo.corpus import (
     RELATIONS,
     Problem,
@@ -19,16 +20,17 @@ from xcoder_jax.zoo.corpus import (
     relation_document,
     relation_sentence,
 )
+from xcoder_jax.zoo.evaluation import (
+    evaluate_answers,
+    final_answer,
+    greedy_answers,
+    summarize_zoo,
+)
 from xcoder_jax.zoo.load import load_pair
 from xcoder_jax.zoo.teacher import teacher_trace
 from xcoder_jax.zoo.texts import make_texts
 from xcoder_jax.zoo.tokenizer import EOS, PAD, single_token, train_tokenizer, word_tokens
-from xcoder_jax.zoo.training import (
-    evaluate_answers,
-    final_answer,
-    greedy_answers,
-    train_causal_lm,
-)
+from xcoder_jax.zoo.training import train_causal_lm
 
 __all__ = [
     "EOS",

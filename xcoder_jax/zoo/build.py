@@ -20,10 +20,8 @@ and are reused by the next attempt).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -31,76 +29,20 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from xcoder_jax import workdir as wd
-from xcoder_jax.activations import manifest as mf
-from xcoder_jax.errors import ConfigError
+from xcoder_jax.fileio import atomic_write_bytes
 from xcoder_jax.zoo import corpus
-from xcoder_jax.zoo.texts import TEACHERS, make_texts
+from xcoder_jax.zoo.build_config import ZOO_FORMAT, check_config, config_hash
+from xcoder_jax.zoo.evaluation import distillation_criterion, evaluate_answers
+from xcoder_jax.zoo.storage import is_stamped, read_stamp, save_model_atomic, write_jsonl
+from xcoder_jax.zoo.texts import make_texts
 from xcoder_jax.zoo.tokenizer import build_tokenizer, single_token_report
-from xcoder_jax.zoo.training import (
-    Schedule,
-    depth,
-    evaluate_answers,
-    model_config,
-    train_causal_lm,
-)
+from xcoder_jax.zoo.training import Schedule, depth, model_config, train_causal_lm
 
-ZOO_FORMAT = 5  # bump when the corpus or training changes, to invalidate old builds
-_STAMP = "zoo_stamp.json"  # inside each finished model dir: the config hash it was built for
-# Fields that do not change weights.
-_EVAL_ONLY = ("max_new_tokens", "eval_batch_size", "num_threads", "criterion_min_rate")
-_DRY_RUN = ("intermediate_size", "model_vocab_size", "random_pair")
 _DATA_FILES = (
     "train_base.jsonl", "train_distill.jsonl", "train_sham.jsonl", "extract.jsonl",
     "heldout.jsonl",
 )  # fmt: skip
 _OPTIONAL_FILES = ("train_no_loop.jsonl",)  # with a control teacher
-
-
-def check_config(zc) -> None:
-    """Raise a one-line ConfigError (a ValueError) for a zoo config that cannot build."""
-    sizes = tuple(zc.sizes)
-    if not sizes or len(set(sizes)) != len(sizes):
-        raise ConfigError(f"zoo.sizes must be distinct hidden sizes, got {sizes}")
-    if zc.main_size not in sizes:
-        raise ConfigError(f"zoo.main_size={zc.main_size} is not one of zoo.sizes={sizes}")
-    if zc.n_heads % zc.n_kv_heads:
-        raise ConfigError(f"zoo.n_heads={zc.n_heads} is not a multiple of n_kv_heads")
-    for h in sizes:
-        if h % zc.n_heads or (h // zc.n_heads) % 2:
-            raise ConfigError(f"hidden size {h} must split into {zc.n_heads} even-sized heads")
-    mix = zc.extract_mix
-    if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
-        raise ConfigError(f"zoo.extract_mix must be 3 fractions summing to 1, got {tuple(mix)}")
-    depths = tuple(zc.depths)
-    if depths and len(depths) != len(sizes):
-        raise ConfigError(f"zoo.depths {depths} needs one depth per size of zoo.sizes {sizes}")
-    counts = (zc.n_layers, *depths, zc.n_train_problems, zc.n_heldout_problems)
-    if min(*counts, zc.n_val_problems, zc.batch_size, zc.converge_every) < 1:
-        raise ConfigError(
-            "zoo.n_layers, depths, n_*_problems, batch_size and converge_every must be positive"
-        )
-    if zc.converge_patience < 1 or zc.converge_tol < 0 or zc.decay_frac < 0:
-        raise ConfigError("zoo.converge_patience must be >= 1, converge_tol and decay_frac >= 0")
-    for field in ("teacher", "control_teacher"):
-        name = zc[field]
-        if name not in TEACHERS and (field == "teacher" or name):
-            raise ConfigError(f"zoo.{field} must be one of {sorted(TEACHERS)}, got {name!r}")
-    if zc.control_teacher == zc.teacher:
-        raise ConfigError(f"zoo.control_teacher must differ from zoo.teacher ({zc.teacher!r})")
-
-
-def config_hash(config, weights_only: bool = False) -> str:
-    """What a build depends on: the zoo section, the seed and the zoo format.
-
-    `weights_only` leaves out the fields that only change the evaluation, so a finished model
-    is reused when only those change.
-    """
-    # The dry-run fields enter the hash only when set.
-    zoo = {k: v for k, v in config.zoo.to_dict().items() if not (k in _DRY_RUN and not v)}
-    if weights_only:
-        zoo = {k: v for k, v in zoo.items() if k not in _EVAL_ONLY}
-    blob = json.dumps([ZOO_FORMAT, config.seed, zoo], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _dirs(workdir: str, zc, size: int) -> dict[str, str]:
@@ -126,52 +68,6 @@ def _complete_report(workdir: str, config) -> dict | None:
     ok = all(os.path.exists(os.path.join(d, "config.json")) for d in dirs)
     ok = ok and all(os.path.exists(os.path.join(data, f)) for f in _DATA_FILES)
     return report if ok else None
-
-
-def _tmp(path: str) -> str:
-    """A temporary sibling of `path`, unique per process so concurrent builds never share one."""
-    return f"{path}.tmp{os.getpid()}"
-
-
-def _write_jsonl(path: str, rows: list) -> None:
-    lines = (json.dumps(r if isinstance(r, dict) else {"text": r}, allow_nan=False) for r in rows)
-    data = "".join(line + "\n" for line in lines).encode()
-    mf.atomic_write_bytes(path, lambda f: f.write(data))
-
-
-# --- Models ---------------------------------------------------------------------------
-
-
-def _save_atomic(model, tokenizer, path: str, stamp: dict) -> None:
-    """Write a model dir under a temporary name, then swap it in: a dir at `path` is always
-    complete."""
-    tmp = _tmp(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, _STAMP), "w") as f:
-        json.dump(stamp, f, allow_nan=False)
-    for name in os.listdir(tmp):  # save_pretrained writes its weights 0600, the rest 0644
-        os.chmod(os.path.join(tmp, name), mf.file_mode())
-    if os.path.exists(path):  # a directory cannot be renamed onto a non-empty one
-        old = _tmp(path) + "old"
-        os.replace(path, old)
-        shutil.rmtree(old)
-    os.replace(tmp, path)
-
-
-def _stamp(path: str) -> dict | None:
-    """What a finished model dir was built for ({"weights": ..., "training": ...})."""
-    try:
-        with open(os.path.join(path, _STAMP)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _is_stamped(path: str, weights: dict) -> bool:
-    stamp = _stamp(path)
-    return stamp is not None and stamp.get("weights") == weights
 
 
 def _schedule(zc, max_steps: int, stable_steps: int | None = None) -> Schedule:
@@ -209,19 +105,21 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
         # A dry run of shapes: two random draws stand in for the pair (a copy of the base
         # would make every crosscoder latent shared); one model in memory at a time.
         for role, offset in (("base", 0), ("distilled", 1)):
-            if not _is_stamped(dirs[role], weights):
+            if not is_stamped(dirs[role], weights):
                 torch.manual_seed(seed + offset)
                 model = Qwen2ForCausalLM(model_config(zc, size, tokenizer))
-                _save_atomic(model, tokenizer, dirs[role], {"weights": weights, "training": None})
+                save_model_atomic(
+                    model, tokenizer, dirs[role], {"weights": weights, "training": None}
+                )
                 del model
     for offset, arm in enumerate(a for a in _RECIPES if a in dirs):
         corpus_name, parent, lr_field, cap_field = _RECIPES[arm]
         stable = training["distilled"]["stable_steps"] if arm == "sham" else None
         # A sham is reusable only for the distilled schedule it repeated.
         arm_weights = weights if stable is None else weights | {"stable_steps": stable}
-        if _is_stamped(dirs[arm], arm_weights):
+        if is_stamped(dirs[arm], arm_weights):
             models[arm] = AutoModelForCausalLM.from_pretrained(dirs[arm]).eval()
-            training[arm] = _stamp(dirs[arm])["training"]
+            training[arm] = read_stamp(dirs[arm])["training"]
             continue
         if parent is None:
             torch.manual_seed(seed)
@@ -234,7 +132,7 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
             desc=f"h{size} {arm}", **train,
         )  # fmt: skip
         stamp = {"weights": arm_weights, "training": training[arm]}
-        _save_atomic(model, tokenizer, dirs[arm], stamp)
+        save_model_atomic(model, tokenizer, dirs[arm], stamp)
         models[arm] = model
     out = {
         "dirs": {r: os.path.relpath(d, workdir) for r, d in dirs.items()},
@@ -250,34 +148,6 @@ def _build_size(config, workdir, size, tokenizer, docs, heldout) -> dict:
         out["criterion"] = distillation_criterion(out["distilled"], zc.criterion_min_rate)
     out["build_seconds"] = round(time.time() - t0, 1)
     return out
-
-
-def distillation_criterion(evaluation: dict, min_rate: float) -> dict:
-    """Whether a size's distillation took: held-out greedy answers holding a reasoning
-    marker, and reading as a trace, each at least `min_rate` of the time."""
-    rates = {k: evaluation[k] for k in ("marker_rate", "trace_format_rate")}
-    return {"min_rate": min_rate, **rates, "met": all(v >= min_rate for v in rates.values())}
-
-
-def summarize_zoo(report: dict) -> list[str]:
-    """One line per size and arm: held-out greedy accuracy, marker and trace-format rates,
-    reflection rounds, median words, training steps (* where the held-out loss converged);
-    and each size's distillation criterion."""
-    lines = []
-    for size, r in report["sizes"].items():
-        for arm in (a for a in wd.ARMS if a in r):
-            e, t = r[arm], (r.get("training") or {}).get(arm) or {}
-            steps = f"{t.get('steps', '-')}{'*' if t.get('converged') else ''}"
-            lines.append(
-                f"h{size:<4} L{r.get('n_layers', '?')} {arm:<9} accuracy {e['accuracy']:.2f}  "
-                f"marker {e['marker_rate']:.2f}  trace format {e.get('trace_format_rate', 0):.2f}  "
-                f"rounds {e.get('mean_rounds', 0):.1f}  median words "
-                f"{e.get('words', {}).get('median', 0):.0f}  steps {steps}"
-            )
-        if "criterion" in r:
-            met = "met" if r["criterion"]["met"] else "NOT met"
-            lines.append(f"h{size:<4} distillation criterion {met}")
-    return lines
 
 
 def build_zoo(config, workdir: str) -> dict:
@@ -308,9 +178,9 @@ def _build(config, workdir: str) -> dict:
     os.makedirs(data_dir, exist_ok=True)
     for name in _DATA_FILES + _OPTIONAL_FILES:
         if name.removesuffix(".jsonl") in texts:
-            _write_jsonl(os.path.join(data_dir, name), texts[name.removesuffix(".jsonl")])
+            write_jsonl(os.path.join(data_dir, name), texts[name.removesuffix(".jsonl")])
     relations = json.dumps(corpus.RELATIONS, indent=1, allow_nan=False).encode()
-    mf.atomic_write_bytes(os.path.join(data_dir, "relations.json"), lambda f: f.write(relations))
+    atomic_write_bytes(os.path.join(data_dir, "relations.json"), lambda f: f.write(relations))
     corpora = [k for k in texts if k.startswith(("train_", "val_"))]
     sample = texts["train_base"][:200] + texts["train_distill"][:200] + texts["extract"][:200]
     tokenizer = build_tokenizer(
@@ -345,5 +215,5 @@ def _build(config, workdir: str) -> dict:
         "total_seconds": round(time.time() - t0, 1),
     }
     data = json.dumps(report, indent=1, allow_nan=False).encode()
-    mf.atomic_write_bytes(wd.zoo_report_path(workdir), lambda f: f.write(data))
+    atomic_write_bytes(wd.zoo_report_path(workdir), lambda f: f.write(data))
     return report

@@ -1,4 +1,4 @@
-"""Train and query the zoo's small causal LMs (PyTorch, CPU).
+"""Train the zoo's small causal LMs (PyTorch, CPU); `zoo.evaluation` queries them.
 
 Training packs documents end to end: every document is tokenized as `EOS + text` (the
 tokenizer adds the leading EOS), the documents of an epoch are concatenated in a seeded
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,10 +19,6 @@ import tqdm
 from transformers import Qwen2Config
 
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.lexicon import has_marker
-from xcoder_jax.zoo.trace_reading import length_words, parse_rounds, reads_as_trace
-
-_ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
 def depth(zc, size: int) -> int:
@@ -140,6 +135,75 @@ def fixed_rows(docs: Sequence[np.ndarray], seq_len: int, max_rows: int) -> np.nd
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
+def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW decaying the matrices only: norms and biases stay unshrunk."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _optimizer_step(model, opt, batch: np.ndarray, lr: float, desc: str) -> float:
+    """One clipped AdamW step at `lr` on `[batch_size, seq_len]` int64 ids; its loss (nats
+    per token)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    ids = torch.from_numpy(batch)
+    loss = model(input_ids=ids, labels=ids).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+@dataclasses.dataclass
+class _Plateau:
+    """The held-out curve of a run and whether it stopped improving: `schedule.patience`
+    evaluations in a row without a `schedule.tol` relative improvement (counted from the end
+    of the warmup, while the stable phase lasts)."""
+
+    schedule: Schedule
+    converged: bool | None  # None for a fixed schedule, which never waits for a plateau
+    best: float = math.inf
+    waited: int = 0
+    curve: list = dataclasses.field(default_factory=list)  # [[step, loss]]
+
+    def record(self, step: int, loss: float, stable: bool) -> None:
+        """The held-out `loss` after `step` steps; `stable`: the stable phase still lasts."""
+        self.curve.append([step, round(loss, 5)])
+        if stable and step >= self.schedule.warmup:
+            if loss < self.best * (1 - self.schedule.tol):
+                self.best, self.waited = loss, 0
+            else:
+                self.waited += 1
+            self.converged = self.waited >= self.schedule.patience
+
+
+def _training_report(step: int, stable_end: int | None, plateau: _Plateau, losses: list) -> dict:
+    """The dict `train_causal_lm` returns, from its last state."""
+    curve = plateau.curve
+    out = {
+        "steps": step,
+        "stable_steps": stable_end if stable_end is not None else step,
+        "converged": plateau.converged,
+        "val_loss": curve,
+        "final_val_loss": curve[-1][1] if curve else None,
+    }
+    if not losses:  # no steps: no loss to report (null, not NaN, in zoo.json)
+        return out | {"first_loss": None, "final_loss": None}
+    k = max(1, step // 10)
+    return out | {
+        "first_loss": float(np.mean(losses[:k])),
+        "final_loss": float(np.mean(losses[-k:])),
+    }
+
+
 def train_causal_lm(
     model: torch.nn.Module,
     docs: Sequence[np.ndarray],
@@ -170,124 +234,27 @@ def train_causal_lm(
     adaptive = schedule.stable_steps is None
     if adaptive and val is None:
         raise ConfigError(f"{desc}: a schedule that waits for a plateau needs held-out docs")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms stay unshrunk
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    opt = _adamw(model, lr, weight_decay)
     stable_end = None if adaptive else schedule.stable_steps
     total = schedule.max_steps if adaptive else stable_end + schedule.decay_steps(stable_end)
     if stable_end == 0:
         total = 0
-    best, waited, curve, losses = math.inf, 0, [], []
-    converged = False if adaptive else None
+    plateau, losses = _Plateau(schedule, converged=False if adaptive else None), []
     model.train()
     bar = tqdm.tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
     step = 0
     while step < total:
-        for group in opt.param_groups:
-            group["lr"] = lr * schedule.factor(step, stable_end)
-        ids = torch.from_numpy(next(batches))
-        loss = model(input_ids=ids, labels=ids).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        step_lr = lr * schedule.factor(step, stable_end)
+        losses.append(_optimizer_step(model, opt, next(batches), step_lr, desc))
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if val is not None and (step % schedule.eval_every == 0 or step == total):
-            v = held_out_loss(model, val, batch_size)
-            curve.append([step, round(v, 5)])
-            if stable_end is None and step >= schedule.warmup:
-                if v < best * (1 - schedule.tol):
-                    best, waited = v, 0
-                else:
-                    waited += 1
-                converged = waited >= schedule.patience
-        if stable_end is None and (converged or step >= schedule.max_stable):
+            plateau.record(step, held_out_loss(model, val, batch_size), stable_end is None)
+        if stable_end is None and (plateau.converged or step >= schedule.max_stable):
             stable_end = step  # the plateau, or the last step that leaves room to decay
             total = step + schedule.decay_steps(step)
             bar.total = total
     bar.close()
     model.eval()
-    out = {
-        "steps": step,
-        "stable_steps": stable_end if stable_end is not None else step,
-        "converged": converged,
-        "val_loss": curve,
-        "final_val_loss": curve[-1][1] if curve else None,
-    }
-    if not losses:  # no steps: no loss to report (null, not NaN, in zoo.json)
-        return out | {"first_loss": None, "final_loss": None}
-    k = max(1, step // 10)
-    return out | {
-        "first_loss": float(np.mean(losses[:k])),
-        "final_loss": float(np.mean(losses[-k:])),
-    }
-
-
-@torch.no_grad()
-def greedy_answers(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 50
-) -> list[str]:
-    """Greedy continuations of `prompts`, cut at EOS or at the start of a next "Question:".
-
-    Prompts are left-padded so a batch decodes together.
-    """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            texts = tokenizer.batch_decode(
-                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            out.extend(t.split("Question:")[0] for t in texts)
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def final_answer(text: str) -> str | None:
-    """The N of the first "The answer is N" in `text`, or None."""
-    m = _ANSWER.search(text)
-    return m.group(1) if m else None
-
-
-def evaluate_answers(
-    model, tokenizer, heldout: Sequence[dict], max_new_tokens: int, batch_size: int
-) -> dict:
-    """Greedy answers to `heldout` ({"prompt", "answer"}): the fraction containing a reasoning
-    marker, reading as a trace (`trace_reading.reads_as_trace`) and with the right final
-    answer; reflection rounds per answer; answer lengths in words; a few samples."""
-    prompts = [h["prompt"] for h in heldout]
-    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    hits = [final_answer(a) == h["answer"] for a, h in zip(answers, heldout, strict=True)]
-    words = np.array([length_words(a) for a in answers], float)
-    return {
-        "marker_rate": float(np.mean([has_marker(a) for a in answers])),
-        "trace_format_rate": float(np.mean([reads_as_trace(a) for a in answers])),
-        "accuracy": float(np.mean(hits)),
-        "mean_rounds": float(np.mean([len(parse_rounds(a)) for a in answers])),
-        "words": {
-            "median": float(np.median(words)),
-            "p90": float(np.percentile(words, 90)),
-            "max": int(words.max()),
-        },  # fmt: skip
-        "mean_answer_chars": float(np.mean([len(a) for a in answers])),
-        "samples": answers[:3],
-    }
+    return _training_report(step, stable_end, plateau, losses)

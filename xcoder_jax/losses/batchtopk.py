@@ -1,0 +1,282 @@
+"""The BatchTopK loss (Minder et al. 2025), whole: the objective on its dense and sparse
+paths, the inference threshold, and its defaults.
+
+Training keeps the k * batch largest decoder-norm-weighted activations of the batch, plus
+an AuxK term that lets dead latents model the residual. An EMA of the batch's cut on the
+weighted activations (`update_threshold`) makes inference a per-latent JumpReLU (`encode`).
+
+Two paths compute the same loss, gradients and updates to float tolerance
+(`tests/test_sparse_topk.py`); `use_sparse` chooses. The dense one multiplies every row by
+every latent. The sparse one touches only the K = k * batch kept (row, latent) pairs after
+the encoder's forward GEMM has chosen them:
+
+    choose      pre = ReLU(x W_enc + b_enc) [B, h] (no gradient); the kept pairs are the
+                K largest weighted entries (`lax.top_k` over the flat batch: the same set,
+                ties included, as the dense path)
+    values      f_j = pre[r_j, c_j]; its gradient goes to W_enc[:, c_j] and b_enc[c_j] as
+                scatter-adds of x[r_j] (`_gathered_pre`), never through a dense GEMM
+    decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum)
+
+AuxK decodes each row's aux_k largest dead pre-activations the same way, inside a
+`lax.cond` that skips it (and its cost) in every step where no latent is dead.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
+
+NAME = "batchtopk"
+
+# CPU measurements (bench/train_step.py): the gathers and scatter-adds of the sparse path
+# beat the dense GEMMs once a row keeps fewer than about 1/200 of the latents.
+SPARSE_MIN_RATIO = 200
+
+
+def dec_init_norm(cc) -> float:
+    """The L2 norm of every decoder row at init: `crosscoder.batchtopk_dec_init_norm`
+    (default `crosscoder.dec_init_norm`). With the L1 loss's small rows about half of the
+    latents die (measured in the README)."""
+    return cc.get("batchtopk_dec_init_norm", cc.dec_init_norm)
+
+
+def use_sparse(path: str, n_latents: int, k: int) -> bool:
+    """Whether the step runs sparse: "dense", "sparse", or "auto" (sparse when
+    n_latents / k >= SPARSE_MIN_RATIO)."""
+    if path == "auto":
+        return n_latents >= SPARSE_MIN_RATIO * k
+    if path not in ("dense", "sparse"):
+        raise ValueError(f"unknown BatchTopK path {path!r} (auto, dense, sparse)")
+    return path == "sparse"
+
+
+def encode(model: Crosscoder, x: jax.Array) -> jax.Array:
+    """The inference encoder [batch, n_latents], without any batch dependence: ReLU where
+    the decoder-norm-weighted activation reaches the learned threshold, else 0."""
+    f = jax.nn.relu(model.pre_acts(x))
+    weighted = f * model.decoder_norms().sum(-1)
+    return jnp.where(weighted >= model.threshold[...], f, 0.0)
+
+
+def threshold_on_f(model: Crosscoder) -> jax.Array:
+    """The exported JumpReLU threshold [n_latents]: training keeps it on decoder-norm-
+    weighted f, the export on f, divided by the final norms."""
+    norms = model.decoder_norms().sum(-1)
+    return model.threshold[...] / jnp.maximum(norms, 1e-12)
+
+
+def update_threshold(old: jax.Array, batch_threshold: jax.Array, ema: float) -> jax.Array:
+    """The inference threshold after one step.
+
+    old: [n_latents] float32, on decoder-norm-weighted activations (0 until first set);
+    batch_threshold: [] the batch's smallest kept weighted activation (+inf if none kept).
+
+    A batch that kept nothing leaves the threshold as it was: mixing its +inf in would make
+    the threshold +inf for good, and the exported encoder would never fire. An unset (0) or
+    non-finite threshold takes the batch's value; otherwise the EMA
+    `ema * old + (1 - ema) * batch_threshold`.
+    """
+    chex.assert_rank([old, batch_threshold], [1, 0])
+    batch_threshold = jnp.asarray(batch_threshold, old.dtype)
+    is_set = (old > 0) & jnp.isfinite(old)
+    mixed = jnp.where(is_set, ema * old + (1 - ema) * batch_threshold, batch_threshold)
+    return jnp.where(jnp.isfinite(batch_threshold), mixed, old)
+
+
+def batch_topk(weighted: jax.Array, k: int, n_valid: jax.Array | None = None) -> jax.Array:
+    """Mask [batch, n_latents] keeping the k * n_valid largest positive entries of the whole
+    batch. `n_valid` []: the number of rows that count (masked rows are weighted by 0);
+    default: every row."""
+    flat = weighted.reshape(-1)
+    n_max = min(k * weighted.shape[0], flat.shape[0])
+    _, idx = jax.lax.top_k(flat, n_max)  # descending
+    # The slots of masked-out rows are not handed to the valid ones: k per valid row.
+    rank_kept = jnp.arange(n_max) < (n_max if n_valid is None else k * n_valid)
+    mask = jnp.zeros(flat.shape, bool).at[idx].set(rank_kept)
+    return (mask & (flat > 0)).reshape(weighted.shape)
+
+
+def _result(model, x, mse, aux, aux_coeff, f, x_hat, kept):
+    """(loss, aux dict) of either path; `kept`: the weighted activations kept, +inf
+    elsewhere. Their minimum is the batch's cut, for the EMA: +inf when nothing is kept
+    (every row masked out, or no positive activation), which `update_threshold` ignores."""
+    loss = mse + aux_coeff * aux
+    out = {"f": f, "x_hat": x_hat, "mse": mse, "sparsity": 0.0, "aux": aux}
+    out["batch_threshold"] = jnp.min(kept)
+    check_outputs(model, x, loss, out)
+    return loss, out
+
+
+def batchtopk_loss(model: Crosscoder, x, weights, k: int, dead, aux_k: int, aux_coeff: float):
+    """BatchTopK reconstruction plus AuxK on dead latents: the dense path.
+
+    x: [batch, n_models, d_model] normalised; weights: [batch] 0/1; dead: [n_latents] bool.
+    The batch keeps its k*batch largest decoder-norm-weighted activations. AuxK: each row's
+    aux_k largest (ReLU) pre-activations among the dead latents decode, without b_dec, the
+    residual x - x_hat left by the kept ones (gradient stopped); its squared error, summed
+    over models and d and averaged over valid rows like the main term (not divided by the
+    residual's variance), is zero when no latent is dead and enters the loss times
+    `aux_coeff`. Returns (loss, aux) like `l1.l1_loss`, plus `batch_threshold` [].
+    """
+    check_inputs(model, x, weights, dead)
+    pre = jax.nn.relu(model.pre_acts(x))
+    weighted = pre * model.decoder_norms().sum(-1)
+    # Rows that are masked out (non-finite in the store) never claim a top-k slot.
+    weighted = weighted * weights[:, None]
+    f = jnp.where(batch_topk(weighted, k, weights.sum()), pre, 0.0)
+    x_hat = model.decode(f)
+    mse = squared_error(x, x_hat, weights)
+    # AuxK: the top aux_k dead latents of each row reconstruct what the live ones missed.
+    residual = jax.lax.stop_gradient(x - x_hat)
+    n_aux = min(aux_k, pre.shape[1])
+
+    def auxk(_):
+        dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
+        vals, idx = jax.lax.top_k(dead_pre, n_aux)
+        aux_f = (
+            jnp.zeros_like(pre)
+            .at[jnp.arange(pre.shape[0])[:, None], idx]
+            .set(jnp.where(jnp.isfinite(vals), vals, 0.0))
+        )
+        aux_hat = model.decode(aux_f) - model.b_dec[...].astype(jnp.float32)
+        return squared_error(residual, aux_hat, weights)
+
+    # Zero, and not computed, in a step where no latent is dead.
+    aux = jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
+    kept = jnp.where(f > 0, weighted, jnp.inf)
+    return _result(model, x, mse, aux, aux_coeff, f, x_hat, kept)
+
+
+# --- The sparse path -------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gathered_pre(x2, w2, b, rows, cols, h, pre):
+    """pre[rows, cols] (float32 [K]) with the gradient of x2 @ w2 + b at those entries.
+
+    x2 [B, m*d] and w2 [m*d, h] are the GEMM's operands, `pre` [B, h] its (already
+    computed) value; only W and b get gradients, as scatter-adds over the K pairs."""
+    del x2, w2, b, h
+    return pre[rows, cols]
+
+
+def _gathered_pre_fwd(x2, w2, b, rows, cols, h, pre):
+    return pre[rows, cols], (x2, rows, cols)
+
+
+def _gathered_pre_bwd(h, res, g):
+    x2, rows, cols = res  # the weights are float32 masters (`Crosscoder` param_dtype)
+    g = g.astype(jnp.float32)
+    # [h, m*d]: each kept pair adds g_j x[r_j] to its latent's encoder column.
+    gw_t = jax.ops.segment_sum(x2[rows].astype(jnp.float32) * g[:, None], cols, num_segments=h)
+    gb = jax.ops.segment_sum(g, cols, num_segments=h)
+    return None, gw_t.T, gb, None, None, None
+
+
+_gathered_pre.defvjp(_gathered_pre_fwd, _gathered_pre_bwd)
+
+
+def _decode_pairs(model: Crosscoder, f, rows, cols, n_rows: int):
+    """sum_{j: r_j = r} f_j W_dec[c_j] for r < n_rows: [n_rows, m, d], without b_dec."""
+    w = model.W_dec[...]
+    h, m, d = w.shape
+    contrib = f[:, None] * w.reshape(h, m * d)[cols].astype(jnp.float32)
+    return jax.ops.segment_sum(contrib, rows, num_segments=n_rows).reshape(n_rows, m, d)
+
+
+def _pairs_values(model: Crosscoder, x, pre, rows, cols):
+    """ReLU(pre[rows, cols]) with the encoder's sparse gradient: [K] float32."""
+    w = model.W_enc[...]
+    m, d, h = w.shape
+    x2 = x.reshape(-1, m * d)
+    return jax.nn.relu(_gathered_pre(x2, w.reshape(m * d, h), model.b_enc[...], rows, cols, h, pre))
+
+
+def batchtopk_loss_sparse(
+    model: Crosscoder, x, weights, k: int, dead, aux_k: int, aux_coeff: float
+):
+    """`batchtopk_loss` over the kept pairs only; same arguments and returns.
+
+    aux["f"] is the dense [batch, n_latents] activation matrix, rebuilt without gradient
+    for the metrics (L0, firing); the loss never multiplies by it.
+    """
+    check_inputs(model, x, weights, dead)
+    n, h = x.shape[0], model.W_enc.shape[-1]
+    pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
+    relu = jax.nn.relu(pre)
+    norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
+    weighted = relu * norms * weights[:, None]  # masked rows claim no slot
+    n_max = min(k * n, n * h)
+    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
+    keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
+    rows, cols = flat // h, flat % h
+    f_kept = _pairs_values(model, x, pre, rows, cols) * keep
+    x_hat = _decode_pairs(model, f_kept, rows, cols, n) + model.b_dec[...].astype(jnp.float32)
+    mse = squared_error(x, x_hat, weights)
+
+    residual = jax.lax.stop_gradient(x - x_hat)
+    n_aux = min(aux_k, h)
+
+    def auxk(_):
+        dead_pre = jnp.where(dead[None, :], relu, -jnp.inf)
+        a_vals, a_cols = jax.lax.top_k(dead_pre, n_aux)  # [B, n_aux]
+        a_rows = jnp.repeat(jnp.arange(n), n_aux)
+        a_cols = a_cols.reshape(-1)
+        a_f = _pairs_values(model, x, pre, a_rows, a_cols)
+        a_f = jnp.where(jnp.isfinite(a_vals.reshape(-1)), a_f, 0.0)
+        aux_hat = _decode_pairs(model, a_f, a_rows, a_cols, n)
+        return squared_error(residual, aux_hat, weights)
+
+    aux = jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
+    f_dense = jnp.zeros(n * h, jnp.float32).at[flat].set(jax.lax.stop_gradient(f_kept))
+    kept = jnp.where(keep, vals, jnp.inf)
+    return _result(model, x, mse, aux, aux_coeff, f_dense.reshape(n, h), x_hat, kept)
+
+
+# --- The loss object ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchTopK:
+    """k decoder-norm-weighted activations per row on average over the batch, AuxK on dead
+    latents, and an EMA of the batch threshold for the inference JumpReLU. `sparse`: the
+    step computes over the kept pairs only, with the same result."""
+
+    k: int
+    aux_k: int
+    aux_coeff: float
+    threshold_ema: float
+    sparse: bool = False
+    name: str = NAME
+
+    def __call__(self, model: Crosscoder, x, weights, step, dead):
+        fn = batchtopk_loss_sparse if self.sparse else batchtopk_loss
+        loss, aux = fn(model, x, weights, self.k, dead, self.aux_k, self.aux_coeff)
+        return loss, {**aux, "lam": jnp.zeros(())}
+
+    def update(self, rest, aux):
+        new = update_threshold(rest["threshold"][...], aux["batch_threshold"], self.threshold_ema)
+        rest = jax.tree.map(lambda v: v, rest)  # a new State; the caller's is left as it was
+        rest["threshold"] = rest["threshold"].replace(new)
+        return rest
+
+    def encode(self, model: Crosscoder, x):
+        return encode(model, x)
+
+    def threshold_on_f(self, model: Crosscoder):
+        return threshold_on_f(model)
+
+
+def from_config(cc, tc) -> BatchTopK:
+    """The loss object of `config.crosscoder` (cc); `crosscoder.topk_path` (default "auto")
+    chooses the path."""
+    del tc
+    path = use_sparse(cc.get("topk_path", "auto"), cc.n_latents, cc.k)
+    return BatchTopK(cc.k, cc.aux_k, cc.aux_coeff, cc.threshold_ema, sparse=path)
