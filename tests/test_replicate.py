@@ -298,7 +298,7 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
             assert json.load(f)["seed"] == seed
         for stage in ("steering", "ablation"):
             with open(tmp_path / f"seed{seed}" / stage / "results.json") as f:
-                assert json.load(f)["fingerprint"][stage]["seed"] == seed
+                assert json.load(f)["fingerprint"]["params"][f"{stage}.seed"] == seed
     # The two seeds' crosscoders differ: nothing is shared between seeds.
     w = [(tmp_path / f"seed{s}" / "export" / "crosscoder.safetensors").read_bytes() for s in (3, 4)]
     assert w[0] != w[1]
@@ -312,7 +312,7 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     # The negative-control pair ran in its own workdir and its steering passed its fingerprint.
     results3 = replicate.read_results(seed3, replicate._with_seed(c, 3))
     assert set(results3) == {"analysis", "steering", "ablation", "geometry", "steering_no_loop"}
-    assert results3["steering_no_loop"]["fingerprint"]["steering"]["seed"] == 3
+    assert results3["steering_no_loop"]["fingerprint"]["params"]["steering.seed"] == 3
     # (The micro pairs rarely have a latent passing the screen: a set without one is unmeasured.)
     for f in (f for f in family.FAMILY if f.minus is not None):
         assert rows[f.name]["per_seed"]["3"] == f.read(results3), f.name
