@@ -145,6 +145,10 @@ def get_config(arg=None):
     c.crosscoder.l1_coeff = 2.0  # lambda of the paper
     c.crosscoder.l1_warmup_frac = 0.05  # lambda warms up linearly over this share of steps
     c.crosscoder.k = 32  # BatchTopK: active latents per row on average
+    # BatchTopK k-annealing: k falls linearly from k_max (0: 4 k) to k over the first
+    # k_anneal_steps steps (0: k throughout); the selection runs at k_max's size meanwhile.
+    c.crosscoder.k_max = 0
+    c.crosscoder.k_anneal_steps = 0
     c.crosscoder.aux_k = 256  # AuxK: dead latents used to model the residual
     c.crosscoder.aux_coeff = 1 / 32
     c.crosscoder.threshold_ema = 0.99  # EMA of the BatchTopK inference threshold
@@ -156,12 +160,17 @@ def get_config(arg=None):
     # BatchTopK's own: with L1's 0.08, 45% of its latents die at k = 32 (README).
     c.crosscoder.batchtopk_dec_init_norm = 1.0
     c.crosscoder.b_dec_init = "zero"  # decoder bias at init: "zero" or "mean" (of the store)
+    # Subtract each model's store mean (normalised units) before encoding and add it back
+    # after decoding; the export folds it into the biases (raw-unit users see no difference).
+    # The decoder bias then starts at the mean (0 in the centred frame) whatever b_dec_init.
+    c.crosscoder.center = False
     c.crosscoder.dtype = "float32"  # compute dtype; "bfloat16" keeps fp32 master weights
 
     # --- Export to other crosscoder formats (export/<format>/, after training) ---------------
     c.export = ConfigDict()
-    # "dictionary_learning" (save_pretrained dir of CrossCoder / BatchTopKCrossCoder) and
-    # "ckkissane" (cc_weights.pt + cfg.json; L1 crosscoders only); () writes neither.
+    # "dictionary_learning" (save_pretrained dir of CrossCoder / BatchTopKCrossCoder),
+    # "ckkissane" (cc_weights.pt + cfg.json; L1 crosscoders only) and "saelens" (one JumpReLU
+    # SAE over both models' concatenated activations; not written unless listed); () none.
     c.export.formats = ("dictionary_learning", "ckkissane")
 
     # --- Training ------------------------------------------------------------------------
@@ -246,6 +255,14 @@ def get_config(arg=None):
     c.analysis.scaling_false_ratio = 0.5
     c.analysis.splice_docs = 64  # held-out documents for splice-in CE; 0 skips splice-in
     c.analysis.splice_batch = 8  # documents per forward pass in splice-in
+    # Behavioural KL (analysis/kl.py) on the first held-out documents: KL(model || model with
+    # its reconstruction spliced in), and the half-step KL (base model to block L plus a latent
+    # set's distilled-side decoder contributions, distilled model's blocks from L on): the
+    # fraction of KL(distilled || base continued in the distilled model) the distilled-only
+    # latents close, beside the full reconstruction difference and random latent sets of the
+    # same size matched on activity. 0 skips it; 95% intervals bootstrap documents (`seed`).
+    c.analysis.kl_docs = 8
+    c.analysis.kl_random_draws = 3  # seeded activity-matched random sets; 0: no control
     # Feature browser (analysis/browser.html): latents whose contexts it keeps (the alive
     # ones, most exclusive first; every latent is listed), contexts per latent, and promoted
     # tokens per model (decoder row through the final-norm gain and the unembedding).

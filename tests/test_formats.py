@@ -115,7 +115,23 @@ def _theirs_ckkissane(out, x):
     return f.numpy(), (x_hat / s).numpy()
 
 
-THEIRS = {"dictionary_learning": _theirs_dictionary_learning, "ckkissane": _theirs_ckkissane}
+def _theirs_saelens(out, x):
+    """SAELens's JumpReLUSAE.encode / decode (6.x) on the concatenated rows, from cfg.json."""
+    sd = {k: v.double() for k, v in load_file(os.path.join(out, "sae_weights.safetensors")).items()}
+    with open(os.path.join(out, "cfg.json")) as fh:
+        cfg = json.load(fh)
+    x_cat = torch.from_numpy(x).double().reshape(len(x), -1)  # base first, then distilled
+    pre = (x_cat - sd["b_dec"] * cfg["apply_b_dec_to_input"]) @ sd["W_enc"] + sd["b_enc"]
+    f = torch.relu(pre) * (pre > sd["threshold"])
+    x_hat = f @ sd["W_dec"] + sd["b_dec"]
+    return f.numpy(), x_hat.reshape(x.shape).numpy()
+
+
+THEIRS = {
+    "dictionary_learning": _theirs_dictionary_learning,
+    "ckkissane": _theirs_ckkissane,
+    "saelens": _theirs_saelens,
+}
 
 
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
@@ -176,6 +192,113 @@ def test_round_trip_gives_the_same_tensors(exported, fmt, store_dir, tmp_path):
     if "threshold" in a:
         np.testing.assert_allclose(b["threshold"], a["threshold"], rtol=1e-5)
     assert (cb["layer"], cb["loss"], cb["imported"]["format"]) == (1, ca["loss"], fmt)
+
+
+def test_saelens_files_hold_what_its_load_from_disk_reads(exported, tmp_path):
+    kind, directory = exported
+    out = _convert(exported, "saelens", tmp_path)
+    sd = load_file(os.path.join(out, "sae_weights.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert shapes == {
+        "W_enc": (2 * D, H), "b_enc": (H,), "W_dec": (H, 2 * D), "b_dec": (2 * D,),
+        "threshold": (H,),
+    }  # fmt: skip
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    with open(os.path.join(out, "cfg.json")) as fh:
+        cfg = json.load(fh)
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"]) == ("jumprelu", 2 * D, H)
+    assert (cfg["dtype"], cfg["device"], cfg["apply_b_dec_to_input"]) == ("float32", "cpu", False)
+    assert (cfg["normalize_activations"], cfg["reshape_activations"]) == ("none", "none")
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == cfg["hook_name"] == "blocks.1.hook_resid_pre"
+    assert meta["sae_lens_version"].startswith("6.") and cfg["hook_layer"] == 1
+    assert meta["model_name"] == "/models/base" and meta["context_size"] == 256
+    assert "concatenation" in meta["crosscoder"]["lost"]
+    assert [x["role"] for x in meta["crosscoder"]["models"]] == ["base", "distilled"]
+    # Raw units, base first: the base model's rows are the first D inputs.
+    tensors, config = export.load_export(directory)
+    b = export.role_order(config).index("base")
+    np.testing.assert_array_equal(sd["W_enc"][:D].numpy(), tensors["W_enc"][b])
+    np.testing.assert_array_equal(sd["b_dec"][:D].numpy(), tensors["b_dec"][b])
+    if kind == "l1":
+        assert not sd["threshold"].any()  # threshold 0: a ReLU
+
+
+def test_saelens_threshold_keeps_the_same_code_in_float32():
+    from xcoder_jax.formats import saelens
+
+    rng = np.random.default_rng(0)
+    t = np.abs(rng.normal(0, 1, 500)).astype(np.float32)
+    t[:3] = [0.0, np.float32(1e-45), 1.0]
+    pre = np.concatenate([t, np.nextafter(t, np.float32(-1)), np.nextafter(t, np.float32(2))])
+    pre = np.concatenate([pre, -pre, rng.normal(0, 1, 1500).astype(np.float32)])
+    tt = np.tile(t, len(pre) // len(t))
+    ours = np.maximum(pre, 0) * (np.maximum(pre, 0) >= tt)
+    stored = saelens._threshold_out(tt)
+    theirs = np.maximum(pre, 0) * (pre > stored)
+    np.testing.assert_array_equal(theirs, ours)  # ties at pre == t included
+    # Read back exactly, but for the smallest float32 (stored as 0: the same code, a ReLU).
+    back = saelens._threshold_in(stored)
+    np.testing.assert_array_equal(back[tt != t[1]], tt[tt != t[1]])
+    assert not back[tt == t[1]].any()
+
+
+def _foreign_sae(out, arch="jumprelu", **cfg):
+    """A SAELens SAE trained elsewhere: raw units, b_dec subtracted from its input, no sidecar."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    sd = {
+        "W_enc": rng.normal(0, 0.3, (2 * D, H)), "b_enc": rng.normal(0, 0.2, H),
+        "W_dec": rng.normal(0, 0.2, (H, 2 * D)), "b_dec": rng.normal(0, 0.5, 2 * D),
+        "threshold": np.abs(rng.normal(0, 0.3, H)),
+    }  # fmt: skip
+    sd = {k: v.astype(np.float32) for k, v in sd.items()}
+    os.makedirs(out, exist_ok=True)
+    save_file(sd, os.path.join(out, "sae_weights.safetensors"))
+    meta = {"hook_name": "blocks.1.hook_resid_pre", "sae_lens_version": "6.18.0"}
+    c = {"architecture": arch, "d_in": 2 * D, "d_sae": H, "dtype": "float32", "device": "cpu"}
+    c.update(apply_b_dec_to_input=True, normalize_activations="none", metadata=meta)
+    with open(os.path.join(out, "cfg.json"), "w") as fh:
+        json.dump({**c, **cfg}, fh)
+
+
+def test_saelens_sae_trained_elsewhere_imports_with_its_math(store_dir, tmp_path):
+    out = str(tmp_path / "sae")
+    _foreign_sae(out)
+    x = _rows(store_dir)
+    f_theirs, xh_theirs = _theirs_saelens(out, x)
+    raw = {}
+    for scales in ("file", "store"):
+        workdir = str(tmp_path / scales)
+        os.makedirs(workdir)
+        os.symlink(store_dir, wd.activations_dir(workdir))
+        cfg = formats.import_crosscoder(out, "saelens", workdir, scales=scales)
+        assert (cfg["layer"], cfg["loss"], cfg["imported"]["scales_from"]) == (
+            1,
+            "batchtopk",
+            scales,
+        )
+        cc = ExportedCrosscoder.load(wd.export_dir(workdir))  # the store's order: base first
+        f_ours = cc.encode_t(torch.from_numpy(x)).T.numpy()
+        active = f_ours > 0
+        assert 0.02 < active.mean() < 0.98
+        np.testing.assert_array_equal(f_theirs > 0, active)
+        np.testing.assert_allclose(f_theirs, f_ours, rtol=1e-5, atol=1e-5)
+        xh_ours = cc.reconstruct(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(xh_theirs, xh_ours, rtol=1e-5, atol=1e-4)
+        raw[scales] = export.load_export(wd.export_dir(workdir))
+    # Raw-unit weights whatever the scales: those only set the units of decoder norms.
+    np.testing.assert_allclose(raw["store"][0]["W_dec"], raw["file"][0]["W_dec"], rtol=1e-6)
+    assert raw["file"][1]["scales"] == [1.0, 1.0]
+    np.testing.assert_allclose(raw["store"][1]["scales"], ActivationStore(store_dir).scales)
+    for arch, extra, match in [
+        ("topk", {}, "architecture 'topk'"),
+        ("jumprelu", {"normalize_activations": "layer_norm"}, "normalize_activations"),
+    ]:
+        _foreign_sae(out, arch, **extra)
+        with pytest.raises(formats.FormatError, match=match):
+            formats.import_crosscoder(out, "saelens", str(tmp_path / "file"), overwrite=True)
 
 
 def test_import_names_each_mismatch(exported, store_dir, tmp_path):

@@ -52,6 +52,8 @@ RUNLOCAL_CAPS = {
     "train.prefetch": 2,
     # Analysis, steering, ablation and geometry: fewer documents, prompts, draws, resamples.
     "analysis.splice_docs": 8,
+    "analysis.kl_docs": 8,
+    "analysis.kl_random_draws": 2,
     "analysis.scaling_max_latents": 64,
     "steering.n_prompts": 4,
     "steering.samples": 2,

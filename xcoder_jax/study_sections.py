@@ -59,6 +59,31 @@ def selected_latents(steering: dict | None, ablation: dict | None) -> dict[str, 
 # --- Analysis ------------------------------------------------------------------------------
 
 
+def kl_headline(s: dict) -> list[tuple[str, list[dict]]]:
+    """The behavioural KL rows of the analysis' headline tables (analysis/kl.py): (label,
+    [interval dicts of `stats`]); a figure not measured is a dict with only its reason."""
+    sp, h = s.get("splice") or {}, s.get("half_step") or {}
+    rows = []
+    roles = [r for r, v in sp.items() if isinstance(v, dict) and "kl" in v]
+    if roles:
+        rows.append((f"splice KL(model ‖ spliced), {' / '.join(roles)} [95% CI]",
+                     [sp[r]["kl"] for r in roles]))  # fmt: skip
+    if "sets" not in h:
+        why = h.get("skipped", "not measured (older analysis)")
+        return [*rows, ("half-step KL", [{"mean": None, "reason": why}])]
+    sets, diff = h["sets"], h.get("distilled_only_minus_random") or {}
+    got = lambda d: d.get("fraction_closed") or {"mean": None, "reason": d.get("reason", "–")}
+    n = sets.get("distilled_only", {}).get("n_latents", 0)
+    return [*rows,
+        ("half-step KL(distilled ‖ base continued from block L) [95% CI]", [h["kl_nothing"]]),
+        (f"half-step: share of it closed by the {n} distilled-only latents / activity-matched "
+         "random sets / the full difference", [got(sets[k]) for k in
+                                               ("distilled_only", "random_matched",
+                                                "full_difference")]),
+        ("half-step share closed: distilled-only − random (paired by document)", [got(diff)]),
+    ]  # fmt: skip
+
+
 def analysis_section(workdir: str, s: dict, lat: Latents, selected: dict, offset: int) -> str:
     splice = s.get("splice") or {}
     recovered = " / ".join(
@@ -77,6 +102,7 @@ def analysis_section(workdir: str, s: dict, lat: Latents, selected: dict, offset
          f"{classes} / {fmt(dead) if dead is not None else 'counted as shared (older analysis)'}"],
         ["mean NRN (all / alive)", f"{fmt(s['mean_nrn'])} / {fmt(s.get('mean_nrn_alive'))}"],
         ["splice-in CE recovered", recovered or E(str(splice.get("skipped", "–")))],
+        *[[E(k), " / ".join(ci(c) for c in cis)] for k, cis in kl_headline(s)],
     ]  # fmt: skip
     top = [int(i) for i in s.get("top_distilled_only", [])]
     labels = Counter(lat.label(i) or "–" for i in top)

@@ -86,13 +86,16 @@ def _setup(config, workdir: str) -> _Run:
     store = open_store(config, workdir)
     train_shards, heldout = store.split(config.train.eval_shards)
     tc, mc = config.train, config.mesh
-    # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model.
-    hp = ts.HParams.from_config(config, store.d_model, store.total_variance * store.scales**2)
+    # FVE denominators in normalised units: E||x - mean||^2 * s^2, per model; the mean too.
+    norm_var, norm_mean = store.total_variance * store.scales**2, store.mean * store.scales[:, None]
+    hp = ts.HParams.from_config(config, store.d_model, norm_var, norm_mean)
     across = mc.get("model_across_processes", False)
     mesh = make_mesh(mc.data, mc.model, tc.batch_size, hp.n_latents, across)
     trainer = ShardedStep(hp, mesh)
     mngr = ckpt.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints)
     main = multihost.is_main()
+    if main:
+        print(records.mean_line(store, bool(hp.center)), flush=True)
     return _Run(config, workdir, store, train_shards, heldout, hp, trainer, mngr, main)
 
 
@@ -106,8 +109,8 @@ def _start(run: _Run, latest: int | None) -> tuple[dict, records.Progress]:
         if run.main:
             records.trim_metrics(metrics_file, latest)
         return state, records.Progress(seen, extra["position"], extra["tokens"], extra["skipped"])
-    # The decoder bias may start at the store's mean (normalised units).
-    start_at_mean = run.config.crosscoder.get("b_dec_init", "zero") == "mean"
+    # The decoder bias may start at the store's mean (normalised units; 0 when centred).
+    start_at_mean = run.config.crosscoder.get("b_dec_init", "zero") == "mean" and not run.hp.center
     state = run.trainer.init(store.mean * store.scales[:, None] if start_at_mean else None)
     if run.main and os.path.exists(metrics_file):
         os.remove(metrics_file)

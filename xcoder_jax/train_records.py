@@ -93,6 +93,23 @@ def intact_export(workdir: str) -> bool:
     return True
 
 
+def mean_to_spread(store) -> list[float | None]:
+    """Per model ||mean|| / sqrt(E||x - mean||^2): how far the store mean sits from 0 against
+    the spread around it (a ratio of norms, the same in normalised and raw units); None
+    where the store holds no spread."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.linalg.norm(store.mean, axis=-1) / np.sqrt(store.total_variance)
+    return strict_json.finite_or_none([float(r) for r in ratio])
+
+
+def mean_line(store, centred: bool) -> str:
+    """The line training prints at its start: each model's `mean_to_spread`."""
+    roles = [m.get("role", f"model {i}") for i, m in enumerate(store.manifest["models"])]
+    fmt = lambda v: "undefined" if v is None else f"{v:.3g}"
+    ratios = ", ".join(f"{r} {fmt(v)}" for r, v in zip(roles, mean_to_spread(store)))
+    return f"store ||mean|| / rms deviation: {ratios} (crosscoder.center = {centred})"
+
+
 def export_meta(config, store, loss_name: str, progress: Progress, heldout, final: dict) -> dict:
     """The export's config.json fields besides the scales (`export.export` adds them):
     the store's models and site, the run's counts, its held-out split and metrics."""
@@ -113,4 +130,7 @@ def export_meta(config, store, loss_name: str, progress: Progress, heldout, fina
         # The held-out shards, read back by every later stage (`split.heldout_from_export`).
         split.KEY: split.record(config, heldout),
         "eval": final,
+        # Centring subtracts the store mean before encoding (folded into the biases here).
+        "center": bool(config.crosscoder.get("center", False)),
+        "mean_to_spread": mean_to_spread(store),
     }

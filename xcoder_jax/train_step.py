@@ -12,7 +12,9 @@ plain dict pytree (Orbax saves it as is):
     first_bad_step  int32 []: first step with a non-finite loss, -1 if none
 
 Batches are [batch, n_models, d_model] in NORMALISED units; weights [batch] are 0/1.
-`sharding.ShardedStep` places these functions on a device mesh.
+`sharding.ShardedStep` places these functions on a device mesh. With `HParams.center` the
+crosscoder sees every batch minus the store mean (centred normalised units): the step and
+evaluation subtract it, and `export_weights` folds it into the biases.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flax import nnx
 
 from xcoder_jax import losses
 from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.errors import ConfigError
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -37,7 +40,8 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 @dataclass(frozen=True)
 class HParams:
     """What the step computes with. total_var: the FVE denominators per model,
-    E||x - mean||^2 in normalised units."""
+    E||x - mean||^2 in normalised units. center: () or the store mean subtracted from every
+    batch, [n_models * d_model] flattened, normalised units (`crosscoder.center`)."""
 
     n_models: int
     d_model: int
@@ -54,12 +58,20 @@ class HParams:
     clip_norm: float
     dead_window_tokens: int
     total_var: tuple[float, ...]
+    center: tuple[float, ...] = ()
 
     @classmethod
-    def from_config(cls, config, d_model: int, total_var) -> HParams:
-        """From an ml_collections config; `d_model` and `total_var` [n_models] (normalised
-        units) come from the data."""
+    def from_config(cls, config, d_model: int, total_var, mean=None) -> HParams:
+        """From an ml_collections config; `d_model`, `total_var` [n_models] and, with
+        `crosscoder.center`, `mean` [n_models, d_model] (normalised units) from the data."""
         cc, tc = config.crosscoder, config.train
+        center = ()
+        if cc.get("center", False):
+            if mean is None:
+                raise ConfigError("crosscoder.center needs the store mean")
+            mean = np.asarray(mean, np.float32)
+            chex.assert_shape(mean, (cc.n_models, int(d_model)))
+            center = tuple(float(v) for v in mean.reshape(-1))
         return cls(
             n_models=cc.n_models,
             d_model=int(d_model),
@@ -76,6 +88,7 @@ class HParams:
             clip_norm=tc.clip_norm,
             dead_window_tokens=cc.dead_window_tokens,
             total_var=tuple(float(v) for v in _per_model(total_var, cc.n_models)),
+            center=center,
         )
 
 
@@ -126,9 +139,18 @@ def merge(hp: HParams, state: dict) -> Crosscoder:
     return nnx.merge(graphdef(hp), state["params"], state["rest"])
 
 
+def centred(hp: HParams, x) -> jax.Array:
+    """x [b, m, d] (normalised) as the crosscoder sees it: minus the store mean with
+    `hp.center`, else as it is."""
+    if not hp.center:
+        return x
+    return x - jnp.asarray(hp.center, jnp.float32).reshape(hp.n_models, hp.d_model)
+
+
 def init_state(hp: HParams, b_dec=None) -> dict:
     """A fresh state: the module initialised from `hp.seed`, Adam's moments at zero.
-    b_dec: [n_models, d_model] normalised start of the decoder bias (default 0)."""
+    b_dec: [n_models, d_model] normalised start of the decoder bias, in the crosscoder's
+    frame (centred with `hp.center`; default 0)."""
     _, params, rest = nnx.split(_model(hp, hp.seed), nnx.Param, ...)
     if b_dec is not None:
         params["b_dec"] = params["b_dec"].replace(jnp.asarray(b_dec, jnp.float32))
@@ -163,6 +185,7 @@ def train_step(state: dict, batch, weights, *, hp: HParams, with_metrics: bool =
     chex.assert_type([state["step"], state["since_fired"], state["first_bad_step"]], jnp.int32)
     step = state["step"]
     dead = state["since_fired"] >= hp.dead_window_tokens
+    batch = centred(hp, batch)  # the FVE below is the same in either frame
 
     def objective(params):
         return hp.loss(nnx.merge(graphdef(hp), params, state["rest"]), batch, weights, step, dead)
@@ -201,6 +224,8 @@ def train_step(state: dict, batch, weights, *, hp: HParams, with_metrics: bool =
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
     }
+    if "k" in aux:  # BatchTopK: the step's k (annealed)
+        metrics["k"] = aux["k"]
     return new_state, metrics
 
 
@@ -209,6 +234,7 @@ def eval_batch(state: dict, x, *, hp: HParams):
     [m], active (row, latent) pairs [], latents that fired [h] bool)."""
     chex.assert_shape(x, (None, hp.n_models, hp.d_model))
     model = merge(hp, state)
+    x = centred(hp, x)
     f = hp.loss.encode(model, x)
     x_hat = model.decode(f)
     return jnp.square(x - x_hat).sum((0, 2)), (f > 0).sum(), (f > 0).any(0)
@@ -240,9 +266,15 @@ def evaluate(state: dict, batches: Iterable[np.ndarray], *, hp: HParams, eval_fn
 def export_weights(state: dict, hp: HParams) -> dict[str, np.ndarray]:
     """The weights on the host in NORMALISED units: W_enc [m, d, h], b_enc [h], W_dec
     [h, m, d], b_dec [m, d], and `threshold` [h] on f (a JumpReLU threshold) for a loss
-    that learns one."""
+    that learns one. A centred model's mean mu is folded in, for uncentred inputs:
+    b_enc - sum_m mu_m . W_enc[m] and b_dec + mu."""
     model = merge(hp, jax.device_get(state))
     out = {n: np.asarray(getattr(model, n)[...]) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if hp.center:
+        mu = np.asarray(hp.center, np.float64)
+        w_enc = out["W_enc"].astype(np.float64).reshape(mu.size, -1)
+        out["b_enc"] = (out["b_enc"] - mu @ w_enc).astype(np.float32)
+        out["b_dec"] = (out["b_dec"] + mu.reshape(out["b_dec"].shape)).astype(np.float32)
     threshold = hp.loss.threshold_on_f(model)
     if threshold is not None:
         out["threshold"] = np.asarray(threshold)

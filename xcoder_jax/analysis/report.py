@@ -20,6 +20,7 @@ import os
 
 from xcoder_jax.analysis.report_figures import fig_categories, fig_cosine, fig_nrn, fig_training
 from xcoder_jax.fileio import atomic_write_bytes
+from xcoder_jax.study_sections import kl_headline
 
 E = html.escape
 BROWSER = "browser.html"  # the feature browser, beside this page (`browser.BROWSER`)
@@ -156,6 +157,7 @@ def _head_rows(s: dict) -> list[list[str]]:
          f"{s.get('n_dead', 0)}"],
         ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
         ["alive latents (active on a store row)", f"{s['alive_latents']} of {s['n_latents']}"],
+        *[[E(k), " / ".join(_ci(c) for c in cis)] for k, cis in kl_headline(s)],
     ]  # fmt: skip
 
 
@@ -188,9 +190,11 @@ def _splice_html(s: dict) -> str:
     if "skipped" in sp:
         return f"<p class='muted'>skipped: {E(sp['skipped'])}</p>"
     return _table(
-        ["model", "clean CE", "spliced CE", "zero-ablation CE", "fraction recovered", "tokens"],
+        ["model", "clean CE", "spliced CE", "zero-ablation CE", "fraction recovered", "tokens",
+         "KL(model ‖ spliced) [95% CI]"],
         [[E(r), _fmt(v["clean_ce"]), _fmt(v["spliced_ce"]), _fmt(v["zero_ce"]),
-          _fmt(v["fraction_recovered"]), str(v["tokens"])] for r, v in sp.items()],
+          _fmt(v["fraction_recovered"]), str(v["tokens"]), _ci(v.get("kl"), 4)]
+         for r, v in sp.items()],
     )  # fmt: skip
 
 
@@ -238,6 +242,10 @@ top latents against their share of the alive latents, Wilson 95% CI.</p>
 {img("categories", "NRN per category")}
 <h2>Splice-in (held-out documents)</h2>
 {_splice_html(s)}
+<p>KL at stored positions, 95% bootstrap over documents. Half-step (headline table): the base
+model to block L plus a set's distilled-side decoder contributions, the distilled model's
+blocks from L on; share closed = 1 − KL(distilled ‖ with the set) / KL(distilled ‖ with
+nothing). The full difference adds x̂_distilled − x̂_base.</p>
 <h2>Latent scaling of exclusive latents</h2>
 <p>Per exclusive latent, the other model's beta over the owning model's (the model with
 the larger decoder row), on two targets. Error ratio near 1: the other model carries the

@@ -20,21 +20,25 @@ import os
 import tempfile
 import time
 
+import numpy as np
+
 from xcoder_jax import documents, params, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations import models as pair
 from xcoder_jax.activations.exclude import Exclusion
-from xcoder_jax.analysis import browser, report, splice
+from xcoder_jax.analysis import browser, kl, report, splice
 from xcoder_jax.analysis.histogram import ActivationHistogram
+from xcoder_jax.analysis.norms import CLASSES
 from xcoder_jax.analysis.summary import LATENTS, analyze
 from xcoder_jax.stage_inputs import StageInputs, load_inputs
 
 # Bump when the outputs change meaning, to redo old analyses. 2: latent scaling on both sides
 # with error and reconstruction ratios, category NRN against alive latents, strict JSON.
 # 3: the feature browser (browser.html). 4: dead latents are their own class, labels name what
-# a latent's firing tokens are (`labels`), the figures also as PNG files.
-ANALYSIS_FORMAT = 4
+# a latent's firing tokens are (`labels`), the figures also as PNG files. 5: behavioural KL
+# (splice KL per model, half-step KL with the fraction closed: `kl`).
+ANALYSIS_FORMAT = 5
 SUMMARY, REPORT = "summary.json", "report.html"
 
 
@@ -50,6 +54,7 @@ FIELDS = params.Declared(
         "analysis.label_min_share", "analysis.top_latents", "analysis.scaling_max_latents",
         "analysis.scaling_min_rows", "analysis.scaling_false_ratio", "analysis.splice_docs",
         "analysis.browser_latents", "analysis.browser_examples", "analysis.browser_promoted",
+        "analysis.kl_docs", "analysis.kl_random_draws", "seed",
     ),
     how=("models.device", "train.verify_store", "analysis.batch_rows", "analysis.splice_batch"),
 )  # fmt: skip
@@ -93,9 +98,15 @@ def run_analysis(config, workdir: str, progress: bool = True) -> dict:
         summary = result.summary
         # The pair serves splice-in and the browser's promoted tokens (loaded only for them).
         models = []
-        if ac.splice_docs > 0 or ac.browser_promoted > 0:
+        if ac.splice_docs > 0 or ac.kl_docs > 0 or ac.browser_promoted > 0:
             models = _load_models(config, workdir, xcoder.roles)
-        summary["splice"] = _splice(config, workdir, inputs, tokenizer=tokenizer, models=models)
+        # The distilled-only latents of the summary (NRN above analysis.distilled_only_min,
+        # alive on held-out rows).
+        distilled_only = np.flatnonzero(result.facts.classes == CLASSES.index("distilled_only"))
+        summary["splice"], summary["half_step"] = _splice(
+            config, workdir, inputs, tokenizer=tokenizer, models=models,
+            distilled_only=distilled_only,
+        )  # fmt: skip
         data = browser.browser_data(
             digest, store=store, encoder=xcoder, models=models, tokenizer=tokenizer, hist=hist,
             ac=ac,
@@ -146,25 +157,39 @@ def _load_models(config, workdir: str, roles: list[str]) -> list:
     return models
 
 
-def _splice(config, workdir: str, inputs: StageInputs, *, tokenizer, models) -> dict:
-    """summary["splice"]: splice-in CE on the first held-out documents (`splice`)."""
+def _splice(
+    config, workdir: str, inputs: StageInputs, *, tokenizer, models, distilled_only
+) -> tuple[dict, dict]:
+    """summary["splice"] (splice-in CE, with the splice KL on the first analysis.kl_docs of
+    its documents) and summary["half_step"] (half-step KL of the `distilled_only` latents and
+    its controls), on the first held-out documents (`splice`, `kl`)."""
     ac, store = config.analysis, inputs.store
-    if ac.splice_docs <= 0:
-        return {"skipped": "analysis.splice_docs is 0"}
-    stored, n_cut = documents.shard_documents(store, inputs.heldout, ac.splice_docs)
+    skipped = {"skipped": "analysis.splice_docs is 0"}, {"skipped": "analysis.kl_docs is 0"}
+    n_docs = max(ac.splice_docs, ac.kl_docs)
+    if n_docs <= 0:
+        return skipped
+    stored, n_cut = documents.shard_documents(store, inputs.heldout, n_docs)
     if not stored:
-        return {"skipped": "the held-out shards hold no document"}
+        none = {"skipped": "the held-out shards hold no document"}
+        return tuple(none if n > 0 else sk for n, sk in zip((ac.splice_docs, ac.kl_docs), skipped))
     exclusion = Exclusion.from_manifest(store.manifest)
     docs = documents.rebuild_documents(config.data, workdir, tokenizer, stored, exclusion=exclusion)
     # A copy on the models' device: the rest of the analysis reads the export on the CPU.
     encoder = copy.copy(inputs.xcoder).to(next(models[0].parameters()).device)
-    out = splice.splice_ce(
-        models, store.layer, docs, encoder.reconstruct, batch_size=ac.splice_batch,
-        pad_id=documents.pad_token_id(tokenizer), roles=inputs.xcoder.roles, exclusion=exclusion,
-    )  # fmt: skip
-    for role in out.values():
-        role["docs_partly_trained"] = n_cut
-    return out
+    kw = dict(batch_size=ac.splice_batch, pad_id=documents.pad_token_id(tokenizer),
+              roles=inputs.xcoder.roles, exclusion=exclusion)  # fmt: skip
+    out, half = skipped
+    if ac.splice_docs > 0:
+        out = splice.splice_ce(models, store.layer, docs[: ac.splice_docs], encoder.reconstruct,
+                               kl_docs=ac.kl_docs, seed=config.seed, **kw)  # fmt: skip
+        for role in out.values():
+            role["docs_partly_trained"] = n_cut
+    if ac.kl_docs > 0:
+        half = kl.half_step_kl(models, store.layer, docs[: ac.kl_docs], encoder,
+                               latents=distilled_only,
+                               n_draws=ac.kl_random_draws, seed=config.seed, **kw)  # fmt: skip
+        half["docs_partly_trained"] = n_cut
+    return out, half
 
 
 def summarize(summary: dict) -> str:

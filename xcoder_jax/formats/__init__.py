@@ -5,18 +5,23 @@
     import_crosscoder(path, fmt, workdir, scales="file")   # -> <workdir>/export/
 
 Formats: "dictionary_learning" (`save_pretrained` directory of CrossCoder /
-BatchTopKCrossCoder) and "ckkissane" (cc_weights.pt + cfg.json). See their modules for the
-files and units.
+BatchTopKCrossCoder), "ckkissane" (cc_weights.pt + cfg.json) and "saelens" (one JumpReLU
+SAE over the concatenated activations: sae_weights.safetensors + cfg.json). See their
+modules for the files and units.
 """
 
 from __future__ import annotations
 
-from xcoder_jax.formats import ckkissane, dictionary_learning
+from xcoder_jax.formats import ckkissane, dictionary_learning, saelens
 from xcoder_jax.formats.common import SIDECAR, FormatError, normalised_view
 from xcoder_jax.formats.exporting import convert_export, write_formats
 from xcoder_jax.formats.importing import SCALE_SOURCES, import_crosscoder
 
-FORMATS = {"dictionary_learning": dictionary_learning, "ckkissane": ckkissane}
+FORMATS = {
+    "dictionary_learning": dictionary_learning,
+    "ckkissane": ckkissane,
+    "saelens": saelens,
+}
 
 __all__ = [
     "FORMATS",

@@ -4,6 +4,7 @@ Both dictionary_learning and the ckkissane replication keep their weights in the
 crosscoder was trained in (normalised activations) with the base model in slot 0, so every
 writer starts from `normalised_view` of an export, and every reader ends in
 `export.export`, which folds the scales back in (raw units) and writes our directory.
+SAELens keeps raw units: its writer starts from `raw_view`, its reader divides the scales out.
 A sidecar `xcoder_jax.json` beside a converted crosscoder keeps what their formats have no
 field for: the per-model scales, the site (block L), the models and the tokenizer.
 """
@@ -44,6 +45,36 @@ def normalised_view(tensors: dict[str, np.ndarray], config: dict) -> dict[str, n
     if "threshold" in tensors:
         out["threshold"] = np.asarray(tensors["threshold"], np.float32)
     return out
+
+
+def raw_view(tensors: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """An export's tensors as they are (RAW units, float32), base model in slot 0, with the
+    scales [m] and, for BatchTopK, `threshold` [h]."""
+    order = [export.role_order(config).index(r) for r in BASE_FIRST]
+    out = {
+        "W_enc": np.asarray(tensors["W_enc"], np.float32)[order],
+        "b_enc": np.asarray(tensors["b_enc"], np.float32),
+        "W_dec": np.asarray(tensors["W_dec"], np.float32)[:, order],
+        "b_dec": np.asarray(tensors["b_dec"], np.float32)[order],
+        "scales": np.asarray(config["scales"], np.float32)[order],
+    }
+    if "threshold" in tensors:
+        out["threshold"] = np.asarray(tensors["threshold"], np.float32)
+    return out
+
+
+def rescaled(view: dict, scales: np.ndarray) -> dict:
+    """`view` (normalised units of view["scales"], base first) in the normalised units of
+    `scales` [m], the raw-unit crosscoder unchanged: for weights that take raw activations,
+    the scales only say in which units decoder norms are compared."""
+    r = np.asarray(scales, np.float32) / np.asarray(view["scales"], np.float32)
+    return {
+        **view,
+        "W_enc": view["W_enc"] / r[:, None, None],
+        "W_dec": view["W_dec"] * r[None, :, None],
+        "b_dec": view["b_dec"] * r[:, None],
+        "scales": np.asarray(scales, np.float32),
+    }
 
 
 def sidecar(config: dict, fmt: str) -> dict:

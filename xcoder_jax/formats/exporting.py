@@ -8,25 +8,30 @@ import os
 from xcoder_jax import export, stage
 from xcoder_jax import workdir as wd
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.formats import ckkissane, common, dictionary_learning
+from xcoder_jax.formats import ckkissane, common, dictionary_learning, saelens
 from xcoder_jax.formats.common import FormatError
 
-NAMES = ("dictionary_learning", "ckkissane")
+NAMES = ("dictionary_learning", "ckkissane", "saelens")
 
 
 def convert_export(export_dir: str, fmt: str, out_dir: str, config) -> dict:
     """Writes the export in `export_dir` as format `fmt` into `out_dir`; returns the sidecar.
 
     config: the run's config (BatchTopK's k, the training settings ckkissane's cfg.json
-    records). FormatError when the format cannot hold this crosscoder.
+    records, the context size and data SAELens's records). FormatError when the format
+    cannot hold this crosscoder.
     """
     if fmt not in NAMES:
         raise ConfigError(f"unknown crosscoder format {fmt!r} ({', '.join(NAMES)})")
     tensors, export_config = export.load_export(export_dir, "numpy")
-    view = common.normalised_view(tensors, export_config)
     facts = common.sidecar(export_config, fmt)
     # Which export it was converted from, by content: a later step skips an unchanged one.
     facts["export_sha256"] = _export_sha(export_dir)
+    if fmt == "saelens":
+        raw = common.raw_view(tensors, export_config)
+        saelens.write(out_dir, raw, facts, _saelens_run(config))
+        return facts
+    view = common.normalised_view(tensors, export_config)
     if fmt == "dictionary_learning":
         dictionary_learning.write(out_dir, view, facts, int(config.crosscoder.k))
     else:
@@ -43,6 +48,15 @@ def convert_export(export_dir: str, fmt: str, out_dir: str, config) -> dict:
         }
         ckkissane.write(out_dir, view, facts, train)
     return facts
+
+
+def _saelens_run(config) -> dict:
+    """What SAELens's metadata records of the training data: sequence length and sources."""
+    sources = [s.get("name") or s.get("path") or s.get("kind") for s in config.data.sources]
+    return {
+        "context_size": config.data.max_tokens,
+        "dataset_path": ", ".join(str(x) for x in sources if x) or None,
+    }
 
 
 def _export_sha(export_dir: str) -> dict:

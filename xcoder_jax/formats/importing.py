@@ -1,9 +1,9 @@
 """A crosscoder trained elsewhere as this workdir's export, checked against its store.
 
-`import_crosscoder` reads a dictionary_learning or ckkissane directory, checks that it fits
-the workdir's activation store (d_model, number of models, block L, the models and
-tokenizer where the file names them, its normalisation), and writes <workdir>/export/ in
-our format (raw units), so analysis, steering and ablation run on it unchanged.
+`import_crosscoder` reads a dictionary_learning, ckkissane or SAELens directory, checks
+that it fits the workdir's activation store (d_model, number of models, block L, the models
+and tokenizer where the file names them, its normalisation), and writes <workdir>/export/
+in our format (raw units), so analysis, steering and ablation run on it unchanged.
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ from xcoder_jax import export
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.formats import ckkissane, common, dictionary_learning
+from xcoder_jax.formats import ckkissane, common, dictionary_learning, saelens
 from xcoder_jax.formats.common import FormatError
 
-READERS = {"dictionary_learning": dictionary_learning.read, "ckkissane": ckkissane.read}
+READERS = {
+    "dictionary_learning": dictionary_learning.read,
+    "ckkissane": ckkissane.read,
+    "saelens": saelens.read,
+}
+# Formats whose weights take raw activations: there the scales only choose the units decoder
+# norms are compared in, and the raw-unit weights are kept whichever source they come from.
+RAW_UNITS = ("saelens",)
 # Where the per-model scales (normalised = raw * scale) come from: the file itself (its
 # activation normaliser, or our sidecar), the store (the crosscoder was trained on
 # activations normalised as sqrt(d) / mean norm over this store, as ckkissane's buffer does),
@@ -94,6 +101,10 @@ def import_crosscoder(
         s = np.asarray(store.scales, np.float32)
     else:
         s = np.ones(store.n_models, np.float32)
+    if fmt in RAW_UNITS:
+        base_first = np.empty_like(s)
+        base_first[order] = s
+        view = common.rescaled(view, base_first)
     weights = {
         "W_enc": view["W_enc"][order],
         "b_enc": view["b_enc"],

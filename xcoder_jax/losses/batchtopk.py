@@ -19,6 +19,10 @@ the encoder's forward GEMM has chosen them:
 
 AuxK decodes each row's aux_k largest dead pre-activations the same way, inside a
 `lax.cond` that skips it (and its cost) in every step where no latent is dead.
+
+k-annealing (`k_at`): k falls linearly from k_max to k over the first steps, at static
+shapes (one compilation): the selection runs at size k_max * batch and keeps its first
+k_step * n_valid entries; the EMA threshold and AuxK follow the step's kept set.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
 
 NAME = "batchtopk"
@@ -65,13 +70,6 @@ def encode(model: Crosscoder, x: jax.Array) -> jax.Array:
     return jnp.where(weighted >= model.threshold[...], f, 0.0)
 
 
-def threshold_on_f(model: Crosscoder) -> jax.Array:
-    """The exported JumpReLU threshold [n_latents]: training keeps it on decoder-norm-
-    weighted f, the export on f, divided by the final norms."""
-    norms = model.decoder_norms().sum(-1)
-    return model.threshold[...] / jnp.maximum(norms, 1e-12)
-
-
 def update_threshold(old: jax.Array, batch_threshold: jax.Array, ema: float) -> jax.Array:
     """The inference threshold after one step.
 
@@ -90,15 +88,24 @@ def update_threshold(old: jax.Array, batch_threshold: jax.Array, ema: float) -> 
     return jnp.where(jnp.isfinite(batch_threshold), mixed, old)
 
 
-def batch_topk(weighted: jax.Array, k: int, n_valid: jax.Array | None = None) -> jax.Array:
+def k_at(step, k: int, k_max: int, anneal_steps: int):
+    """k at 0-based `step`: int(k_max (1 - r) + k r), r = min(step, anneal_steps) /
+    anneal_steps (as dictionary_learning), in integers; k when anneal_steps is 0."""
+    if anneal_steps <= 0:
+        return k
+    s = jnp.minimum(jnp.asarray(step, jnp.int32), anneal_steps)
+    return k_max - ((k_max - k) * s + anneal_steps - 1) // anneal_steps
+
+
+def batch_topk(weighted: jax.Array, k, n_valid=None, k_max: int | None = None) -> jax.Array:
     """Mask [batch, n_latents] keeping the k * n_valid largest positive entries of the whole
     batch. `n_valid` []: the number of rows that count (masked rows are weighted by 0);
-    default: every row."""
+    default: every row. `k_max`: the static size that bounds a traced k (annealing)."""
     flat = weighted.reshape(-1)
-    n_max = min(k * weighted.shape[0], flat.shape[0])
+    n_max = min((k if k_max is None else k_max) * weighted.shape[0], flat.shape[0])
     _, idx = jax.lax.top_k(flat, n_max)  # descending
     # The slots of masked-out rows are not handed to the valid ones: k per valid row.
-    rank_kept = jnp.arange(n_max) < (n_max if n_valid is None else k * n_valid)
+    rank_kept = jnp.arange(n_max) < k * (weighted.shape[0] if n_valid is None else n_valid)
     mask = jnp.zeros(flat.shape, bool).at[idx].set(rank_kept)
     return (mask & (flat > 0)).reshape(weighted.shape)
 
@@ -114,7 +121,7 @@ def _result(model, x, mse, aux, aux_coeff, f, x_hat, kept):
     return loss, out
 
 
-def batchtopk_loss(model: Crosscoder, x, weights, k: int, dead, aux_k: int, aux_coeff: float):
+def batchtopk_loss(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, k_max=None):
     """BatchTopK reconstruction plus AuxK on dead latents: the dense path.
 
     x: [batch, n_models, d_model] normalised; weights: [batch] 0/1; dead: [n_latents] bool.
@@ -124,13 +131,14 @@ def batchtopk_loss(model: Crosscoder, x, weights, k: int, dead, aux_k: int, aux_
     over models and d and averaged over valid rows like the main term (not divided by the
     residual's variance), is zero when no latent is dead and enters the loss times
     `aux_coeff`. Returns (loss, aux) like `l1.l1_loss`, plus `batch_threshold` [].
+    While annealing, k is a traced int32 [] and `k_max` (static) the selection's size.
     """
     check_inputs(model, x, weights, dead)
     pre = jax.nn.relu(model.pre_acts(x))
     weighted = pre * model.decoder_norms().sum(-1)
     # Rows that are masked out (non-finite in the store) never claim a top-k slot.
     weighted = weighted * weights[:, None]
-    f = jnp.where(batch_topk(weighted, k, weights.sum()), pre, 0.0)
+    f = jnp.where(batch_topk(weighted, k, weights.sum(), k_max), pre, 0.0)
     x_hat = model.decode(f)
     mse = squared_error(x, x_hat, weights)
     # AuxK: the top aux_k dead latents of each row reconstruct what the live ones missed.
@@ -199,9 +207,7 @@ def _pairs_values(model: Crosscoder, x, pre, rows, cols):
     return jax.nn.relu(_gathered_pre(x2, w.reshape(m * d, h), model.b_enc[...], rows, cols, h, pre))
 
 
-def batchtopk_loss_sparse(
-    model: Crosscoder, x, weights, k: int, dead, aux_k: int, aux_coeff: float
-):
+def batchtopk_loss_sparse(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, k_max=None):
     """`batchtopk_loss` over the kept pairs only; same arguments and returns.
 
     aux["f"] is the dense [batch, n_latents] activation matrix, rebuilt without gradient
@@ -213,7 +219,7 @@ def batchtopk_loss_sparse(
     relu = jax.nn.relu(pre)
     norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
     weighted = relu * norms * weights[:, None]  # masked rows claim no slot
-    n_max = min(k * n, n * h)
+    n_max = min((k if k_max is None else k_max) * n, n * h)
     vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
     keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
     rows, cols = flat // h, flat % h
@@ -247,19 +253,24 @@ def batchtopk_loss_sparse(
 class BatchTopK:
     """k decoder-norm-weighted activations per row on average over the batch, AuxK on dead
     latents, and an EMA of the batch threshold for the inference JumpReLU. `sparse`: the
-    step computes over the kept pairs only, with the same result."""
+    step computes over the kept pairs only, with the same result. `anneal_steps` > 0: k
+    falls from `k_max` over the first anneal_steps steps (`k_at`)."""
 
     k: int
     aux_k: int
     aux_coeff: float
     threshold_ema: float
     sparse: bool = False
+    k_max: int = 0
+    anneal_steps: int = 0
     name: str = NAME
 
     def __call__(self, model: Crosscoder, x, weights, step, dead):
         fn = batchtopk_loss_sparse if self.sparse else batchtopk_loss
-        loss, aux = fn(model, x, weights, self.k, dead, self.aux_k, self.aux_coeff)
-        return loss, {**aux, "lam": jnp.zeros(())}
+        k = k_at(step, self.k, self.k_max, self.anneal_steps)
+        size = self.k_max if self.anneal_steps > 0 else None  # static: k is traced
+        loss, aux = fn(model, x, weights, k, dead, self.aux_k, self.aux_coeff, size)
+        return loss, {**aux, "lam": jnp.zeros(()), "k": jnp.asarray(k, jnp.float32)}
 
     def update(self, rest, aux):
         new = update_threshold(rest["threshold"][...], aux["batch_threshold"], self.threshold_ema)
@@ -270,13 +281,19 @@ class BatchTopK:
     def encode(self, model: Crosscoder, x):
         return encode(model, x)
 
-    def threshold_on_f(self, model: Crosscoder):
-        return threshold_on_f(model)
+    def threshold_on_f(self, model: Crosscoder) -> jax.Array:
+        """The exported JumpReLU threshold [n_latents]: training keeps it on decoder-norm-
+        weighted f, the export on f, divided by the final norms."""
+        return model.threshold[...] / jnp.maximum(model.decoder_norms().sum(-1), 1e-12)
 
 
 def from_config(cc, tc) -> BatchTopK:
     """The loss object of `config.crosscoder` (cc); `crosscoder.topk_path` (default "auto")
-    chooses the path."""
+    chooses the path for the selection's size: k_max (0: 4 k) while annealing, else k."""
     del tc
-    path = use_sparse(cc.get("topk_path", "auto"), cc.n_latents, cc.k)
-    return BatchTopK(cc.k, cc.aux_k, cc.aux_coeff, cc.threshold_ema, sparse=path)
+    anneal = cc.get("k_anneal_steps", 0)
+    k_max = (cc.get("k_max", 0) or 4 * cc.k) if anneal > 0 else cc.k
+    if k_max < cc.k:
+        raise ConfigError(f"crosscoder.k_max = {k_max}: must be >= crosscoder.k = {cc.k}")
+    path = use_sparse(cc.get("topk_path", "auto"), cc.n_latents, k_max)
+    return BatchTopK(cc.k, cc.aux_k, cc.aux_coeff, cc.threshold_ema, path, k_max, anneal)
