@@ -171,15 +171,22 @@ def _numpy_batchtopk(cc, x, weights, k, dead, aux_k):
     }
 
 
-@pytest.mark.parametrize("aux_k", [2, 5])  # 5 > the 3 dead latents: all of them are used
-def test_auxk_matches_hand_computation(aux_k):
+def _auxk_example():
+    """(crosscoder, x [5, 2, 4], weights [5], dead [8]): an example with a clear gap at the
+    top-k cut and dead latents that fire; the last row is masked out."""
     cc = _make_crosscoder(n_models=2, d_model=4, n_latents=8)
     cc.b_enc[...] = jnp.linspace(-0.05, 0.05, 8)
     cc.b_dec[...] = jnp.full((2, 4), 0.1)
     x = np.asarray(jax.random.normal(jax.random.key(7), (5, 2, 4)))
-    weights = np.array([1, 1, 1, 1, 0], np.float32)  # the last row is masked out
+    weights = np.array([1, 1, 1, 1, 0], np.float32)
     dead = np.zeros(8, bool)
     dead[[1, 4, 6]] = True
+    return cc, x, weights, dead
+
+
+@pytest.mark.parametrize("aux_k", [2, 5])  # 5 > the 3 dead latents: all of them are used
+def test_auxk_matches_hand_computation(aux_k):
+    cc, x, weights, dead = _auxk_example()
     k, coeff = 2, 0.25
     ref = _numpy_batchtopk(cc, x, weights, k, dead, aux_k)
     # The example does not hinge on rounding: a clear gap at the top-k cut (k * 4 valid
@@ -341,14 +348,7 @@ class WithAndWithoutJit(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_each_loss_kind(self):
-        # The AuxK example above: a clear gap at the top-k cut, dead latents that fire.
-        cc = _make_crosscoder(n_models=2, d_model=4, n_latents=8)
-        cc.b_enc[...] = jnp.linspace(-0.05, 0.05, 8)
-        cc.b_dec[...] = jnp.full((2, 4), 0.1)
-        x = np.asarray(jax.random.normal(jax.random.key(7), (5, 2, 4)))
-        weights = np.array([1, 1, 1, 1, 0], np.float32)  # the last row is masked out
-        dead = np.zeros(8, bool)
-        dead[[1, 4, 6]] = True
+        cc, x, weights, dead = _auxk_example()
         graph, params, rest = nnx.split(cc, nnx.Param, ...)
         ref = _numpy_batchtopk(cc, x, weights, 2, dead, 2)
         kinds = {
