@@ -14,23 +14,14 @@ from collections.abc import Iterable
 
 from xcoder_jax.config_rules import RULES
 from xcoder_jax.errors import ConfigError
-
-
-def _get(config, path: str):
-    """(found, value) of a dotted field."""
-    node = config
-    for part in path.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
+from xcoder_jax.params import lookup
 
 
 def _relations(config) -> list[str]:
     """Constraints between fields, as messages (empty when all hold)."""
     out = []
-    has = lambda path: _get(config, path)[0]
-    val = lambda path: _get(config, path)[1]
+    has = lambda path: lookup(config, path)[0]
+    val = lambda path: lookup(config, path)[1]
     if has("crosscoder.k") and has("crosscoder.n_latents") and val("crosscoder.loss") != "l1":
         if val("crosscoder.k") > val("crosscoder.n_latents"):
             out.append(
@@ -58,7 +49,7 @@ def problems(config) -> list[str]:
     """Every field of `config` outside what it accepts, as `field = value: must be ...`."""
     out = []
     for path, rule in RULES.items():
-        found, value = _get(config, path)
+        found, value = lookup(config, path)
         if found and not rule.ok(value):
             out.append(f"{path} = {value!r}: must be {rule.accepted}")
     if out:  # cross-field checks assume each field is valid on its own

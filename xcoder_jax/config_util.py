@@ -139,8 +139,12 @@ def load_sibling(config_file: str, name: str) -> ModuleType:
     Config files are loaded by path (`--config=configs/paper.py`), so they cannot import
     each other as a package without changing sys.path; this reads the sibling file instead.
     """
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-    module_name = "xcoder_jax_config_" + os.path.splitext(name)[0]
+    return load_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
+def load_file(path: str) -> ModuleType:
+    """The config module at `path`, loaded by path (ConfigError when it cannot be)."""
+    module_name = "xcoder_jax_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load the config file {path}")

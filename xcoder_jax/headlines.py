@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 
 from xcoder_jax import workdir as wd
-from xcoder_jax.stats import format_ci
+from xcoder_jax.stats import format_ci, sign
 
 WIDTH = 104  # a headline's characters: with the stage name, a summary line stays <= 120
 
@@ -81,17 +81,12 @@ def steering(results: dict, config) -> str:
     )
 
 
-def _excludes_zero(ci: dict | None, sign: int) -> bool:
-    lo, hi = (ci or {}).get("lo"), (ci or {}).get("hi")
-    return lo is not None and hi is not None and (hi < 0 if sign < 0 else lo > 0)
-
-
 def ablation(results: dict, config) -> str:
     """How many categories' targeted sets lower their markers beyond each control."""
     cats = [c for c in config.ablation.categories if c in results.get("categories", {})]
     heads = [results["categories"][c].get("headline", {}).get("distilled", {}) for c in cats]
-    direction = sum(_excludes_zero(h.get("targeted_minus_direction"), -1) for h in heads)
-    random = sum(_excludes_zero(h.get("targeted_minus_random"), -1) for h in heads)
+    direction = sum(sign(h.get("targeted_minus_direction")) < 0 for h in heads)
+    random = sum(sign(h.get("targeted_minus_random")) < 0 for h in heads)
     unmeasured = sum((h.get("targeted_minus_random") or {}).get("mean") is None for h in heads)
     return (
         f"marker log-prob below a random direction: {direction}/{len(cats)} categories; "

@@ -18,7 +18,6 @@ a bad input fails before any work. Every other flag error keeps absl's own repor
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from xcoder_jax import config_check, inputs
+from xcoder_jax import config_check, config_util, inputs
 from xcoder_jax.errors import ConfigError, XcoderError
 
 _TRACEBACK = flags.DEFINE_bool(
@@ -95,9 +94,7 @@ def _load_config(argv: list[str], name: str):
         flag, eq, value = arg.lstrip("-").partition("=")
         if flag == name and eq:
             path, _, config_arg = value.partition(":")
-            spec = importlib.util.spec_from_file_location("xcoder_jax_config_check", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            module = config_util.load_file(path)
             return module.get_config(config_arg) if config_arg else module.get_config()
     return None
 

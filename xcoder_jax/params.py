@@ -54,6 +54,16 @@ class Record(Mapping):
         return f"Record({self._items!r})"
 
 
+def lookup(config, path: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted field ("train.steps") of a config or nested mapping."""
+    node = config
+    for part in path.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def _frozen(value):
     """A config value as an immutable plain value (lists become tuples, dicts Records)."""
     if hasattr(value, "to_dict"):
@@ -157,15 +167,9 @@ class Declared:
             config = _nested(config.values)
         values, missing = {}, []
         for path in self.fields():
-            node, found = config, True
-            for part in path.split("."):
-                if hasattr(node, "keys") and part in node:
-                    node = node[part]
-                else:
-                    found = False
-                    break
+            found, value = lookup(config, path)
             if found:
-                values[path] = _frozen(node)
+                values[path] = _frozen(value)
             else:
                 missing.append(path)
         if missing:
