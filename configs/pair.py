@@ -28,7 +28,7 @@ weights); d_model is read from the activation store. On a CPU add
 `--config.models.torch_dtype=float32 --config.crosscoder.dtype=float32`. Arguments after a
 colon, as for the other configs: `runlocal` (configs/pair.py:runlocal) shrinks every stage to
 a smoke run (xcoder_jax.config_util.runlocal) and `batchtopk` trains BatchTopK (k = 100)
-instead of the paper's L1.
+instead of the paper's L1 (`matryoshka`: Matryoshka BatchTopK, the same k).
 """
 
 from ml_collections import ConfigDict
@@ -41,7 +41,7 @@ paper = config_util.load_sibling(__file__, "paper.py")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    arg, topk = config_util.split_variant(arg)  # `batchtopk`: that loss instead of L1
+    arg, topk = config_util.loss_variant(arg)  # `batchtopk`, `matryoshka`: that loss, not L1
     _, local = config_util.parse_arg(arg, "configs/pair.py")
     # The paper's recipe; the 1.5b pair's fields other than its models, block and d_model
     # are the same at every size.
@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # zoo.main_size (configs/tiny.py), so it is replaced rather than set.
     del c.crosscoder["d_model"]
     c.crosscoder.d_model = 0
+    # Shares of the latents dedicated to one model, (base-only, distilled-only): none.
+    c.crosscoder.exclusive = (0.0, 0.0)
+    # Matryoshka: the latent groups' shares of n_latents, as configs/tiny.py.
+    c.crosscoder.group_fractions = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
 
     # --- Text: one JSONL file of {"text": ...} documents ---------------------------------
     source = ConfigDict(dict(paper.tiny.SOURCE_DEFAULTS))
@@ -70,5 +74,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
     if topk:  # the paper config's k; AuxK keeps configs/tiny.py's 256 (d_model is not known
         # here; --config.crosscoder.aux_k=<d_model / 2> matches configs/paper.py)
-        config_util.batchtopk(c, k=100)
+        config_util.batchtopk(c, k=100, loss=topk)
     return config_util.runlocal(c) if local else c

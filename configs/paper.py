@@ -8,9 +8,10 @@ DeepSeek-R1-Distill-Qwen, at 1.5b, 7b and 14b. The size is the config's argument
 Needs hub access (or set --config.models.base/distilled to local paths and
 --config.data.sources to local files) and an accelerator: pip install -e ".[cuda12]".
 Add `,batchtopk` (`--config=configs/paper.py:1.5b,batchtopk`) for the BatchTopK loss
-(k = 100) instead of the paper's L1, and `,runlocal` for a smoke run with few steps,
-latents, documents and prompts (xcoder_jax.config_util.runlocal); steering needs
---config.steering.prompts and geometry --config.geometry.relation_files, as in a full run.
+(k = 100) instead of the paper's L1 (`,matryoshka`: Matryoshka BatchTopK, the same k), and
+`,runlocal` for a smoke run with few steps, latents, documents and prompts
+(xcoder_jax.config_util.runlocal); steering needs --config.steering.prompts and geometry
+--config.geometry.relation_files, as in a full run.
 
 Add `,dryrun` (`--config=configs/paper.py:1.5b,dryrun`) for the paper's shapes end to end
 without the hub: a random-init Qwen2 pair with the real architecture (layers, d_model, heads,
@@ -50,7 +51,7 @@ BATCH = 1024
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    arg, topk = config_util.split_variant(arg)  # `,batchtopk`: that loss instead of L1
+    arg, topk = config_util.loss_variant(arg)  # `,batchtopk`, `,matryoshka`: that loss, not L1
     arg, dry = config_util.split_variant(arg, DRYRUN)
     size, local = config_util.parse_arg(arg, "configs/paper.py", tuple(PAIRS))
     base, distilled, d_model, layer = PAIRS[size]
@@ -77,6 +78,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.crosscoder.l1_coeff = 2.0
     c.crosscoder.dtype = "bfloat16"  # bf16 compute; fp32 master weights
     c.crosscoder.dead_window_tokens = 10_000_000
+    c.crosscoder.exclusive = (0.0, 0.0)  # dedicated base-only / distilled-only shares: none
+    # Matryoshka: the latent groups' shares of n_latents, as configs/tiny.py.
+    c.crosscoder.group_fractions = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
 
     c.train.batch_size = BATCH
     c.train.steps = TOKENS // BATCH
@@ -95,7 +99,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.geometry.template = "{word}"
     c.geometry.zoo_relations = False
     if topk:  # k = 100 and aux_k = d_model / 2, as the PyTorch crosscoder trainers use
-        config_util.batchtopk(c, k=100, aux_k=d_model // 2)
+        config_util.batchtopk(c, k=100, aux_k=d_model // 2, loss=topk)
     if dry:
         return dryrun(c, size)
     return config_util.runlocal(c) if local else c

@@ -29,7 +29,7 @@ SOURCE_DEFAULTS = dict(
 
 
 def get_config(arg=None):
-    arg, topk = config_util.split_variant(arg)  # `batchtopk`: that loss instead of L1
+    arg, topk = config_util.loss_variant(arg)  # `batchtopk`, `matryoshka`: that loss, not L1
     _, local = config_util.parse_arg(arg, "configs/tiny.py")
     c = ConfigDict()
     c.seed = 0
@@ -141,7 +141,7 @@ def get_config(arg=None):
     c.crosscoder.n_models = 2
     c.crosscoder.d_model = c.zoo.get_ref("main_size")  # checked against the store
     c.crosscoder.n_latents = 1024  # the paper: 32768
-    c.crosscoder.loss = "l1"  # "l1" (the paper's) or "batchtopk"
+    c.crosscoder.loss = "l1"  # "l1" (the paper's), "batchtopk" or "matryoshka"
     c.crosscoder.l1_coeff = 2.0  # lambda of the paper
     c.crosscoder.l1_warmup_frac = 0.05  # lambda warms up linearly over this share of steps
     c.crosscoder.k = 32  # BatchTopK: active latents per row on average
@@ -155,6 +155,10 @@ def get_config(arg=None):
     # BatchTopK step: "dense" GEMMs over every latent, "sparse" over the kept (row, latent)
     # pairs only (same result), or "auto": sparse when n_latents >= 200 k.
     c.crosscoder.topk_path = "auto"
+    # Matryoshka BatchTopK: the latents split into consecutive groups of these shares of
+    # n_latents (the last group takes the remainder); every prefix of groups must reconstruct
+    # on its own. dictionary_learning's example shares.
+    c.crosscoder.group_fractions = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
     c.crosscoder.dead_window_tokens = 50_000  # a latent silent this long counts as dead
     c.crosscoder.dec_init_norm = 0.08  # L2 norm of every decoder row at init (L1)
     # BatchTopK's own: with L1's 0.08, 45% of its latents die at k = 32 (README).
@@ -164,6 +168,11 @@ def get_config(arg=None):
     # after decoding; the export folds it into the biases (raw-unit users see no difference).
     # The decoder bias then starts at the mean (0 in the centred frame) whatever b_dec_init.
     c.crosscoder.center = False
+    # Dedicated latents (Jiralerspong & Bricken 2026): (f_base, f_distilled), the shares of
+    # n_latents that are base-only and distilled-only by construction (the other model's
+    # encoder and decoder rows held at 0; the last latents, xcoder_jax/exclusive.py); the
+    # rest are shared. (0.0, 0.0): none, every latent may use both models.
+    c.crosscoder.exclusive = (0.0, 0.0)
     c.crosscoder.dtype = "float32"  # compute dtype; "bfloat16" keeps fp32 master weights
 
     # --- Export to other crosscoder formats (export/<format>/, after training) ---------------
@@ -342,8 +351,12 @@ def get_config(arg=None):
     c.ablation.n_random = 10
     c.ablation.n_docs = 256  # held-out documents whose marker log-probabilities are measured
     c.ablation.batch_size = 64  # documents per forward pass
+    # Half-step KL (analysis/kl.py) of each category's headline set on the first of the
+    # measured documents: the share of KL(distilled || base continued in the distilled model)
+    # it closes, against analysis.kl_random_draws activity-matched random sets of its size.
+    c.ablation.kl_docs = 8  # 0 skips it
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 
     if topk:
-        config_util.batchtopk(c, k=c.crosscoder.k)
+        config_util.batchtopk(c, k=c.crosscoder.k, loss=topk)
     return config_util.runlocal(c) if local else c

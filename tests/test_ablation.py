@@ -22,6 +22,7 @@ from xcoder_jax.ablation import (
     run_ablation,
     summarize_ablation,
 )
+from xcoder_jax.ablation.report import half_step_rows
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.activations.exclude import Exclusion
 from xcoder_jax.documents import pad_documents
@@ -178,6 +179,34 @@ def test_results_are_strict_json(run):
         strict_loads(f.read())
 
 
+def test_half_step_kl_of_every_headline_set(run):
+    """Each category's headline set: the KL it closes, its activity-matched random sets of
+    the same size and the paired difference, on measured documents it was not selected on."""
+    _, _, res = run
+    half = res["half_step_kl"]
+    assert set(half["categories"]) == set(res["categories"])
+    used, selected = set(half["documents"]), _expand(res["selection"]["documents"])
+    assert used and used <= set(res["measurement"]["documents"]) and not used & selected
+    computed = 0
+    for cat, e in half["categories"].items():
+        ids = sorted(lat["id"] for lat in res["categories"][cat]["headline"]["set"]["latents"])
+        assert e["n_latents"] == len(ids)
+        if not ids:
+            assert e["reason"]
+            continue
+        assert e["latents"] == ids and e["random"]["draws"] == half["random_draws"] > 0
+        assert all(len(r) == len(ids) and not set(r) & set(ids) for r in e["random"]["latents"])
+        for part in ("set", "random", "minus_random"):
+            for key in ("kl", "fraction_closed"):
+                c = e[part][key]
+                assert np.isfinite(c["mean"]), (cat, part, key, c)
+                if c["lo"] is not None:
+                    computed += 1
+                    assert c["lo"] <= c["mean"] <= c["hi"], (cat, part, key, c)
+    assert computed, "no half-step interval could be computed on the micro pair"
+    assert len(half_step_rows(res)) == len(res["categories"])
+
+
 def test_rerun_skips(run):
     config, workdir, _ = run
     path = os.path.join(wd.stage_dir(workdir, "ablation"), "results.json")
@@ -195,6 +224,7 @@ def test_an_empty_targeted_set_is_null_with_a_reason(run):
     rows = _rows(res) + _rows(res, "attribution")
     assert rows and all(r["set"]["n"] == 0 and "NRN > 1.0" in r["reason"] for r in rows)
     assert all(role not in r for r in rows for role in res["roles"])
+    assert all(e["n_latents"] == 0 for e in res["half_step_kl"]["categories"].values())
     assert "below 0 (95% CI) in 0/0" in summarize_ablation(res)
 
 

@@ -110,6 +110,7 @@ def test_every_project_config_is_valid():
         tiny.get_config(),
         tiny.get_config("runlocal"),
         tiny.get_config("batchtopk"),
+        tiny.get_config("matryoshka,runlocal"),
         paper.get_config("1.5b"),
         paper.get_config("14b,batchtopk,runlocal"),
         paper.get_config("7b,dryrun"),
@@ -126,7 +127,7 @@ def test_every_problem_is_named_with_its_range():
     found = config_check.problems(c)
     assert found == [
         "data.max_docs = 0: must be an integer >= 1, or -1 (all)",
-        "crosscoder.loss = 'topk': must be one of 'l1', 'batchtopk'",
+        "crosscoder.loss = 'topk': must be one of 'l1', 'batchtopk', 'matryoshka'",
         "train.lr = 0.0: must be a number in (0, inf]",
         "train.beta2 = 1.0: must be a number in [0, 1)",
         "steering.models = ('teacher',): must be a list of one of 'base', 'distilled'",

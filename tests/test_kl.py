@@ -137,3 +137,53 @@ def test_ratio_ci_pairs_documents():
     noisy = kl.ratio_ci(0.5 * den + rng.normal(0, 0.1, (3, 50)), den, clusters)
     assert noisy["lo"] < noisy["mean"] < noisy["hi"]
     assert kl.ratio_ci(den, np.zeros(50), clusters)["mean"] is None
+
+
+def test_ablation_half_step_of_category_sets(models, docs, xcoder):
+    """The ablation's per-category half-step KL: a category's set gives what `half_step_kl`
+    gives for the same set, the set of every latent closes what a hand-built pass says, the
+    random sets have the set's size, and a category without a set says why."""
+    from types import SimpleNamespace
+
+    from xcoder_jax.ablation import half_step
+    from xcoder_jax.activations.exclude import Exclusion
+
+    config = SimpleNamespace(ablation=SimpleNamespace(kl_docs=4, batch_size=4, seed=3),
+                             analysis=SimpleNamespace(kl_random_draws=2))  # fmt: skip
+    chosen = [2, 5, 7]
+    head = lambda ids: {"headline": {"set": {"latents": [{"id": i} for i in ids]}}}
+    cats = {"a": head(chosen), "every": head(range(xcoder.n_latents)),
+            "none": {"headline": {"reason": "no latent passes"}}}  # fmt: skip
+    doc_ids = [10, 11, 12, 13, 14, 15]
+    out = half_step.half_step_entry(config, models, xcoder, docs, doc_ids, cats, pad_id=0,
+                                    exclusion=Exclusion())  # fmt: skip
+    assert out["documents"] == doc_ids[:4] and out["random_draws"] == 2
+    ref = kl.half_step_kl(models, LAYER, docs[:4], xcoder, latents=chosen, n_draws=0, seed=3,
+                          batch_size=4)  # fmt: skip
+    a = out["categories"]["a"]
+    assert a["n_latents"] == 3 and a["latents"] == chosen
+    for key in ("kl", "fraction_closed"):
+        want = ref["sets"]["distilled_only"][key]
+        for end in ("mean", "lo", "hi"):
+            assert a["set"][key][end] == pytest.approx(want[end], rel=1e-9)
+    assert out["kl_nothing"]["mean"] == pytest.approx(ref["kl_nothing"]["mean"], rel=1e-9)
+    assert a["random"]["draws"] == 2 and len(a["random"]["latents"]) == 2
+    assert all(len(r) == 3 and not set(r) & set(chosen) for r in a["random"]["latents"])
+    for part in ("set", "random", "minus_random"):
+        for c in (a[part]["kl"], a[part]["fraction_closed"]):
+            assert np.isfinite([c["mean"], c["lo"], c["hi"]]).all()
+            assert c["lo"] <= c["mean"] <= c["hi"], (part, c)
+    diff = a["set"]["fraction_closed"]["mean"] - a["random"]["fraction_closed"]["mean"]
+    assert a["minus_random"]["fraction_closed"]["mean"] == pytest.approx(diff)
+    # Every latent: x_base + (x_hat_distilled - b_dec_distilled), by hand on one batch.
+    ids, mask = pad_documents(docs[:4], 0)
+    step = kl.HalfStep(models, LAYER, ids, mask, None, base=0, distilled=1)
+    every = xcoder.reconstruct(step.x)[:, :, 1] - xcoder.b_dec[1]
+    none_kl = kl.kl_rows(step.target, step.half_step(None))
+    every_kl = kl.kl_rows(step.target, step.half_step(every))
+    e = out["categories"]["every"]
+    assert e["set"]["kl"]["mean"] == pytest.approx(every_kl.mean(), rel=1e-5)
+    closed = 1 - every_kl.sum() / none_kl.sum()
+    assert e["set"]["fraction_closed"]["mean"] == pytest.approx(closed, rel=1e-5, abs=1e-6)
+    assert e["random"]["draws"] == 0 and "reason" in e["minus_random"]  # no other latent
+    assert out["categories"]["none"] == {"n_latents": 0, "reason": "no latent passes"}

@@ -16,14 +16,16 @@ from xcoder_jax.errors import ConfigError
 
 
 def test_every_kind_is_registered_under_its_name():
-    assert list(losses.KINDS) == ["l1", "batchtopk"]
+    assert list(losses.KINDS) == ["l1", "batchtopk", "matryoshka"]
     for name, module in losses.MODULES.items():
         assert module.NAME == name and losses.KINDS[name] is module.from_config
         assert losses.encoder(name) is module.encode
         c = train_config()
         c.crosscoder.loss, c.crosscoder.k = name, 4
         assert losses.from_config(c).name == name
-    with pytest.raises(ConfigError, match=r"unknown crosscoder.loss 'topk' \(l1, batchtopk\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown crosscoder.loss 'topk' \(l1, batchtopk, matryoshka\)"
+    ):
         losses.encoder("topk")
 
 
@@ -37,7 +39,7 @@ def test_each_kind_sets_its_decoder_init_norm():
         assert hp.dec_init_norm == losses.dec_init_norm(c)
         return hp.dec_init_norm
 
-    assert init_norm("l1") == 0.08 and init_norm("batchtopk") == 1.0
+    assert init_norm("l1") == 0.08 and init_norm("batchtopk") == init_norm("matryoshka") == 1.0
     del c.crosscoder.batchtopk_dec_init_norm  # a config without it: the L1 loss's norm
     assert init_norm("batchtopk") == 0.08
 
@@ -48,6 +50,7 @@ def test_the_modules_encoder_is_the_loss_kinds():
     weighted = jax.nn.relu(cc.pre_acts(x)) * cc.decoder_norms().sum(-1)
     cc.threshold[...] = jnp.full(32, jnp.median(weighted[weighted > 0]))
     by_kind = {"l1": losses.L1(1.0, 0.1, 10), "batchtopk": losses.BatchTopK(4, 8, 0.1, 0.99)}
+    by_kind["matryoshka"] = losses.Matryoshka(4, 8, 0.1, 0.99, (8, 24))
     for kind, loss in by_kind.items():
         np.testing.assert_array_equal(cc.encode(x, kind), loss.encode(cc, x))
     # Only BatchTopK's encoder reads the threshold: it turns some activations off.

@@ -138,9 +138,16 @@ def _ablation() -> dict:
     ded = {"occurrences": 0, "rules": {"specificity": {"by_frac": [
         {"frac": f, "set": empty, "reason": why} for f in (0.5, 0.1)]}},
         "headline": {"rule": "specificity", "frac": 0.1, "set": empty, "reason": why}}  # fmt: skip
+    closed = lambda *v: {"kl": _ci(0.5, 0.4, 0.6), "fraction_closed": _ci(*v)}
+    half = {"documents": [3, 4, 5], "categories": {
+        "self_reflection": {"n_latents": 1, "latents": [1234], "set": closed(0.12, 0.05, 0.2),
+                            "random": closed(0.01, -0.01, 0.03),
+                            "minus_random": closed(0.11, 0.04, 0.19)},
+        "deductive": {"n_latents": 0, "reason": why}}}  # fmt: skip
     return {"roles": ["base", "distilled"], "fracs": [0.5, 0.1],
             "headline": {"rule": "specificity", "frac": 0.1},
-            "categories": {"self_reflection": sr, "deductive": ded}}  # fmt: skip
+            "categories": {"self_reflection": sr, "deductive": ded},
+            "half_step_kl": half}  # fmt: skip
 
 
 def _geometry() -> dict:
@@ -333,3 +340,15 @@ def test_report_when_stages_are_missing_or_unreadable(tmp_path, config, monkeypa
     long = write_study_report(config, make_workdir(tmp_path / ("x" * 40)))
     line = summarize_report(long)
     assert line == f"report.html: 6/6 sections (open {long})"  # names would pass 80 characters
+
+
+def test_report_lists_the_half_step_kl_of_the_ablation_sets(tmp_path, config):
+    with open(write_study_report(config, make_workdir(tmp_path / "w"))) as f:
+        page = f.read()
+    ab = _section(page, "ablation")
+    rows = _rows(ab, "half-step")
+    assert rows[0][:3] == ["category", "latents", "KL closed by the set"]
+    assert rows[1] == ["self_reflection", "1", "+0.12 [+0.05, +0.2]", "+0.01 [-0.01, +0.03]",
+                       "+0.11 [+0.04, +0.19]"]  # fmt: skip
+    assert rows[2][:3] == ["deductive", "0", "no latent passes the specificity rule with NRN > 0.5"]
+    assert "on 3 held-out documents" in re.sub(r"\s+", " ", ab)

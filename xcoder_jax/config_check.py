@@ -28,6 +28,19 @@ def _relations(config) -> list[str]:
                 f"crosscoder.k = {val('crosscoder.k')}: must be <= crosscoder.n_latents "
                 f"({val('crosscoder.n_latents')})"
             )
+    if val("crosscoder.loss") == "matryoshka" and has("crosscoder.n_latents"):
+        fractions, h = tuple(val("crosscoder.group_fractions") or ()), val("crosscoder.n_latents")
+        if len(fractions) > h:  # Matryoshka: every group holds at least one latent
+            out.append(
+                f"crosscoder.group_fractions = {fractions}: must have at most "
+                f"crosscoder.n_latents ({h}) groups, not {len(fractions)}"
+            )
+    if has("crosscoder.exclusive") and any(val("crosscoder.exclusive")):
+        if val("crosscoder.n_models") != 2:
+            out.append(
+                f"crosscoder.exclusive = {tuple(val('crosscoder.exclusive'))}: dedicated latents "
+                f"need crosscoder.n_models = 2 (base, distilled), not {val('crosscoder.n_models')}"
+            )
     if has("analysis.base_only_max") and has("analysis.distilled_only_min"):
         if val("analysis.base_only_max") >= val("analysis.distilled_only_min"):
             out.append(

@@ -77,6 +77,17 @@ FRACTION = number(0, 1)
 SHARE = number(0, 1, lo_open=True)  # (0, 1]: a share of something that must not be empty
 PROBABILITY_OPEN = number(0, 1, hi_open=True)  # [0, 1): Adam's betas, an EMA's decay
 POSITIVE_NUMBER = number(0, lo_open=True)
+# (f_base, f_distilled): shares of the latents dedicated to one model (`xcoder_jax.exclusive`).
+EXCLUSIVE = Rule(
+    lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+    and all(PROBABILITY_OPEN.ok(x) for x in v) and sum(v) < 1,
+    "a pair (base-only, distilled-only) of numbers in [0, 1) summing to < 1",
+)  # fmt: skip
+# Matryoshka's latent groups: shares of n_latents, each > 0, summing to 1 (within 1e-6).
+GROUP_FRACTIONS = Rule(
+    lambda v: each(POSITIVE_NUMBER).ok(v) and abs(math.fsum(v) - 1.0) <= 1e-6,
+    "a list of numbers > 0 summing to 1",
+)
 
 
 def _losses():
@@ -173,11 +184,13 @@ RULES: dict[str, Rule] = {
     "crosscoder.aux_coeff": number(0),
     "crosscoder.threshold_ema": PROBABILITY_OPEN,
     "crosscoder.topk_path": choice(("auto", "dense", "sparse")),
+    "crosscoder.group_fractions": GROUP_FRACTIONS,
     "crosscoder.dead_window_tokens": POSITIVE,
     "crosscoder.dec_init_norm": POSITIVE_NUMBER,
     "crosscoder.batchtopk_dec_init_norm": POSITIVE_NUMBER,
     "crosscoder.b_dec_init": choice(("zero", "mean")),
     "crosscoder.center": BOOL,
+    "crosscoder.exclusive": EXCLUSIVE,
     "crosscoder.dtype": choice(("float32", "bfloat16")),
     "export.formats": each(choice(_formats), min_len=0),
     "train.steps": POSITIVE,
@@ -250,4 +263,5 @@ RULES: dict[str, Rule] = {
     "ablation.n_random": POSITIVE,
     "ablation.n_docs": POSITIVE,
     "ablation.batch_size": POSITIVE,
+    "ablation.kl_docs": COUNT,
 }

@@ -101,14 +101,34 @@ def split_variant(arg: str | None, variant: str = BATCHTOPK) -> tuple[str | None
     return ",".join(w for w in words if w != variant) or None, variant in words
 
 
-def batchtopk(config, k: int, aux_k: int | None = None):
+MATRYOSHKA = "matryoshka"
+LOSS_VARIANTS = (BATCHTOPK, MATRYOSHKA)
+
+
+def loss_variant(arg: str | None) -> tuple[str | None, str | None]:
+    """(the config argument without its loss word, the loss it names or None): at most one
+    of `LOSS_VARIANTS`, e.g. `configs/paper.py:1.5b,matryoshka`."""
+    found = []
+    for variant in LOSS_VARIANTS:
+        arg, there = split_variant(arg, variant)
+        found += [variant] if there else []
+    if len(found) > 1:
+        raise ConfigError(f"one loss variant at most, got {' and '.join(found)}")
+    return arg, (found[0] if found else None)
+
+
+def batchtopk(config, k: int, aux_k: int | None = None, loss: str = BATCHTOPK):
     """Switches `config` (in place; returned) to BatchTopK (Minder et al. 2025), the
     recipe of the model-diffing literature: k active latents per row on average, AuxK on
     dead latents with coefficient 1/32, the EMA threshold as the inference JumpReLU, the
     decoder bias starting at the store's mean (fewer dead latents, README). Use it against
-    the L1 loss's false exclusive latents; keep L1 for fidelity to the paper."""
+    the L1 loss's false exclusive latents; keep L1 for fidelity to the paper. `loss`
+    MATRYOSHKA: the same recipe with nested groups of latents (Bussmann et al. 2025,
+    `crosscoder.group_fractions`)."""
+    if loss not in LOSS_VARIANTS:
+        raise ConfigError(f"not a BatchTopK loss: {loss!r} ({', '.join(LOSS_VARIANTS)})")
     cc = config.crosscoder
-    cc.loss, cc.k, cc.aux_coeff, cc.b_dec_init = BATCHTOPK, k, 1 / 32, "mean"
+    cc.loss, cc.k, cc.aux_coeff, cc.b_dec_init = loss, k, 1 / 32, "mean"
     if aux_k is not None:
         cc.aux_k = aux_k
     return config

@@ -3,6 +3,10 @@
     pre     = sum_m x_m W_enc[m] + b_enc                        [batch, n_latents]
     x_hat_m = f W_dec[:, m] + b_dec[m]                         [batch, n_models, d_model]
 
+With dedicated latents (`exclusive`, layout in `xcoder_jax.exclusive`) the masked rows of
+W_enc and W_dec are zero at init and every computation reads the weights through
+`enc_weight` / `dec_weight`, which mask them again: their gradients are exactly zero.
+
 Inputs and outputs here are in NORMALISED units (each model's raw activations times its
 store scale, so that the mean norm is sqrt(d_model)); the export folds the scales into the
 weights for the portable raw-unit file.
@@ -19,6 +23,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from xcoder_jax import exclusive as excl
 
 # The mesh axis the latent dimension is split over; every other axis is replicated, and the
 # batch is split over "data". Each variable states its own layout (Flax partition metadata),
@@ -43,6 +49,8 @@ class Crosscoder(nnx.Module):
     W_dec [n_latents, n_models, d_model], b_dec [n_models, d_model].
 
     `dtype` is the compute dtype (e.g. bfloat16); parameters stay in `param_dtype`.
+    `exclusive`: (n_base_only, n_distilled_only) dedicated latents, the last ones
+    (`xcoder_jax.exclusive`); (0, 0) masks nothing.
     """
 
     def __init__(
@@ -55,10 +63,16 @@ class Crosscoder(nnx.Module):
         dec_init_norm: float = 0.08,
         param_dtype=jnp.float32,
         dtype=None,
+        exclusive: tuple[int, int] = excl.NONE,
     ):
+        self.exclusive = tuple(int(n) for n in exclusive)  # static: part of the graphdef
+        if self.exclusive != excl.NONE and n_models != 2:
+            raise ValueError(f"exclusive latents need 2 models (base, distilled), not {n_models}")
+        excl.ranges(n_latents, self.exclusive)  # raises for counts that do not fit
         w = jax.random.normal(rngs.params(), (n_latents, n_models, d_model), jnp.float32)
         # Every (latent, model) decoder row starts at the same L2 norm; W_enc = W_dec^T.
         w = w * (dec_init_norm / jnp.linalg.norm(w, axis=-1, keepdims=True))
+        w = self._masked(w, "dec")  # the masked rows start at exactly 0
         lat = LATENT_AXIS
         self.W_dec = _laid_out(nnx.Param, w.astype(param_dtype), lat, None, None)
         w_enc = jnp.transpose(w, (1, 2, 0)).astype(param_dtype)
@@ -68,6 +82,40 @@ class Crosscoder(nnx.Module):
         self.threshold = _laid_out(Threshold, jnp.zeros((n_latents,), jnp.float32), lat)
         self.dtype = dtype
 
+    def _keep(self, h: int, m: int) -> jax.Array:
+        """[h, m] bool: whether latent i may use model m (iota: no stored variable, so it
+        works under jit and with the latent axis sharded)."""
+        lat = jax.lax.broadcasted_iota(jnp.int32, (h, m), 0)
+        slot = jax.lax.broadcasted_iota(jnp.int32, (h, m), 1)
+        r = excl.ranges(h, self.exclusive)
+        base_only = (lat >= r["base_only"][0]) & (lat < r["base_only"][1])
+        distilled_only = lat >= r["distilled_only"][0]
+        return ~((base_only & (slot == 1)) | (distilled_only & (slot == 0)))
+
+    def _masked(self, w: jax.Array, layout: str) -> jax.Array:
+        """w with the masked rows 0: `layout` "enc" ([m, d, h]) or "dec" ([h, m, d])."""
+        if self.exclusive == excl.NONE:
+            return w  # nothing masked: the weights as they are
+        if layout == "enc":
+            keep = self._keep(w.shape[2], w.shape[0]).T[:, None, :]
+        else:
+            keep = self._keep(w.shape[0], w.shape[1])[:, :, None]
+        return jnp.where(keep, w, jnp.zeros((), w.dtype))
+
+    def model_mask(self) -> jax.Array:
+        """[n_latents, n_models] float32: 1 where latent i may use model m, 0 where it is
+        dedicated to the other model."""
+        h, m = self.W_dec.shape[:2]
+        return self._keep(h, m).astype(jnp.float32)
+
+    def enc_weight(self) -> jax.Array:
+        """W_enc [n_models, d_model, n_latents] with the dedicated latents' masked rows 0."""
+        return self._masked(self.W_enc[...], "enc")
+
+    def dec_weight(self) -> jax.Array:
+        """W_dec [n_latents, n_models, d_model] with the dedicated latents' masked rows 0."""
+        return self._masked(self.W_dec[...], "dec")
+
     def _cast(self, *arrays):
         if self.dtype is None:
             return arrays
@@ -75,7 +123,7 @@ class Crosscoder(nnx.Module):
 
     def pre_acts(self, x: jax.Array) -> jax.Array:
         """x: [batch, n_models, d_model] (normalised) -> [batch, n_latents], float32."""
-        x, w = self._cast(x, self.W_enc[...])
+        x, w = self._cast(x, self.enc_weight())
         # One [batch, m*d] x [m*d, h] GEMM: XLA lowers the equivalent einsum to a batched
         # dot plus a sum over models, measured ~15% slower on CPU.
         m, d, h = w.shape
@@ -86,7 +134,7 @@ class Crosscoder(nnx.Module):
 
     def decoder_norms(self) -> jax.Array:
         """L2 norm of each decoder row: [n_latents, n_models]."""
-        return jnp.linalg.norm(self.W_dec[...].astype(jnp.float32), axis=-1)
+        return jnp.linalg.norm(self.dec_weight().astype(jnp.float32), axis=-1)
 
     def encode(self, x: jax.Array, kind: str = "l1") -> jax.Array:
         """The inference encoder of loss `kind`: latent activations [batch, n_latents]
@@ -97,7 +145,7 @@ class Crosscoder(nnx.Module):
 
     def decode(self, f: jax.Array) -> jax.Array:
         """f: [batch, n_latents] -> x_hat [batch, n_models, d_model] (normalised)."""
-        f, w = self._cast(f, self.W_dec[...])
+        f, w = self._cast(f, self.dec_weight())
         h, m, d = w.shape
         chex.assert_shape(f, (None, h))
         chex.assert_type(f, float)

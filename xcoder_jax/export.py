@@ -9,7 +9,9 @@ units: the store's normalisation scales s_m (normalised = raw * s_m) are folded 
 so that f(x_raw) and x_hat_raw follow the same formulas as in training. The scales are kept
 in config.json: relative decoder norms must be compared in normalised units
 (`normalised_decoder`). The config's `models` name the role of each model slot
-(`role_order`), and its `weights_sha256` the weights file's hash (`check_export`).
+(`role_order`), and its `weights_sha256` the weights file's hash (`check_export`). A
+Matryoshka crosscoder's config also lists its `latent_groups`: the sizes of its consecutive
+groups of latents, in latent order (`exported.ExportedCrosscoder.latent_groups`).
 
 Writing, reading and validating need NumPy and safetensors only; the "torch" and "jax"
 backends of `load_export` import their framework when asked for.
@@ -41,7 +43,7 @@ def export(
     """Writes crosscoder.safetensors (raw units) and config.json.
 
     weights: normalised-unit W_enc [m, d, h], b_enc [h], W_dec [h, m, d], b_dec [m, d], and
-    for BatchTopK `threshold` [h] (on f, i.e. JumpReLU thresholds). scales: [m].
+    for BatchTopK and Matryoshka `threshold` [h] (on f, i.e. JumpReLU thresholds). scales: [m].
     """
     s = np.asarray(scales, np.float32)
     raw = {
@@ -145,19 +147,21 @@ def load_export(directory: str, backend: str = "numpy"):
 
         return {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, config
     if backend == "jax":
-        return to_module(tensors), config
+        return to_module(tensors, config), config
     raise ValueError(f"unknown backend {backend!r} (numpy, torch, jax)")
 
 
-def to_module(tensors: dict[str, np.ndarray]):
-    """A `Crosscoder` holding the given (raw-unit) tensors."""
+def to_module(tensors: dict[str, np.ndarray], config: dict | None = None):
+    """A `Crosscoder` holding the given (raw-unit) tensors, with the dedicated latents the
+    export's `config` records (`exclusive.from_export`; its weights hold the zeros)."""
     import jax.numpy as jnp
     from flax import nnx
 
+    from xcoder_jax import exclusive
     from xcoder_jax.crosscoder import Crosscoder
 
     m, d, h = tensors["W_enc"].shape
-    model = Crosscoder(m, d, h, rngs=nnx.Rngs(0))
+    model = Crosscoder(m, d, h, rngs=nnx.Rngs(0), exclusive=exclusive.export_counts(config))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         getattr(model, name)[...] = jnp.asarray(tensors[name])
     if "threshold" in tensors:

@@ -7,7 +7,7 @@ the HF models' residual streams as they are:
     f       = JumpReLU_t(ReLU(sum_m x_m W_enc[m] + b_enc))    x: raw [.., m, d]
     x_hat_m = f W_dec[:, m] + b_dec[m]                          raw
 
-with t the export's per-latent `threshold` on f (BatchTopK; none for L1: plain ReLU).
+with t the export's per-latent `threshold` on f (BatchTopK, Matryoshka; none for L1: ReLU).
 f is the same in both units, so NRN, firing and thresholds need no conversion; decoder norms
 are compared in normalised units (`normalised_decoder`). The analysis stream, splicing,
 steering, ablation and latent selection all read this object; tests check it elementwise
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from xcoder_jax import exclusive as excl
 from xcoder_jax import export, nrn, site
 from xcoder_jax.errors import UsageError
 
@@ -54,6 +55,20 @@ def _jump_relu(pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tenso
     return f if threshold is None else f.mul_(f >= threshold)
 
 
+def _latent_groups(groups, n_latents: int) -> tuple[int, ...] | None:
+    """The export's latent group sizes as ints (None without any); ExportError unless they
+    are positive and cover the latents exactly."""
+    if groups is None:
+        return None
+    sizes = tuple(int(n) for n in groups)
+    if not sizes or min(sizes) < 1 or sum(sizes) != n_latents:
+        raise export.ExportError(
+            f"latent_groups {list(groups)} do not split the export's {n_latents} latents into "
+            "consecutive non-empty groups"
+        )
+    return sizes
+
+
 class ExportedCrosscoder:
     """The export's tensors in PyTorch (float32, RAW units) with its facts.
 
@@ -61,7 +76,11 @@ class ExportedCrosscoder:
     streaming encoder multiplies with), b_enc [h], W_dec [h, m, d], b_dec [m, d], threshold
     [h] or None. Facts: `scales` [m] (normalised = raw * scale), `roles` (model slots in
     order, `export.role_order`), `layer` (block L, None if the config does not say),
-    `mean_norms` [m]: each model's mean raw activation norm at block L, sqrt(d) / scale.
+    `mean_norms` [m]: each model's mean raw activation norm at block L, sqrt(d) / scale;
+    `exclusive`: the dedicated latents' ranges {"base_only": (lo, hi), "distilled_only":
+    (lo, hi)} the export records (`exclusive.from_export`), None when it records none;
+    `latent_groups`: the sizes of a Matryoshka crosscoder's consecutive latent groups (its
+    config's "latent_groups"), None for other kinds.
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], config: dict | None = None, device="cpu"):
@@ -80,6 +99,8 @@ class ExportedCrosscoder:
         self.scales = np.asarray(config.get("scales", [1.0] * m), np.float32)
         self.roles = export.role_order(config)
         self.mean_norms = [math.sqrt(d) / float(s) for s in self.scales]
+        self.exclusive = excl.from_export(config)
+        self.latent_groups = _latent_groups(config.get("latent_groups"), h)
 
     @classmethod
     def load(cls, directory: str, device="cpu") -> ExportedCrosscoder:

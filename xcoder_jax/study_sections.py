@@ -192,6 +192,8 @@ each); mean paired difference with its 95% CI, bold where it excludes 0.</p>
 
 
 def ablation_section(workdir: str, r: dict, lat: Latents) -> str:
+    from xcoder_jax.ablation.report import HALF_STEP_HEAD, half_step_rows
+
     roles = r.get("roles") or []
     role = "distilled" if "distilled" in roles else (roles[-1] if roles else "distilled")
     rows, sets = [], []
@@ -218,6 +220,12 @@ documents: the change of the log-probability of the marker's first token where i
 bold where it excludes 0).</p>
 {table(ABLATION_HEAD, rows, "headline")}
 {figure(workdir, "ablation/ablation.png", "ablation")}
+<h3>Half-step KL of the headline sets</h3>
+<p>The base model to block L plus a set's distilled-side decoder contributions, continued in the
+distilled model: the fraction of KL(distilled || base continued) closed, on
+{fmt(len((r.get("half_step_kl") or {}).get("documents") or []))} held-out documents, beside
+random sets of the same size matched on activity (95% CI over documents).</p>
+{table(HALF_STEP_HEAD, half_step_rows(r, ci, E), "half-step")}
 <h3>Every ablated set</h3>
 <p>Per category and rule, the targeted set at each frac: the top latents of one ranking, so a
 smaller frac takes the first ones of a larger frac's set.</p>

@@ -265,9 +265,7 @@ def _export(run: _Run, state, progress: records.Progress, final_eval: dict | Non
     except AssertionError as e:
         raise TrainingError(f"the final weights hold NaN/inf; nothing exported ({e})") from e
     if run.main:
-        meta = records.export_meta(
-            run.config, run.store, run.hp.loss.name, progress, run.heldout, final
-        )
+        meta = records.export_meta(run.config, run.store, run.hp.loss, progress, run.heldout, final)
         export.export(wd.export_dir(run.workdir), weights, run.store.scales, meta)
     return final
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xcoder_jax import export, split, strict_json
+from xcoder_jax import exclusive, export, split, strict_json
 from xcoder_jax import workdir as wd
 
 # --- metrics.jsonl ----------------------------------------------------------------------
@@ -110,9 +110,10 @@ def mean_line(store, centred: bool) -> str:
     return f"store ||mean|| / rms deviation: {ratios} (crosscoder.center = {centred})"
 
 
-def export_meta(config, store, loss_name: str, progress: Progress, heldout, final: dict) -> dict:
+def export_meta(config, store, loss, progress: Progress, heldout, final: dict) -> dict:
     """The export's config.json fields besides the scales (`export.export` adds them):
-    the store's models and site, the run's counts, its held-out split and metrics."""
+    the store's models and site, the loss (the loss object: its name, and the latent groups
+    of one that has them, Matryoshka's), the run's counts, its held-out split and metrics."""
     m = store.manifest
     return {
         "models": m["models"],
@@ -120,7 +121,9 @@ def export_meta(config, store, loss_name: str, progress: Progress, heldout, fina
         "d_model": m["d_model"],
         "n_models": m["n_models"],
         "n_latents": config.crosscoder.n_latents,
-        "loss": loss_name,
+        "loss": loss.name,
+        # Matryoshka's group sizes, in latent order (`exported.ExportedCrosscoder.latent_groups`).
+        **({"latent_groups": list(loss.groups)} if getattr(loss, "groups", None) else {}),
         "tokenizer_sha256": m["tokenizer_sha256"],
         "store_rows": store.n_rows,
         "steps": config.train.steps,
@@ -133,4 +136,8 @@ def export_meta(config, store, loss_name: str, progress: Progress, heldout, fina
         # Centring subtracts the store mean before encoding (folded into the biases here).
         "center": bool(config.crosscoder.get("center", False)),
         "mean_to_spread": mean_to_spread(store),
+        # The dedicated latents' ranges (`exclusive.record`; absent when there are none).
+        **exclusive.record(
+            config.crosscoder.n_latents, exclusive.from_crosscoder(config.crosscoder)
+        ),
     }

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from xcoder_jax import exclusive as excl
 from xcoder_jax import losses
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
@@ -41,12 +42,13 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 class HParams:
     """What the step computes with. total_var: the FVE denominators per model,
     E||x - mean||^2 in normalised units. center: () or the store mean subtracted from every
-    batch, [n_models * d_model] flattened, normalised units (`crosscoder.center`)."""
+    batch, [n_models * d_model] flattened, normalised units (`crosscoder.center`).
+    exclusive: (n_base_only, n_distilled_only) dedicated latents (`xcoder_jax.exclusive`)."""
 
     n_models: int
     d_model: int
     n_latents: int
-    loss: losses.L1 | losses.BatchTopK
+    loss: losses.L1 | losses.BatchTopK | losses.Matryoshka
     seed: int
     dec_init_norm: float
     dtype: str
@@ -59,6 +61,7 @@ class HParams:
     dead_window_tokens: int
     total_var: tuple[float, ...]
     center: tuple[float, ...] = ()
+    exclusive: tuple[int, int] = (0, 0)
 
     @classmethod
     def from_config(cls, config, d_model: int, total_var, mean=None) -> HParams:
@@ -89,6 +92,7 @@ class HParams:
             dead_window_tokens=cc.dead_window_tokens,
             total_var=tuple(float(v) for v in _per_model(total_var, cc.n_models)),
             center=center,
+            exclusive=excl.from_crosscoder(cc),
         )
 
 
@@ -125,6 +129,7 @@ def _model(hp: HParams, seed: int) -> Crosscoder:
         rngs=nnx.Rngs(seed),
         dec_init_norm=hp.dec_init_norm,
         dtype=COMPUTE_DTYPES[hp.dtype],
+        exclusive=hp.exclusive,
     )
 
 
@@ -270,6 +275,8 @@ def export_weights(state: dict, hp: HParams) -> dict[str, np.ndarray]:
     b_enc - sum_m mu_m . W_enc[m] and b_dec + mu."""
     model = merge(hp, jax.device_get(state))
     out = {n: np.asarray(getattr(model, n)[...]) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    # Through the mask: the dedicated latents' rows are exactly 0 whatever the state holds.
+    out["W_enc"], out["W_dec"] = np.asarray(model.enc_weight()), np.asarray(model.dec_weight())
     if hp.center:
         mu = np.asarray(hp.center, np.float64)
         w_enc = out["W_enc"].astype(np.float64).reshape(mu.size, -1)

@@ -4,9 +4,9 @@
 skipping work already done. See `experiment` for the design, `sets` for the rules that choose
 latents, `occurrences` for where markers are read, `measure` for each category's sets and
 headline test, `effects` for what is measured, `controls` for the random sets and directions
-it is compared with, `probe` for how log-probabilities are read (the intervention of
-`xcoder_jax.intervention`, shared with `steering.ablate`), `report` for the figure and the
-one-line summary.
+it is compared with, `half_step` for the headline sets' half-step KL, `probe` for how
+log-probabilities are read (the intervention of `xcoder_jax.intervention`, shared with
+`steering.ablate`), `report` for the figure, the half-step table and the one-line summary.
 """
 
 from xcoder_jax.ablation.experiment import AblationError, run_ablation

@@ -18,7 +18,10 @@ effect is a mean over occurrences with a 95% bootstrap CI resampling documents a
 draws; targeted minus each control and the distilled - base difference get their own CIs.
 Per category, the `headline` entry is the declared test: the specificity rule at
 `ablation.headline_frac`, with its specificity matrix (the set's effect on every category's
-markers and on the ordinary continuations, at the same positions).
+markers and on the ordinary continuations, at the same positions). The headline sets'
+half-step KL (`half_step`: the share of KL(distilled || base continued in the distilled model)
+a set's distilled-side contributions close, against random sets of its size matched on
+activity) is read on the first `ablation.kl_docs` measured documents.
 
 Writes ablation/results.json and ablation/ablation.png.
 """
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from xcoder_jax import documents, params, selection, stage
 from xcoder_jax import workdir as wd
-from xcoder_jax.ablation import controls, measure, occurrences
+from xcoder_jax.ablation import controls, half_step, measure, occurrences
 from xcoder_jax.ablation.effects import Measurer
 from xcoder_jax.ablation.measure import HEADLINE_RULE
 from xcoder_jax.ablation.probe import LogitProbe
@@ -44,7 +47,7 @@ from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.marker_tokens import marker_groups
 from xcoder_jax.stage_inputs import load_inputs
 
-ABLATION_FORMAT = 5  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 6  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
 
 
@@ -65,7 +68,7 @@ FIELDS = params.Declared(
         "analysis.norm", "analysis.distilled_only_min", "analysis.bare_markers",
         "ablation.categories", "ablation.rules", "ablation.fracs", "ablation.headline_frac",
         "ablation.min_nrn", "ablation.dose_levels", "ablation.n_random", "ablation.n_docs",
-        "ablation.seed",
+        "ablation.seed", "ablation.kl_docs", "analysis.kl_random_draws",
     ),
     how=(*params.HOW, "ablation.batch_size"),
 )  # fmt: skip
@@ -168,6 +171,10 @@ def run_ablation(config, workdir: str) -> dict:
     for c, cat in enumerate(cats):
         results["categories"][cat] = measure.category_entry(study, c, bar.update)
     bar.close()
+    results["half_step_kl"] = half_step.half_step_entry(
+        config, models, xcoder, docs, doc_ids, results["categories"],
+        pad_id=documents.pad_token_id(tokenizer), exclusion=exclusion,
+    )  # fmt: skip
     results["seconds"] = round(time.time() - start, 1)
     return stage.commit(out_dir, RESULTS, results, {FIGURE: lambda p: plot_ablation(results, p)})
 

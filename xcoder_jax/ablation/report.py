@@ -1,5 +1,6 @@
 """The ablation's results as a reader sees them: ablation/ablation.png (log-probability change
-against frac per category and model, headline rule) and the pipeline's one-line summary.
+against frac per category and model, headline rule), the half-step KL table of the headline
+sets (shown in the study report) and the pipeline's one-line summary.
 """
 
 from __future__ import annotations
@@ -76,3 +77,26 @@ def summarize_ablation(results: dict) -> str:
         + "; ".join(parts)
         + f"; below 0 (95% CI) in {wins}/{n}"
     )
+
+
+HALF_STEP_HEAD = ["category", "latents", "KL closed by the set",
+                  "by matched random sets", "set − random"]  # fmt: skip
+
+
+def half_step_rows(results: dict, interval=stats.format_ci, text=str) -> list[list[str]]:
+    """The half-step table (`HALF_STEP_HEAD`): per category, the fraction of KL(distilled ||
+    base continued) its headline set closes, its matched random sets' and the difference
+    (95% CIs over documents). `interval` formats a CI, `text` the other cells (e.g. escapes
+    them); one row saying why when it was skipped, none when results predate it."""
+    half = results.get("half_step_kl") or {}
+    if "skipped" in half:
+        return [["every category", "", text(half["skipped"]), "", ""]]
+    rows = []
+    for cat, e in (half.get("categories") or {}).items():
+        if "set" not in e:
+            rows.append([text(cat), "0", text(e.get("reason", "no targeted set")), "", ""])
+            continue
+        parts = [e.get(k) or {} for k in ("set", "random", "minus_random")]
+        cis = [c.get("fraction_closed", c) for c in parts]  # else the part with its reason
+        rows.append([text(cat), str(e["n_latents"]), *(interval(c) for c in cis)])
+    return rows

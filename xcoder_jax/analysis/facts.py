@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from xcoder_jax import exclusive as excl
 from xcoder_jax import nrn as nrn_math
 
 
@@ -31,11 +32,15 @@ class DecoderFacts:
     norms_l2: np.ndarray
     cosine: np.ndarray  # cosine of the base and distilled decoder rows
     dec_norm_diff: np.ndarray  # the diffing toolkit's relative norm (1 base-only)
+    # int8 class a dedicated latent is held to by construction (0 base-only, 2 distilled-only;
+    # 1: free to use both models), `exclusive.structural_classes`
+    structural: np.ndarray
 
     @classmethod
-    def build(cls, w_norm: np.ndarray, roles: list[str], ac) -> DecoderFacts:
+    def build(cls, w_norm: np.ndarray, roles: list[str], ac, exclusive=None) -> DecoderFacts:
         """From the decoder [h, m, d] in NORMALISED units (`ExportedCrosscoder.
-        normalised_decoder`), the slots' roles and the `analysis` config section."""
+        normalised_decoder`), the slots' roles, the `analysis` config section and the
+        dedicated latents' ranges (`ExportedCrosscoder.exclusive`, None: none)."""
         base, dist = roles.index("base"), roles.index("distilled")
         nrn = nrn_math.latent_nrn(w_norm, roles, ac.norm)
         n_l2 = nrn_math.decoder_norms(w_norm, "l2")
@@ -50,6 +55,7 @@ class DecoderFacts:
             norms_l2=n_l2,
             cosine=nrn_math.decoder_cosine(w_norm, base, dist),
             dec_norm_diff=nrn_math.dec_norm_diff(n_l2, base, dist),
+            structural=excl.structural_classes(len(nrn), exclusive),
         )
 
 

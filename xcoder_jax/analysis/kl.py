@@ -36,8 +36,9 @@ the distilled-only latents (NRN > analysis.distilled_only_min), the full differe
 distilled-only latent paired with an unused other latent whose total activation on these
 documents is within a factor `MATCH_FACTOR`, else the nearest one; seeded draws), the control
 that could show the same effect. The distilled-only set minus the random sets is paired by
-document (the random draws resampled with the documents). The latent sets of steering and
-the ablation (categories) are chosen in later stages and are not evaluated here.
+document (the random draws resampled with the documents). The ablation stage evaluates each
+category's targeted set the same way on its held-out documents (`ablation.half_step`, through
+`set_values` and `set_against_random`); steering's sets are not evaluated.
 """
 
 from __future__ import annotations
@@ -169,27 +170,13 @@ def half_step_kl(
     models: the HF pair in crosscoder order; docs: whole token ids; xcoder: the export
     (`ExportedCrosscoder`, on the models' device); latents: the distilled-only set."""
     exclusion = exclusion or Exclusion()
-    base, dist = list(roles).index("base"), list(roles).index("distilled")
-    device = next(models[0].parameters()).device
     kw = dict(batch_size=batch_size, pad_id=pad_id, exclusion=exclusion)
     latents = sorted(int(i) for i in latents)
     activity = latent_activity(models, layer, docs, xcoder, **kw) if latents else None
     draws, within = matched_random_sets(activity, latents, n_draws, seed) if latents else ([], [])
     sets = {"nothing": [], "distilled_only": latents}
     sets.update({f"random_{k}": r for k, r in enumerate(draws)})
-    values = {name: [] for name in (*sets, "full_difference")}
-    clusters = []
-    for lo, ids, mask in _batches(docs, batch_size, pad_id, device):
-        step = HalfStep(models, layer, ids, mask, exclusion, base, dist)
-        clusters.append(lo + step.rows.cpu().numpy())
-        for name, ids_s in sets.items():
-            delta = xcoder.ablation_delta(step.x, ids_s, dist) if ids_s else None
-            values[name].append(kl_rows(step.target, step.half_step(delta)))
-        x_hat = xcoder.reconstruct(step.x)
-        full = x_hat[:, :, dist] - x_hat[:, :, base]
-        values["full_difference"].append(kl_rows(step.target, step.half_step(full)))
-    v = {k: np.concatenate(x) if x else np.zeros(0) for k, x in values.items()}
-    cl = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
+    v, cl = set_values(models, layer, docs, xcoder, sets, roles=roles, full=True, **kw)
     out = _summary(v, cl, seed, n_latents=len(latents), n_draws=len(draws))
     out.update(docs=len(docs), tokens=len(cl))
     if draws:
@@ -198,6 +185,48 @@ def half_step_kl(
         rand["activity_ratio"] = [float(activity[r].sum() / max(activity[latents].sum(), 1e-30))
                                   for r in draws]  # fmt: skip
     return out
+
+
+@torch.no_grad()
+def set_values(
+    models, layer, docs, xcoder, sets: dict, *, batch_size, pad_id, exclusion, roles, full=False
+) -> tuple[dict, np.ndarray]:
+    """Per stored position, KL(distilled || half-step) with each of `sets` ({name: latent
+    ids}; [] adds nothing) and, when `full`, "full_difference": ({name: [n]}, the index into
+    `docs` of each position's document [n])."""
+    base, dist = list(roles).index("base"), list(roles).index("distilled")
+    device = next(models[0].parameters()).device
+    values = {name: [] for name in (*sets, *(["full_difference"] if full else []))}
+    clusters = []
+    for lo, ids, mask in _batches(docs, batch_size, pad_id, device):
+        step = HalfStep(models, layer, ids, mask, exclusion, base, dist)
+        clusters.append(lo + step.rows.cpu().numpy())
+        for name, ids_s in sets.items():
+            delta = xcoder.ablation_delta(step.x, ids_s, dist) if len(ids_s) else None
+            values[name].append(kl_rows(step.target, step.half_step(delta)))
+        if full:
+            x_hat = xcoder.reconstruct(step.x)
+            delta = x_hat[:, :, dist] - x_hat[:, :, base]
+            values["full_difference"].append(kl_rows(step.target, step.half_step(delta)))
+    v = {k: np.concatenate(x) if x else np.zeros(0) for k, x in values.items()}
+    return v, np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
+
+
+def set_against_random(s, r, none, clusters, seed: int = 0) -> tuple:
+    """(set, random, set minus random): the KL and fraction closed of a latent set (s [n], the
+    KL per position with it added), of its random sets (r [draws, n]; None: no draws, then
+    the last two are None) and the set minus them, paired by document (the draws resampled
+    with the documents). none [n]: the KL with nothing added; clusters [n]: documents."""
+    ci = lambda vals: cluster_bootstrap_ci(vals, clusters, seed=seed)
+    closed = lambda vals: ratio_ci(none - vals, none, clusters, seed=seed)
+    one = {"kl": ci(s), "fraction_closed": closed(s)}
+    if r is None:
+        return one, None, None
+    diff = {
+        "kl": ci(s[None] - r),
+        "fraction_closed": ratio_ci(r - s[None], none, clusters, seed=seed),
+    }
+    return one, {"kl": ci(r), "fraction_closed": closed(r)}, diff
 
 
 def _summary(v: dict, cl: np.ndarray, seed: int, *, n_latents: int, n_draws: int) -> dict:
@@ -213,20 +242,16 @@ def _summary(v: dict, cl: np.ndarray, seed: int, *, n_latents: int, n_draws: int
         sets["distilled_only"] = sets["random_matched"] = {"n_latents": 0, "reason": reason}
         out["distilled_only_minus_random"] = {"reason": reason}
         return out
-    s = v["distilled_only"]
-    sets["distilled_only"] = {"n_latents": n_latents, "kl": ci(s), "fraction_closed": closed(s)}
+    r = np.stack([v[f"random_{k}"] for k in range(n_draws)]) if n_draws else None  # [draws, n]
+    one, rand, diff = set_against_random(v["distilled_only"], r, none, cl, seed)
+    sets["distilled_only"] = {"n_latents": n_latents, **one}
     if n_draws == 0:
         reason = "no random draws (analysis.kl_random_draws is 0, or too few other latents)"
         sets["random_matched"] = {"n_latents": n_latents, "draws": 0, "reason": reason}
         out["distilled_only_minus_random"] = {"reason": reason}
         return out
-    r = np.stack([v[f"random_{k}"] for k in range(n_draws)])  # [draws, positions]
-    sets["random_matched"] = {"n_latents": n_latents, "draws": n_draws, "kl": ci(r),
-                              "fraction_closed": closed(r)}  # fmt: skip
-    out["distilled_only_minus_random"] = {
-        "kl": ci(s[None] - r),
-        "fraction_closed": ratio_ci(r - s[None], none, cl, seed=seed),
-    }
+    sets["random_matched"] = {"n_latents": n_latents, "draws": n_draws, **rand}
+    out["distilled_only_minus_random"] = diff
     return out
 
 

@@ -2,16 +2,17 @@
 
 A line holds the latent's NRN (ours: 0 base-only, 1 distilled-only, L1 norms by default) and
 `dec_norm_diff` (the diffing toolkit's: 1 base-only, 0 distilled-only, L2 norms; see
-`norms`) and class, decoder norms per model (normalised units), the
-cosine of its two decoder rows, firing frequencies, its top examples with text context, its
-category tags, an automatic label and, for the base-only and distilled-only latents given a
-fit, the latent scaling (`scaling.report`: betas per target, error and reconstruction
-ratios; None where the latent was not fitted). Strict JSON (no NaN). Lines
-are rendered `block` latents at a time, so a 32768-latent export never has all its example
-texts in memory; only the examples of the latents the report shows are kept, and each line
-is shown to an `on_line` callback as it is written (the browser keeps what its table needs).
-The file is written where the caller says; the analysis stage renders it into a temporary
-file in its directory and puts it in place with its other outputs (`stage.commit`).
+`norms`) and class, its structural side (a dedicated latent's, else None), decoder norms per
+model (normalised units), the cosine of its two decoder rows, firing frequencies, its top
+examples with text context, its category tags, an automatic label and, for the base-only and
+distilled-only latents given a fit, the latent scaling (`scaling.report`: betas per target,
+error and reconstruction ratios; None where the latent was not fitted). Strict JSON (no
+NaN). Lines are rendered `block` latents at a time, so a 32768-latent export never has all
+its example texts in memory; only the examples of the latents the report shows are kept, and
+each line is shown to an `on_line` callback as it is written (the browser keeps what its
+table needs). The file is written where the caller says; the analysis stage renders it into
+a temporary file in its directory and puts it in place with its other outputs
+(`stage.commit`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _line(i: int, facts: LatentFacts, extra: dict, *, examples: list[dict], lab:
         "id": i,
         "nrn": round(float(facts.nrn[i]), 5),
         "class": CLASSES[facts.classes[i]],
+        # A dedicated latent's side by construction (`xcoder_jax.exclusive`), else None.
+        "structural": None if facts.structural[i] == 1 else CLASSES[facts.structural[i]],
         "dec_norm_diff": round(float(facts.dec_norm_diff[i]), 5),
         "norms": {"l1": _round(facts.norms_l1[i]), "l2": _round(facts.norms_l2[i])},
         "cosine": round(float(facts.cosine[i]), 5),

@@ -18,6 +18,7 @@ import html
 import json
 import os
 
+from xcoder_jax.analysis.groups import groups_html
 from xcoder_jax.analysis.report_figures import fig_categories, fig_cosine, fig_nrn, fig_training
 from xcoder_jax.fileio import atomic_write_bytes
 from xcoder_jax.study_sections import kl_headline
@@ -157,6 +158,8 @@ def _head_rows(s: dict) -> list[list[str]]:
          f"{s.get('n_dead', 0)}"],
         ["mean NRN (all / alive)", f"{_fmt(s['mean_nrn'])} / {_fmt(s['mean_nrn_alive'])}"],
         ["alive latents (active on a store row)", f"{s['alive_latents']} of {s['n_latents']}"],
+        *[[f"{k} base-only / distilled-only", f"{v['base_only']} / {v['distilled_only']}"]
+          for k, v in (s.get("exclusive") or {}).items() if k != "structural_alive"],
         *[[E(k), " / ".join(_ci(c) for c in cis)] for k, cis in kl_headline(s)],
     ]  # fmt: skip
 
@@ -231,6 +234,7 @@ def render_html(summary: dict, kept: dict[int, dict], figures: dict[str, str | N
 <h2>Shared vs exclusive latents</h2>
 {img("nrn", "NRN histogram")}
 {img("cosine", "cosine histogram")}
+{groups_html(s)}
 <h2>Reasoning categories</h2>
 <p>Latents active on more than {s.get("firing_share", 0.1):.0%} of the largest number of a
 category's marker occurrences any latent is active on (a marker counts at its last token);

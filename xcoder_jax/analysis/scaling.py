@@ -26,6 +26,10 @@ Two ratios, each the other model's beta over the owner's on the same target:
     `analysis.scaling_false_ratio` the latent is flagged as falsely exclusive;
   * reconstruction ratio: near 1 when other latents reconstruct the direction in the other
     model (latent decoupling), near 0 when nothing there does.
+
+With dedicated latents (`xcoder_jax.exclusive`), exclusive by construction, both kinds are
+fitted (the budget split between them) and each side is also reported for its structural
+and its learned exclusives apart.
 """
 
 from __future__ import annotations
@@ -60,22 +64,41 @@ def fit_betas(f: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray | None:
     return np.einsum("n,nmd,d->m", f, np.asarray(y, np.float64), np.asarray(u, np.float64)) / den
 
 
+def _split(a: np.ndarray, b: np.ndarray, budget: int) -> tuple[int, int]:
+    """How many of `a` and of `b` a budget takes: half each, what one leaves to the other."""
+    n_a = min(len(a), max(budget // 2, budget - len(b)))
+    return n_a, min(len(b), budget - n_a)
+
+
 def select_latents(
-    nrn: np.ndarray, classes: np.ndarray, max_latents: int, *, base: int, distilled: int
+    nrn: np.ndarray,
+    classes: np.ndarray,
+    max_latents: int,
+    *,
+    base: int,
+    distilled: int,
+    structural: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exclusive latents to fit and their owners: (ids [S] ascending, owner [S] model index).
 
     At most `max_latents` latents, the most extreme NRN of each side first. Half the budget
     is kept for each side (what one side leaves unused goes to the other), so a dictionary
-    with many distilled-only latents still gets its base-only ones checked.
+    with many distilled-only latents still gets its base-only ones checked. `structural`
+    ([n_latents] bool, the dedicated latents): a side's budget is split the same way between
+    its learned and its structural exclusives (NRN 0 or 1, which would come first).
     """
+    struct = np.zeros(len(nrn), bool) if structural is None else np.asarray(structural, bool)
     sides = []
     for _, k in SIDES:
         ids = np.flatnonzero(classes == k)
-        sides.append(ids[np.argsort(-np.abs(nrn[ids] - 0.5), kind="stable")])
-    n_base = min(len(sides[0]), max(max_latents // 2, max_latents - len(sides[1])))
-    n_dist = min(len(sides[1]), max_latents - n_base)
-    ids = np.sort(np.concatenate([sides[0][:n_base], sides[1][:n_dist]])).astype(np.int64)
+        ids = ids[np.argsort(-np.abs(nrn[ids] - 0.5), kind="stable")]
+        sides.append((ids[~struct[ids]], ids[struct[ids]]))
+    per_side = _split(*[np.concatenate(side) for side in sides], max_latents)
+    chosen = []
+    for (learned, dedicated), n in zip(sides, per_side):
+        n_learned, n_dedicated = _split(learned, dedicated, n)
+        chosen += [learned[:n_learned], dedicated[:n_dedicated]]
+    ids = np.sort(np.concatenate(chosen)).astype(np.int64)
     # NRN = n_dist / (n_base + n_dist) > 0.5 exactly when the distilled row is the larger.
     owner = np.where(nrn[ids] > 0.5, distilled, base).astype(np.int64)
     return ids, owner
@@ -162,6 +185,23 @@ def _clean(v, nd: int = 5):
     return round(float(v), nd) if np.isfinite(v) else None
 
 
+def _figures(in_set: np.ndarray, ids, fits: dict, ratio: dict, false_ratio: float) -> dict:
+    """summary["latent_scaling"]'s figures of one set of latents (`in_set` [n_latents] bool)
+    among the fitted `ids` [S]."""
+    sel = in_set[ids]
+    err = ratio["error"][sel]
+    n_flagged = int((err[np.isfinite(err)] > false_ratio).sum())
+    return {
+        "n_latents": int(in_set.sum()),
+        "n_selected": int(sel.sum()),
+        "n_fitted": int(fits["fitted"][sel].sum()),
+        "n_false_exclusive": n_flagged,
+        "share_false_exclusive": stats.proportion_ci(n_flagged, int(np.isfinite(err).sum())),
+        "ratio_error": _quantiles(err),
+        "ratio_reconstruction": _quantiles(ratio["reconstruction"][sel]),
+    }
+
+
 def report(
     ids: np.ndarray,
     owner: np.ndarray,
@@ -171,14 +211,18 @@ def report(
     roles: dict[str, int],
     false_ratio: float,
     min_rows: int,
+    structural: np.ndarray | None = None,
 ) -> tuple[dict[int, dict], dict]:
     """Per-latent lines for latents.jsonl and summary["latent_scaling"]; strict JSON (None
     with a "reason" where a value cannot be computed).
 
     ids, owner: [S] from `select_latents`; classes: [n_latents]; fits: `LatentScaling.result`;
     roles: {"base": model index, "distilled": model index}. Betas are listed in crosscoder
-    model order.
+    model order. `structural` ([n_latents] bool, the dedicated latents), when any: each line
+    says whether its latent is one, and each side's figures are also given for its
+    "structural" and its "learned" exclusives apart.
     """
+    struct = np.zeros(len(classes), bool) if structural is None else np.asarray(structural, bool)
     ratio = {t: ratios(fits[f"beta_{t}"], owner) for t in ("error", "reconstruction")}
     name_of = {v: k for k, v in roles.items()}
     side_of = {k: name for name, k in SIDES}
@@ -201,19 +245,14 @@ def report(
         elif err is None or line["ratio_reconstruction"] is None:
             bad = [t for t in ratio if line[f"ratio_{t}"] is None]
             line["reason"] = f"the owner's beta is ~0 on the {' and '.join(bad)} target"
+        if struct.any():
+            line["structural"] = bool(struct[i])
         lines[int(i)] = line
     summary = {"false_ratio": float(false_ratio), "targets": TARGETS}
     for name, k in SIDES:
-        sel = classes[ids] == k
-        err = ratio["error"][sel]
-        n_flagged = int((err[np.isfinite(err)] > false_ratio).sum())
-        summary[name] = {
-            "n_latents": int((classes == k).sum()),
-            "n_selected": int(sel.sum()),
-            "n_fitted": int(fits["fitted"][sel].sum()),
-            "n_false_exclusive": n_flagged,
-            "share_false_exclusive": stats.proportion_ci(n_flagged, int(np.isfinite(err).sum())),
-            "ratio_error": _quantiles(err),
-            "ratio_reconstruction": _quantiles(ratio["reconstruction"][sel]),
-        }
+        side = classes == k
+        summary[name] = _figures(side, ids, fits, ratio, false_ratio)
+        if struct.any():
+            for part, mask in (("structural", side & struct), ("learned", side & ~struct)):
+                summary[name][part] = _figures(mask, ids, fits, ratio, false_ratio)
     return lines, summary

@@ -13,6 +13,7 @@ from xcoder_jax import strict_json as strict
 from xcoder_jax.analysis import categories as cats
 from xcoder_jax.analysis import norms, scaling
 from xcoder_jax.analysis.facts import DecoderFacts, LatentFacts
+from xcoder_jax.analysis.groups import group_summary
 from xcoder_jax.analysis.latents import write_latents
 from xcoder_jax.analysis.stream import ScanResult, scan_store
 from xcoder_jax.errors import ConfigError
@@ -62,13 +63,14 @@ def analyze(
         )
     heldout = list(heldout)
     w_norm = xcoder.normalised_decoder()  # [h, m, d] normalised
-    decoder = DecoderFacts.build(w_norm, xcoder.roles, ac)
+    decoder = DecoderFacts.build(w_norm, xcoder.roles, ac, xcoder.exclusive)
     groups = marker_groups(tokenizer, bare=ac.bare_markers)
-    # Base-only and distilled-only latents get a latent-scaling fit, the most extreme of each
-    # side first (bounded work per row).
+    # Exclusive latents get a latent-scaling fit, the most extreme of each side first (bounded
+    # work per row); dedicated latents (exclusive by construction) are fitted apart.
+    dedicated = decoder.structural != CLASS_KEYS.index("shared")
     exclusive, owner = scaling.select_latents(
         decoder.nrn, decoder.bands, ac.scaling_max_latents, base=decoder.base,
-        distilled=decoder.distilled,
+        distilled=decoder.distilled, structural=dedicated,
     )  # fmt: skip
     b_dec = xcoder.b_dec.cpu().numpy() * xcoder.scales[:, None]  # normalised units
     fitter = scaling.LatentScaling(
@@ -85,7 +87,7 @@ def analyze(
     scaling_lines, scaling_summary = scaling.report(
         exclusive, owner, decoder.bands, fitter.result(ac.scaling_min_rows),
         roles={"base": decoder.base, "distilled": decoder.distilled},
-        false_ratio=ac.scaling_false_ratio, min_rows=ac.scaling_min_rows,
+        false_ratio=ac.scaling_false_ratio, min_rows=ac.scaling_min_rows, structural=dedicated,
     )  # fmt: skip
     top = _top_latents(facts, scan, ac)
     keep = set(top["top_distilled_only"]) | set(top["top_base_only"])
@@ -106,6 +108,7 @@ def analyze(
     summary = {
         **_measured(store, xcoder, scan, facts, heldout=heldout),
         **_nrn_summary(facts, ac),
+        **group_summary(xcoder.latent_groups, facts.classes),  # Matryoshka's groups
         "categories": categories,
         "latent_scaling": scaling_summary,
         **top,
@@ -178,4 +181,19 @@ def _nrn_summary(facts: LatentFacts, ac) -> dict:
             "hist": norms.histogram(cosine[shared], 40, -1.0, 1.0),
         },
         "firing_share": ac.firing_share,
+        "exclusive": _exclusive_summary(facts),
     }
+
+
+def _exclusive_summary(facts: LatentFacts) -> dict:
+    """Exclusives by construction apart from learned ones, per side: the dedicated latents
+    (`xcoder_jax.exclusive`; all, and those alive on held-out rows) and the latents free to
+    use both models whose class is that side (base-only or distilled-only NRN, alive)."""
+    free = facts.structural == CLASS_KEYS.index("shared")
+    out = {"structural": {}, "structural_alive": {}, "learned": {}}
+    for side in ("base_only", "distilled_only"):
+        held = facts.structural == CLASS_KEYS.index(side)
+        out["structural"][side] = int(held.sum())
+        out["structural_alive"][side] = int((held & facts.alive).sum())
+        out["learned"][side] = int((free & (facts.classes == CLASS_KEYS.index(side))).sum())
+    return out

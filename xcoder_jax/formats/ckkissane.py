@@ -12,7 +12,8 @@ weights here are in normalised units and the factors are in the sidecar:
 
     f = ReLU(sum_m (x_m * s_m) W_enc[m] + b_enc);   x_hat_m = (f W_dec[:, m] + b_dec[m]) / s_m
 
-Their encoder is a plain ReLU: a BatchTopK crosscoder (a JumpReLU) has no form here.
+Their encoder is a plain ReLU: a BatchTopK or Matryoshka crosscoder (a JumpReLU) has no
+form here.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def write(directory: str, view: dict[str, np.ndarray], facts: dict, train: dict)
     beta2, dec_init_norm, seq_len); keys their config has and ours lacks are null.
     """
     if "threshold" in view:
+        kind = facts.get("loss") or "BatchTopK"
         raise FormatError(
             "the ckkissane CrossCoder encodes with a plain ReLU and has no threshold: a "
-            "BatchTopK crosscoder cannot be written in that format"
+            f"{kind} crosscoder (a JumpReLU) cannot be written in that format"
         )
     m, d, h = view["W_enc"].shape
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))

@@ -21,6 +21,8 @@ from xcoder_jax.errors import XcoderError
 
 SIDECAR = "xcoder_jax.json"
 BASE_FIRST = ["base", "distilled"]
+# Loss kinds whose inference encoder is a JumpReLU with a learned per-latent threshold.
+THRESHOLD_LOSSES = ("batchtopk", "matryoshka")
 
 
 class FormatError(XcoderError, ValueError):
@@ -78,10 +80,13 @@ def rescaled(view: dict, scales: np.ndarray) -> dict:
 
 
 def sidecar(config: dict, fmt: str) -> dict:
-    """The facts of an export that the other formats cannot hold, models in base-first order."""
+    """The facts of an export that the other formats cannot hold, models in base-first order
+    (and a Matryoshka crosscoder's `latent_groups`, which only its training used)."""
     order = [export.role_order(config).index(r) for r in BASE_FIRST]
     models = config.get("models") or [{"role": r} for r in BASE_FIRST]
+    groups = config.get("latent_groups")
     return {
+        **({"latent_groups": list(groups)} if groups else {}),
         "written_by": "xcoder_jax",
         "format": fmt,
         "roles": BASE_FIRST,

@@ -17,6 +17,10 @@ sum_m ||decoder.weight[m, i]||_2 that BatchTopK thresholds (one threshold on wei
 ours too) and that the diffing toolkit's `dec_norm_diff` reads. Folding s_m into the
 weights instead would change those norms, and one BatchTopK threshold could no longer
 express our encoder. The 1e-8 in their denormalisation moves x_hat by a relative 1e-8 / s_m.
+
+A Matryoshka crosscoder is written as a BatchTopKCrossCoder: its inference is the same
+JumpReLU. Their crosscoder classes have no latent groups; the groups, which only its
+training used, are kept in the sidecar as `latent_groups` (and come back on import).
 """
 
 from __future__ import annotations

@@ -125,5 +125,7 @@ def import_crosscoder(
         "tokens_trained": facts.get("tokens_trained"),
         "imported": {"format": fmt, "path": os.path.abspath(path), "scales_from": scales},
     }
+    if facts.get("latent_groups"):  # a Matryoshka crosscoder's groups, from our sidecar
+        meta["latent_groups"] = [int(n) for n in facts["latent_groups"]]
     export.export(export_dir, weights, s, meta)
     return export.load_export(export_dir, "numpy")[1]

@@ -20,6 +20,9 @@ Its JumpReLU SAE takes x = concat(x_base, x_distilled) (raw, the input of block 
 Our encoder does not subtract b_dec: `apply_b_dec_to_input` is false. Ours keeps f >= t
 where SAELens keeps pre > threshold, so a positive t is written as the float32 just below
 it, which keeps the same f for every float32 pre; an L1 crosscoder gets threshold 0, a ReLU.
+A Matryoshka crosscoder is written as a BatchTopK one (the same JumpReLU at inference); its
+nested latent groups, which only its training used, are in `metadata.crosscoder` and the
+sidecar as `latent_groups`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ def _cfg(raw: dict, facts: dict, run: dict) -> dict:
         "d_model": d,
         "layer": layer,
         "loss": facts.get("loss"),
+        # Matryoshka's nested groups: sizes in latent order (training only; inference is the
+        # JumpReLU above).
+        **({"latent_groups": facts["latent_groups"]} if facts.get("latent_groups") else {}),
         "threshold": "SAELens keeps pre > threshold, the crosscoder f >= t: a positive t is "
         "stored as the float32 just below it (the same f in float32); 0 is a ReLU",
     }
@@ -161,7 +167,8 @@ def read(directory: str) -> tuple[dict, dict]:
     from `hook_name`.
 
     apply_b_dec_to_input is folded into b_enc (b_enc - b_dec W_enc); the threshold is kept
-    when the sidecar says BatchTopK or some threshold is positive (none positive: a ReLU).
+    when the sidecar says BatchTopK or Matryoshka or some threshold is positive (none
+    positive: a ReLU).
     """
     missing = "not a SAELens SAE directory: {path} missing"
     wpath, cpath, cfg = export.read_pair(directory, WEIGHTS, CONFIG, FormatError, missing)
@@ -193,7 +200,7 @@ def read(directory: str) -> tuple[dict, dict]:
         "W_dec": state["W_dec"].reshape(h, m, d) * s[None, :, None],
         "b_dec": state["b_dec"].reshape(m, d) * s[:, None],
     }
-    if jump and (facts.get("loss") == "batchtopk" or (state["threshold"] > 0).any()):
+    if jump and (facts.get("loss") in common.THRESHOLD_LOSSES or (state["threshold"] > 0).any()):
         view["threshold"] = _threshold_in(state["threshold"].astype(np.float32))
     view = {k: v.astype(np.float32) for k, v in view.items()}
     view["scales"] = s.astype(np.float32)

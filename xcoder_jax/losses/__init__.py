@@ -1,7 +1,7 @@
 """The crosscoder's training objectives: one module per loss kind, and their registry.
 
-Each kind is whole in its module (`l1`, `batchtopk`): its math, its paths, its threshold,
-its defaults. A kind's module defines
+Each kind is whole in its module (`l1`, `batchtopk`, `matryoshka`): its math, its paths,
+its threshold, its defaults. A kind's module defines
 
     NAME                        the value of `crosscoder.loss` that selects it
     from_config(cc, tc)         its loss object, from config.crosscoder and config.train
@@ -26,15 +26,17 @@ error, the checks of shapes and dtypes at a loss's boundary) is `common`.
 from __future__ import annotations
 
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.losses import batchtopk, l1
+from xcoder_jax.losses import batchtopk, l1, matryoshka
 from xcoder_jax.losses.batchtopk import BatchTopK
 from xcoder_jax.losses.l1 import L1, l1_lambda
+from xcoder_jax.losses.matryoshka import Matryoshka
 
 __all__ = [
     "KINDS",
     "MODULES",
     "BatchTopK",
     "L1",
+    "Matryoshka",
     "dec_init_norm",
     "encoder",
     "from_config",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 # crosscoder.loss -> the module of that kind.
-MODULES = {m.NAME: m for m in (l1, batchtopk)}
+MODULES = {m.NAME: m for m in (l1, batchtopk, matryoshka)}
 
 # crosscoder.loss -> the factory of its loss object, (config.crosscoder, config.train).
 KINDS = {name: m.from_config for name, m in MODULES.items()}

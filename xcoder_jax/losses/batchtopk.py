@@ -193,7 +193,7 @@ _gathered_pre.defvjp(_gathered_pre_fwd, _gathered_pre_bwd)
 
 def _decode_pairs(model: Crosscoder, f, rows, cols, n_rows: int):
     """sum_{j: r_j = r} f_j W_dec[c_j] for r < n_rows: [n_rows, m, d], without b_dec."""
-    w = model.W_dec[...]
+    w = model.dec_weight()  # masked before the gather: the gradient is masked too
     h, m, d = w.shape
     contrib = f[:, None] * w.reshape(h, m * d)[cols].astype(jnp.float32)
     return jax.ops.segment_sum(contrib, rows, num_segments=n_rows).reshape(n_rows, m, d)
@@ -201,7 +201,7 @@ def _decode_pairs(model: Crosscoder, f, rows, cols, n_rows: int):
 
 def _pairs_values(model: Crosscoder, x, pre, rows, cols):
     """ReLU(pre[rows, cols]) with the encoder's sparse gradient: [K] float32."""
-    w = model.W_enc[...]
+    w = model.enc_weight()
     m, d, h = w.shape
     x2 = x.reshape(-1, m * d)
     return jax.nn.relu(_gathered_pre(x2, w.reshape(m * d, h), model.b_enc[...], rows, cols, h, pre))

@@ -1,0 +1,36 @@
+r"""Crosscoder variants compared on one store, over several seeds (xcoder_jax/variants.py).
+
+    python launch/variants.py --config=configs/tiny.py --store=runs/tiny \
+        --workdir=runs/variants --seeds=0,1,2
+
+--store names a workdir whose zoo and activation store are built (`make demo`, or
+launch/build_zoo.py and launch/extract.py). Each variant and seed trains, analyses and
+ablates in <workdir>/<variant>/seed<s> (resumable); the table goes to
+<workdir>/variants.json and <workdir>/variants.md.
+"""
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from xcoder_jax import launch_util, variants
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "One run per variant and seed.", required=True)
+_STORE = flags.DEFINE_string("store", None, "Workdir with the model pair and store.", required=True)
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, comma-separated.")
+_VARIANTS = flags.DEFINE_list("variants", list(variants.VARIANTS), "Variants, comma-separated.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    seeds = [int(s) for s in _SEEDS.value]
+    tab = variants.run_variants(_CONFIG.value, _WORKDIR.value, _STORE.value, _VARIANTS.value, seeds)
+    print()
+    print(variants.markdown(tab))
+    print(f"Written: {_WORKDIR.value}/{variants.JSON}, {_WORKDIR.value}/{variants.MARKDOWN}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    launch_util.run_main(main)

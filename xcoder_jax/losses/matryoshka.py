@@ -1,0 +1,201 @@
+"""The Matryoshka BatchTopK loss (Bussmann et al. 2025), whole: nested groups of latents on
+BatchTopK's selection, its dense and sparse paths, and its defaults.
+
+The latents are split into consecutive groups (`crosscoder.group_fractions`, sizes from
+`group_sizes`); the prefix made of groups 0..g must reconstruct on its own. One batch top-k
+selection, exactly BatchTopK's (same k, decoder-norm-weighted, masked rows claim no slot,
+k-annealing by `batchtopk.k_at`), serves every prefix:
+
+    x_hat_g = b_dec + sum over kept (row, latent i), i in groups 0..g, of f_i W_dec[i]
+    loss    = sum_g squared_error(x, x_hat_g) + aux_coeff * AuxK
+
+AuxK and the EMA inference threshold are BatchTopK's, on the full reconstruction's residual,
+so inference is the same per-latent JumpReLU (`batchtopk.encode`); aux["x_hat"] and
+aux["mse"] are the full reconstruction's (FVE means what it means for BatchTopK), and
+aux["prefix_mse"] [n_groups] holds each prefix's error.
+
+The dense path decodes once, split into group slices (f[:, a:b] W_dec[a:b]), and sums the
+groups' contributions cumulatively. The sparse path segment-sums each kept pair's
+contribution into segment row * n_groups + group, then sums cumulatively over groups.
+`batchtopk.use_sparse` chooses, as for BatchTopK; both give the same loss, gradients and
+updates to float tolerance (`tests/test_matryoshka.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.errors import ConfigError
+from xcoder_jax.losses import batchtopk
+from xcoder_jax.losses.batchtopk import (
+    BatchTopK,
+    _decode_pairs,
+    _pairs_values,
+    batch_topk,
+    k_at,
+)
+from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
+
+NAME = "matryoshka"
+
+# dictionary_learning's example: groups of 1/32, 1/16, 1/8 and 1/4 of the latents, the
+# rest in the last group.
+DEFAULT_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
+
+# BatchTopK's: the same initial decoder norm and the same inference encoder.
+dec_init_norm = batchtopk.dec_init_norm
+encode = batchtopk.encode
+
+
+def group_sizes(fractions, n_latents: int) -> tuple[int, ...]:
+    """The groups' sizes: round(fraction * n_latents), at least 1, the last group taking the
+    remainder. Where the rounding leaves the last group no latent, the largest earlier
+    groups give one each. ConfigError for more groups than latents."""
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or len(fractions) > n_latents:
+        raise ConfigError(
+            f"crosscoder.group_fractions: {len(fractions)} groups for {n_latents} latents "
+            "(at least 1 group, at most one per latent)"
+        )
+    sizes = [max(1, round(f * n_latents)) for f in fractions[:-1]]
+    while sum(sizes) > n_latents - 1:  # the last group keeps at least one latent
+        sizes[sizes.index(max(sizes))] -= 1
+    return (*sizes, n_latents - sum(sizes))
+
+
+def _ends(groups) -> tuple[int, ...]:
+    """The exclusive end of each group: cumulative sizes."""
+    out, total = [], 0
+    for n in groups:
+        total += n
+        out.append(total)
+    return tuple(out)
+
+
+def _auxk(model: Crosscoder, x, pre, dead, residual, weights, aux_k: int):
+    """BatchTopK's AuxK term []: each row's aux_k largest dead (ReLU) pre-activations decode,
+    without b_dec, the stopped residual; zero, and not computed, when no latent is dead.
+    `pre` [B, h] float32 without gradient; the values' gradient is the sparse one."""
+    n, h = pre.shape
+    n_aux = min(aux_k, h)
+
+    def auxk(_):
+        dead_pre = jnp.where(dead[None, :], jax.nn.relu(pre), -jnp.inf)
+        a_vals, a_cols = jax.lax.top_k(dead_pre, n_aux)  # [B, n_aux]
+        a_rows = jnp.repeat(jnp.arange(n), n_aux)
+        a_cols = a_cols.reshape(-1)
+        a_f = _pairs_values(model, x, pre, a_rows, a_cols)
+        a_f = jnp.where(jnp.isfinite(a_vals.reshape(-1)), a_f, 0.0)
+        return squared_error(residual, _decode_pairs(model, a_f, a_rows, a_cols, n), weights)
+
+    return jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
+
+
+def _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept):
+    """(loss, aux) from the prefix reconstructions [G, B, m, d] (with b_dec); aux_inputs:
+    (pre without gradient, dead, aux_k) for AuxK on the full reconstruction's residual."""
+    prefix_mse = jnp.stack([squared_error(x, prefix[g], weights) for g in range(len(prefix))])
+    x_hat = prefix[-1]
+    pre, dead, aux_k = aux_inputs
+    residual = jax.lax.stop_gradient(x - x_hat)
+    aux = _auxk(model, x, pre, dead, residual, weights, aux_k)
+    loss = prefix_mse.sum() + aux_coeff * aux
+    out = {"f": f, "x_hat": x_hat, "mse": prefix_mse[-1], "sparsity": 0.0, "aux": aux}
+    out["prefix_mse"] = prefix_mse
+    out["batch_threshold"] = jnp.min(kept)
+    check_outputs(model, x, loss, out)
+    return loss, out
+
+
+def matryoshka_loss(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, groups, k_max=None):
+    """The Matryoshka loss, dense path. Arguments as `batchtopk.batchtopk_loss`, and
+    `groups`: the group sizes (static, summing to n_latents). Returns (loss, aux) with
+    aux["prefix_mse"] [n_groups] besides BatchTopK's keys."""
+    check_inputs(model, x, weights, dead)
+    pre_acts = model.pre_acts(x)
+    pre = jax.nn.relu(pre_acts)
+    weighted = pre * model.decoder_norms().sum(-1) * weights[:, None]
+    f = jnp.where(batch_topk(weighted, k, weights.sum(), k_max), pre, 0.0)
+    fc, w = model._cast(f, model.dec_weight())  # as `Crosscoder.decode` multiplies
+    h, m, d = w.shape
+    w = w.reshape(h, m * d)
+    parts = [
+        jnp.dot(fc[:, a - n : a], w[a - n : a], preferred_element_type=jnp.float32)
+        for n, a in zip(groups, _ends(groups))
+    ]
+    b_dec = model.b_dec[...].astype(jnp.float32)
+    prefix = jnp.cumsum(jnp.stack(parts), axis=0).reshape(len(groups), -1, m, d) + b_dec
+    kept = jnp.where(f > 0, weighted, jnp.inf)
+    aux_inputs = (jax.lax.stop_gradient(pre_acts), dead, aux_k)
+    return _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept)
+
+
+def matryoshka_loss_sparse(
+    model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, groups, k_max=None
+):
+    """`matryoshka_loss` over the kept pairs only (the selection of
+    `batchtopk.batchtopk_loss_sparse`); same arguments and returns."""
+    check_inputs(model, x, weights, dead)
+    n, h = x.shape[0], model.W_enc.shape[-1]
+    pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
+    norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
+    weighted = jax.nn.relu(pre) * norms * weights[:, None]  # masked rows claim no slot
+    n_max = min((k if k_max is None else k_max) * n, n * h)
+    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
+    keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
+    rows, cols = flat // h, flat % h
+    f_kept = _pairs_values(model, x, pre, rows, cols) * keep
+    n_groups = len(groups)
+    group = jnp.searchsorted(jnp.asarray(_ends(groups)), cols, side="right")
+    parts = _decode_pairs(model, f_kept, rows * n_groups + group, cols, n * n_groups)
+    parts = parts.reshape(n, n_groups, *parts.shape[1:])
+    b_dec = model.b_dec[...].astype(jnp.float32)
+    prefix = jnp.moveaxis(jnp.cumsum(parts, axis=1), 1, 0) + b_dec  # [G, B, m, d]
+    f_dense = jnp.zeros(n * h, jnp.float32).at[flat].set(jax.lax.stop_gradient(f_kept))
+    kept = jnp.where(keep, vals, jnp.inf)
+    f_dense = f_dense.reshape(n, h)
+    return _result(model, x, weights, prefix, (pre, dead, aux_k), aux_coeff, f_dense, kept)
+
+
+@dataclass(frozen=True)
+class Matryoshka:
+    """BatchTopK (k per row on average, AuxK, the EMA threshold as the inference JumpReLU)
+    with every prefix of the latent groups `groups` (sizes, summing to n_latents)
+    reconstructing on its own. `sparse`, `k_max`, `anneal_steps` as for `BatchTopK`."""
+
+    k: int
+    aux_k: int
+    aux_coeff: float
+    threshold_ema: float
+    groups: tuple[int, ...]
+    sparse: bool = False
+    k_max: int = 0
+    anneal_steps: int = 0
+    name: str = NAME
+
+    def __call__(self, model: Crosscoder, x, weights, step, dead):
+        fn = matryoshka_loss_sparse if self.sparse else matryoshka_loss
+        k = k_at(step, self.k, self.k_max, self.anneal_steps)
+        size = self.k_max if self.anneal_steps > 0 else None  # static: k is traced
+        args = (self.aux_k, self.aux_coeff, self.groups, size)
+        loss, aux = fn(model, x, weights, k, dead, *args)
+        return loss, {**aux, "lam": jnp.zeros(()), "k": jnp.asarray(k, jnp.float32)}
+
+    # BatchTopK's: the EMA of the batch's cut, its JumpReLU encoder and exported threshold.
+    update = BatchTopK.update
+    encode = BatchTopK.encode
+    threshold_on_f = BatchTopK.threshold_on_f
+
+
+def from_config(cc, tc) -> Matryoshka:
+    """The loss object of `config.crosscoder` (cc): BatchTopK's fields and path
+    (`batchtopk.from_config`), and the groups of `crosscoder.group_fractions`."""
+    b = batchtopk.from_config(cc, tc)
+    groups = group_sizes(cc.get("group_fractions", DEFAULT_FRACTIONS), cc.n_latents)
+    return Matryoshka(
+        b.k, b.aux_k, b.aux_coeff, b.threshold_ema, groups, b.sparse, b.k_max, b.anneal_steps
+    )
