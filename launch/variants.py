@@ -18,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "One run per variant and seed.", required=True)
 _STORE = flags.DEFINE_string("store", None, "Workdir with the model pair and store.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, comma-separated.")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Tabulate the finished runs; run nothing.")
 _VARIANTS = flags.DEFINE_list("variants", list(variants.VARIANTS), "Variants, comma-separated.")
 
 
@@ -25,7 +26,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     seeds = [int(s) for s in _SEEDS.value]
-    tab = variants.run_variants(_CONFIG.value, _WORKDIR.value, _STORE.value, _VARIANTS.value, seeds)
+    if _TABLE_ONLY.value:
+        tab = variants.collect(_WORKDIR.value, _VARIANTS.value, seeds)
+    else:
+        tab = variants.run_variants(
+            _CONFIG.value, _WORKDIR.value, _STORE.value, _VARIANTS.value, seeds
+        )
     print()
     print(variants.markdown(tab))
     print(f"Written: {_WORKDIR.value}/{variants.JSON}, {_WORKDIR.value}/{variants.MARKDOWN}")

@@ -1,5 +1,6 @@
 """The variant comparison's bookkeeping: configs, shared store links, the table over seeds."""
 
+import json
 import math
 import os
 
@@ -56,3 +57,49 @@ def test_table_is_a_t_interval_over_seeds():
     with pytest.raises(ValueError, match="unknown variants"):
         variants.run_variants(tiny.get_config(), "unused", "unused", ["l2"], [0])
     assert wd.ROLES == ("base", "distilled")  # row() reads FVE by these role names
+
+
+def _ci(mean, lo, hi):
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def test_row_and_collect_read_the_stages_results(tmp_path):
+    out = str(tmp_path)
+    run = variants.run_dir(out, "matryoshka", 1)
+    summary = {
+        "fve": [0.8, 0.9], "roles": {"base": 1, "distilled": 0}, "l0": 9.5, "n_dead": 64,
+        "n_latents": 1024, "n_distilled_only": 40,
+        "latent_scaling": {"distilled_only": {"share_false_exclusive": _ci(0.25, 0.1, 0.4)}},
+        "half_step": {"distilled_only_minus_random": {"fraction_closed": _ci(0.2, 0.1, 0.3)}},
+        "groups": [{"latents": [0, 32]}],
+    }  # fmt: skip
+    heads = [_ci(-0.5, -0.9, -0.1), _ci(-0.5, -0.9, 0.1), _ci(0.0, 0.0, 0.0)]
+    results = {
+        "categories": {
+            f"c{i}": {"headline": {"distilled": {"targeted_minus_random": h}}}
+            for i, h in enumerate(heads)
+        },
+        "half_step_kl": {"categories": {
+            "c0": {"minus_random": {"fraction_closed": _ci(0.1, 0.05, 0.2)}},
+            "c1": {"minus_random": {"fraction_closed": _ci(0.1, -0.05, 0.2)}},
+            "c2": {"n_latents": 0, "reason": "no set"},
+        }},
+    }  # fmt: skip
+    for path, obj in zip(variants._results(run), (summary, results)):
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            json.dump(obj, f)
+    r = variants.row(run)
+    assert (r["fve_base"], r["fve_distilled"]) == (0.9, 0.8)  # by role, not by slot
+    assert r["dead"] == pytest.approx(64 / 1024)
+    assert (r["n_distilled_only"], r["false_exclusive"], r["half_step_minus_random"]) == (
+        40,
+        0.25,
+        0.2,
+    )
+    # Only an interval below 0 counts; a zero-width one never does.
+    assert r["ablation_below_random"] == 1 and r["category_kl_beyond_random"] == 1
+    tab = variants.collect(out, ["matryoshka", "l1"], [0, 1])  # l1 and seed 0: no runs
+    assert list(tab) == ["matryoshka"] and tab["matryoshka"]["seeds"] == [1]
+    with open(os.path.join(out, variants.JSON)) as f:
+        assert json.load(f)["rows"]["matryoshka"]["1"]["l0"] == 9.5

@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
 STAGES = ("train", "analyze", "ablate")
 LINKED = (wd.models_dir, wd.activations_dir)  # what every variant's workdir shares
 JSON, MARKDOWN = "variants.json", "variants.md"
+RESULTS = {"analysis": "summary.json", "ablation": "results.json"}  # what `row` reads
 # column -> (header, format of its mean and interval)
 COLUMNS = {
     "fve_base": ("held-out FVE base", "{:.3f}"),
@@ -58,6 +59,7 @@ COLUMNS = {
     "false_exclusive": ("false-exclusive share", "{:.2f}"),
     "half_step_minus_random": ("half-step KL closed, minus random", "{:+.3f}"),
     "ablation_below_random": ("categories below random (ablation)", "{:.1f}"),
+    "category_kl_beyond_random": ("category sets closing KL beyond random", "{:.1f}"),
 }
 
 
@@ -92,6 +94,10 @@ def variant_config(config, variant: str, seed: int):
     return c
 
 
+def _results(run: str) -> list[str]:
+    return [os.path.join(wd.stage_dir(run, stage), name) for stage, name in RESULTS.items()]
+
+
 def _read(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -103,8 +109,7 @@ def _mean(ci: dict | None):
 
 def row(run: str, config=None) -> dict:
     """The figures of one variant run (None where a stage did not measure one)."""
-    s = _read(os.path.join(wd.stage_dir(run, "analysis"), "summary.json"))
-    abl = _read(os.path.join(wd.stage_dir(run, "ablation"), "results.json"))
+    s, abl = (_read(p) for p in _results(run))
     fve = {role: s["fve"][s["roles"][role]] for role in wd.ROLES}
     half = s.get("half_step", {}).get("distilled_only_minus_random", {})
     cats = abl.get("categories", {})
@@ -120,6 +125,10 @@ def row(run: str, config=None) -> dict:
         ),
         "half_step_minus_random": _mean(half.get("fraction_closed")),
         "ablation_below_random": sum(stats.sign(h.get("targeted_minus_random")) < 0 for h in heads),
+        "category_kl_beyond_random": sum(
+            stats.sign(v.get("minus_random", {}).get("fraction_closed")) > 0
+            for v in abl.get("half_step_kl", {}).get("categories", {}).values()
+        ),
         "groups": s.get("groups"),
         "exclusive": s.get("exclusive"),
     }
@@ -173,6 +182,20 @@ def run_variants(config, out: str, store_workdir: str, variants, seeds, log=prin
             log(f"{variant} seed {seed}: {rows[variant][seed]}")
             tab = table(rows)
             write(out, rows, tab)  # after every run: nothing measured is lost
+    return tab
+
+
+def collect(out: str, variants, seeds) -> dict:
+    """The table from the runs already in `out` (those with both results files), written
+    again; the runs are not touched."""
+    rows: dict[str, dict[int, dict]] = {}
+    for variant in variants:
+        for seed in seeds:
+            run = run_dir(out, variant, seed)
+            if all(os.path.exists(p) for p in _results(run)):
+                rows.setdefault(variant, {})[seed] = row(run)
+    tab = table(rows)
+    write(out, rows, tab)
     return tab
 
 
