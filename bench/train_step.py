@@ -9,11 +9,20 @@ could reach at best on this device.
     python -m bench.train_step                  # CPU: d=256, 2 models, 4096 latents, batch 1024
     python -m bench.train_step --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
                                                 # also model-FLOP utilisation
+    python -m bench.train_step --l1             # our L1 step, dense and sparse paths side by
+                                                # side, at several L0 / n_latents
+    python -m bench.train_step --l1 --gpu       # the same at the GPU shape
+
+With --l1 each density is set by the encoder bias (every latent alike, the learning rate ~0 so
+that it stays); the sparse step runs at the capacity training gives that L0
+(`losses.l1_sparse.capacity_for`), here also above its cap, to time the sparse path itself at
+every density. The measured L0 is printed with each line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -24,6 +33,7 @@ import torch
 from configs import tiny
 from xcoder_jax import sharding
 from xcoder_jax import train_step as ts
+from xcoder_jax.losses import l1_sparse
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak FLOP/s by device name fragment, for model-FLOP utilisation.
@@ -142,6 +152,64 @@ def gemm_runners(d, h, batch, dtype, steps_per_round, device):
     return {"gemm_jax": jax_run, "gemm_torch": torch_run}
 
 
+L1_DENSITIES = (1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 256)
+
+
+def l1_runner(d, h, batch, dtype, steps_per_round, density, sparse):
+    """A timed round of our L1 step at L0 / n_latents ~ `density` on a fixed random batch
+    (x ~ N(0, 1)): (run, the measured L0). The encoder bias b puts a share `density` of the
+    pre-activations above 0: pre ~ N(b, sigma^2), sigma = the W_enc column's norm."""
+    c = tiny.get_config()
+    c.crosscoder.d_model, c.crosscoder.n_latents, c.crosscoder.dtype = d, h, dtype
+    c.train.batch_size, c.train.steps, c.train.lr = batch, 10**6, 1e-12
+    hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
+    if sparse:  # the capacity of that L0, without the cap at SPARSE_MAX_DENSITY
+        capacity = l1_sparse.bucket(l1_sparse.HEADROOM * density * h * batch)
+        hp = dataclasses.replace(
+            hp, loss=dataclasses.replace(hp.loss, sparse=True, capacity=capacity)
+        )
+    trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
+    state = trainer.init()
+    sigma = c.crosscoder.dec_init_norm * np.sqrt(2)  # both models' rows at that norm
+    b = -sigma * statistics.NormalDist().inv_cdf(1 - density)
+    state["params"]["b_enc"] = state["params"]["b_enc"].replace(np.full(h, b, np.float32))
+    x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
+    xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
+    state, metrics = trainer.step(state, xb, wb, with_metrics=True)
+    l0 = float(metrics["l0"])
+
+    def run():
+        nonlocal state
+        for _ in range(steps_per_round):
+            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, l0
+
+
+def l1_paths(d, h, batch, dtype, args):
+    """Prints our L1 step's dense and sparse paths side by side at each of L1_DENSITIES."""
+    print(f"device: {jax.devices()[0].device_kind} | d=2x{d}, {h} latents, batch {batch}, {dtype}")
+    print(f"auto runs sparse below L0 / n_latents = {l1_sparse.SPARSE_MAX_DENSITY:.4g}")
+    for density in L1_DENSITIES:
+        (dense, l0), (sparse, _) = (
+            l1_runner(d, h, batch, dtype, args.steps, density, s) for s in (False, True)
+        )
+        runners = {"dense": dense, "sparse": sparse}
+        for run in runners.values():  # compile / warm up
+            run()
+        times = {k: [] for k in runners}
+        for _ in range(args.rounds):
+            for k, run in runners.items():
+                times[k].append(time_round(run))
+        rate = {k: args.steps / statistics.median(v) for k, v in times.items()}
+        ratio = rate["sparse"] / rate["dense"]
+        print(
+            f"L0/h {density:8.5f} (L0 {l0:7.1f}): dense {rate['dense']:7.3f} steps/s, "
+            f"sparse {rate['sparse']:7.3f} steps/s, sparse/dense {ratio:5.2f}x"
+        )
+
+
 def time_round(run) -> float:
     start = time.perf_counter()
     run()
@@ -155,11 +223,14 @@ def main():
     p.add_argument("--gpu", action="store_true", help="GPU mode: bf16 at the 1.5B paper shape")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    p.add_argument("--l1", action="store_true", help="our L1 step: dense and sparse paths")
     args = p.parse_args()
     if args.gpu:
         d, h, batch, dtype, device = 1536, 32768, 4096, "bfloat16", torch.device("cuda")
     else:
         d, h, batch, dtype, device = 256, 4096, 1024, "float32", torch.device("cpu")
+    if args.l1:
+        return l1_paths(d, h, batch, dtype, args)
     runners = {
         "jax": jax_runner(d, h, batch, dtype, args.steps),
         "torch": torch_runner(d, h, batch, dtype, args.steps, device),

@@ -155,6 +155,9 @@ def get_config(arg=None):
     # BatchTopK step: "dense" GEMMs over every latent, "sparse" over the kept (row, latent)
     # pairs only (same result), or "auto": sparse when n_latents >= 200 k.
     c.crosscoder.topk_path = "auto"
+    # L1 step: "dense", "sparse" over the active (row, latent) pairs only (same result), or
+    # "auto": sparse while the logged L0 is below 1/32 of n_latents (xcoder_jax/l1_switch.py).
+    c.crosscoder.l1_path = "dense"
     # Matryoshka BatchTopK: the latents split into consecutive groups of these shares of
     # n_latents (the last group takes the remainder); every prefix of groups must reconstruct
     # on its own. dictionary_learning's example shares.
@@ -266,11 +269,11 @@ def get_config(arg=None):
     c.analysis.splice_batch = 8  # documents per forward pass in splice-in
     # Behavioural KL (analysis/kl.py) on the first held-out documents: KL(model || model with
     # its reconstruction spliced in), and the half-step KL (base model to block L plus a latent
-    # set's distilled-side decoder contributions, distilled model's blocks from L on): the
+    # set's share of the reconstruction difference, distilled model's blocks from L on): the
     # fraction of KL(distilled || base continued in the distilled model) the distilled-only
     # latents close, beside the full reconstruction difference and random latent sets of the
     # same size matched on activity. 0 skips it; 95% intervals bootstrap documents (`seed`).
-    c.analysis.kl_docs = 8
+    c.analysis.kl_docs = 32  # 8 documents gave bootstrap intervals over too few clusters
     c.analysis.kl_random_draws = 3  # seeded activity-matched random sets; 0: no control
     # Feature browser (analysis/browser.html): latents whose contexts it keeps (the alive
     # ones, most exclusive first; every latent is listed), contexts per latent, and promoted
@@ -354,7 +357,7 @@ def get_config(arg=None):
     # Half-step KL (analysis/kl.py) of each category's headline set on the first of the
     # measured documents: the share of KL(distilled || base continued in the distilled model)
     # it closes, against analysis.kl_random_draws activity-matched random sets of its size.
-    c.ablation.kl_docs = 8  # 0 skips it
+    c.ablation.kl_docs = 32  # 0 skips it
     c.ablation.seed = c.get_ref("seed")  # random control draws and bootstrap
 
     if topk:

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from tests.conftest import CORPUS, make_tokenizer, synthetic_store, train_config
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import config_check, export, sharding, train
+from xcoder_jax import config_check, export, formats, sharding, train
 from xcoder_jax import exclusive as excl
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
@@ -27,6 +27,7 @@ from xcoder_jax.analysis.summary import analyze
 from xcoder_jax.config_rules import RULES
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.exported import ExportedCrosscoder
+from xcoder_jax.formats import common
 from xcoder_jax.stage_inputs import load_inputs
 
 H, D, B = 64, 8, 32
@@ -37,6 +38,7 @@ CASES = [
     ("batchtopk", "dense"),
     ("batchtopk", "sparse"),
     ("matryoshka", "dense"),
+    ("matryoshka", "sparse"),
 ]
 
 
@@ -208,6 +210,49 @@ def test_checkpoint_and_export_hold_the_zeros(trained):
         assert (_masked(moment, 128, n) == 0.0).all()
 
 
+def test_conversions_carry_the_ranges(trained, tmp_path):
+    """Every other format keeps the ranges in its sidecar, and an import records them again."""
+    c, w = trained
+    ranges = {"base_only": [80, 96], "distilled_only": [96, 128]}
+    for fmt in sorted(formats.FORMATS):
+        out = str(tmp_path / fmt)
+        facts = formats.convert_export(wd.export_dir(w), fmt, out, c)
+        assert facts["exclusive"] == ranges == common.read_sidecar(out)["exclusive"]
+        workdir = str(tmp_path / f"imported_{fmt}")
+        os.makedirs(workdir)
+        os.symlink(wd.activations_dir(w), wd.activations_dir(workdir))
+        assert formats.import_crosscoder(out, fmt, workdir)["exclusive"] == ranges
+        xc = ExportedCrosscoder.load(wd.export_dir(workdir))
+        assert xc.exclusive == {k: tuple(v) for k, v in ranges.items()}
+        tensors, _ = export.load_export(wd.export_dir(workdir))
+        assert (_masked(tensors, 128, (16, 32)) == 0.0).all()
+
+
+def test_export_ranges_must_be_the_documented_layout():
+    good = {"base_only": [40, 48], "distilled_only": [48, 64]}
+    expected = {"base_only": (40, 48), "distilled_only": (48, 64)}
+    assert excl.from_export({"n_latents": H, "exclusive": good}) == expected
+    assert excl.from_export({"exclusive": good}) == expected  # n_latents: the last range's end
+    assert excl.export_counts({"exclusive": good}, H) == (8, 16)
+    one_side = {"base_only": [60, 60], "distilled_only": [60, 64]}  # as `record` writes it
+    assert excl.export_counts({"exclusive": one_side}, H) == (0, 4)
+    bad = [
+        ({"base_only": [40, 48], "distilled_only": [48, 64]}, 128, "of the export's 128"),
+        ({"base_only": [56, 64], "distilled_only": [40, 56]}, H, "base-only then distilled-only"),
+        ({"base_only": [30, 40], "distilled_only": [48, 64]}, H, r"\(38, 48\)"),
+        ({"base_only": [0, 40], "distilled_only": [40, 70]}, H, r"\(40, 30\) do not fit"),
+        ({"base_only": [40, 48]}, H, "must map"),
+        ({"base_only": [40], "distilled_only": [48, 64]}, H, "must map"),
+    ]  # fmt: skip
+    for found, h, match in bad:
+        with pytest.raises(export.ExportError, match=match):
+            excl.from_export({"exclusive": found}, h)
+    tensors = {"W_enc": np.zeros((2, 4, 6)), "b_enc": np.zeros(6),
+               "W_dec": np.zeros((6, 2, 4)), "b_dec": np.zeros((2, 4))}  # fmt: skip
+    with pytest.raises(export.ExportError, match="last latents"):
+        ExportedCrosscoder(tensors, {"exclusive": {"base_only": [2, 3], "distilled_only": [3, 5]}})
+
+
 def test_export_without_exclusives_records_none(tmp_path):
     assert excl.record(64, (0, 0)) == {}
     assert excl.from_export({}) is None and excl.export_counts({}) == (0, 0)
@@ -288,6 +333,33 @@ def test_config_accepts_fractions_and_needs_two_models():
     assert any("need crosscoder.n_models = 2" in p for p in config_check._relations(c))
     c.crosscoder.exclusive = (0.0, 0.0)
     assert config_check._relations(c) == []
+
+
+def test_config_refuses_counts_that_round_away_or_leave_nothing_shared():
+    c = _config(fractions=(0.005, 0.25))  # 0.005 * 64 = 0.32: no base-only latent
+    assert config_check.problems(c) == [
+        "crosscoder.exclusive = (0.005, 0.25): the base_only share 0.005 of crosscoder.n_latents "
+        "(64) rounds to 0 latents (a share of 1/64 or more makes at least 1)"
+    ]
+    c = _config(fractions=(0.5, 0.495))  # 32 + 32 of 64, though the shares sum to < 1
+    assert config_check.problems(c) == [
+        "crosscoder.exclusive = (0.5, 0.495): 32 base-only + 32 distilled-only of "
+        "crosscoder.n_latents (64) leave no shared latent (at least 1 must remain)"
+    ]
+    assert config_check.problems(_config(fractions=(0.0, 1 / 64))) == []
+
+
+def test_config_refuses_an_anneal_as_long_as_the_run():
+    c = _config("batchtopk")
+    c.crosscoder.k_anneal_steps = c.train.steps  # k would never reach crosscoder.k
+    assert config_check.problems(c) == [
+        f"crosscoder.k_anneal_steps = {c.train.steps}: must be < train.steps "
+        f"({c.train.steps}) so that k reaches crosscoder.k (0: no annealing)"
+    ]
+    c.crosscoder.k_anneal_steps = c.train.steps - 1
+    assert config_check.problems(c) == []
+    c.crosscoder.loss, c.crosscoder.k_anneal_steps = "l1", c.train.steps  # l1 has no k
+    assert config_check.problems(c) == []
 
 
 def test_project_configs_have_none():

@@ -148,8 +148,12 @@ def test_ablation_half_step_of_category_sets(models, docs, xcoder):
     from xcoder_jax.ablation import half_step
     from xcoder_jax.activations.exclude import Exclusion
 
-    config = SimpleNamespace(ablation=SimpleNamespace(kl_docs=4, batch_size=4, seed=3),
-                             analysis=SimpleNamespace(kl_random_draws=2))  # fmt: skip
+    nrn = xcoder.nrn("l1")
+    min_nrn = float(np.median(nrn))  # half of the latents may be drawn
+    config = SimpleNamespace(
+        ablation=SimpleNamespace(kl_docs=4, batch_size=4, seed=3, min_nrn=min_nrn),
+        analysis=SimpleNamespace(kl_random_draws=2, norm="l1"),
+    )
     chosen = [2, 5, 7]
     head = lambda ids: {"headline": {"set": {"latents": [{"id": i} for i in ids]}}}
     cats = {"a": head(chosen), "every": head(range(xcoder.n_latents)),
@@ -169,16 +173,20 @@ def test_ablation_half_step_of_category_sets(models, docs, xcoder):
     assert out["kl_nothing"]["mean"] == pytest.approx(ref["kl_nothing"]["mean"], rel=1e-9)
     assert a["random"]["draws"] == 2 and len(a["random"]["latents"]) == 2
     assert all(len(r) == 3 and not set(r) & set(chosen) for r in a["random"]["latents"])
+    # Drawn from the latents a targeted set could hold: NRN above ablation.min_nrn.
+    assert all(nrn[i] > min_nrn for r in a["random"]["latents"] for i in r)
     for part in ("set", "random", "minus_random"):
         for c in (a[part]["kl"], a[part]["fraction_closed"]):
             assert np.isfinite([c["mean"], c["lo"], c["hi"]]).all()
             assert c["lo"] <= c["mean"] <= c["hi"], (part, c)
     diff = a["set"]["fraction_closed"]["mean"] - a["random"]["fraction_closed"]["mean"]
     assert a["minus_random"]["fraction_closed"]["mean"] == pytest.approx(diff)
-    # Every latent: x_base + (x_hat_distilled - b_dec_distilled), by hand on one batch.
+    # Every latent: x_base + the reconstruction difference without the decoder biases',
+    # (x_hat_d - b_dec_d) - (x_hat_b - b_dec_b), by hand on one batch.
     ids, mask = pad_documents(docs[:4], 0)
     step = kl.HalfStep(models, LAYER, ids, mask, None, base=0, distilled=1)
-    every = xcoder.reconstruct(step.x)[:, :, 1] - xcoder.b_dec[1]
+    x_hat = xcoder.reconstruct(step.x)
+    every = (x_hat[:, :, 1] - xcoder.b_dec[1]) - (x_hat[:, :, 0] - xcoder.b_dec[0])
     none_kl = kl.kl_rows(step.target, step.half_step(None))
     every_kl = kl.kl_rows(step.target, step.half_step(every))
     e = out["categories"]["every"]

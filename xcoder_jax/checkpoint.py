@@ -31,8 +31,9 @@ RESUME_FIELDS = (
 
 
 # Fields inside RESUME_FIELDS that choose how a result is computed, not what it is (the
-# BatchTopK paths agree to float tolerance): a run may resume with another value.
-HOW_NOT_WHAT = ("crosscoder.topk_path",)
+# BatchTopK paths, and the L1 paths, agree to float tolerance): a run may resume with another
+# value.
+HOW_NOT_WHAT = ("crosscoder.topk_path", "crosscoder.l1_path")
 
 
 def config_fields(config) -> dict:

@@ -35,12 +35,21 @@ def _relations(config) -> list[str]:
                 f"crosscoder.group_fractions = {fractions}: must have at most "
                 f"crosscoder.n_latents ({h}) groups, not {len(fractions)}"
             )
+    anneal = val("crosscoder.k_anneal_steps") if has("crosscoder.k_anneal_steps") else 0
+    if anneal > 0 and has("train.steps") and val("crosscoder.loss") != "l1":
+        if anneal >= val("train.steps"):  # k would never fall to crosscoder.k
+            out.append(
+                f"crosscoder.k_anneal_steps = {anneal}: must be < train.steps "
+                f"({val('train.steps')}) so that k reaches crosscoder.k (0: no annealing)"
+            )
     if has("crosscoder.exclusive") and any(val("crosscoder.exclusive")):
         if val("crosscoder.n_models") != 2:
             out.append(
                 f"crosscoder.exclusive = {tuple(val('crosscoder.exclusive'))}: dedicated latents "
                 f"need crosscoder.n_models = 2 (base, distilled), not {val('crosscoder.n_models')}"
             )
+        if has("crosscoder.n_latents"):
+            out.extend(_exclusive_counts(val("crosscoder.exclusive"), val("crosscoder.n_latents")))
     if has("analysis.base_only_max") and has("analysis.distilled_only_min"):
         if val("analysis.base_only_max") >= val("analysis.distilled_only_min"):
             out.append(
@@ -55,6 +64,27 @@ def _relations(config) -> list[str]:
             )
     if has("steering.alphas") and 0 not in tuple(val("steering.alphas") or ()):
         out.append("steering.alphas: must include 0 (the clean model each alpha is paired with)")
+    return out
+
+
+def _exclusive_counts(fractions, h: int) -> list[str]:
+    """The dedicated latents' counts (`exclusive.counts`) of the shares `fractions` of `h`
+    latents: every nonzero share makes at least one latent, and one shared latent remains."""
+    from xcoder_jax import exclusive
+
+    fractions, out = tuple(fractions), []
+    n = exclusive.counts(fractions, h)
+    for side, f, count in zip(exclusive.SIDES, fractions, n):
+        if f > 0 and count == 0:
+            out.append(
+                f"crosscoder.exclusive = {fractions}: the {side} share {f} of crosscoder.n_latents "
+                f"({h}) rounds to 0 latents (a share of 1/{h} or more makes at least 1)"
+            )
+    if sum(n) >= h:
+        out.append(
+            f"crosscoder.exclusive = {fractions}: {n[0]} base-only + {n[1]} distilled-only of "
+            f"crosscoder.n_latents ({h}) leave no shared latent (at least 1 must remain)"
+        )
     return out
 
 

@@ -96,6 +96,12 @@ def _losses():
     return KINDS
 
 
+def _l1_paths():
+    from xcoder_jax.losses.l1 import PATHS
+
+    return PATHS
+
+
 def _conventions():
     from xcoder_jax.exported import CONVENTIONS
 
@@ -184,6 +190,7 @@ RULES: dict[str, Rule] = {
     "crosscoder.aux_coeff": number(0),
     "crosscoder.threshold_ema": PROBABILITY_OPEN,
     "crosscoder.topk_path": choice(("auto", "dense", "sparse")),
+    "crosscoder.l1_path": choice(_l1_paths),
     "crosscoder.group_fractions": GROUP_FRACTIONS,
     "crosscoder.dead_window_tokens": POSITIVE,
     "crosscoder.dec_init_norm": POSITIVE_NUMBER,

@@ -13,9 +13,9 @@ Model slot 0 is the base model and slot 1 the distilled one (the store's order,
 `workdir.ROLES`). A latent's rows for model m are W_enc[m, :, i] and W_dec[i, m]. The
 crosscoder masks them at init and in every forward pass (`Crosscoder.model_mask`), so they
 start at exactly 0 and their gradients, Adam moments and updates are exactly 0. The export
-records the ranges in config.json (`record`, read back by `from_export`) and its weights
-hold the zeros: the normalisation scales multiply W_enc and divide W_dec, and a centring
-mean moves the biases only.
+records the ranges in config.json (`record`, read back and checked by `from_export`) and
+its weights hold the zeros: the normalisation scales multiply W_enc and divide W_dec, and a
+centring mean moves the biases only.
 
 Learned exclusives are the other kind: latents free to use both models whose NRN says they
 use one (`nrn.classify`); the analysis reports the two apart.
@@ -26,6 +26,9 @@ Pure Python and NumPy: the analysis reads it without JAX.
 from __future__ import annotations
 
 import numpy as np
+
+from xcoder_jax.export import ExportError
+from xcoder_jax.nrn import CLASSES
 
 KEY = "exclusive"  # the export config.json's field
 SIDES = ("base_only", "distilled_only")
@@ -60,27 +63,47 @@ def record(n_latents: int, n: tuple[int, int]) -> dict:
     return {KEY: {side: list(r) for side, r in ranges(n_latents, n).items()}}
 
 
-def from_export(config: dict) -> dict[str, tuple[int, int]] | None:
-    """The ranges an export's config.json records; None when it records none."""
-    found = (config or {}).get(KEY)
+def from_export(config: dict, n_latents: int | None = None) -> dict[str, tuple[int, int]] | None:
+    """The ranges an export's config.json records; None when it records none.
+
+    ExportError unless they are the layout above for `n_latents` (default: the config's
+    "n_latents", else the end of the distilled-only range): both sides present, each a
+    [lo, hi] pair, together the last latents, base-only before distilled-only."""
+    config = config or {}
+    found = config.get(KEY)
     if not found:
         return None
-    return {side: (int(found[side][0]), int(found[side][1])) for side in SIDES}
+    try:
+        got = {side: (int(found[side][0]), int(found[side][1])) for side in SIDES}
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ExportError(f"{KEY} = {found!r}: must map {SIDES} to [lo, hi] latent ranges") from e
+    h = int(n_latents if n_latents is not None else config.get("n_latents", got[SIDES[1]][1]))
+    n = tuple(hi - lo for lo, hi in (got[side] for side in SIDES))
+    fits = min(n) >= 0 and sum(n) <= h
+    if not fits or got != ranges(h, n):
+        expected = f"for counts {n}: {ranges(h, n)}" if fits else f"counts {n} do not fit"
+        raise ExportError(
+            f"{KEY} = {found!r}: must be the last latents of the export's {h}, base-only "
+            f"then distilled-only ({expected})"
+        )
+    return got
 
 
-def export_counts(config: dict) -> tuple[int, int]:
-    """(n_base_only, n_distilled_only) an export's config.json records; (0, 0) if none."""
-    found = from_export(config)
+def export_counts(config: dict, n_latents: int | None = None) -> tuple[int, int]:
+    """(n_base_only, n_distilled_only) an export's config.json records; (0, 0) if none
+    (`from_export`: ExportError for ranges that are not the documented layout)."""
+    found = from_export(config, n_latents)
     if found is None:
         return NONE
     return tuple(hi - lo for lo, hi in (found[s] for s in SIDES))
 
 
 def structural_classes(n_latents: int, found: dict | None) -> np.ndarray:
-    """[n_latents] int8 in `nrn.CLASSES` indices: 0 structurally base-only, 2 structurally
-    distilled-only, 1 free to use both models; `found`: `from_export`'s ranges or None."""
-    out = np.ones(n_latents, np.int8)
-    for side, k in zip(SIDES, (0, 2)):
+    """[n_latents] int8 in `nrn.CLASSES` indices: "base_only" (0) structurally base-only,
+    "distilled_only" (2) structurally distilled-only, "shared" (1) free to use both models;
+    `found`: `from_export`'s ranges or None."""
+    out = np.full(n_latents, CLASSES.index("shared"), np.int8)
+    for side in SIDES:
         lo, hi = (found or {}).get(side, (0, 0))
-        out[lo:hi] = k
+        out[lo:hi] = CLASSES.index(side)
     return out

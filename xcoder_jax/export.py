@@ -161,7 +161,7 @@ def to_module(tensors: dict[str, np.ndarray], config: dict | None = None):
     from xcoder_jax.crosscoder import Crosscoder
 
     m, d, h = tensors["W_enc"].shape
-    model = Crosscoder(m, d, h, rngs=nnx.Rngs(0), exclusive=exclusive.export_counts(config))
+    model = Crosscoder(m, d, h, rngs=nnx.Rngs(0), exclusive=exclusive.export_counts(config, h))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         getattr(model, name)[...] = jnp.asarray(tensors[name])
     if "threshold" in tensors:

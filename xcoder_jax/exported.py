@@ -99,7 +99,7 @@ class ExportedCrosscoder:
         self.scales = np.asarray(config.get("scales", [1.0] * m), np.float32)
         self.roles = export.role_order(config)
         self.mean_norms = [math.sqrt(d) / float(s) for s in self.scales]
-        self.exclusive = excl.from_export(config)
+        self.exclusive = excl.from_export(config, h)
         self.latent_groups = _latent_groups(config.get("latent_groups"), h)
 
     @classmethod

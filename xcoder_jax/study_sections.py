@@ -221,7 +221,7 @@ bold where it excludes 0).</p>
 {table(ABLATION_HEAD, rows, "headline")}
 {figure(workdir, "ablation/ablation.png", "ablation")}
 <h3>Half-step KL of the headline sets</h3>
-<p>The base model to block L plus a set's distilled-side decoder contributions, continued in the
+<p>The base model to block L plus a set's share of the reconstruction difference, continued in the
 distilled model: the fraction of KL(distilled || base continued) closed, on
 {fmt(len((r.get("half_step_kl") or {}).get("documents") or []))} held-out documents, beside
 random sets of the same size matched on activity (95% CI over documents).</p>

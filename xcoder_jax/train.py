@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xcoder_jax import checkpoint as ckpt
-from xcoder_jax import export, multihost, split, strict_json
+from xcoder_jax import export, l1_switch, multihost, split, strict_json
 from xcoder_jax import train_records as records
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
@@ -220,16 +220,18 @@ def _loop(run: _Run, state, progress: records.Progress, start: int):
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not run.main)
     peer_lost = False
     final_eval = None  # held-out metrics of the final state, once computed
+    paths = l1_switch.Paths(run.trainer, run.config)  # the L1 step: dense or sparse
     try:
         with multihost.peers_watched("while training"):
             for step in range(start, tc.steps):
                 x, w = _next_batch(run, stream, progress)
                 done = step + 1
                 log_now = done % tc.log_every == 0 or done == tc.steps
-                state, metrics = run.trainer.step(state, x, w, log_now)
+                state, metrics = paths.step(state, x, w, log_now)
                 progress.position = stream.position
                 if log_now:
                     record, evaluation = _log_step(run, state, metrics, progress, done)
+                    paths.observe(record["l0"])  # the next steps' path
                     if done == tc.steps and evaluation is not None:
                         final_eval = evaluation  # the export's: not computed again
                     bar.set_postfix(loss=f"{record['loss']:.3g}", l0=f"{record['l0']:.1f}")

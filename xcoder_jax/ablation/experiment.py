@@ -20,7 +20,7 @@ Per category, the `headline` entry is the declared test: the specificity rule at
 `ablation.headline_frac`, with its specificity matrix (the set's effect on every category's
 markers and on the ordinary continuations, at the same positions). The headline sets'
 half-step KL (`half_step`: the share of KL(distilled || base continued in the distilled model)
-a set's distilled-side contributions close, against random sets of its size matched on
+a set's share of the reconstruction difference closes, against random sets of its size matched on
 activity) is read on the first `ablation.kl_docs` measured documents.
 
 Writes ablation/results.json and ablation/ablation.png.
@@ -47,7 +47,7 @@ from xcoder_jax.errors import ConfigError, XcoderError
 from xcoder_jax.marker_tokens import marker_groups
 from xcoder_jax.stage_inputs import load_inputs
 
-ABLATION_FORMAT = 6  # bump when results change meaning, to redo old runs
+ABLATION_FORMAT = 7  # bump when results change meaning, to redo old runs
 RESULTS, FIGURE = "results.json", "ablation.png"
 
 

@@ -1,8 +1,9 @@
 """The half-step KL of each category's targeted set, on the ablation's held-out documents.
 
 The intervention and its figures are `analysis.kl`'s: the base model runs to block L, a latent
-set's distilled-side decoder contributions sum_{i in S} f_i(x) W_dec[i, distilled] are added to
-its block-L input there, the distilled model's blocks L.. continue, and the set closes
+set's share of the reconstruction difference sum_{i in S} f_i(x) (W_dec[i, distilled] -
+W_dec[i, base]) (`kl.set_difference`) is added to its block-L input there, the distilled
+model's blocks L.. continue, and the set closes
 
     closed(S) = 1 - KL(distilled || h_S) / KL(distilled || h_0)
 
@@ -11,7 +12,8 @@ positions). Per category, S is the headline set (`measure.HEADLINE_RULE` at
 `ablation.headline_frac`, selected on the training shards), evaluated on the first
 `ablation.kl_docs` measured documents (held-out: `experiment` refuses a document that is also
 selected on). Its control: `analysis.kl_random_draws` random sets of the same size matched on
-activity latent by latent (`kl.matched_random_sets`, on these documents; the ablation's own
+activity latent by latent (`kl.matched_random_sets`, on these documents), drawn from the
+latents the set could have held (NRN > `ablation.min_nrn`, firing here; the ablation's own
 random latents are matched on summed activity at the marker positions, with sizes that vary,
 so they are not reused), and the set minus them, paired by document. Every interval is a 95%
 cluster bootstrap over documents (`ablation.seed`; the draws resampled with the documents).
@@ -58,10 +60,14 @@ def half_step_entry(config, models, xcoder, docs, doc_ids, categories, *, pad_id
     kw = dict(batch_size=ac.batch_size, pad_id=pad_id, exclusion=exclusion)
     chosen = headline_sets(categories)
     activity = kl.latent_activity(models, xcoder.layer, docs, xcoder, **kw)
+    # The draws come from the latents a targeted set may hold (NRN > ablation.min_nrn) that
+    # fire on these documents, as the ablation's own random controls (`controls.active_pool`).
+    pool = np.flatnonzero((xcoder.nrn(config.analysis.norm) > ac.min_nrn) & (activity > 0))
     run, draws = {"nothing": []}, {}
     for c, (cat, (ids, _)) in enumerate(chosen.items()):
         if ids:
-            draws[cat] = kl.matched_random_sets(activity, ids, n_draws, _seed(ac.seed, c))
+            seed = _seed(ac.seed, c)
+            draws[cat] = kl.matched_random_sets(activity, ids, n_draws, seed, pool=pool)
             run[("set", cat)] = ids
             run.update({("random", cat, k): r for k, r in enumerate(draws[cat][0])})
     v, rows = kl.set_values(models, xcoder.layer, docs, xcoder, run, roles=roles, **kw)

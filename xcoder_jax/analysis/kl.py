@@ -20,9 +20,9 @@ L.. continue from there. With x = (x_base, x_distilled) both models' block-L inp
 same tokens and f = f(x) as the crosscoder encodes, the block-L input of the distilled
 model's upper half is
 
-    h_S    = x_base + sum_{i in S} f_i(x) W_dec[i, distilled]        (latent set S)
-    h_full = x_base + (x_hat_distilled - x_hat_base)                  (the full difference:
-             every latent's distilled-side minus base-side contribution, b_dec included)
+    h_S    = x_base + sum_{i in S} f_i(x) (W_dec[i, distilled] - W_dec[i, base])   (set S)
+    h_full = x_base + (x_hat_distilled - x_hat_base)    (the full difference: h_S over
+             every latent, plus the decoder biases' difference)
     h_0    = x_base                                                    (nothing added)
 
 and KL(distilled || half-step with S) is reported with the fraction of the base-to-distilled
@@ -37,8 +37,7 @@ distilled-only latent paired with an unused other latent whose total activation 
 documents is within a factor `MATCH_FACTOR`, else the nearest one; seeded draws), the control
 that could show the same effect. The distilled-only set minus the random sets is paired by
 document (the random draws resampled with the documents). The ablation stage evaluates each
-category's targeted set the same way on its held-out documents (`ablation.half_step`, through
-`set_values` and `set_against_random`); steering's sets are not evaluated.
+category's targeted set likewise on its held-out documents (`ablation.half_step`).
 """
 
 from __future__ import annotations
@@ -120,14 +119,24 @@ def latent_activity(models, layer, docs, xcoder, *, batch_size, pad_id, exclusio
     return total.numpy()
 
 
-def matched_random_sets(activity, chosen, n_draws: int, seed: int, factor=MATCH_FACTOR):
+def set_difference(xcoder, x: torch.Tensor, latents, base: int, distilled: int) -> torch.Tensor:
+    """S's share of the reconstruction difference, x [..., m, d] raw -> [..., d] raw: for a
+    distilled-only latent its distilled-side contribution; a latent both models use is not
+    counted twice (x_base already holds its base-side part)."""
+    return xcoder.ablation_delta(x, latents, distilled) - xcoder.ablation_delta(x, latents, base)
+
+
+def matched_random_sets(activity, chosen, n_draws: int, seed: int, factor=MATCH_FACTOR, pool=None):
     """`n_draws` random latent sets of len(chosen), disjoint from `chosen`, matched on
     `activity` latent by latent (module docstring); [] when too few other latents.
+    `pool`: the ids the draws come from (default every latent), e.g. the latents eligible
+    for the chosen set, so that the control differs from it only by chance.
 
     Returns (sets, within): the sets (sorted id lists) and, per draw, the share of its latents
     within `factor` of their partner's activity."""
     chosen = np.asarray(sorted(int(i) for i in chosen), np.int64)
-    pool = np.setdiff1d(np.arange(len(activity)), chosen)
+    pool = np.arange(len(activity)) if pool is None else np.asarray(pool, np.int64)
+    pool = np.setdiff1d(pool, chosen)
     if len(chosen) == 0 or len(pool) < len(chosen):
         return [], []
     a = np.asarray(activity, np.float64)
@@ -202,7 +211,7 @@ def set_values(
         step = HalfStep(models, layer, ids, mask, exclusion, base, dist)
         clusters.append(lo + step.rows.cpu().numpy())
         for name, ids_s in sets.items():
-            delta = xcoder.ablation_delta(step.x, ids_s, dist) if len(ids_s) else None
+            delta = set_difference(xcoder, step.x, ids_s, base, dist) if len(ids_s) else None
             values[name].append(kl_rows(step.target, step.half_step(delta)))
         if full:
             x_hat = xcoder.reconstruct(step.x)

@@ -247,9 +247,9 @@ top latents against their share of the alive latents, Wilson 95% CI.</p>
 <h2>Splice-in (held-out documents)</h2>
 {_splice_html(s)}
 <p>KL at stored positions, 95% bootstrap over documents. Half-step (headline table): the base
-model to block L plus a set's distilled-side decoder contributions, the distilled model's
-blocks from L on; share closed = 1 − KL(distilled ‖ with the set) / KL(distilled ‖ with
-nothing). The full difference adds x̂_distilled − x̂_base.</p>
+model to block L plus a set's share of the difference, Σ f_i (W_dec[i, d] − W_dec[i, b]), the
+distilled model's blocks from L on; share closed = 1 − KL(distilled ‖ with the set) /
+KL(distilled ‖ with nothing). The full difference adds x̂_distilled − x̂_base.</p>
 <h2>Latent scaling of exclusive latents</h2>
 <p>Per exclusive latent, the other model's beta over the owning model's (the model with
 the larger decoder row), on two targets. Error ratio near 1: the other model carries the

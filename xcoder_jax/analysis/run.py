@@ -38,7 +38,7 @@ from xcoder_jax.stage_inputs import StageInputs, load_inputs
 # 3: the feature browser (browser.html). 4: dead latents are their own class, labels name what
 # a latent's firing tokens are (`labels`), the figures also as PNG files. 5: behavioural KL
 # (splice KL per model, half-step KL with the fraction closed: `kl`).
-ANALYSIS_FORMAT = 5
+ANALYSIS_FORMAT = 6
 SUMMARY, REPORT = "summary.json", "report.html"
 
 

@@ -6,7 +6,8 @@ writer starts from `normalised_view` of an export, and every reader ends in
 `export.export`, which folds the scales back in (raw units) and writes our directory.
 SAELens keeps raw units: its writer starts from `raw_view`, its reader divides the scales out.
 A sidecar `xcoder_jax.json` beside a converted crosscoder keeps what their formats have no
-field for: the per-model scales, the site (block L), the models and the tokenizer.
+field for: the per-model scales, the site (block L), the models and the tokenizer (and a
+Matryoshka crosscoder's `latent_groups` and the dedicated latents' `exclusive` ranges).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import numpy as np
 
-from xcoder_jax import export, fileio
+from xcoder_jax import exclusive, export, fileio
 from xcoder_jax.errors import XcoderError
 
 SIDECAR = "xcoder_jax.json"
@@ -81,12 +82,15 @@ def rescaled(view: dict, scales: np.ndarray) -> dict:
 
 def sidecar(config: dict, fmt: str) -> dict:
     """The facts of an export that the other formats cannot hold, models in base-first order
-    (and a Matryoshka crosscoder's `latent_groups`, which only its training used)."""
+    (and a Matryoshka crosscoder's `latent_groups`, which only its training used, and the
+    dedicated latents' ranges `exclusive`, by side name: `exclusive.record`)."""
     order = [export.role_order(config).index(r) for r in BASE_FIRST]
     models = config.get("models") or [{"role": r} for r in BASE_FIRST]
     groups = config.get("latent_groups")
+    ranges = config.get(exclusive.KEY)
     return {
         **({"latent_groups": list(groups)} if groups else {}),
+        **({exclusive.KEY: {s: list(r) for s, r in ranges.items()}} if ranges else {}),
         "written_by": "xcoder_jax",
         "format": fmt,
         "roles": BASE_FIRST,

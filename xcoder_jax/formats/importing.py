@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from xcoder_jax import export
+from xcoder_jax import exclusive, export
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
 from xcoder_jax.errors import ConfigError
@@ -127,5 +127,8 @@ def import_crosscoder(
     }
     if facts.get("latent_groups"):  # a Matryoshka crosscoder's groups, from our sidecar
         meta["latent_groups"] = [int(n) for n in facts["latent_groups"]]
+    # The dedicated latents' ranges, from our sidecar (ExportError unless the documented layout).
+    h = meta["n_latents"]
+    meta.update(exclusive.record(h, exclusive.export_counts(facts, h)))
     export.export(export_dir, weights, s, meta)
     return export.load_export(export_dir, "numpy")[1]

@@ -22,7 +22,7 @@ where SAELens keeps pre > threshold, so a positive t is written as the float32 j
 it, which keeps the same f for every float32 pre; an L1 crosscoder gets threshold 0, a ReLU.
 A Matryoshka crosscoder is written as a BatchTopK one (the same JumpReLU at inference); its
 nested latent groups, which only its training used, are in `metadata.crosscoder` and the
-sidecar as `latent_groups`.
+sidecar as `latent_groups`; so are the dedicated latents' ranges, as `exclusive`.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def _cfg(raw: dict, facts: dict, run: dict) -> dict:
         # Matryoshka's nested groups: sizes in latent order (training only; inference is the
         # JumpReLU above).
         **({"latent_groups": facts["latent_groups"]} if facts.get("latent_groups") else {}),
+        # The dedicated latents' ranges by side (`exclusive.record`), when there are any.
+        **({"exclusive": facts["exclusive"]} if facts.get("exclusive") else {}),
         "threshold": "SAELens keeps pre > threshold, the crosscoder f >= t: a positive t is "
         "stored as the float32 just below it (the same f in float32); 0 is a ReLU",
     }

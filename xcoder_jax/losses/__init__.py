@@ -20,7 +20,8 @@ x is [batch, n_models, d_model] in NORMALISED units, weights [batch] 0/1 (rows t
 step the 0-based step, dead [n_latents] bool. aux holds at least f [batch, n_latents], x_hat,
 and the scalar terms mse, sparsity, aux, lam (BatchTopK also k, the step's k). Adding a
 loss: a module like these, and an entry in `MODULES`. What every kind shares (the squared
-error, the checks of shapes and dtypes at a loss's boundary) is `common`.
+error, the checks of shapes and dtypes at a loss's boundary) is `common`; the sparse paths'
+(row, latent) pair machinery (selection, values, decoding, AuxK) is `pairs`.
 """
 
 from __future__ import annotations

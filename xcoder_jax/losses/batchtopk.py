@@ -8,17 +8,17 @@ weighted activations (`update_threshold`) makes inference a per-latent JumpReLU 
 Two paths compute the same loss, gradients and updates to float tolerance
 (`tests/test_sparse_topk.py`); `use_sparse` chooses. The dense one multiplies every row by
 every latent. The sparse one touches only the K = k * batch kept (row, latent) pairs after
-the encoder's forward GEMM has chosen them:
+the encoder's forward GEMM has chosen them (the machinery, shared with Matryoshka: `pairs`):
 
     choose      pre = ReLU(x W_enc + b_enc) [B, h] (no gradient); the kept pairs are the
                 K largest weighted entries (`lax.top_k` over the flat batch: the same set,
                 ties included, as the dense path)
     values      f_j = pre[r_j, c_j]; its gradient goes to W_enc[:, c_j] and b_enc[c_j] as
-                scatter-adds of x[r_j] (`_gathered_pre`), never through a dense GEMM
+                scatter-adds of x[r_j] (`pairs.gathered_pre`), never through a dense GEMM
     decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum)
 
-AuxK decodes each row's aux_k largest dead pre-activations the same way, inside a
-`lax.cond` that skips it (and its cost) in every step where no latent is dead.
+AuxK decodes each row's aux_k largest dead pre-activations the same way (`pairs.auxk_pairs`),
+inside a `lax.cond` that skips it (and its cost) in every step where no latent is dead.
 
 k-annealing (`k_at`): k falls linearly from k_max to k over the first steps, at static
 shapes (one compilation): the selection runs at size k_max * batch and keeps its first
@@ -27,7 +27,6 @@ k_step * n_valid entries; the EMA threshold and AuxK follow the step's kept set.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import chex
@@ -37,6 +36,12 @@ import jax.numpy as jnp
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
+from xcoder_jax.losses.pairs import auxk_pairs, decode_pairs, select_pairs
+
+# The sparse-pair machinery lives in `pairs`; its former names here stay importable.
+from xcoder_jax.losses.pairs import decode_pairs as _decode_pairs  # noqa: F401
+from xcoder_jax.losses.pairs import gathered_pre as _gathered_pre  # noqa: F401
+from xcoder_jax.losses.pairs import pairs_values as _pairs_values  # noqa: F401
 
 NAME = "batchtopk"
 
@@ -165,48 +170,6 @@ def batchtopk_loss(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, k_m
 # --- The sparse path -------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gathered_pre(x2, w2, b, rows, cols, h, pre):
-    """pre[rows, cols] (float32 [K]) with the gradient of x2 @ w2 + b at those entries.
-
-    x2 [B, m*d] and w2 [m*d, h] are the GEMM's operands, `pre` [B, h] its (already
-    computed) value; only W and b get gradients, as scatter-adds over the K pairs."""
-    del x2, w2, b, h
-    return pre[rows, cols]
-
-
-def _gathered_pre_fwd(x2, w2, b, rows, cols, h, pre):
-    return pre[rows, cols], (x2, rows, cols)
-
-
-def _gathered_pre_bwd(h, res, g):
-    x2, rows, cols = res  # the weights are float32 masters (`Crosscoder` param_dtype)
-    g = g.astype(jnp.float32)
-    # [h, m*d]: each kept pair adds g_j x[r_j] to its latent's encoder column.
-    gw_t = jax.ops.segment_sum(x2[rows].astype(jnp.float32) * g[:, None], cols, num_segments=h)
-    gb = jax.ops.segment_sum(g, cols, num_segments=h)
-    return None, gw_t.T, gb, None, None, None
-
-
-_gathered_pre.defvjp(_gathered_pre_fwd, _gathered_pre_bwd)
-
-
-def _decode_pairs(model: Crosscoder, f, rows, cols, n_rows: int):
-    """sum_{j: r_j = r} f_j W_dec[c_j] for r < n_rows: [n_rows, m, d], without b_dec."""
-    w = model.dec_weight()  # masked before the gather: the gradient is masked too
-    h, m, d = w.shape
-    contrib = f[:, None] * w.reshape(h, m * d)[cols].astype(jnp.float32)
-    return jax.ops.segment_sum(contrib, rows, num_segments=n_rows).reshape(n_rows, m, d)
-
-
-def _pairs_values(model: Crosscoder, x, pre, rows, cols):
-    """ReLU(pre[rows, cols]) with the encoder's sparse gradient: [K] float32."""
-    w = model.enc_weight()
-    m, d, h = w.shape
-    x2 = x.reshape(-1, m * d)
-    return jax.nn.relu(_gathered_pre(x2, w.reshape(m * d, h), model.b_enc[...], rows, cols, h, pre))
-
-
 def batchtopk_loss_sparse(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, k_max=None):
     """`batchtopk_loss` over the kept pairs only; same arguments and returns.
 
@@ -214,39 +177,28 @@ def batchtopk_loss_sparse(model: Crosscoder, x, weights, k, dead, aux_k, aux_coe
     for the metrics (L0, firing); the loss never multiplies by it.
     """
     check_inputs(model, x, weights, dead)
-    n, h = x.shape[0], model.W_enc.shape[-1]
-    pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
-    relu = jax.nn.relu(pre)
-    norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
-    weighted = relu * norms * weights[:, None]  # masked rows claim no slot
-    n_max = min((k if k_max is None else k_max) * n, n * h)
-    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
-    keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
-    rows, cols = flat // h, flat % h
-    f_kept = _pairs_values(model, x, pre, rows, cols) * keep
-    x_hat = _decode_pairs(model, f_kept, rows, cols, n) + model.b_dec[...].astype(jnp.float32)
+    sel = select_pairs(model, x, weights, k, k_max)
+    x_hat = decode_pairs(model, sel.f, sel.rows, sel.cols, x.shape[0])
+    x_hat = x_hat + model.b_dec[...].astype(jnp.float32)
     mse = squared_error(x, x_hat, weights)
-
     residual = jax.lax.stop_gradient(x - x_hat)
-    n_aux = min(aux_k, h)
-
-    def auxk(_):
-        dead_pre = jnp.where(dead[None, :], relu, -jnp.inf)
-        a_vals, a_cols = jax.lax.top_k(dead_pre, n_aux)  # [B, n_aux]
-        a_rows = jnp.repeat(jnp.arange(n), n_aux)
-        a_cols = a_cols.reshape(-1)
-        a_f = _pairs_values(model, x, pre, a_rows, a_cols)
-        a_f = jnp.where(jnp.isfinite(a_vals.reshape(-1)), a_f, 0.0)
-        aux_hat = _decode_pairs(model, a_f, a_rows, a_cols, n)
-        return squared_error(residual, aux_hat, weights)
-
-    aux = jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
-    f_dense = jnp.zeros(n * h, jnp.float32).at[flat].set(jax.lax.stop_gradient(f_kept))
-    kept = jnp.where(keep, vals, jnp.inf)
-    return _result(model, x, mse, aux, aux_coeff, f_dense.reshape(n, h), x_hat, kept)
+    aux = auxk_pairs(model, x, sel.pre, dead, residual, weights, aux_k)
+    return _result(model, x, mse, aux, aux_coeff, sel.f_dense, x_hat, sel.kept)
 
 
 # --- The loss object ---------------------------------------------------------------------
+
+
+def topk_step(loss, paths, model: Crosscoder, x, weights, step, dead, *extra):
+    """The training objective of a BatchTopK-like loss object `loss` (fields k, aux_k,
+    aux_coeff, sparse, k_max, anneal_steps): k at `step` (`k_at`), then the path of
+    `paths` = (dense, sparse) that `loss.sparse` chooses, called as `batchtopk_loss` with
+    `extra` (e.g. Matryoshka's groups) before the selection's static size."""
+    fn = paths[1] if loss.sparse else paths[0]
+    k = k_at(step, loss.k, loss.k_max, loss.anneal_steps)
+    size = loss.k_max if loss.anneal_steps > 0 else None  # static: k is traced
+    out, aux = fn(model, x, weights, k, dead, loss.aux_k, loss.aux_coeff, *extra, size)
+    return out, {**aux, "lam": jnp.zeros(()), "k": jnp.asarray(k, jnp.float32)}
 
 
 @dataclass(frozen=True)
@@ -266,11 +218,8 @@ class BatchTopK:
     name: str = NAME
 
     def __call__(self, model: Crosscoder, x, weights, step, dead):
-        fn = batchtopk_loss_sparse if self.sparse else batchtopk_loss
-        k = k_at(step, self.k, self.k_max, self.anneal_steps)
-        size = self.k_max if self.anneal_steps > 0 else None  # static: k is traced
-        loss, aux = fn(model, x, weights, k, dead, self.aux_k, self.aux_coeff, size)
-        return loss, {**aux, "lam": jnp.zeros(()), "k": jnp.asarray(k, jnp.float32)}
+        paths = (batchtopk_loss, batchtopk_loss_sparse)
+        return topk_step(self, paths, model, x, weights, step, dead)
 
     def update(self, rest, aux):
         new = update_threshold(rest["threshold"][...], aux["batch_threshold"], self.threshold_ema)

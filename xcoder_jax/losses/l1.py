@@ -5,6 +5,12 @@
 
 with f = ReLU(pre-activations) and lambda warmed up linearly over the first
 `warmup_frac * steps` steps. The inference encoder is the same ReLU: no threshold.
+
+Two paths compute the same loss and gradients to float tolerance: the dense one
+(`l1_loss`) and the sparse one (`l1_loss_sparse`, over the active (row, latent) pairs only,
+`l1_sparse`), which pays once L0 is a small share of the latents. `crosscoder.l1_path`
+chooses: "dense", "sparse", or "auto", which training switches per step on the logged L0
+(`xcoder_jax.l1_switch`).
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.errors import ConfigError
+from xcoder_jax.losses import l1_sparse
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
 
 NAME = "l1"
+PATHS = ("dense", "sparse", "auto")  # `crosscoder.l1_path`
 
 
 def dec_init_norm(cc) -> float:
@@ -54,19 +63,46 @@ def l1_loss(model: Crosscoder, x: jax.Array, weights: jax.Array, lam: jax.Array)
     return loss, aux
 
 
+def l1_loss_sparse(model: Crosscoder, x, weights, lam, capacity: int):
+    """`l1_loss` over the active (row, latent) pairs, at most `capacity` (static) of them;
+    same arguments and returns (the x_hat of rows of weight 0 is b_dec: see `l1_sparse`).
+
+    A batch with more active pairs (in rows of nonzero weight) than `capacity` runs
+    `l1_loss` instead, chosen by `lax.cond`: the step stays exact, and such a batch costs a
+    dense step plus the encoder's forward GEMM computed here to count the pairs.
+    """
+    check_inputs(model, x, weights)
+    pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
+    count = ((pre > 0) & (weights[:, None] != 0)).sum()
+    loss, aux = jax.lax.cond(
+        count <= capacity,
+        lambda: l1_sparse.pairs_loss(model, x, weights, lam, pre, capacity),
+        lambda: l1_loss(model, x, weights, lam),
+    )
+    check_outputs(model, x, loss, aux)
+    return loss, aux
+
+
 @dataclass(frozen=True)
 class L1:
     """The paper's loss: squared error plus lambda * decoder-norm-weighted L1 of f, lambda
-    warmed up linearly over the first `warmup_frac * steps` steps."""
+    warmed up linearly over the first `warmup_frac * steps` steps. `sparse`: the step runs
+    over the active pairs, at most `capacity` of them (static; a batch with more runs dense),
+    with the same result."""
 
     l1_coeff: float
     warmup_frac: float
     steps: int
+    sparse: bool = False
+    capacity: int = 0
     name: str = NAME
 
     def __call__(self, model: Crosscoder, x, weights, step, dead):
         lam = l1_lambda(step, self.l1_coeff, self.warmup_frac, self.steps)
-        loss, aux = l1_loss(model, x, weights, lam)
+        if self.sparse:
+            loss, aux = l1_loss_sparse(model, x, weights, lam, self.capacity)
+        else:
+            loss, aux = l1_loss(model, x, weights, lam)
         return loss, {**aux, "lam": lam}
 
     def update(self, rest, aux):
@@ -80,5 +116,12 @@ class L1:
 
 
 def from_config(cc, tc) -> L1:
-    """The loss object of `config.crosscoder` (cc) and `config.train` (tc)."""
-    return L1(cc.l1_coeff, cc.l1_warmup_frac, tc.steps)
+    """The loss object of `config.crosscoder` (cc) and `config.train` (tc). Its path is
+    `crosscoder.l1_path` (default "dense"): "sparse" starts at the largest capacity
+    (`l1_sparse.max_capacity`), "auto" dense; training moves both with the logged L0."""
+    path = cc.get("l1_path", "dense")
+    if path not in PATHS:
+        raise ConfigError(f"crosscoder.l1_path = {path!r}: must be one of {', '.join(PATHS)}")
+    sparse = path == "sparse"
+    capacity = l1_sparse.max_capacity(tc.batch_size, cc.n_latents) if sparse else 0
+    return L1(cc.l1_coeff, cc.l1_warmup_frac, tc.steps, sparse, capacity)

@@ -18,7 +18,9 @@ The dense path decodes once, split into group slices (f[:, a:b] W_dec[a:b]), and
 groups' contributions cumulatively. The sparse path segment-sums each kept pair's
 contribution into segment row * n_groups + group, then sums cumulatively over groups.
 `batchtopk.use_sparse` chooses, as for BatchTopK; both give the same loss, gradients and
-updates to float tolerance (`tests/test_matryoshka.py`).
+updates to float tolerance (`tests/test_matryoshka.py`). The sparse selection and AuxK are
+BatchTopK's own functions (`pairs.select_pairs`, `pairs.auxk_pairs`), and the loss object's
+step is `batchtopk.topk_step`.
 """
 
 from __future__ import annotations
@@ -31,14 +33,9 @@ import jax.numpy as jnp
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses import batchtopk
-from xcoder_jax.losses.batchtopk import (
-    BatchTopK,
-    _decode_pairs,
-    _pairs_values,
-    batch_topk,
-    k_at,
-)
+from xcoder_jax.losses.batchtopk import BatchTopK, batch_topk, topk_step
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
+from xcoder_jax.losses.pairs import auxk_pairs, decode_pairs, select_pairs
 
 NAME = "matryoshka"
 
@@ -76,25 +73,6 @@ def _ends(groups) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _auxk(model: Crosscoder, x, pre, dead, residual, weights, aux_k: int):
-    """BatchTopK's AuxK term []: each row's aux_k largest dead (ReLU) pre-activations decode,
-    without b_dec, the stopped residual; zero, and not computed, when no latent is dead.
-    `pre` [B, h] float32 without gradient; the values' gradient is the sparse one."""
-    n, h = pre.shape
-    n_aux = min(aux_k, h)
-
-    def auxk(_):
-        dead_pre = jnp.where(dead[None, :], jax.nn.relu(pre), -jnp.inf)
-        a_vals, a_cols = jax.lax.top_k(dead_pre, n_aux)  # [B, n_aux]
-        a_rows = jnp.repeat(jnp.arange(n), n_aux)
-        a_cols = a_cols.reshape(-1)
-        a_f = _pairs_values(model, x, pre, a_rows, a_cols)
-        a_f = jnp.where(jnp.isfinite(a_vals.reshape(-1)), a_f, 0.0)
-        return squared_error(residual, _decode_pairs(model, a_f, a_rows, a_cols, n), weights)
-
-    return jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
-
-
 def _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept):
     """(loss, aux) from the prefix reconstructions [G, B, m, d] (with b_dec); aux_inputs:
     (pre without gradient, dead, aux_k) for AuxK on the full reconstruction's residual."""
@@ -102,7 +80,7 @@ def _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept):
     x_hat = prefix[-1]
     pre, dead, aux_k = aux_inputs
     residual = jax.lax.stop_gradient(x - x_hat)
-    aux = _auxk(model, x, pre, dead, residual, weights, aux_k)
+    aux = auxk_pairs(model, x, pre, dead, residual, weights, aux_k)
     loss = prefix_mse.sum() + aux_coeff * aux
     out = {"f": f, "x_hat": x_hat, "mse": prefix_mse[-1], "sparsity": 0.0, "aux": aux}
     out["prefix_mse"] = prefix_mse
@@ -137,28 +115,18 @@ def matryoshka_loss(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, gr
 def matryoshka_loss_sparse(
     model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, groups, k_max=None
 ):
-    """`matryoshka_loss` over the kept pairs only (the selection of
-    `batchtopk.batchtopk_loss_sparse`); same arguments and returns."""
+    """`matryoshka_loss` over the kept pairs only (BatchTopK's sparse selection,
+    `pairs.select_pairs`); same arguments and returns."""
     check_inputs(model, x, weights, dead)
-    n, h = x.shape[0], model.W_enc.shape[-1]
-    pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
-    norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
-    weighted = jax.nn.relu(pre) * norms * weights[:, None]  # masked rows claim no slot
-    n_max = min((k if k_max is None else k_max) * n, n * h)
-    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
-    keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
-    rows, cols = flat // h, flat % h
-    f_kept = _pairs_values(model, x, pre, rows, cols) * keep
-    n_groups = len(groups)
-    group = jnp.searchsorted(jnp.asarray(_ends(groups)), cols, side="right")
-    parts = _decode_pairs(model, f_kept, rows * n_groups + group, cols, n * n_groups)
+    n, n_groups = x.shape[0], len(groups)
+    sel = select_pairs(model, x, weights, k, k_max)
+    group = jnp.searchsorted(jnp.asarray(_ends(groups)), sel.cols, side="right")
+    parts = decode_pairs(model, sel.f, sel.rows * n_groups + group, sel.cols, n * n_groups)
     parts = parts.reshape(n, n_groups, *parts.shape[1:])
     b_dec = model.b_dec[...].astype(jnp.float32)
     prefix = jnp.moveaxis(jnp.cumsum(parts, axis=1), 1, 0) + b_dec  # [G, B, m, d]
-    f_dense = jnp.zeros(n * h, jnp.float32).at[flat].set(jax.lax.stop_gradient(f_kept))
-    kept = jnp.where(keep, vals, jnp.inf)
-    f_dense = f_dense.reshape(n, h)
-    return _result(model, x, weights, prefix, (pre, dead, aux_k), aux_coeff, f_dense, kept)
+    aux_inputs = (sel.pre, dead, aux_k)
+    return _result(model, x, weights, prefix, aux_inputs, aux_coeff, sel.f_dense, sel.kept)
 
 
 @dataclass(frozen=True)
@@ -178,12 +146,8 @@ class Matryoshka:
     name: str = NAME
 
     def __call__(self, model: Crosscoder, x, weights, step, dead):
-        fn = matryoshka_loss_sparse if self.sparse else matryoshka_loss
-        k = k_at(step, self.k, self.k_max, self.anneal_steps)
-        size = self.k_max if self.anneal_steps > 0 else None  # static: k is traced
-        args = (self.aux_k, self.aux_coeff, self.groups, size)
-        loss, aux = fn(model, x, weights, k, dead, *args)
-        return loss, {**aux, "lam": jnp.zeros(()), "k": jnp.asarray(k, jnp.float32)}
+        paths = (matryoshka_loss, matryoshka_loss_sparse)
+        return topk_step(self, paths, model, x, weights, step, dead, self.groups)
 
     # BatchTopK's: the EMA of the batch's cut, its JumpReLU encoder and exported threshold.
     update = BatchTopK.update

@@ -1,0 +1,94 @@
+"""The L1 loss over its active (row, latent) pairs only, and the capacities it runs at.
+
+ReLU leaves exact zeros: where a row fires few of the latents, the decode, the decoder's
+gradient and the encoder's weight gradient need only the active pairs. This path gives the
+same loss and gradients as `l1.l1_loss` to float tolerance (`tests/test_sparse_l1.py`):
+
+    choose      pre = x W_enc + b_enc [B, h]: the dense forward GEMM, without gradient; the
+                active pairs are the entries with pre > 0 in rows of nonzero weight, in
+                row-major order, packed into a static `capacity` (`active_pairs`)
+    values      f_j = ReLU(pre[r_j, c_j]), its gradient to W_enc[:, c_j] and b_enc[c_j] as
+                scatter-adds of x[r_j] (`batchtopk._pairs_values`)
+    decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]  (`batchtopk._decode_pairs`)
+    L1 term     sum_i s_i ||W_dec[i]|| / n_valid with s_i = sum_{j: c_j = i} weight_{r_j} f_j,
+                a segment sum to a dense [h] vector
+
+Rows of weight 0 count in neither term, so none of their pairs is gathered: their x_hat here
+is b_dec alone (the dense path decodes them too); every weighted row's x_hat is the same.
+`l1.l1_loss_sparse` runs the dense path instead for a batch with more active pairs than the
+capacity: every step is exact, whatever the capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from xcoder_jax.crosscoder import Crosscoder
+from xcoder_jax.losses.batchtopk import _decode_pairs, _pairs_values
+from xcoder_jax.losses.common import squared_error
+
+# The sparse step is run while L0 / n_latents is below this. Measured on 2 CPU cores at
+# d = 2 x 256, 4096 latents, batch 1024 (`python -m bench.train_step --l1`): the sparse step
+# is 3.0x, 1.9x and 1.2x as fast as the dense one at densities 1/256, 1/64 and 1/32, and 0.72x
+# at 1/16. 1/32 keeps a margin below the crossing, between 1/32 and 1/16.
+SPARSE_MAX_DENSITY = 1 / 32
+
+# Capacity = the power of two at or above HEADROOM x the expected active pairs (L0 x batch):
+# the batches' spread around the logged L0 rarely exceeds it, and one capacity serves a
+# range of L0 of 2x, so training compiles few of them.
+HEADROOM = 1.25
+MIN_CAPACITY = 256
+
+
+def bucket(pairs: float) -> int:
+    """The power of two at or above `pairs` (at least 1)."""
+    return 2 ** max(0, math.ceil(math.log2(max(pairs, 1.0))))
+
+
+def max_capacity(batch: int, n_latents: int) -> int:
+    """The largest capacity a step is given: the bucket at density SPARSE_MAX_DENSITY (an L0
+    above it runs the dense step, so pairs beyond it are never needed)."""
+    return min(bucket(HEADROOM * SPARSE_MAX_DENSITY * n_latents * batch), batch * n_latents)
+
+
+def capacity_for(l0: float, batch: int, n_latents: int) -> int:
+    """The static pair capacity for an expected L0 (active latents per row): the power of two
+    at or above HEADROOM x l0 x batch, within [MIN_CAPACITY, max_capacity]."""
+    top = max_capacity(batch, n_latents)
+    return min(max(bucket(HEADROOM * l0 * batch), MIN_CAPACITY), top)
+
+
+def active_pairs(active: jax.Array, capacity: int):
+    """The True entries of `active` [B, h] in row-major order, packed into `capacity` slots:
+    (rows, cols, valid) int32 [capacity] x 2 and bool [capacity]; the slots past the count
+    (or every slot, when the entries overflow it) hold (0, 0), not valid. One cumulative sum
+    and one scatter over B x h: no sort, and no two entries share a slot."""
+    n, h = active.shape
+    flat = active.reshape(-1)
+    slot = jnp.cumsum(flat, dtype=jnp.int32) - 1
+    slot = jnp.where(flat, slot, capacity)  # out of range: dropped
+    index = jnp.arange(n * h, dtype=jnp.int32)
+    packed = jnp.zeros(capacity, jnp.int32).at[slot].set(index, mode="drop")
+    valid = jnp.arange(capacity) < flat.sum()
+    return packed // h, packed % h, valid
+
+
+def pairs_loss(model: Crosscoder, x, weights, lam, pre, capacity: int):
+    """The L1 loss over the active pairs of `pre` [B, h] (the pre-activations, without
+    gradient), at most `capacity` of them (those past it are left out: `l1.l1_loss_sparse`
+    checks the count first). Returns (loss, aux) like `l1.l1_loss`."""
+    n, h = pre.shape
+    active = (pre > 0) & (weights[:, None] != 0)
+    rows, cols, valid = active_pairs(active, capacity)
+    f = jnp.where(valid, _pairs_values(model, x, pre, rows, cols), 0.0)
+    x_hat = _decode_pairs(model, f, rows, cols, n) + model.b_dec[...].astype(jnp.float32)
+    mse = squared_error(x, x_hat, weights)
+    per_latent = jax.ops.segment_sum(f * weights[rows], cols, num_segments=h)  # [h]
+    norms = model.decoder_norms().sum(-1)
+    sparsity = (per_latent * norms).sum() / jnp.maximum(weights.sum(), 1.0)
+    f_dense = jax.nn.relu(pre)  # the metrics' activations: the dense path's values
+    aux = {"f": f_dense, "x_hat": x_hat, "mse": mse, "sparsity": sparsity, "aux": 0.0}
+    return mse + lam * sparsity, aux
