@@ -19,6 +19,7 @@ def test_variant_config_sets_the_whole_recipe_and_seed():
     assert c.crosscoder.center is True and c.crosscoder.b_dec_init == "mean"
     assert c.crosscoder.k_anneal_steps == int(variants.ANNEAL_FRAC * c.train.steps) == 300
     assert c.crosscoder.n_latents == base.crosscoder.n_latents
+    assert (c.ablation.rules, c.ablation.fracs) == (("specificity",), (0.1,))  # headline only
     assert c.train.to_dict() == variants.variant_config(base, "l1", 3, k=9).train.to_dict()
     assert base.crosscoder.loss == "l1" and base.seed == 0  # the caller's config is untouched
     # Nothing leaks from the config given: the recipe fields are reset for every variant.

@@ -3,9 +3,10 @@
 Each variant (`VARIANTS`) is a loss and a recipe, trained and analysed in its own workdir,
 `<out>/<variant>/seed<s>/`, whose `models/` and `activations/` link to one store's workdir,
 so every variant reads the same model pair and the same activation rows. The stages run per
-workdir are train, analyze and ablate (`STAGES`); steering is left out (its sampling is most
-of a demo's time). Every recipe field a variant may change (`RECIPE`) is reset for each, so
-no setting leaks from the config given or from another variant.
+workdir are train, analyze and ablate (`STAGES`; the ablation of each category's headline set
+only, the declared test); steering is left out (its sampling is most of a demo's time).
+Every recipe field a variant may change (`RECIPE`) is reset for each, so no setting leaks
+from the config given or from another variant.
 
 Matched L0: at each seed the L1 crosscoder runs first, and the BatchTopK family runs at
 k = its held-out L0, rounded (`matched_k`); the table reports the L0 each run measured.
@@ -28,6 +29,7 @@ import os
 
 from xcoder_jax import config_util, stats
 from xcoder_jax import workdir as wd
+from xcoder_jax.ablation.measure import HEADLINE_RULE
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.fileio import atomic_write_bytes, atomic_write_json
 
@@ -102,6 +104,9 @@ def variant_config(config, variant: str, seed: int, k: int):
             cc[field] = fields.get(field, value)
         if fields.get("anneal"):
             cc.k_anneal_steps = max(1, int(ANNEAL_FRAC * c.train.steps))
+        # The ablation's declared test only: each category's headline set (the specificity
+        # rule at ablation.headline_frac), a sixth of the sets the stage ablates by default.
+        c.ablation.rules, c.ablation.fracs = (HEADLINE_RULE,), (c.ablation.headline_frac,)
     return c
 
 
