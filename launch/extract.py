@@ -14,7 +14,7 @@ stand for `--num_shards=3 --shard_index=i`).
 from absl import flags, logging
 from ml_collections import config_flags
 
-from xcoder_jax import activations, launch_util, multihost
+from xcoder_jax import activations, headlines, launch_util, multihost
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -33,7 +33,7 @@ def main(argv):
     else:
         manifest = activations.extract(config, _WORKDIR.value, index, count)
     m = manifest
-    print(f"store: {m['n_rows']} rows from {m['n_docs']} documents, layer {m['layer']}")
+    print(f"store: {headlines.extract(m)}")
 
 
 if __name__ == "__main__":

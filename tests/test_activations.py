@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import CORPUS, micro_config
 from xcoder_jax import activations as acts
-from xcoder_jax import fileio
+from xcoder_jax import fileio, headlines
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import manifest as mf
 from xcoder_jax.activations import writer as writer_mod
@@ -124,6 +124,13 @@ def test_statistics_describe_the_rows(single):
     # E||x||^2 - ||mean||^2 cancels: its float32 products lose relative precision by
     # E||x||^2 / var.
     np.testing.assert_allclose(store.total_variance, var, rtol=1e-4)
+    # What predicts dead latents at init: ||mean|| / rms deviation, also in the summary line.
+    ratio = np.linalg.norm(mean, axis=-1) / np.sqrt(var)
+    got = [n["mean_to_spread"] for n in store.manifest["norm"]]
+    np.testing.assert_allclose(got, ratio, rtol=1e-4)
+    assert headlines.extract(store.manifest).endswith(
+        "; ||mean|| / rms deviation " + " / ".join(f"{r:.2f}" for r in got)
+    )
 
 
 def test_sharded_extraction_merged_equals_single(micro_pair, single, tmp_path):

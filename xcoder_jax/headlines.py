@@ -32,8 +32,13 @@ def zoo(report: dict, config) -> str:
 
 
 def extract(manifest: dict) -> str:
+    """Rows, documents, block; each model's ||mean|| / rms deviation where the store has it."""
     m = manifest
-    return f"{m['n_rows']} rows from {m['n_docs']} documents at block {m['layer']}"
+    line = f"{m['n_rows']} rows from {m['n_docs']} documents at block {m['layer']}"
+    ratios = [n.get("mean_to_spread") for n in m.get("norm", [])]
+    if ratios and all(r is not None for r in ratios):
+        line += "; ||mean|| / rms deviation " + " / ".join(f"{r:.2f}" for r in ratios)
+    return line
 
 
 def train(final: dict) -> str:

@@ -197,11 +197,17 @@ def add_sums(total: dict | None, sums: dict) -> dict:
     return {k: total[k] + sums[k] for k in total}
 
 
+def _ratio(mean_norm: float, total_var: float) -> float | None:
+    """||mean|| / sqrt(total variance), None where the rows do not vary."""
+    return float(mean_norm / np.sqrt(total_var)) if total_var > 0 else None
+
+
 def norm_stats(total: dict, d_model: int) -> tuple[list[dict], np.ndarray]:
     """Per-model normalisation scale and FVE statistics from summed shard statistics.
 
-    Returns (per-model dicts with `scale` = sqrt(d) / mean ||x||, `mean_norm`, and
-    `total_variance` = E||x - mean||^2 in raw units; the mean vectors [n_models, d_model]).
+    Returns (per-model dicts with `scale` = sqrt(d) / mean ||x||, `mean_norm`,
+    `total_variance` = E||x - mean||^2 in raw units and `mean_to_spread`; the mean vectors
+    [n_models, d_model]).
     """
     n = float(total["n"])
     if n == 0:
@@ -220,6 +226,8 @@ def norm_stats(total: dict, d_model: int) -> tuple[list[dict], np.ndarray]:
             "scale": float(np.sqrt(d_model) / mean_norm[m]),
             "mean_norm": float(mean_norm[m]),
             "total_variance": float(total_var[m]),
+            # ||mean|| / rms deviation: predicts dead latents at init (centring removes it).
+            "mean_to_spread": _ratio(np.linalg.norm(mean[m]), total_var[m]),
         }
         for m in range(mean.shape[0])
     ]
