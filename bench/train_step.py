@@ -152,7 +152,7 @@ def gemm_runners(d, h, batch, dtype, steps_per_round, device):
     return {"gemm_jax": jax_run, "gemm_torch": torch_run}
 
 
-L1_DENSITIES = (1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 256)
+L1_DENSITIES = (1 / 32, 1 / 64, 1 / 128, 1 / 192, 1 / 256, 1 / 1024)
 
 
 def l1_runner(d, h, batch, dtype, steps_per_round, density, sparse):

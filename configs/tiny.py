@@ -156,7 +156,7 @@ def get_config(arg=None):
     # pairs only (same result), or "auto": sparse when n_latents >= 200 k.
     c.crosscoder.topk_path = "auto"
     # L1 step: "dense", "sparse" over the active (row, latent) pairs only (same result), or
-    # "auto": sparse while the logged L0 is below 1/32 of n_latents (xcoder_jax/l1_switch.py).
+    # "auto": sparse while the logged L0 is below 1/128 of n_latents (xcoder_jax/l1_switch.py).
     c.crosscoder.l1_path = "dense"
     # Matryoshka BatchTopK: the latents split into consecutive groups of these shares of
     # n_latents (the last group takes the remainder); every prefix of groups must reconstruct
@@ -193,6 +193,9 @@ def get_config(arg=None):
     c.train.beta1 = 0.9
     c.train.beta2 = 0.999
     c.train.clip_norm = 1.0  # global-norm gradient clipping
+    # Adam's first moment: "float32" (exact Adam) or "bfloat16" (half its memory; the second
+    # moment stays float32).
+    c.train.mu_dtype = "float32"
     c.train.decay_start_frac = 0.8  # constant lr, then linear decay to 0 over the last 20%
     c.train.log_every = 50
     c.train.eval_every = 500  # held-out evaluation (at log steps)

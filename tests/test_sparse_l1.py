@@ -60,51 +60,55 @@ def _assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
+def _pairs_only(m, x, w, lam, capacity):
+    """The sparse branch alone, without the count and the dense fallback around it."""
+    pre = jax.lax.stop_gradient(m.pre_acts(x))
+    pairs = l1_sparse.active_pairs((pre > 0) & (w[:, None] != 0), capacity)[:3]
+    return l1_sparse.pairs_loss(m, x, w, lam, pre, pairs)
+
+
 def test_sparse_equals_dense():
-    """Loss, terms and every gradient, with masked rows and dedicated latents; a capacity of
-    exactly the pairs, and one too small (the batch runs dense). Capacities with room, and
-    no dedicated latents: the trajectory tests below."""
+    """Loss, terms and every gradient, with masked rows and dedicated latents: the pairs at
+    a capacity of exactly their number, and a capacity one short, where the step runs the
+    dense path (its own numbers, bit for bit). The whole sparse step, with room, with and
+    without dedicated latents: the trajectory and eight-device tests below."""
     cc = _model((5, 7))
     x, weights = _data()
     (ld, ad), gd = _loss_and_grads(l1_loss, cc, x, weights)
     valid = np.asarray(weights) > 0
     n = int((np.asarray(ad["f"])[valid] > 0).sum())  # the active pairs of the rows that count
     assert 0.1 * B * H < n < 0.4 * B * H and (np.asarray(ad["f"])[~valid] > 0).any()
-    for room in ("exact", "overflow"):
-        capacity = {"exact": n, "overflow": n - 1}[room]
-        sparse_fn = lambda m, x, w, lam, c=capacity: l1_loss_sparse(m, x, w, lam, c)
-        (ls, as_), gs = _loss_and_grads(sparse_fn, cc, x, weights)
-        np.testing.assert_allclose(float(ls), float(ld), rtol=1e-5)
-        for key in ("mse", "sparsity"):
-            np.testing.assert_allclose(float(as_[key]), float(ad[key]), rtol=1e-5)
-        np.testing.assert_array_equal(as_["f"], ad["f"])  # the metrics' activations
-        _assert_tree_close(np.asarray(as_["x_hat"])[valid], np.asarray(ad["x_hat"])[valid])
-        _assert_tree_close(gs, gd)
-        # The dedicated latents' masked rows get exactly no gradient.
-        np.testing.assert_array_equal(cc._masked(gs["W_enc"][...], "enc"), gs["W_enc"][...])
-        np.testing.assert_array_equal(cc._masked(gs["W_dec"][...], "dec"), gs["W_dec"][...])
-        # Which branch ran: the dense path's own numbers when the pairs overflow, the
-        # pairs alone's when they fit.
-        if room == "overflow":
-            assert float(ls) == float(ld)
-            _assert_tree_close(gs, gd, rtol=0, atol=0)
-            continue
-        pairs_fn = lambda m, x, w, lam, c=capacity: l1_sparse.pairs_loss(
-            m, x, w, lam, jax.lax.stop_gradient(m.pre_acts(x)), c
-        )
-        (lp, _), gp = _loss_and_grads(pairs_fn, cc, x, weights)
-        assert float(lp) == float(ls)
-        _assert_tree_close(gp, gs, rtol=0, atol=0)
+    (ls, as_), gs = _loss_and_grads(lambda *a: _pairs_only(*a, n), cc, x, weights)
+    np.testing.assert_allclose(float(ls), float(ld), rtol=1e-5)
+    for key in ("mse", "sparsity"):
+        np.testing.assert_allclose(float(as_[key]), float(ad[key]), rtol=1e-5)
+    np.testing.assert_array_equal(as_["f"], ad["f"])  # the metrics' activations
+    _assert_tree_close(np.asarray(as_["x_hat"])[valid], np.asarray(ad["x_hat"])[valid])
+    _assert_tree_close(gs, gd)
+    # The dedicated latents' masked rows get exactly no gradient.
+    np.testing.assert_array_equal(cc._masked(gs["W_enc"][...], "enc"), gs["W_enc"][...])
+    np.testing.assert_array_equal(cc._masked(gs["W_dec"][...], "dec"), gs["W_dec"][...])
+    short = lambda m, x, w, lam: l1_loss_sparse(m, x, w, lam, n - 1)
+    (lo, ao), go = _loss_and_grads(short, cc, x, weights)
+    assert float(lo) == float(ld)
+    np.testing.assert_array_equal(ao["x_hat"], ad["x_hat"])
+    _assert_tree_close(go, gd, rtol=0, atol=0)
 
 
 def test_active_pairs_packs_in_row_major_order():
-    active = jnp.asarray([[0, 1, 1], [0, 0, 0], [1, 0, 1]], bool)
-    rows, cols, valid = jax.jit(l1_sparse.active_pairs, static_argnums=1)(active, 6)
-    np.testing.assert_array_equal(rows, [0, 0, 2, 2, 0, 0])
-    np.testing.assert_array_equal(cols, [1, 2, 0, 2, 0, 0])
-    np.testing.assert_array_equal(valid, [1, 1, 1, 1, 0, 0])
-    rows, cols, valid = jax.jit(l1_sparse.active_pairs, static_argnums=1)(active, 2)
-    np.testing.assert_array_equal(cols, [1, 2])
+    """Every entry, in order, at every density; the first ones when they overflow."""
+    rng = np.random.default_rng(0)
+    pack = jax.jit(l1_sparse.active_pairs, static_argnums=1)
+    for density in (0.0, 0.01, 0.3, 1.0):
+        active = rng.random((7, 45)) < density  # 315 entries: not a whole number of words
+        expected = np.flatnonzero(active)
+        for capacity in (100, 20):  # from room to spare to overflow
+            rows, cols, valid, count = jax.device_get(pack(jnp.asarray(active), capacity))
+            assert count == len(expected)
+            n = min(capacity, len(expected))
+            np.testing.assert_array_equal(valid, np.arange(capacity) < len(expected))
+            np.testing.assert_array_equal(rows[:n] * 45 + cols[:n], expected[:n])
+            assert (rows[n:] == 0).all() and (cols[n:] == 0).all()
 
 
 def _hp(path="dense", exclusive=(0.0, 0.0), **cc):
@@ -116,21 +120,27 @@ def _hp(path="dense", exclusive=(0.0, 0.0), **cc):
 
 
 def test_capacities_are_buckets_with_room_and_few():
+    bucket = l1_sparse.bucket
+    assert [bucket(v) for v in (0.5, 1, 3, 4096, 4097)] == [1, 1, 3, 4096, 4871]  # 2^(k/4)
+    for v in np.random.default_rng(0).uniform(1, 1e8, 200):
+        assert v <= bucket(v) < 1.19 * v + 1
     batch, h = 1024, 4096
     top = l1_sparse.max_capacity(batch, h)
-    assert top == l1_sparse.bucket(1.25 * l1_sparse.SPARSE_MAX_DENSITY * h * batch)
-    assert l1_sparse.capacity_for(40, batch, h) == 65536  # 1.25 x 40 x 1024 = 51200
+    assert top == bucket(1.25 * l1_sparse.SPARSE_MAX_DENSITY * h * batch)
+    assert l1_sparse.capacity_for(30, batch, h) == bucket(38400) == 38968  # 1.25 x 30 x 1024
     assert l1_sparse.capacity_for(0, batch, h) == l1_sparse.MIN_CAPACITY
     assert l1_sparse.capacity_for(h, batch, h) == top
-    # Kept while the bucket fits with at most 4x room; grown at once; shrunk by 4x.
-    assert l1_switch.next_capacity(65536, 30, batch, h) == 65536
-    assert l1_switch.next_capacity(65536, 60, batch, h) == 131072
-    assert l1_switch.next_capacity(65536, 10, batch, h) == 65536  # bucket 16384: 4x
-    assert l1_switch.next_capacity(65536, 5, batch, h) == 8192
-    used = [2**i for i in range(12, 12 + l1_switch.MAX_CAPACITIES)]  # 4096 ... 131072
-    assert l1_switch.next_capacity(0, 5, batch, h, used) == 8192  # already compiled
-    assert l1_switch.next_capacity(0, 1, batch, h, used) == 4096  # the smallest above 2048
-    assert l1_switch.next_capacity(0, 200, batch, h, used) == used[-1]  # none above 262144
+    # Kept while at least the L0's bucket and at most 1.5x it; grown at once.
+    cap = l1_sparse.capacity_for(10, batch, h)
+    assert cap == 13778
+    assert l1_switch.next_capacity(cap, 9, batch, h) == cap  # bucket 11586
+    assert l1_switch.next_capacity(cap, 12, batch, h) == 16384
+    assert l1_switch.next_capacity(cap, 6, batch, h) == 8192  # 1.5 x 8192 < cap
+    # At most MAX_CAPACITIES: then a compiled one, the smallest above, else the largest.
+    used = [bucket(2 ** (12 + i / 4)) for i in range(l1_switch.MAX_CAPACITIES)]  # 4096 ...
+    assert l1_switch.next_capacity(0, 4096 / 1.25 / batch, batch, h, used) == 4096
+    assert l1_switch.next_capacity(0, 1, batch, h, used) == 4096  # bucket 1449
+    assert l1_switch.next_capacity(0, 30, batch, h, used) == used[-1]  # bucket 38968
 
 
 def test_auto_switches_on_the_threshold():
@@ -248,3 +258,26 @@ def test_sparse_on_eight_devices_equals_one_and_dense():
         timeout=600,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_training_switches_on_the_logged_l0(tmp_path, monkeypatch):
+    """train_and_evaluate with "auto": dense until the first logged L0, sparse after it."""
+    from tests.conftest import synthetic_store
+    from xcoder_jax import train
+    from xcoder_jax import workdir as wd
+
+    monkeypatch.setattr(l1_sparse, "SPARSE_MAX_DENSITY", 1.0)  # any logged L0 < h: sparse
+    synthetic_store(wd.activations_dir(str(tmp_path)), n_rows=1024)
+    taken = []
+    real_step = l1_switch.Paths.step
+
+    def step(self, *args):
+        taken.append(self.loss.sparse)
+        return real_step(self, *args)
+
+    monkeypatch.setattr(l1_switch.Paths, "step", step)
+    c = train_config(steps=3, log_every=1, eval_every=0, checkpoint_every=3)
+    c.crosscoder.l1_path = "auto"
+    c.export.formats = ()
+    train.train_and_evaluate(c, str(tmp_path))
+    assert taken == [False, True, True]

@@ -24,6 +24,7 @@ RESUME_FIELDS = (
     "train.beta2",
     "train.clip_norm",
     "train.decay_start_frac",
+    "train.mu_dtype",
     # Which rows a batch holds: the shards held out (`split`) and those shuffled together.
     "train.eval_shards",
     "train.group_shards",

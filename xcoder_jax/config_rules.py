@@ -199,6 +199,7 @@ RULES: dict[str, Rule] = {
     "crosscoder.center": BOOL,
     "crosscoder.exclusive": EXCLUSIVE,
     "crosscoder.dtype": choice(("float32", "bfloat16")),
+    "train.mu_dtype": choice(("float32", "bfloat16")),
     "export.formats": each(choice(_formats), min_len=0),
     "train.steps": POSITIVE,
     "train.batch_size": POSITIVE,

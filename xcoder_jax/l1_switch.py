@@ -14,10 +14,10 @@ checkpoint does not depend on the path. The L0 is the logged metric (every
 Before the first logged L0 of a run or of a resume, "auto" runs dense and "sparse" at
 `l1_sparse.max_capacity` (the L0 of a fresh crosscoder is about half the latents).
 
-Capacities are powers of two (`l1_sparse.capacity_for`); a step keeps its capacity while
-it holds the expected pairs with at most SHRINK x room, so a new step is compiled only when
-the bucket changes, for at most MAX_CAPACITIES capacities a run. Each (path, capacity) is
-compiled once, on first use.
+Capacities are buckets 1.19x apart (`l1_sparse.capacity_for`); a step keeps its capacity
+while it is at least the bucket of the logged L0 and at most SHRINK x it, so a new step is
+compiled only when the L0 has moved by a bucket up or by SHRINK down, and for at most
+MAX_CAPACITIES capacities a run. Each (path, capacity) is compiled once, on first use.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from xcoder_jax.losses import l1, l1_sparse
 from xcoder_jax.sharding import ShardedStep
 
 MAX_CAPACITIES = 6
-SHRINK = 4  # a capacity over SHRINK x the current bucket is replaced by the smaller one
+# A capacity over SHRINK x the L0's bucket gives way to it: two buckets of room at most
+# (padded slots cost as much as pairs), and an L0 that wavers across one bucket's edge
+# keeps its step.
+SHRINK = 1.5
 
 
 def next_capacity(current: int, l0: float, batch: int, n_latents: int, used=()) -> int:

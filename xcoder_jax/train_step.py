@@ -62,6 +62,7 @@ class HParams:
     total_var: tuple[float, ...]
     center: tuple[float, ...] = ()
     exclusive: tuple[int, int] = (0, 0)
+    mu_dtype: str = "float32"  # Adam's first moment (`train.mu_dtype`)
 
     @classmethod
     def from_config(cls, config, d_model: int, total_var, mean=None) -> HParams:
@@ -89,6 +90,7 @@ class HParams:
             beta1=tc.beta1,
             beta2=tc.beta2,
             clip_norm=tc.clip_norm,
+            mu_dtype=tc.mu_dtype,
             dead_window_tokens=cc.dead_window_tokens,
             total_var=tuple(float(v) for v in _per_model(total_var, cc.n_models)),
             center=center,
@@ -114,11 +116,12 @@ def make_schedule(lr: float, steps: int, decay_start_frac: float) -> optax.Sched
 
 
 def optimizer(hp: HParams) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam on the schedule."""
+    """Global-norm clipping, then Adam on the schedule; its first moment in `hp.mu_dtype`
+    (bfloat16 halves that moment's memory; the second moment stays float32)."""
     schedule = make_schedule(hp.lr, hp.steps, hp.decay_start_frac)
-    return optax.chain(
-        optax.clip_by_global_norm(hp.clip_norm), optax.adam(schedule, b1=hp.beta1, b2=hp.beta2)
-    )
+    mu_dtype = COMPUTE_DTYPES[hp.mu_dtype]
+    adam = optax.adam(schedule, b1=hp.beta1, b2=hp.beta2, mu_dtype=mu_dtype)
+    return optax.chain(optax.clip_by_global_norm(hp.clip_norm), adam)
 
 
 def _model(hp: HParams, seed: int) -> Crosscoder:

@@ -69,14 +69,14 @@ def l1_loss_sparse(model: Crosscoder, x, weights, lam, capacity: int):
 
     A batch with more active pairs (in rows of nonzero weight) than `capacity` runs
     `l1_loss` instead, chosen by `lax.cond`: the step stays exact, and such a batch costs a
-    dense step plus the encoder's forward GEMM computed here to count the pairs.
+    dense step plus the encoder's forward GEMM and the packing computed here.
     """
     check_inputs(model, x, weights)
     pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
-    count = ((pre > 0) & (weights[:, None] != 0)).sum()
+    *pairs, count = l1_sparse.active_pairs((pre > 0) & (weights[:, None] != 0), capacity)
     loss, aux = jax.lax.cond(
         count <= capacity,
-        lambda: l1_sparse.pairs_loss(model, x, weights, lam, pre, capacity),
+        lambda: l1_sparse.pairs_loss(model, x, weights, lam, pre, pairs),
         lambda: l1_loss(model, x, weights, lam),
     )
     check_outputs(model, x, loss, aux)

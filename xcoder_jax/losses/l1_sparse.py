@@ -8,8 +8,8 @@ same loss and gradients as `l1.l1_loss` to float tolerance (`tests/test_sparse_l
                 active pairs are the entries with pre > 0 in rows of nonzero weight, in
                 row-major order, packed into a static `capacity` (`active_pairs`)
     values      f_j = ReLU(pre[r_j, c_j]), its gradient to W_enc[:, c_j] and b_enc[c_j] as
-                scatter-adds of x[r_j] (`batchtopk._pairs_values`)
-    decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]  (`batchtopk._decode_pairs`)
+                scatter-adds of x[r_j] (`pairs.pairs_values`)
+    decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]  (`pairs.decode_pairs`)
     L1 term     sum_i s_i ||W_dec[i]|| / n_valid with s_i = sum_{j: c_j = i} weight_{r_j} f_j,
                 a segment sum to a dense [h] vector
 
@@ -27,25 +27,34 @@ import jax
 import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder
-from xcoder_jax.losses.batchtopk import _decode_pairs, _pairs_values
 from xcoder_jax.losses.common import squared_error
+from xcoder_jax.losses.pairs import decode_pairs, pairs_values
 
-# The sparse step is run while L0 / n_latents is below this. Measured on 2 CPU cores at
-# d = 2 x 256, 4096 latents, batch 1024 (`python -m bench.train_step --l1`): the sparse step
-# is 3.0x, 1.9x and 1.2x as fast as the dense one at densities 1/256, 1/64 and 1/32, and 0.72x
-# at 1/16. 1/32 keeps a margin below the crossing, between 1/32 and 1/16.
-SPARSE_MAX_DENSITY = 1 / 32
+# The sparse step is run while L0 / n_latents is below this: where the two paths cross.
+# Measured on 2 CPU cores at d = 2 x 256, 4096 latents, batch 1024 (`python -m
+# bench.train_step --l1`): the sparse step runs at 3.0x, 1.8x, 1.6x, 1.0x, 0.58x and 0.35x
+# the dense one's steps/s at densities 1/1024, 1/256, 1/192, 1/128, 1/64 and 1/32. A
+# gathered or scattered (pair, d) element costs tens of times a GEMM's multiply-add here,
+# which the density has to make up for; an accelerator's crossing may lie elsewhere.
+SPARSE_MAX_DENSITY = 1 / 128
 
-# Capacity = the power of two at or above HEADROOM x the expected active pairs (L0 x batch):
-# the batches' spread around the logged L0 rarely exceeds it, and one capacity serves a
-# range of L0 of 2x, so training compiles few of them.
+# Capacity = the bucket at or above HEADROOM x the expected active pairs (L0 x batch): the
+# batches' spread around the logged L0 rarely exceeds it. Buckets are 2^(k / 4) (steps of
+# 1.19x): a padded slot costs as much as a pair, so finer steps than powers of two waste
+# less (at most 1.25 x 1.19 = 1.49x the expected pairs, against 2.5x), and a capacity still
+# serves a range of L0 (`l1_switch`), so training compiles few of them.
 HEADROOM = 1.25
+BUCKETS_PER_OCTAVE = 4
 MIN_CAPACITY = 256
 
 
 def bucket(pairs: float) -> int:
-    """The power of two at or above `pairs` (at least 1)."""
-    return 2 ** max(0, math.ceil(math.log2(max(pairs, 1.0))))
+    """The smallest ceil(2^(k / BUCKETS_PER_OCTAVE)), k >= 0 an integer, at or above
+    `pairs`."""
+    k = max(0, math.floor(BUCKETS_PER_OCTAVE * math.log2(max(pairs, 1.0))))
+    while math.ceil(2 ** (k / BUCKETS_PER_OCTAVE)) < pairs:
+        k += 1
+    return math.ceil(2 ** (k / BUCKETS_PER_OCTAVE))
 
 
 def max_capacity(batch: int, n_latents: int) -> int:
@@ -55,36 +64,63 @@ def max_capacity(batch: int, n_latents: int) -> int:
 
 
 def capacity_for(l0: float, batch: int, n_latents: int) -> int:
-    """The static pair capacity for an expected L0 (active latents per row): the power of two
-    at or above HEADROOM x l0 x batch, within [MIN_CAPACITY, max_capacity]."""
+    """The static pair capacity for an expected L0 (active latents per row): the bucket at
+    or above HEADROOM x l0 x batch, within [MIN_CAPACITY, max_capacity]."""
     top = max_capacity(batch, n_latents)
     return min(max(bucket(HEADROOM * l0 * batch), MIN_CAPACITY), top)
 
 
+WORD = 32  # bits of the words `active_pairs` packs the active entries into
+
+
+def _select_bit(words: jax.Array, k: jax.Array) -> jax.Array:
+    """The position of the (k + 1)-th set bit of each word (uint32 [C], k int32 [C]): a
+    binary search over halves, by the population counts of their lower bits."""
+    pos = jnp.zeros_like(k)
+    for width in (16, 8, 4, 2, 1):
+        low = jax.lax.population_count(words & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+        up = k >= low  # past the lower `width` bits
+        k, pos = jnp.where(up, k - low, k), jnp.where(up, pos + width, pos)
+        words = jnp.where(up, words >> width, words)
+    return pos
+
+
 def active_pairs(active: jax.Array, capacity: int):
     """The True entries of `active` [B, h] in row-major order, packed into `capacity` slots:
-    (rows, cols, valid) int32 [capacity] x 2 and bool [capacity]; the slots past the count
-    (or every slot, when the entries overflow it) hold (0, 0), not valid. One cumulative sum
-    and one scatter over B x h: no sort, and no two entries share a slot."""
+    (rows, cols, valid, count): int32 [capacity] x 2, bool [capacity] and the number of True
+    entries int32 []. The slots past the count hold (0, 0), not valid; when the entries
+    overflow the capacity, the slots hold the first ones.
+
+    One pass over B x h packs the entries into 32-bit words; a cumulative sum over the words'
+    population counts and a binary search per slot find each slot's word, and `_select_bit`
+    its bit: O(B h / 32 + capacity log(B h)), with no scatter over B x h (a cumulative sum or
+    a scatter over every entry costs more than the encoder's GEMM on a CPU)."""
     n, h = active.shape
+    if n * h >= 2**31:
+        raise ValueError(f"{n} x {h} entries: the pair indices would overflow int32")
     flat = active.reshape(-1)
-    slot = jnp.cumsum(flat, dtype=jnp.int32) - 1
-    slot = jnp.where(flat, slot, capacity)  # out of range: dropped
-    index = jnp.arange(n * h, dtype=jnp.int32)
-    packed = jnp.zeros(capacity, jnp.int32).at[slot].set(index, mode="drop")
-    valid = jnp.arange(capacity) < flat.sum()
-    return packed // h, packed % h, valid
+    flat = jnp.pad(flat, (0, (-flat.shape[0]) % WORD)).reshape(-1, WORD).astype(jnp.uint32)
+    words = (flat << jnp.arange(WORD, dtype=jnp.uint32)).sum(1, dtype=jnp.uint32)  # OR
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    inclusive = jnp.cumsum(counts)
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    word = jnp.searchsorted(inclusive, slot + 1, side="left", method="scan_unrolled")
+    word = jnp.minimum(word, words.shape[0] - 1)  # slots past the count: any word
+    rank = slot - (inclusive[word] - counts[word])  # among the word's set bits
+    valid = slot < inclusive[-1]
+    index = jnp.where(valid, word * WORD + _select_bit(words[word], rank), 0)
+    return index // h, index % h, valid, inclusive[-1]
 
 
-def pairs_loss(model: Crosscoder, x, weights, lam, pre, capacity: int):
-    """The L1 loss over the active pairs of `pre` [B, h] (the pre-activations, without
-    gradient), at most `capacity` of them (those past it are left out: `l1.l1_loss_sparse`
-    checks the count first). Returns (loss, aux) like `l1.l1_loss`."""
+def pairs_loss(model: Crosscoder, x, weights, lam, pre, pairs):
+    """The L1 loss over `pairs` = (rows, cols, valid) from `active_pairs` of `pre` [B, h]
+    (the pre-activations, without gradient) in the rows of nonzero weight; pairs past the
+    capacity are left out (`l1.l1_loss_sparse` checks the count first). Returns (loss, aux)
+    like `l1.l1_loss`."""
     n, h = pre.shape
-    active = (pre > 0) & (weights[:, None] != 0)
-    rows, cols, valid = active_pairs(active, capacity)
-    f = jnp.where(valid, _pairs_values(model, x, pre, rows, cols), 0.0)
-    x_hat = _decode_pairs(model, f, rows, cols, n) + model.b_dec[...].astype(jnp.float32)
+    rows, cols, valid = pairs
+    f = jnp.where(valid, pairs_values(model, x, pre, rows, cols), 0.0)
+    x_hat = decode_pairs(model, f, rows, cols, n) + model.b_dec[...].astype(jnp.float32)
     mse = squared_error(x, x_hat, weights)
     per_latent = jax.ops.segment_sum(f * weights[rows], cols, num_segments=h)  # [h]
     norms = model.decoder_norms().sum(-1)
