@@ -40,6 +40,18 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def _stepping(trainer, state, xb, wb, steps_per_round: int):
+    """A round: `steps_per_round` steps (loss only) from the state the previous round left."""
+
+    def run():
+        nonlocal state
+        for _ in range(steps_per_round):
+            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
+        jax.block_until_ready(metrics["loss"])
+
+    return run
+
+
 def step_runner(c, batch, steps_per_round):
     """A timed round of the jitted step of config `c` on one device, on a fixed random
     batch [batch, 2, c.crosscoder.d_model]: (run, hparams). Each step is the one training
@@ -52,13 +64,7 @@ def step_runner(c, batch, steps_per_round):
     x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
     xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
 
-    def run():
-        nonlocal state
-        for _ in range(steps_per_round):
-            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
-        jax.block_until_ready(metrics["loss"])
-
-    return run, hp
+    return _stepping(trainer, state, xb, wb, steps_per_round), hp
 
 
 def jax_runner(d, h, batch, dtype, steps_per_round):
@@ -178,13 +184,7 @@ def l1_runner(d, h, batch, dtype, steps_per_round, density, sparse):
     state, metrics = trainer.step(state, xb, wb, with_metrics=True)
     l0 = float(metrics["l0"])
 
-    def run():
-        nonlocal state
-        for _ in range(steps_per_round):
-            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
-        jax.block_until_ready(metrics["loss"])
-
-    return run, l0
+    return _stepping(trainer, state, xb, wb, steps_per_round), l0
 
 
 def l1_paths(d, h, batch, dtype, args):

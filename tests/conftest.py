@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +125,14 @@ def random_export(path, d: int, h: int, layer: int, scale: float, b_enc: float =
     meta = {"layer": layer, "d_model": d, "n_latents": h, "models": []}
     export.export(str(path), weights, np.array([1.0, 1.0]), meta)
     return ExportedCrosscoder.load(str(path))
+
+
+def run_on_eight_devices(script: str) -> None:
+    """Runs `script` (its `{root}` filled with the repository root) in a fresh process with
+    8 simulated CPU devices; it must print "ok" last (its stderr is shown otherwise)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", script.format(root=root)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

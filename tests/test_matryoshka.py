@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import synthetic_store, train_config
+from tests.conftest import run_on_eight_devices, synthetic_store, train_config
 from xcoder_jax import export, formats, losses
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
@@ -237,18 +235,7 @@ print("ok")
 def test_eight_devices_equal_one():
     """Latent axis over 'model' = 2, rows over 'data' = 4, both paths: the same loss,
     parameters and threshold after three steps as one device."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED.format(root=root)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_on_eight_devices(_SHARDED)
 
 
 # --- (d) one group is BatchTopK ----------------------------------------------------------------

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import train_config
+from tests.conftest import run_on_eight_devices, train_config
 from xcoder_jax import checkpoint as ckpt
 from xcoder_jax import l1_switch, sharding
 from xcoder_jax import train_step as ts
@@ -246,18 +242,7 @@ print("ok")
 def test_sparse_on_eight_devices_equals_one_and_dense():
     """Latent axis over 'model' = 2, rows over 'data' = 4: the same state after two sparse
     steps as on one device, and as two dense steps (masked rows, no dedicated latents)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED.format(root=root)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_on_eight_devices(_SHARDED)
 
 
 def test_training_switches_on_the_logged_l0(tmp_path, monkeypatch):
