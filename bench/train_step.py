@@ -12,6 +12,8 @@ could reach at best on this device.
     python -m bench.train_step --l1             # our L1 step, dense and sparse paths side by
                                                 # side, at several L0 / n_latents
     python -m bench.train_step --l1 --gpu       # the same at the GPU shape
+    python -m bench.train_step --l1 --shape 1536,32768,1024 --densities 0.026 0.0078
+                                                # the paper's width on this device
 
 With --l1 each density is set by the encoder bias (every latent alike, the learning rate ~0 so
 that it stays); the sparse step runs at the capacity training gives that L0
@@ -191,7 +193,7 @@ def l1_paths(d, h, batch, dtype, args):
     """Prints our L1 step's dense and sparse paths side by side at each of L1_DENSITIES."""
     print(f"device: {jax.devices()[0].device_kind} | d=2x{d}, {h} latents, batch {batch}, {dtype}")
     print(f"auto runs sparse below L0 / n_latents = {l1_sparse.SPARSE_MAX_DENSITY:.4g}")
-    for density in L1_DENSITIES:
+    for density in args.densities or L1_DENSITIES:
         (dense, l0), (sparse, _) = (
             l1_runner(d, h, batch, dtype, args.steps, density, s) for s in (False, True)
         )
@@ -224,11 +226,15 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--l1", action="store_true", help="our L1 step: dense and sparse paths")
+    p.add_argument("--densities", type=float, nargs="*", help="--l1: L0 / n_latents to time")
+    p.add_argument("--shape", help="d,n_latents,batch instead of the device's default")
     args = p.parse_args()
     if args.gpu:
         d, h, batch, dtype, device = 1536, 32768, 4096, "bfloat16", torch.device("cuda")
     else:
         d, h, batch, dtype, device = 256, 4096, 1024, "float32", torch.device("cpu")
+    if args.shape:
+        d, h, batch = (int(v) for v in args.shape.split(","))
     if args.l1:
         return l1_paths(d, h, batch, dtype, args)
     runners = {

@@ -104,6 +104,8 @@ def micro_pipeline_config():
     # Steering: the micro models rarely end a trace, so the cap (4 x the clean length) and
     # the controls (3 generations per alpha) would make this stage the slowest.
     c.steering.samples, c.steering.max_new_tokens = 2, 24
+    # Behavioural KL on a few documents: its cost grows with them in every stage that reads it.
+    c.analysis.kl_docs, c.ablation.kl_docs = 8, 4
     return c
 
 

@@ -69,6 +69,7 @@ EARLY_ERRORS = {
     "build_zoo": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "pipeline": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
     "replicate": (("--config.zoo.main_size=7",), "zoo.main_size=7 is not one of zoo.sizes"),
+    "variants": ((), "--store is required"),
 }
 
 
@@ -114,7 +115,8 @@ def test_unknown_loss_is_one_line_before_any_training(tmp_path):
         "--config.crosscoder.loss=nope",
     )
     line = assert_one_error_line(proc, "crosscoder.loss = 'nope'")
-    assert line == "error: crosscoder.loss = 'nope': must be one of 'l1', 'batchtopk'"
+    kinds = ", ".join(f"'{k}'" for k in ("l1", "batchtopk", "matryoshka"))
+    assert line == f"error: crosscoder.loss = 'nope': must be one of {kinds}"
     assert sorted(os.listdir(tmp_path)) == ["activations"]  # no checkpoint, no metrics
 
 

@@ -60,6 +60,7 @@ RUNLOCAL_CAPS = {
     "steering.max_new_tokens": 32,
     "ablation.n_random": 2,
     "ablation.n_docs": 16,
+    "ablation.kl_docs": 8,
     "selection.n_docs": 16,
     "geometry.max_pairs": 100,
     "geometry.n_shuffles": 2,
