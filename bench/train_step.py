@@ -197,14 +197,7 @@ def l1_paths(d, h, batch, dtype, args):
         (dense, l0), (sparse, _) = (
             l1_runner(d, h, batch, dtype, args.steps, density, s) for s in (False, True)
         )
-        runners = {"dense": dense, "sparse": sparse}
-        for run in runners.values():  # compile / warm up
-            run()
-        times = {k: [] for k in runners}
-        for _ in range(args.rounds):
-            for k, run in runners.items():
-                times[k].append(time_round(run))
-        rate = {k: args.steps / statistics.median(v) for k, v in times.items()}
+        rate = steps_per_second({"dense": dense, "sparse": sparse}, args.rounds, args.steps)
         ratio = rate["sparse"] / rate["dense"]
         print(
             f"L0/h {density:8.5f} (L0 {l0:7.1f}): dense {rate['dense']:7.3f} steps/s, "
@@ -216,6 +209,18 @@ def time_round(run) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def steps_per_second(runners: dict, rounds: int, steps_per_round: int) -> dict[str, float]:
+    """Each runner's steps/s: one warm-up (compile) round each, then `rounds` rounds
+    alternating between the runners, the median round."""
+    for run in runners.values():
+        run()
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, run in runners.items():
+            times[k].append(time_round(run))
+    return {k: steps_per_round / statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -242,13 +247,7 @@ def main():
         "torch": torch_runner(d, h, batch, dtype, args.steps, device),
         **gemm_runners(d, h, batch, dtype, args.steps, device),
     }
-    for run in runners.values():  # compile / warm up
-        run()
-    times = {k: [] for k in runners}
-    for _ in range(args.rounds):
-        for k, run in runners.items():
-            times[k].append(time_round(run))
-    steps_s = {k: args.steps / statistics.median(v) for k, v in times.items()}
+    steps_s = steps_per_second(runners, args.rounds, args.steps)
     print(
         f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} on {device} "
         f"| {torch.get_num_threads()} torch threads"

@@ -109,6 +109,20 @@ def micro_pipeline_config():
     return c
 
 
+def random_weights(d: int, h: int, seed: int = 1) -> dict:
+    """Random 2-model crosscoder weights (normalised units, float32, seeded): W_enc
+    [2, d, h], b_enc [h], W_dec [h, 2, d], b_dec [2, d]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        "W_enc": rng.normal(0, 0.3, (2, d, h)).astype(np.float32),
+        "b_enc": rng.normal(0, 0.2, h).astype(np.float32),
+        "W_dec": rng.normal(0, 0.2, (h, 2, d)).astype(np.float32),
+        "b_dec": rng.normal(0, 0.1, (2, d)).astype(np.float32),
+    }
+
+
 def random_export(path, d: int, h: int, layer: int, scale: float, b_enc: float = 0.0):
     """An export of a random 2-model crosscoder (seeded, raw scales 1), loaded back as an
     `ExportedCrosscoder`: for tests of interventions that need no trained dictionary."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import synthetic_store, train_config
+from tests.conftest import random_weights, synthetic_store, train_config
 from xcoder_jax import export, formats
 from xcoder_jax import workdir as wd
 from xcoder_jax.activations import ActivationStore
@@ -41,13 +41,7 @@ def _make_export(directory, store_dir, kind: str) -> dict:
     """A random crosscoder (normalised units) exported with SCALES and ROLES; for BatchTopK
     one threshold on weighted f, put in a gap of the store rows' weighted activations so
     float rounding cannot move a row across it."""
-    rng = np.random.default_rng(1)
-    w = {
-        "W_enc": rng.normal(0, 0.3, (2, D, H)).astype(np.float32),
-        "b_enc": rng.normal(0, 0.2, H).astype(np.float32),
-        "W_dec": rng.normal(0, 0.2, (H, 2, D)).astype(np.float32),
-        "b_dec": rng.normal(0, 0.1, (2, D)).astype(np.float32),
-    }
+    w = random_weights(D, H)
     if kind == "batchtopk":
         norms = np.linalg.norm(w["W_dec"], axis=-1).sum(-1)
         x = _rows(store_dir)[:, ::-1] * np.float32(SCALES)[None, :, None]  # slot order

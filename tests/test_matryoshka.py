@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import run_on_eight_devices, synthetic_store, train_config
+from tests.conftest import random_weights, run_on_eight_devices, synthetic_store, train_config
 from xcoder_jax import export, formats, losses
 from xcoder_jax import train_step as ts
 from xcoder_jax import workdir as wd
@@ -272,13 +272,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("matryoshka")
     store_dir = str(root / "activations")
     synthetic_store(store_dir, n_rows=512, d=D, shard_rows=256)
-    rng = np.random.default_rng(1)
-    w = {
-        "W_enc": rng.normal(0, 0.3, (2, D, H)).astype(np.float32),
-        "b_enc": rng.normal(0, 0.2, H).astype(np.float32),
-        "W_dec": rng.normal(0, 0.2, (H, 2, D)).astype(np.float32),
-        "b_dec": rng.normal(0, 0.1, (2, D)).astype(np.float32),
-    }
+    w = random_weights(D, H)
     w["threshold"] = (0.3 / np.linalg.norm(w["W_dec"], axis=-1).sum(-1)).astype(np.float32)
     store = ActivationStore(store_dir)
     meta = {"layer": store.layer, "d_model": D, "n_models": 2, "n_latents": H}

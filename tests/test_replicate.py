@@ -310,7 +310,7 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
     assert rows["self_reflection_latents_lean_distilled"]["seeds_measured"] == 2
     seed3 = str(tmp_path / "seed3")
     # The negative-control pair ran in its own workdir and its steering passed its fingerprint.
-    results3 = replicate.read_results(seed3, replicate._with_seed(c, 3))
+    results3 = replicate.read_results(seed3, replicate.with_seed(c, 3))
     assert set(results3) == {"analysis", "steering", "ablation", "geometry", "steering_no_loop"}
     assert results3["steering_no_loop"]["fingerprint"]["params"]["steering.seed"] == 3
     # (The micro pairs rarely have a latent passing the screen: a set without one is unmeasured.)
@@ -318,7 +318,7 @@ def test_replication_runs_each_seed_in_its_own_workdir(tmp_path):
         assert rows[f.name]["per_seed"]["3"] == f.read(results3), f.name
     # Seed 3's files are not seed 4's results.
     with pytest.raises(replicate.StaleResultError, match="another run"):
-        replicate.read_results(seed3, replicate._with_seed(c, 4))
+        replicate.read_results(seed3, replicate.with_seed(c, 4))
 
 
 def test_a_seed_reaches_every_section_that_follows_the_run_seed():
@@ -329,7 +329,7 @@ def test_a_seed_reaches_every_section_that_follows_the_run_seed():
     seeded = [name for name, sec in c.items() if hasattr(sec, "keys") and "seed" in sec]
     assert {"selection", "steering", "ablation"} <= set(seeded)
     for config in (c, c.copy_and_resolve_references()):
-        s = replicate._with_seed(config, 7)
+        s = replicate.with_seed(config, 7)
         assert s.seed == 7
         for name in seeded:
             assert s[name].seed == (11 if name == "geometry" else 7), name

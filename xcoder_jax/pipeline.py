@@ -119,7 +119,7 @@ def _no_loop_pair(config, workdir: str) -> str:
     os.makedirs(sub, exist_ok=True)
     stages = dict(STAGES)
     for name in control_pair.STAGES:
-        _run_stage(f"no_loop pair: {name}", stages[name], c, sub)
+        run_stage(f"no_loop pair: {name}", stages[name], c, sub)
     return f"{', '.join(control_pair.STAGES)} of base vs no-loop distilled, in no_loop/"
 
 
@@ -178,7 +178,7 @@ def _snapshot(paths: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _run_stage(name: str, stage, config, workdir: str) -> str:
+def run_stage(name: str, stage, config, workdir: str) -> str:
     """One stage with its progress lines; a full disk or an unwritable workdir becomes a
     PipelineError naming the stage."""
     start = time.time()
@@ -217,4 +217,4 @@ def run(config, workdir: str) -> dict[str, str]:
     config_check.check(config)
     inputs.check(config)
     with workdir_lock(workdir):
-        return {name: _run_stage(name, stage, config, workdir) for name, stage in STAGES}
+        return {name: run_stage(name, stage, config, workdir) for name, stage in STAGES}

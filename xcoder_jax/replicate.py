@@ -254,7 +254,7 @@ def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
     per_seed, errors = {}, {}
     for n, seed in enumerate(seeds, 1):
         log(f"=== seed {seed} ({n}/{len(seeds)})")
-        c, w = _with_seed(config, seed), seed_workdir(workdir, seed)
+        c, w = with_seed(config, seed), seed_workdir(workdir, seed)
         per_seed[seed] = {}
         try:
             pipeline.run(c, w)
@@ -276,7 +276,7 @@ def run_replication(config, workdir: str, seeds: list[int], log=print) -> dict:
     return table
 
 
-def _with_seed(config, seed: int):
+def with_seed(config, seed: int):
     """A copy of `config` whose seed, and every section's seed that follows it, is `seed`.
 
     Fields referring to `config.seed` follow it; a section seed that equals the run's seed

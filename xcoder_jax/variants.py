@@ -90,10 +90,10 @@ def variant_config(config, variant: str, seed: int, k: int):
     """A copy of `config` at `seed` with the variant's loss and recipe: L1 as the config
     has it, or the BatchTopK family's recipe (`config_util.batchtopk`: AuxK, b_dec at the
     store mean) at `k`; every `RECIPE` field at the variant's value or its reset value."""
-    from xcoder_jax.replicate import _with_seed
+    from xcoder_jax.replicate import with_seed
 
     _, loss, fields = VARIANTS[variant]
-    c = _with_seed(config, seed)
+    c = with_seed(config, seed)
     with c.unlocked():
         cc = c.crosscoder
         if loss == "l1":
@@ -221,7 +221,7 @@ def run_variants(config, out: str, store_workdir: str, variants, seeds, k=None, 
     `variants.md` after every run."""
     from xcoder_jax import config_check
     from xcoder_jax.pipeline import STAGES as PIPELINE_STAGES
-    from xcoder_jax.pipeline import _run_stage
+    from xcoder_jax.pipeline import run_stage
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -238,7 +238,7 @@ def run_variants(config, out: str, store_workdir: str, variants, seeds, k=None, 
             config_check.check(c)
             link_store(run, store_workdir)
             for name in STAGES:
-                _run_stage(f"{variant} seed {seed}: {name}", stage_fns[name], c, run)
+                run_stage(f"{variant} seed {seed}: {name}", stage_fns[name], c, run)
             rows.setdefault(variant, {})[seed] = {**row(run), "k": k_seed}
             log(f"{variant} seed {seed}: k {k_seed}, L0 {rows[variant][seed]['l0']:.2f}")
             tab = table(rows)
