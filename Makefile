@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 # torch and XLA spin-wait on idle threads by default, which starves the other process on a
 # small shared machine (a 4-10x slowdown seen on 2 cores).
 export OMP_WAIT_POLICY ?= PASSIVE
+# Transparent huge pages for XLA's large CPU temporaries (xcoder_jax/huge_pages.py); set
+# here, the launchers need not start themselves again to get it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 STAMP := $(VENV)/.installed
 
 # The five confirmatory seeds of the declared family (seed 0, `make demo`'s, is exploratory).

@@ -20,25 +20,37 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import subprocess
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.train_step import step_runner
+from bench import xla_profile
+from bench.train_step import StepSetup, mfu, step_runner, steps_per_second, time_round
 from configs import tiny
-from xcoder_jax.sparse_topk import use_sparse
+from xcoder_jax import huge_pages
+from xcoder_jax.losses.batchtopk import use_sparse
 
 SHAPES = ("256x4096x32", "256x16384x32", "1536x32768x100")
 
 
+def _config(d, h, k, path, loss="batchtopk"):
+    """The tiny config at this shape: BatchTopK on `path` (auto, dense, sparse) or, with
+    loss "l1", the L1 step on `path` (its `l1_path`)."""
+    if loss == "l1":
+        c = tiny.get_config()
+        c.crosscoder.l1_path = path
+    else:
+        c = tiny.get_config("batchtopk")
+        c.crosscoder.k, c.crosscoder.topk_path = k, path
+    c.crosscoder.d_model, c.crosscoder.n_latents = d, h
+    return c
+
+
 def ours(d, h, k, batch, path, steps):
-    c = tiny.get_config("batchtopk")
-    c.crosscoder.d_model, c.crosscoder.n_latents, c.crosscoder.k = d, h, k
-    c.crosscoder.topk_path = path
-    return step_runner(c, batch, steps)
+    return step_runner(_config(d, h, k, path), batch, steps)
 
 
 def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):
@@ -89,46 +101,48 @@ def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):
     return run
 
 
-def breakdown(d, h, k, batch, rounds):
-    """Median ms of the sparse step's parts, each jitted alone on the same data."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, 2 * d)).astype(np.float32))
-    w_enc = jnp.asarray(rng.normal(size=(2 * d, h)).astype(np.float32) / np.sqrt(2 * d))
-    w_dec = jnp.asarray(rng.normal(size=(h, 2 * d)).astype(np.float32) / np.sqrt(2 * d))
-    pre = jax.jit(lambda x, w: jax.nn.relu(x @ w))(x, w_enc)
-    _, flat = jax.lax.top_k(pre.reshape(-1), k * batch)
-    rows, cols = flat // h, flat % h
-    f = jnp.ones(k * batch)
-    parts = {
-        "encoder GEMM": (lambda x, w: x @ w, (x, w_enc)),
-        "batch top-k selection": (lambda p: jax.lax.top_k(p.reshape(-1), k * batch), (pre,)),
-        "decoder gather + segment sum": (
-            lambda w, f, r, c: jax.ops.segment_sum(f[:, None] * w[c], r, num_segments=batch),
-            (w_dec, f, rows, cols),
-        ),
-        "weight-gradient scatter-add": (
-            lambda x, f, r, c: jax.ops.segment_sum(x[r] * f[:, None], c, num_segments=h),
-            (x, f, rows, cols),
-        ),
-        "Adam update (both matrices)": (
-            lambda a, b: (a * 0.9 + b * 0.1, a * a * 0.999 + b * b * 0.001),
-            (w_enc, w_enc),
-        ),
-    }
-    out = {}
-    for name, (fn, args) in parts.items():
-        fn = jax.jit(fn)
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        out[name] = 1e3 * statistics.median(times)
-    return out
+def breakdown(d, h, k, batch, path, rounds):
+    """Where the real step's time goes: the jitted step of `path` on one batch, profiled
+    inside XLA (`bench.xla_profile`), against the median of `rounds` unprofiled steps."""
+    runner = StepSetup(_config(d, h, k, path), batch)
+    runner.step()  # compile
+    plain = statistics.median(time_round(runner.step) for _ in range(rounds))
+    result = xla_profile.profile(runner.step, runner.hlo_text())
+    lines = result.lines()
+    off = result.in_operations / plain - 1
+    lines.append(
+        f"{'median unprofiled step':>36} {1e3 * plain:9.1f}  (operations sum to it within "
+        f"{abs(off):.1%}: {'yes' if abs(off) <= 0.1 else 'NO'}, the 10% check)"
+    )
+    return lines
+
+
+def peak_rss(d, h, k, batch, path, loss) -> dict:
+    """Peak RSS (GiB) in a fresh process: after the imports (`runtime`), and after two
+    steps of `path` (`peak`); the train state's size (`state`: parameters and Adam's two
+    float32 moments) and the parameters' (`params`)."""
+    code = (
+        "import resource, sys; from bench.batchtopk_step import _config, StepSetup; "
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; before = rss(); "
+        f"r = StepSetup(_config({d}, {h}, {k}, {path!r}, {loss!r}), {batch}); "
+        "r.step(); r.step(); print(before, rss())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    runtime, peak = (int(v) / 2**20 for v in out.stdout.split()[-2:])  # KiB -> GiB
+    params = (2 * 2 * d * h + h + 2 * d) * 4 / 2**30
+    return {"runtime": runtime, "peak": peak, "state": 3 * params, "params": params}
+
+
+def memory_line(m: dict) -> str:
+    extra = (m["peak"] - m["runtime"] - m["state"]) / m["params"]
+    return (
+        f"peak RSS {m['peak']:.2f} GiB = runtime {m['runtime']:.2f} + state {m['state']:.2f} "
+        f"(parameters and Adam's moments) + {extra:.2f} x the parameters ({m['params']:.2f})"
+    )
 
 
 def main():
+    huge_pages.reexec()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -136,39 +150,42 @@ def main():
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="steps per round (0: by shape)")
-    p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--paths", default="auto,dense", help="our paths to time (auto, dense, sparse)")
+    p.add_argument("--breakdown", action="store_true", help="where the auto step's time goes")
+    p.add_argument("--memory", action="store_true", help="peak RSS of the auto step")
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
-    print(f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} on {device}")
+    print(
+        f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} on {device} "
+        f"| huge pages {'on' if huge_pages.active() else 'off'}"
+    )
     for shape in args.shapes.split(","):
         d, h, k = (int(v) for v in shape.split("x"))
         steps = args.steps or max(1, 8 * 4096 // h if d < 1024 else 1)
-        auto, hp = ours(d, h, k, args.batch, "auto", steps)
-        runners = {
-            f"ours auto ({'sparse' if hp.loss.sparse else 'dense'})": auto,
-            "ours dense": ours(d, h, k, args.batch, "dense", steps)[0],
-            "ours sparse": ours(d, h, k, args.batch, "sparse", steps)[0],
-            "torch dense": torch_step(d, h, k, args.batch, steps, device),
-        }
-        for run in runners.values():  # compile / warm up
-            run()
-        times = {n: [] for n in runners}
-        for _ in range(args.rounds):
-            for n, run in runners.items():
-                t0 = time.perf_counter()
-                run()
-                times[n].append(time.perf_counter() - t0)
-        rate = {n: steps / statistics.median(t) for n, t in times.items()}
+        auto = "sparse" if use_sparse("auto", h, k) else "dense"
+        runners = {}
+        for path in args.paths.split(","):
+            name = f"ours {path} ({auto})" if path == "auto" else f"ours {path}"
+            runners[name] = ours(d, h, k, args.batch, path, steps)[0]
+        runners["torch dense"] = torch_step(d, h, k, args.batch, steps, device)
+        rate = steps_per_second(runners, args.rounds, steps)
         print(f"\nd=2x{d}, {h} latents, k={k}, batch {args.batch}, float32, {steps} steps/round")
+        flops = 10 * args.batch * 2 * d * h  # the dense step's five GEMMs
         for n, s in rate.items():
-            ratio = s / rate["torch dense"]
-            print(f"  {n:>22}: {s:7.3f} steps/s {s * args.batch:10.0f} tokens/s  {ratio:5.2f}x")
+            line = f"  {n:>22}: {s:7.3f} steps/s {s * args.batch:10.0f} tokens/s"
+            line += f"  {rate['torch dense'] and s / rate['torch dense']:5.2f}x torch dense"
+            if args.gpu:
+                line += f"  {mfu(s * flops)}"
+            print(line)
         if args.breakdown:
-            sparse = use_sparse("sparse", h, k)
-            print(f"  sparse step parts (ms, sparse={sparse}):")
-            for name, ms in breakdown(d, h, k, args.batch, args.rounds).items():
-                print(f"    {name:>30}: {ms:9.1f}")
+            print(f"  where the time of our auto ({auto}) step goes, inside it:")
+            for line in breakdown(d, h, k, args.batch, "auto", args.rounds):
+                print("  " + line)
+        if args.memory:
+            for loss in ("batchtopk", "l1"):
+                m = peak_rss(d, h, k, args.batch, "auto", loss)
+                print(f"  {loss} auto step: {memory_line(m)}")
 
 
 if __name__ == "__main__":

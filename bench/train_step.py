@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from configs import tiny
-from xcoder_jax import sharding
+from xcoder_jax import huge_pages, losses, sharding
 from xcoder_jax import train_step as ts
 from xcoder_jax.losses import l1_sparse
 
@@ -42,31 +42,46 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _stepping(trainer, state, xb, wb, steps_per_round: int):
-    """A round: `steps_per_round` steps (loss only) from the state the previous round left."""
+class StepSetup:
+    """The jitted step of a config on one device, on a fixed random batch
+    [batch, 2, d_model]: `step()` runs one (the one training runs between logged steps: no
+    metrics beyond the loss, like the PyTorch steps) from the state the last one left."""
 
-    def run():
-        nonlocal state
-        for _ in range(steps_per_round):
-            state, metrics = trainer.step(state, xb, wb, with_metrics=False)
-        jax.block_until_ready(metrics["loss"])
+    def __init__(self, c, batch: int, loss=None):
+        d, h = c.crosscoder.d_model, c.crosscoder.n_latents
+        c.train.batch_size, c.train.steps = batch, 10**6
+        self.hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
+        if loss is not None:  # e.g. a path or capacity the config cannot state
+            self.hp = dataclasses.replace(self.hp, loss=loss)
+        self.trainer = sharding.ShardedStep(self.hp, sharding.make_mesh(1, 1, batch, h))
+        self.state = self.trainer.init()
+        x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
+        self.xb, self.wb = self.trainer.to_device(x, np.ones(batch, np.float32))
 
-    return run
+    def step(self, block: bool = True, with_metrics: bool = False):
+        """One step; its metrics (the loss alone without `with_metrics`)."""
+        self.state, metrics = self.trainer.step(self.state, self.xb, self.wb, with_metrics)
+        return jax.block_until_ready(metrics) if block else metrics
+
+    def rounds_of(self, steps_per_round: int):
+        """A round: `steps_per_round` steps, dispatched in turn, waited for at the end."""
+
+        def run():
+            for _ in range(steps_per_round):
+                metrics = self.step(block=False)
+            jax.block_until_ready(metrics["loss"])
+
+        return run
+
+    def hlo_text(self) -> str:
+        """The compiled step's HLO module (what `bench.xla_profile` attributes time to)."""
+        return self.trainer.lowered(self.state, self.xb, self.wb, False).compile().as_text()
 
 
 def step_runner(c, batch, steps_per_round):
-    """A timed round of the jitted step of config `c` on one device, on a fixed random
-    batch [batch, 2, c.crosscoder.d_model]: (run, hparams). Each step is the one training
-    runs between logged steps: no metrics beyond the loss, like the PyTorch steps."""
-    d, h = c.crosscoder.d_model, c.crosscoder.n_latents
-    c.train.batch_size, c.train.steps = batch, 10**6
-    hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
-    trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
-    state = trainer.init()
-    x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
-    xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
-
-    return _stepping(trainer, state, xb, wb, steps_per_round), hp
+    """A timed round of the jitted step of config `c` (see `StepSetup`): (run, hparams)."""
+    setup = StepSetup(c, batch)
+    return setup.rounds_of(steps_per_round), setup.hp
 
 
 def jax_runner(d, h, batch, dtype, steps_per_round):
@@ -169,24 +184,24 @@ def l1_runner(d, h, batch, dtype, steps_per_round, density, sparse):
     pre-activations above 0: pre ~ N(b, sigma^2), sigma = the W_enc column's norm."""
     c = tiny.get_config()
     c.crosscoder.d_model, c.crosscoder.n_latents, c.crosscoder.dtype = d, h, dtype
-    c.train.batch_size, c.train.steps, c.train.lr = batch, 10**6, 1e-12
-    hp = ts.HParams.from_config(c, d_model=d, total_var=np.ones(2))
+    c.train.lr, c.train.batch_size, c.train.steps = 1e-12, batch, 10**6
+    loss = losses.from_config(c)
     if sparse:  # the capacity of that L0, without the cap at SPARSE_MAX_DENSITY
         capacity = l1_sparse.bucket(l1_sparse.HEADROOM * density * h * batch)
-        hp = dataclasses.replace(
-            hp, loss=dataclasses.replace(hp.loss, sparse=True, capacity=capacity)
-        )
-    trainer = sharding.ShardedStep(hp, sharding.make_mesh(1, 1, batch, h))
-    state = trainer.init()
-    sigma = c.crosscoder.dec_init_norm * np.sqrt(2)  # both models' rows at that norm
-    b = -sigma * statistics.NormalDist().inv_cdf(1 - density)
-    state["params"]["b_enc"] = state["params"]["b_enc"].replace(np.full(h, b, np.float32))
-    x = np.random.default_rng(0).normal(size=(batch, 2, d)).astype(np.float32)
-    xb, wb = trainer.to_device(x, np.ones(batch, np.float32))
-    state, metrics = trainer.step(state, xb, wb, with_metrics=True)
-    l0 = float(metrics["l0"])
+        loss = dataclasses.replace(loss, sparse=True, capacity=capacity)
+    setup = StepSetup(c, batch, loss)
+    bias = np.full(h, density_bias(c.crosscoder.dec_init_norm, density), np.float32)
+    setup.state["params"]["b_enc"] = setup.state["params"]["b_enc"].replace(bias)
+    l0 = float(setup.step(with_metrics=True)["l0"])
+    return setup.rounds_of(steps_per_round), l0
 
-    return _stepping(trainer, state, xb, wb, steps_per_round), l0
+
+def density_bias(dec_init_norm: float, density: float) -> float:
+    """The encoder bias b that puts a share `density` of the pre-activations above 0 at
+    init on x ~ N(0, 1): pre ~ N(b, sigma^2), sigma = a W_enc column's norm (both models'
+    rows at `dec_init_norm`)."""
+    sigma = dec_init_norm * np.sqrt(2)
+    return float(-sigma * statistics.NormalDist().inv_cdf(1 - density))
 
 
 def l1_paths(d, h, batch, dtype, args):
@@ -203,6 +218,13 @@ def l1_paths(d, h, batch, dtype, args):
             f"L0/h {density:8.5f} (L0 {l0:7.1f}): dense {rate['dense']:7.3f} steps/s, "
             f"sparse {rate['sparse']:7.3f} steps/s, sparse/dense {ratio:5.2f}x"
         )
+
+
+def mfu(flops_per_second: float) -> str:
+    """Model-FLOP utilisation against the device's dense bf16 peak (PEAK_BF16), as text."""
+    kind = jax.devices()[0].device_kind
+    peak = next((v for n, v in PEAK_BF16.items() if n in kind), None)
+    return f"MFU {flops_per_second / peak:.1%} of bf16 peak" if peak else f"MFU: no peak for {kind}"
 
 
 def time_round(run) -> float:
@@ -224,6 +246,7 @@ def steps_per_second(runners: dict, rounds: int, steps_per_round: int) -> dict[s
 
 
 def main():
+    huge_pages.reexec()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -259,10 +282,7 @@ def main():
             f"{k:>10}: {s:8.2f} steps/s  {s * batch:12.0f} tokens/s  {s * flops / 1e9:8.1f} GFLOP/s"
         )
         if args.gpu:
-            kind = jax.devices()[0].device_kind
-            peak = next((v for n, v in PEAK_BF16.items() if n in kind), None)
-            if peak:
-                line += f"  MFU {s * flops / peak:.1%}"
+            line += f"  {mfu(s * flops)}"
         print(line)
     print(f"ratio jax/torch: {steps_s['jax'] / steps_s['torch']:.2f}x")
     # The gemm_* rows time the step's five GEMMs alone as one "step": no dense step can beat

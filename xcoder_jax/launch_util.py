@@ -25,7 +25,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from xcoder_jax import config_check, config_util, inputs
+from xcoder_jax import config_check, config_util, huge_pages, inputs
 from xcoder_jax.errors import ConfigError, XcoderError
 
 _TRACEBACK = flags.DEFINE_bool(
@@ -214,7 +214,10 @@ def _check_workdir() -> None:
 
 
 def run_main(main: Callable[[list[str]], object]) -> None:
-    """absl's `app.run(main)`, with an XcoderError reported as one line (exit status 1)."""
+    """absl's `app.run(main)`, with an XcoderError reported as one line (exit status 1);
+    first restarted with huge pages for XLA's CPU buffers where they are wanted
+    (`huge_pages`)."""
+    huge_pages.reexec()
 
     def guarded(argv: list[str]) -> object:
         try:

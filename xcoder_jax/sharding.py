@@ -147,6 +147,10 @@ class ShardedStep:
         """A global array as a copy on every device (every process can read it whole)."""
         return self._gather(x)
 
+    def lowered(self, state, batch, weights, with_metrics: bool = True):
+        """The step lowered for these arguments (`.compile().as_text()`: its HLO)."""
+        return self._step[with_metrics].lower(state, batch, weights)
+
     def step(self, state, batch, weights, with_metrics: bool = True):
         """One training step: (new state, metrics). The input state is donated (consumed)."""
         return self._step[with_metrics](state, batch, weights)
