@@ -2,18 +2,22 @@ r"""The BatchTopK train step: ours (auto, dense, sparse) and a dense PyTorch ste
 
 The PyTorch step is written the way the public PyTorch crosscoder trainers write BatchTopK:
 encode every latent, weight by decoder norms, `topk` over the flattened batch, scatter, a
-dense decode, AuxK only when some latent is dead; then Adam and global-norm clipping. All
-three run the same shapes in float32 on the same device, timed side by side in one run
-(alternating rounds, medians). Prints steps/s, tokens/s and ratios to the PyTorch step per
-shape, and with --breakdown where the sparse step's time goes.
+dense decode, AuxK only when some latent is dead; then Adam and global-norm clipping. Ours
+and it run the same shapes in float32 on the same device, timed side by side in one run
+(alternating rounds, medians), in one process with huge pages for both
+(`xcoder_jax.huge_pages`). Prints steps/s, tokens/s and ratios to the PyTorch step per
+shape; --breakdown profiles our auto step inside XLA (`bench.xla_profile`: time per
+category of operation, against the median unprofiled step); --memory the peak RSS of our
+auto BatchTopK and L1 steps, each in a fresh process.
 
-    python -m bench.batchtopk_step                       # the three CPU shapes below
-    python -m bench.batchtopk_step --shapes 256x16384x32 --rounds 5
-    python -m bench.batchtopk_step --breakdown           # encoder GEMM, selection, ...
-    python -m bench.batchtopk_step --gpu                 # GPU: also tokens/s per device
+    python -m bench.batchtopk_step                       # the three shapes below
+    python -m bench.batchtopk_step --shapes 256x16384x32 --rounds 5 --paths auto,dense,sparse
+    python -m bench.batchtopk_step --shapes 1536x32768x100 --breakdown --memory
+    python -m bench.batchtopk_step --gpu                 # GPU: also MFU of the dense FLOPs
 
 Shapes are d x n_latents x k (2 models, batch 1024): 256x4096x32, 256x16384x32 and the
-paper's width 1536x32768x100 (slow on a CPU: a few steps).
+paper's width 1536x32768x100 (slow on a CPU: one step a round). Each runner holds its own
+train state (2.25 GiB at the paper's width), so time few paths at a time there.
 """
 
 from __future__ import annotations
@@ -36,24 +40,24 @@ from xcoder_jax.losses.batchtopk import use_sparse
 SHAPES = ("256x4096x32", "256x16384x32", "1536x32768x100")
 
 
-def _config(d, h, k, path, loss="batchtopk"):
+def _config(d, h, k, path, loss="batchtopk", dtype="float32"):
     """The tiny config at this shape: BatchTopK on `path` (auto, dense, sparse) or, with
-    loss "l1", the L1 step on `path` (its `l1_path`)."""
+    loss "l1", the L1 step on `path` (its `l1_path`); `dtype` the compute dtype."""
     if loss == "l1":
         c = tiny.get_config()
         c.crosscoder.l1_path = path
     else:
         c = tiny.get_config("batchtopk")
         c.crosscoder.k, c.crosscoder.topk_path = k, path
-    c.crosscoder.d_model, c.crosscoder.n_latents = d, h
+    c.crosscoder.d_model, c.crosscoder.n_latents, c.crosscoder.dtype = d, h, dtype
     return c
 
 
-def ours(d, h, k, batch, path, steps):
-    return step_runner(_config(d, h, k, path), batch, steps)
+def ours(d, h, k, batch, path, steps, dtype="float32"):
+    return step_runner(_config(d, h, k, path, dtype=dtype), batch, steps)
 
 
-def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):
+def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32, dtype="float32"):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(h, 2, d, generator=g)
     w = w * (1.0 / w.norm(dim=-1, keepdim=True))
@@ -70,6 +74,16 @@ def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):
     since_fired = torch.zeros(h, dtype=torch.long, device=device)
 
     def one():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss, f = forward()  # the backward outside autocast, as PyTorch advises
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        since_fired.add_(batch).masked_fill_((f > 0).any(0), 0)
+        return loss
+
+    def forward():
         pre = torch.relu(torch.einsum("bmd,mdh->bh", x, params["W_enc"]) + params["b_enc"])
         weighted = pre * params["W_dec"].norm(dim=-1).sum(-1)
         top = weighted.flatten().topk(k * batch)
@@ -84,12 +98,7 @@ def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32):
             aux_f = torch.zeros_like(pre).scatter(-1, idx, vals.clamp_min(0))
             aux_hat = torch.einsum("bh,hmd->bmd", aux_f, params["W_dec"])
             loss = loss + aux_coeff * (aux_hat - residual).pow(2).sum((1, 2)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        opt.step()
-        since_fired.add_(batch).masked_fill_((f > 0).any(0), 0)
-        return loss
+        return loss, f
 
     def run():
         for _ in range(steps):
@@ -120,10 +129,12 @@ def breakdown(d, h, k, batch, path, rounds):
 def peak_rss(d, h, k, batch, path, loss) -> dict:
     """Peak RSS (GiB) in a fresh process: after the imports (`runtime`), and after two
     steps of `path` (`peak`); the train state's size (`state`: parameters and Adam's two
-    float32 moments) and the parameters' (`params`)."""
+    float32 moments) and the parameters' (`params`). Read from VmHWM: getrusage's maximum
+    would carry over the parent's through fork and exec."""
     code = (
-        "import resource, sys; from bench.batchtopk_step import _config, StepSetup; "
-        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; before = rss(); "
+        "from bench.batchtopk_step import _config, StepSetup; "
+        "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))"
+        ".split()[1]); before = rss(); "
         f"r = StepSetup(_config({d}, {h}, {k}, {path!r}, {loss!r}), {batch}); "
         "r.step(); r.step(); print(before, rss())"
     )
@@ -156,6 +167,7 @@ def main():
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = "bfloat16" if args.gpu else "float32"  # MFU is against the bf16 peak
     print(
         f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} on {device} "
         f"| huge pages {'on' if huge_pages.active() else 'off'}"
@@ -167,10 +179,10 @@ def main():
         runners = {}
         for path in args.paths.split(","):
             name = f"ours {path} ({auto})" if path == "auto" else f"ours {path}"
-            runners[name] = ours(d, h, k, args.batch, path, steps)[0]
-        runners["torch dense"] = torch_step(d, h, k, args.batch, steps, device)
+            runners[name] = ours(d, h, k, args.batch, path, steps, dtype)[0]
+        runners["torch dense"] = torch_step(d, h, k, args.batch, steps, device, dtype=dtype)
         rate = steps_per_second(runners, args.rounds, steps)
-        print(f"\nd=2x{d}, {h} latents, k={k}, batch {args.batch}, float32, {steps} steps/round")
+        print(f"\nd=2x{d}, {h} latents, k={k}, batch {args.batch}, {dtype}, {steps} steps/round")
         flops = 10 * args.batch * 2 * d * h  # the dense step's five GEMMs
         for n, s in rate.items():
             line = f"  {n:>22}: {s:7.3f} steps/s {s * args.batch:10.0f} tokens/s"

@@ -9,16 +9,18 @@ could reach at best on this device.
     python -m bench.train_step                  # CPU: d=256, 2 models, 4096 latents, batch 1024
     python -m bench.train_step --gpu            # GPU: bf16, d=1536, 32768 latents, batch 4096,
                                                 # also model-FLOP utilisation
-    python -m bench.train_step --l1             # our L1 step, dense and sparse paths side by
-                                                # side, at several L0 / n_latents
+    python -m bench.train_step --l1             # our L1 step, dense and sparse paths and a
+                                                # dense PyTorch L1 step side by side, at
+                                                # several L0 / n_latents
     python -m bench.train_step --l1 --gpu       # the same at the GPU shape
-    python -m bench.train_step --l1 --shape 1536,32768,1024 --densities 0.026 0.0078
-                                                # the paper's width on this device
+    python -m bench.train_step --l1 --shape 1536,32768,1024 --densities 0.026 --paths dense,torch
+                                                # the paper's width and L0 on this device
 
-With --l1 each density is set by the encoder bias (every latent alike, the learning rate ~0 so
-that it stays); the sparse step runs at the capacity training gives that L0
-(`losses.l1_sparse.capacity_for`), here also above its cap, to time the sparse path itself at
-every density. The measured L0 is printed with each line.
+With --l1 each density is set by the encoder bias (every latent alike, in both frameworks;
+our learning rate ~0 so that it stays); the sparse step runs at the capacity training gives
+that L0 (`losses.l1_sparse.capacity_for`), here also above its cap, to time the sparse path
+itself at every density. The measured L0 is printed with each line, and "ours auto" is the
+path `crosscoder.l1_path = "auto"` takes at it.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def jax_runner(d, h, batch, dtype, steps_per_round):
     return step_runner(c, batch, steps_per_round)[0]
 
 
-def torch_runner(d, h, batch, dtype, steps_per_round, device):
+def torch_runner(d, h, batch, dtype, steps_per_round, device, b_enc: float = 0.0):
+    """A timed round of a dense PyTorch L1 step; `b_enc`: every latent's encoder bias."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(h, 2, d, generator=g)
     w = w * (0.08 / w.norm(dim=-1, keepdim=True))
@@ -99,7 +102,7 @@ def torch_runner(d, h, batch, dtype, steps_per_round, device):
     params = {
         "W_enc": w.permute(1, 2, 0).contiguous(),
         "W_dec": w.clone(),
-        "b_enc": torch.zeros(h),
+        "b_enc": torch.full((h,), b_enc),
         "b_dec": torch.zeros(2, d),
     }
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
@@ -204,20 +207,35 @@ def density_bias(dec_init_norm: float, density: float) -> float:
     return float(-sigma * statistics.NormalDist().inv_cdf(1 - density))
 
 
-def l1_paths(d, h, batch, dtype, args):
-    """Prints our L1 step's dense and sparse paths side by side at each of L1_DENSITIES."""
+def l1_paths(d, h, batch, dtype, args, device):
+    """Prints our L1 step's dense and sparse paths and a dense PyTorch L1 step side by side
+    at each of L1_DENSITIES (the same encoder bias in both frameworks), and our "auto" (the
+    path `crosscoder.l1_path = "auto"` takes at that L0) over the PyTorch step."""
     print(f"device: {jax.devices()[0].device_kind} | d=2x{d}, {h} latents, batch {batch}, {dtype}")
-    print(f"auto runs sparse below L0 / n_latents = {l1_sparse.SPARSE_MAX_DENSITY:.4g}")
+    print(
+        f"auto runs sparse below L0 / n_latents = {l1_sparse.SPARSE_MAX_DENSITY:.4g} "
+        f"| huge pages {'on' if huge_pages.active() else 'off'}"
+    )
+    paths = args.paths.split(",")
     for density in args.densities or L1_DENSITIES:
-        (dense, l0), (sparse, _) = (
-            l1_runner(d, h, batch, dtype, args.steps, density, s) for s in (False, True)
-        )
-        rate = steps_per_second({"dense": dense, "sparse": sparse}, args.rounds, args.steps)
-        ratio = rate["sparse"] / rate["dense"]
-        print(
-            f"L0/h {density:8.5f} (L0 {l0:7.1f}): dense {rate['dense']:7.3f} steps/s, "
-            f"sparse {rate['sparse']:7.3f} steps/s, sparse/dense {ratio:5.2f}x"
-        )
+        runners, l0 = {}, None
+        for path in ("dense", "sparse"):
+            if path in paths:
+                runners[path], l0 = l1_runner(
+                    d, h, batch, dtype, args.steps, density, path == "sparse"
+                )
+        if "torch" in paths:
+            bias = density_bias(tiny.get_config().crosscoder.dec_init_norm, density)
+            runners["torch"] = torch_runner(d, h, batch, dtype, args.steps, device, bias)
+        rate = steps_per_second(runners, args.rounds, args.steps)
+        auto = "sparse" if density < l1_sparse.SPARSE_MAX_DENSITY else "dense"
+        line = f"L0/h {density:8.5f} (L0 {l0 or float('nan'):7.1f}):"
+        line += "".join(f" {n} {r:7.3f} steps/s," for n, r in rate.items())
+        if {"dense", "sparse"} <= rate.keys():
+            line += f" sparse/dense {rate['sparse'] / rate['dense']:5.2f}x,"
+        if auto in rate and "torch" in rate:
+            line += f" ours auto ({auto}) / torch {rate[auto] / rate['torch']:5.2f}x"
+        print(line.rstrip(","))
 
 
 def mfu(flops_per_second: float) -> str:
@@ -256,6 +274,7 @@ def main():
     p.add_argument("--l1", action="store_true", help="our L1 step: dense and sparse paths")
     p.add_argument("--densities", type=float, nargs="*", help="--l1: L0 / n_latents to time")
     p.add_argument("--shape", help="d,n_latents,batch instead of the device's default")
+    p.add_argument("--paths", default="dense,sparse,torch", help="--l1: the steps to time")
     args = p.parse_args()
     if args.gpu:
         d, h, batch, dtype, device = 1536, 32768, 4096, "bfloat16", torch.device("cuda")
@@ -264,7 +283,7 @@ def main():
     if args.shape:
         d, h, batch = (int(v) for v in args.shape.split(","))
     if args.l1:
-        return l1_paths(d, h, batch, dtype, args)
+        return l1_paths(d, h, batch, dtype, args, device)
     runners = {
         "jax": jax_runner(d, h, batch, dtype, args.steps),
         "torch": torch_runner(d, h, batch, dtype, args.steps, device),

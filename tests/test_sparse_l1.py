@@ -15,7 +15,7 @@ from xcoder_jax import train_step as ts
 from xcoder_jax.config_rules import RULES
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.losses import l1, l1_sparse
+from xcoder_jax.losses import l1, l1_sparse, packing
 from xcoder_jax.losses.l1 import l1_loss, l1_loss_sparse
 
 B, M, D, H = 24, 2, 8, 64
@@ -59,7 +59,7 @@ def _assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
 def _pairs_only(m, x, w, lam, capacity):
     """The sparse branch alone, without the count and the dense fallback around it."""
     pre = jax.lax.stop_gradient(m.pre_acts(x))
-    pairs = l1_sparse.active_pairs((pre > 0) & (w[:, None] != 0), capacity)[:3]
+    pairs = packing.active_pairs((pre > 0) & (w[:, None] != 0), capacity)[:3]
     return l1_sparse.pairs_loss(m, x, w, lam, pre, pairs)
 
 
@@ -94,7 +94,7 @@ def test_sparse_equals_dense():
 def test_active_pairs_packs_in_row_major_order():
     """Every entry, in order, at every density; the first ones when they overflow."""
     rng = np.random.default_rng(0)
-    pack = jax.jit(l1_sparse.active_pairs, static_argnums=1)
+    pack = jax.jit(packing.active_pairs, static_argnums=1)
     for density in (0.0, 0.01, 0.3, 1.0):
         active = rng.random((7, 45)) < density  # 315 entries: not a whole number of words
         expected = np.flatnonzero(active)

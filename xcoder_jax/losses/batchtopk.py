@@ -11,8 +11,8 @@ every latent. The sparse one touches only the K = k * batch kept (row, latent) p
 the encoder's forward GEMM has chosen them (the machinery, shared with Matryoshka: `pairs`):
 
     choose      pre = ReLU(x W_enc + b_enc) [B, h] (no gradient); the kept pairs are the
-                K largest weighted entries (`lax.top_k` over the flat batch: the same set,
-                ties included, as the dense path)
+                K largest weighted entries (`flat_top_k`: the same set, ties included, as
+                the dense path)
     values      f_j = pre[r_j, c_j]; its gradient goes to W_enc[:, c_j] and b_enc[c_j] as
                 scatter-adds of x[r_j] (`pairs.gathered_pre`), never through a dense GEMM
     decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum)
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
+from xcoder_jax.losses.flat_topk import flat_top_k
 from xcoder_jax.losses.pairs import auxk_pairs, decode_pairs, select_pairs
 
 # The sparse-pair machinery lives in `pairs`; its former names here stay importable.
@@ -108,7 +109,7 @@ def batch_topk(weighted: jax.Array, k, n_valid=None, k_max: int | None = None) -
     default: every row. `k_max`: the static size that bounds a traced k (annealing)."""
     flat = weighted.reshape(-1)
     n_max = min((k if k_max is None else k_max) * weighted.shape[0], flat.shape[0])
-    _, idx = jax.lax.top_k(flat, n_max)  # descending
+    _, idx = flat_top_k(weighted, n_max)  # descending: `lax.top_k` over `flat`
     # The slots of masked-out rows are not handed to the valid ones: k per valid row.
     rank_kept = jnp.arange(n_max) < k * (weighted.shape[0] if n_valid is None else n_valid)
     mask = jnp.zeros(flat.shape, bool).at[idx].set(rank_kept)

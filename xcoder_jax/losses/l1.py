@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
-from xcoder_jax.losses import l1_sparse
+from xcoder_jax.losses import l1_sparse, packing
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
 
 NAME = "l1"
@@ -73,7 +73,7 @@ def l1_loss_sparse(model: Crosscoder, x, weights, lam, capacity: int):
     """
     check_inputs(model, x, weights)
     pre = jax.lax.stop_gradient(model.pre_acts(x))  # [B, h] float32, with b_enc
-    *pairs, count = l1_sparse.active_pairs((pre > 0) & (weights[:, None] != 0), capacity)
+    *pairs, count = packing.active_pairs((pre > 0) & (weights[:, None] != 0), capacity)
     loss, aux = jax.lax.cond(
         count <= capacity,
         lambda: l1_sparse.pairs_loss(model, x, weights, lam, pre, pairs),

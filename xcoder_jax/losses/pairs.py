@@ -6,7 +6,8 @@ A sparse path never multiplies the batch by every latent. After the encoder's fo
     values      f_j = ReLU(pre[r_j, c_j]); its gradient goes to W_enc[:, c_j] and b_enc[c_j]
                 as scatter-adds of x[r_j] (`gathered_pre`, `pairs_values`), never through a
                 dense GEMM
-    decode      sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum, `decode_pairs`)
+    decode      sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum, `decode_pairs`;
+                its gradient gathers again, `sparse_decode`)
 
 `select_pairs` is the batch top-k selection of BatchTopK and Matryoshka (the same set, ties
 included, as `batchtopk.batch_topk`), and `auxk_pairs` their AuxK term over each row's
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.losses.common import squared_error
+from xcoder_jax.losses.flat_topk import flat_top_k
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -52,12 +54,38 @@ def _gathered_pre_bwd(h, res, g):
 gathered_pre.defvjp(_gathered_pre_fwd, _gathered_pre_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sparse_decode(f, rows, cols, w2, n_rows):
+    """sum_{j: r_j = r} f_j w2[c_j] for r < n_rows: float32 [n_rows, N]; f [K], rows and
+    cols int32 [K], w2 [h, N].
+
+    Its backward gathers what it needs again rather than keeping the forward's [K, N]
+    gathered rows: nothing of that size outlives the forward, and a conditional around it
+    (AuxK's) passes only [K] vectors across."""
+    contrib = f[:, None] * w2[cols].astype(jnp.float32)
+    return jax.ops.segment_sum(contrib, rows, num_segments=n_rows)
+
+
+def _sparse_decode_fwd(f, rows, cols, w2, n_rows):
+    return sparse_decode(f, rows, cols, w2, n_rows), (f, rows, cols, w2)
+
+
+def _sparse_decode_bwd(n_rows, res, g):
+    f, rows, cols, w2 = res
+    g_rows = g.astype(jnp.float32)[rows]  # [K, N]
+    df = (g_rows * w2[cols].astype(jnp.float32)).sum(-1).astype(f.dtype)
+    dw = jax.ops.segment_sum(f[:, None] * g_rows, cols, num_segments=w2.shape[0])
+    return df, None, None, dw.astype(w2.dtype)
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
 def decode_pairs(model: Crosscoder, f, rows, cols, n_rows: int):
     """sum_{j: r_j = r} f_j W_dec[c_j] for r < n_rows: [n_rows, m, d], without b_dec."""
     w = model.dec_weight()  # masked before the gather: the gradient is masked too
     h, m, d = w.shape
-    contrib = f[:, None] * w.reshape(h, m * d)[cols].astype(jnp.float32)
-    return jax.ops.segment_sum(contrib, rows, num_segments=n_rows).reshape(n_rows, m, d)
+    return sparse_decode(f, rows, cols, w.reshape(h, m * d), n_rows).reshape(n_rows, m, d)
 
 
 def pairs_values(model: Crosscoder, x, pre, rows, cols):
@@ -95,7 +123,7 @@ def select_pairs(model: Crosscoder, x, weights, k, k_max=None) -> Selection:
     norms = jax.lax.stop_gradient(model.decoder_norms().sum(-1))
     weighted = jax.nn.relu(pre) * norms * weights[:, None]  # masked rows claim no slot
     n_max = min((k if k_max is None else k_max) * n, n * h)
-    vals, flat = jax.lax.top_k(weighted.reshape(-1), n_max)
+    vals, flat = flat_top_k(weighted, n_max)
     keep = (jnp.arange(n_max) < k * weights.sum()) & (vals > 0)
     rows, cols = flat // h, flat % h
     f = pairs_values(model, x, pre, rows, cols) * keep
