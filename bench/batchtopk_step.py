@@ -161,7 +161,7 @@ def main():
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="steps per round (0: by shape)")
-    p.add_argument("--paths", default="auto,dense", help="our paths to time (auto, dense, sparse)")
+    p.add_argument("--paths", default="auto", help="our paths to time: auto, dense, sparse")
     p.add_argument("--breakdown", action="store_true", help="where the auto step's time goes")
     p.add_argument("--memory", action="store_true", help="peak RSS of the auto step")
     p.add_argument("--gpu", action="store_true")

@@ -17,8 +17,9 @@ the encoder's forward GEMM has chosen them (the machinery, shared with Matryoshk
                 scatter-adds of x[r_j] (`pairs.gathered_pre`), never through a dense GEMM
     decode      x_hat[r] = b_dec + sum_{j: r_j = r} f_j W_dec[c_j]   (gather + segment sum)
 
-AuxK decodes each row's aux_k largest dead pre-activations the same way (`pairs.auxk_pairs`),
-inside a `lax.cond` that skips it (and its cost) in every step where no latent is dead.
+AuxK decodes each row's aux_k largest dead pre-activations the same way, as a tail of the
+same pairs that the custom ops skip (and its cost) in every step where no latent is dead
+(`pairs.aux_selection`).
 
 k-annealing (`k_at`): k falls linearly from k_max to k over the first steps, at static
 shapes (one compilation): the selection runs at size k_max * batch and keeps its first
@@ -37,12 +38,7 @@ from xcoder_jax.crosscoder import Crosscoder
 from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
 from xcoder_jax.losses.flat_topk import flat_top_k
-from xcoder_jax.losses.pairs import auxk_pairs, decode_pairs, select_pairs
-
-# The sparse-pair machinery lives in `pairs`; its former names here stay importable.
-from xcoder_jax.losses.pairs import decode_pairs as _decode_pairs  # noqa: F401
-from xcoder_jax.losses.pairs import gathered_pre as _gathered_pre  # noqa: F401
-from xcoder_jax.losses.pairs import pairs_values as _pairs_values  # noqa: F401
+from xcoder_jax.losses.pairs import auxk_loss, decode_selection, select_pairs
 
 NAME = "batchtopk"
 
@@ -178,12 +174,12 @@ def batchtopk_loss_sparse(model: Crosscoder, x, weights, k, dead, aux_k, aux_coe
     for the metrics (L0, firing); the loss never multiplies by it.
     """
     check_inputs(model, x, weights, dead)
-    sel = select_pairs(model, x, weights, k, k_max)
-    x_hat = decode_pairs(model, sel.f, sel.rows, sel.cols, x.shape[0])
+    sel = select_pairs(model, x, weights, k, k_max, dead, aux_k)
+    x_hat, aux_hat = decode_selection(model, sel, sel.rows, x.shape[0])
     x_hat = x_hat + model.b_dec[...].astype(jnp.float32)
     mse = squared_error(x, x_hat, weights)
     residual = jax.lax.stop_gradient(x - x_hat)
-    aux = auxk_pairs(model, x, sel.pre, dead, residual, weights, aux_k)
+    aux = auxk_loss(sel, aux_hat, residual, weights)
     return _result(model, x, mse, aux, aux_coeff, sel.f_dense, x_hat, sel.kept)
 
 

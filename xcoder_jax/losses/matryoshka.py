@@ -19,7 +19,7 @@ groups' contributions cumulatively. The sparse path segment-sums each kept pair'
 contribution into segment row * n_groups + group, then sums cumulatively over groups.
 `batchtopk.use_sparse` chooses, as for BatchTopK; both give the same loss, gradients and
 updates to float tolerance (`tests/test_matryoshka.py`). The sparse selection and AuxK are
-BatchTopK's own functions (`pairs.select_pairs`, `pairs.auxk_pairs`), and the loss object's
+BatchTopK's own functions (`pairs.select_pairs`, `pairs.decode_selection`), and the loss object's
 step is `batchtopk.topk_step`.
 """
 
@@ -35,7 +35,7 @@ from xcoder_jax.errors import ConfigError
 from xcoder_jax.losses import batchtopk
 from xcoder_jax.losses.batchtopk import BatchTopK, batch_topk, topk_step
 from xcoder_jax.losses.common import check_inputs, check_outputs, squared_error
-from xcoder_jax.losses.pairs import auxk_pairs, decode_pairs, select_pairs
+from xcoder_jax.losses.pairs import auxk_loss, auxk_pairs, decode_selection, select_pairs
 
 NAME = "matryoshka"
 
@@ -73,14 +73,13 @@ def _ends(groups) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept):
-    """(loss, aux) from the prefix reconstructions [G, B, m, d] (with b_dec); aux_inputs:
-    (pre without gradient, dead, aux_k) for AuxK on the full reconstruction's residual."""
+def _result(model, x, weights, prefix, aux_term, aux_coeff, f, kept):
+    """(loss, aux) from the prefix reconstructions [G, B, m, d] (with b_dec); aux_term:
+    the AuxK term [] of the full reconstruction's stopped residual [B, m, d]."""
     prefix_mse = jnp.stack([squared_error(x, prefix[g], weights) for g in range(len(prefix))])
     x_hat = prefix[-1]
-    pre, dead, aux_k = aux_inputs
     residual = jax.lax.stop_gradient(x - x_hat)
-    aux = auxk_pairs(model, x, pre, dead, residual, weights, aux_k)
+    aux = aux_term(residual)
     loss = prefix_mse.sum() + aux_coeff * aux
     out = {"f": f, "x_hat": x_hat, "mse": prefix_mse[-1], "sparsity": 0.0, "aux": aux}
     out["prefix_mse"] = prefix_mse
@@ -108,8 +107,12 @@ def matryoshka_loss(model: Crosscoder, x, weights, k, dead, aux_k, aux_coeff, gr
     b_dec = model.b_dec[...].astype(jnp.float32)
     prefix = jnp.cumsum(jnp.stack(parts), axis=0).reshape(len(groups), -1, m, d) + b_dec
     kept = jnp.where(f > 0, weighted, jnp.inf)
-    aux_inputs = (jax.lax.stop_gradient(pre_acts), dead, aux_k)
-    return _result(model, x, weights, prefix, aux_inputs, aux_coeff, f, kept)
+    pre_acts = jax.lax.stop_gradient(pre_acts)
+
+    def aux_term(residual):
+        return auxk_pairs(model, x, pre_acts, dead, residual, weights, aux_k)
+
+    return _result(model, x, weights, prefix, aux_term, aux_coeff, f, kept)
 
 
 def matryoshka_loss_sparse(
@@ -119,14 +122,17 @@ def matryoshka_loss_sparse(
     `pairs.select_pairs`); same arguments and returns."""
     check_inputs(model, x, weights, dead)
     n, n_groups = x.shape[0], len(groups)
-    sel = select_pairs(model, x, weights, k, k_max)
+    sel = select_pairs(model, x, weights, k, k_max, dead, aux_k)
     group = jnp.searchsorted(jnp.asarray(_ends(groups)), sel.cols, side="right")
-    parts = decode_pairs(model, sel.f, sel.rows * n_groups + group, sel.cols, n * n_groups)
+    parts, aux_hat = decode_selection(model, sel, sel.rows * n_groups + group, n * n_groups)
     parts = parts.reshape(n, n_groups, *parts.shape[1:])
     b_dec = model.b_dec[...].astype(jnp.float32)
     prefix = jnp.moveaxis(jnp.cumsum(parts, axis=1), 1, 0) + b_dec  # [G, B, m, d]
-    aux_inputs = (sel.pre, dead, aux_k)
-    return _result(model, x, weights, prefix, aux_inputs, aux_coeff, sel.f_dense, sel.kept)
+
+    def aux_term(residual):
+        return auxk_loss(sel, aux_hat, residual, weights)
+
+    return _result(model, x, weights, prefix, aux_term, aux_coeff, sel.f_dense, sel.kept)
 
 
 @dataclass(frozen=True)
