@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # Matryoshka: the latent groups' shares of n_latents, as configs/tiny.py.
     c.crosscoder.group_fractions = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32)
     # The dense L1 step throughout; "auto" turns it sparse once the logged L0 falls below
-    # 1/128 of the latents, as configs/paper.py does (the same result, faster at a low L0).
+    # l1_sparse.SPARSE_MAX_DENSITY of the latents, as configs/paper.py does (the same result,
+    # faster at a low L0).
     c.crosscoder.l1_path = "dense"
 
     # --- Text: one JSONL file of {"text": ...} documents ---------------------------------

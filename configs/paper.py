@@ -77,7 +77,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.crosscoder.n_latents = 32768
     c.crosscoder.l1_coeff = 2.0
     c.crosscoder.dtype = "bfloat16"  # bf16 compute; fp32 master weights
-    # The L1 step turns sparse once the logged L0 falls below 1/128 of the latents (same result).
+    # The L1 step turns sparse once the logged L0 falls below l1_sparse.SPARSE_MAX_DENSITY of the
+    # latents (same result).
     c.crosscoder.l1_path = "auto"
     c.crosscoder.dead_window_tokens = 10_000_000
     c.crosscoder.exclusive = (0.0, 0.0)  # dedicated base-only / distilled-only shares: none

@@ -153,10 +153,11 @@ def get_config(arg=None):
     c.crosscoder.aux_coeff = 1 / 32
     c.crosscoder.threshold_ema = 0.99  # EMA of the BatchTopK inference threshold
     # BatchTopK step: "dense" GEMMs over every latent, "sparse" over the kept (row, latent)
-    # pairs only (same result), or "auto": sparse when n_latents >= 200 k.
-    c.crosscoder.topk_path = "auto"
+    # pairs only (same result to float tolerance), or "auto" (batchtopk.SPARSE_MIN_RATIO).
+    # Dense here: the README's recorded BatchTopK figures were trained on it.
+    c.crosscoder.topk_path = "dense"
     # L1 step: "dense", "sparse" over the active (row, latent) pairs only (same result), or
-    # "auto": sparse while the logged L0 is below 1/128 of n_latents (xcoder_jax/l1_switch.py).
+    # "auto" from the logged L0 (l1_sparse.SPARSE_MAX_DENSITY, xcoder_jax/l1_switch.py).
     c.crosscoder.l1_path = "dense"
     # Matryoshka BatchTopK: the latents split into consecutive groups of these shares of
     # n_latents (the last group takes the remainder); every prefix of groups must reconstruct

@@ -32,11 +32,11 @@ from xcoder_jax.losses.pairs import decode_pairs, pairs_values
 
 # The sparse step is run while L0 / n_latents is below this: where the two paths cross.
 # Measured on 2 CPU cores at d = 2 x 256, 4096 latents, batch 1024 (`python -m
-# bench.train_step --l1`): the sparse step runs at 3.0x, 1.8x, 1.6x, 1.0x, 0.58x and 0.35x
-# the dense one's steps/s at densities 1/1024, 1/256, 1/192, 1/128, 1/64 and 1/32. A
+# bench.train_step --l1`): the sparse step runs at 3.2x, 2.0x, 1.15x, 1.12x, 1.05x and 0.36x
+# the dense one's steps/s at densities 1/1024, 1/256, 1/128, 1/96, 1/64 and 1/32. A
 # gathered or scattered (pair, d) element costs tens of times a GEMM's multiply-add here,
 # which the density has to make up for; an accelerator's crossing may lie elsewhere.
-SPARSE_MAX_DENSITY = 1 / 128
+SPARSE_MAX_DENSITY = 1 / 64
 
 # Capacity = the bucket at or above HEADROOM x the expected active pairs (L0 x batch): the
 # batches' spread around the logged L0 rarely exceeds it. Buckets are 2^(k / 4) (steps of
