@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import jax
 
-# Category rules, first match wins: (name, test on (opcode, computation text, op_name)).
+# Category rules, first match wins: (name, test on an `HloOp`).
 _GEMM = re.compile(r"\b(dot|convolution)\(")
 CATEGORIES = (
     ("GEMMs, forward", lambda op: bool(_GEMM.search(op.body)) and "transpose(" not in op.op_name),
