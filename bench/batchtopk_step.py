@@ -6,7 +6,7 @@ dense decode, AuxK only when some latent is dead; then Adam and global-norm clip
 and it run the same shapes in float32 on the same device, timed side by side in one run
 (alternating rounds, medians), in one process with huge pages for both
 (`xcoder_jax.huge_pages`). Prints steps/s, tokens/s and ratios to the PyTorch step per
-shape; --breakdown profiles our auto step inside XLA (`bench.xla_profile`: time per
+shape; --breakdown profiles our auto step inside XLA (`bench._xla_profile`: time per
 category of operation, against the median unprofiled step); --memory the peak RSS of our
 auto BatchTopK and L1 steps, each in a fresh process.
 
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import torch
 
-from bench import xla_profile
+from bench import _xla_profile as xla_profile
 from bench.train_step import StepSetup, mfu, step_runner, steps_per_second, time_round
 from configs import tiny
 from xcoder_jax import huge_pages
@@ -112,7 +112,7 @@ def torch_step(d, h, k, batch, steps, device, aux_k=256, aux_coeff=1 / 32, dtype
 
 def breakdown(d, h, k, batch, path, rounds):
     """Where the real step's time goes: the jitted step of `path` on one batch, profiled
-    inside XLA (`bench.xla_profile`), against the median of `rounds` unprofiled steps."""
+    inside XLA (`bench._xla_profile`), against the median of `rounds` unprofiled steps."""
     runner = StepSetup(_config(d, h, k, path), batch)
     runner.step()  # compile
     plain = statistics.median(time_round(runner.step) for _ in range(rounds))

@@ -76,7 +76,7 @@ class StepSetup:
         return run
 
     def hlo_text(self) -> str:
-        """The compiled step's HLO module (what `bench.xla_profile` attributes time to)."""
+        """The compiled step's HLO module (what `bench._xla_profile` attributes time to)."""
         return self.trainer.lowered(self.state, self.xb, self.wb, False).compile().as_text()
 
 

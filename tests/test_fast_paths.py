@@ -1,7 +1,7 @@
 """The step's fast pieces equal what they replace: BatchTopK's selection (`flat_top_k` vs
 `lax.top_k`), the GEMMs' weight gradients (`gemm.matmul` vs `jnp.dot`), the pair decode's
 gradient (`pairs.sparse_decode` vs autodiff); and the tools that found them: the profile's
-attribution (`bench.xla_profile`) and the huge-pages restart (`huge_pages`)."""
+attribution (`bench._xla_profile`) and the huge-pages restart (`huge_pages`)."""
 
 import os
 import sys
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import xla_profile
+from bench import _xla_profile as xla_profile
 from xcoder_jax import gemm, huge_pages
 from xcoder_jax.losses import flat_topk
 from xcoder_jax.losses.pairs import sparse_decode
@@ -32,8 +32,10 @@ def _values(kind: str, shape=(256, 1024), seed=0) -> np.ndarray:
     return np.maximum(v, 0.0)
 
 
-@pytest.mark.parametrize("kind", ["relu", "ties", "mostly zero", "skewed"])
-@pytest.mark.parametrize("n", [2048, 8192])
+@pytest.mark.parametrize(
+    "kind, n",
+    [("relu", 2048), ("relu", 8192), ("ties", 2048), ("mostly zero", 2048), ("skewed", 2048)],
+)
 def test_flat_top_k_is_lax_top_k(kind, n):
     """Same values and the same indices in the same order (ties by lower index), on the
     fast path and on both of its fallbacks."""
@@ -128,7 +130,7 @@ def test_sparse_decode_gradient_equals_autodiff_of_its_formula():
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
-# --- bench.xla_profile ------------------------------------------------------------------
+# --- bench._xla_profile ------------------------------------------------------------------
 
 
 def test_profile_attributes_a_compiled_function():
