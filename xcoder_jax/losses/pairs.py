@@ -253,19 +253,12 @@ def auxk_loss(sel: Selection, aux_hat, residual, weights):
 
 
 def auxk_pairs(model: Crosscoder, x, pre, dead, residual, weights, aux_k: int):
-    """The AuxK term []: each row's aux_k largest dead (ReLU) pre-activations decode, without
-    b_dec, the stopped `residual`; zero, and not computed (`lax.cond`), when no latent is
-    dead. `pre` [B, h] float32 without gradient; the values' gradient is the sparse one."""
-    n, h = pre.shape
-    n_aux = min(aux_k, h)
-
-    def auxk(_):
-        dead_pre = jnp.where(dead[None, :], jax.nn.relu(pre), -jnp.inf)
-        a_vals, a_cols = jax.lax.top_k(dead_pre, n_aux)  # [B, n_aux]
-        a_rows = jnp.repeat(jnp.arange(n), n_aux)
-        a_cols = a_cols.reshape(-1)
-        a_f = pairs_values(model, x, pre, a_rows, a_cols)
-        a_f = jnp.where(jnp.isfinite(a_vals.reshape(-1)), a_f, 0.0)
-        return squared_error(residual, decode_pairs(model, a_f, a_rows, a_cols, n), weights)
-
-    return jax.lax.cond(dead.any(), auxk, lambda _: jnp.zeros((), jnp.float32), None)
+    """The AuxK term []: each row's aux_k largest dead (ReLU) pre-activations
+    (`aux_selection`) decode, without b_dec, the stopped `residual`; zero, and not computed,
+    when no latent is dead: the pairs are the custom ops' tail from the first one. `pre`
+    [B, h] float32 without gradient; the values' gradient is the sparse one."""
+    aux = aux_selection(pre, dead, aux_k)
+    a_f = pairs_values(model, x, pre, aux.rows, aux.cols, aux.on, 0)
+    a_f = jnp.where(aux.valid, a_f, 0.0)
+    aux_hat = decode_pairs(model, a_f, aux.rows, aux.cols, pre.shape[0], aux.on, 0)
+    return jnp.where(aux.on, squared_error(residual, aux_hat, weights), 0.0)
